@@ -1,0 +1,306 @@
+"""Typed run configuration: dataclasses loaded from TOML pipelines with `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+IMAGE_TEXT = ["image->text", "text->image"]
+
+
+class ConfigError(ValueError):
+    """A configuration that does not fit its schema; the message names the key and the fix."""
+
+
+@dataclass
+class EncodeConfig:
+    """Stage 1: which dataset, splits, modalities and encoders to turn into feature stores."""
+
+    dataset: str = "tuxpaint"
+    root: str | None = None  # None: the dataset's default root
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    image_encoder: str | None = None  # None: the dataset's default
+    text_encoder: str | None = None
+    audio_encoder: str | None = None
+    store_root: str = "stores"
+    format: str = "zarr"  # zarr | hdf5
+    kind: str = "pooled"  # pooled | tokens
+    dtype: str = "float16"  # float16 | float32
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    shard_size: int = 2048
+    skip_bad: bool = False
+    limit: int | None = None  # keep the first N groups of each split (subsets for tests and smoke runs)
+    seed: int = 0  # the dataset split seed
+
+    def __post_init__(self) -> None:
+        _choice("encode.format", self.format, ("zarr", "hdf5"))
+        _choice("encode.kind", self.kind, ("pooled", "tokens"))
+        _choice("encode.dtype", self.dtype, ("float16", "float32"))
+        _choice("encode.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("encode.batch_size", self.batch_size)
+        _positive("encode.shard_size", self.shard_size)
+
+
+@dataclass
+class ModelConfig:
+    """The predictor: the M3-JEPA multi-gate MoE, or the ablation/baseline connectors."""
+
+    predictor: str = "moe"  # moe | mlp (paper's "no MoE" row) | linear (LiT/ShareLock-style baseline)
+    dim: int = 512  # d, the common width inside the predictor
+    hidden: int = 1024  # h, each expert's hidden width
+    num_experts: int = 12  # N
+    top_k: int = 4  # k
+    dropout: float = 0.1
+    gates: str = "multi"  # multi (paper: one gate per task) | shared (official release: one gate)
+    cl_dim: int = 256  # d_cl, the contrastive space
+    load_balance_weight: float = 0.0  # the paper uses none
+
+    def __post_init__(self) -> None:
+        _choice("model.predictor", self.predictor, ("moe", "mlp", "linear"))
+        _choice("model.gates", self.gates, ("multi", "shared"))
+        for name in ("dim", "hidden", "num_experts", "top_k", "cl_dim"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    """L = alpha * L_pred + (1 - alpha) * L_CL."""
+
+    pred: str = "mse"  # mse (paper) | smooth_l1 (official release)
+    alpha: float = 0.5
+    temperature: float = 0.03  # the official release's fixed value
+    learn_temperature: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("loss.pred", self.pred, ("mse", "smooth_l1"))
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha={self.alpha} must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: AGD training of the predictor from feature stores."""
+
+    directions: list[str] = field(default_factory=lambda: list(IMAGE_TEXT))
+    schedule: str = "alternate"  # alternate | random | dynamic | joint
+    direction_probs: list[float] | None = None  # for schedule = "random"
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 20
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.005
+    warmup_frac: float = 0.1
+    min_lr_frac: float = 0.0
+    grad_clip: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 50  # steps between validation recalls
+    patience: int = 10  # evaluations without a better mean R@1 before stopping; 0 = never stop early
+    checkpoint_every: int = 50
+    log_every: int = 10
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
+        if not self.directions:
+            raise ConfigError("train.directions is empty; give at least one, e.g. ['image->text']")
+        for d in self.directions:
+            if "->" not in d:
+                raise ConfigError(f"train.directions: {d!r} is not of the form 'source->target'")
+        if self.direction_probs is not None and len(self.direction_probs) != len(self.directions):
+            raise ConfigError("train.direction_probs must have one probability per direction")
+        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: how runs are scored."""
+
+    split: str = "test"
+    protocol: str = "multi"  # multi (standard multi-caption) | paired (1:1)
+    faiss_threshold: int = 20000  # galleries larger than this are searched with faiss IndexFlatIP
+
+    def __post_init__(self) -> None:
+        _choice("eval.protocol", self.protocol, ("multi", "paired"))
+
+
+@dataclass
+class PipelineConfig:
+    """A whole run: encode, train, evaluate."""
+
+    name: str = "run"
+    run_dir: str | None = None  # None: runs/<name>
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be positive")
+
+
+# ---------------------------------------------------------------- generic loading
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # `--set train.directions=image->text` is a one-item list
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` → (['a', 'b'], value); the value is read as TOML, else kept as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of nested dict `data` with each `a.b=c` override set."""
+    out = _deep_copy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a table")
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a TOML pipeline (or the defaults when `path` is None) and apply `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"pipeline file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    return from_dict(PipelineConfig, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a plain nested dict, with None values dropped (TOML has no null)."""
+    return _drop_none(dataclasses.asdict(cfg))
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def dump_toml(cfg: Any) -> str:
+    """The resolved config as TOML text (what a run directory and a checkpoint keep)."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def save_toml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config to `path` atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_toml(cfg))
+    tmp.replace(path)

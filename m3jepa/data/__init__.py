@@ -1,0 +1,1 @@
+"""Datasets: deterministic records with ids, groups and seeded splits (stage 1 input)."""

@@ -1,0 +1,65 @@
+"""The record contract every dataset yields: ids that travel end to end, and a payload."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+MODALITIES = ("image", "text", "audio", "label")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked; the message names the item and the fix."""
+
+
+class BadItemError(ValueError):
+    """One input item (an image, a caption, a clip) that cannot be read or encoded; names the item."""
+
+    def __init__(self, item: str, reason: str):
+        super().__init__(f"{item}: {reason}")
+        self.item = item
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of one modality of one split.
+
+    `row_id` is the row's position in its split's record list (and so in its feature store);
+    `group_id` links rows across modalities: an image and its five captions share a group id.
+    """
+
+    row_id: int
+    sample_id: str  # unique within (dataset, split, modality), e.g. "animals/mammals/badger#0"
+    group_id: str  # the image (or clip) this row belongs to
+    modality: str  # one of MODALITIES
+    payload: str  # a file path for image/audio, the text itself for text, the class name for label
+
+
+class Dataset(Protocol):
+    """A named dataset with deterministic, seeded splits."""
+
+    name: str
+
+    def splits(self) -> list[str]:
+        """The split names this dataset has, e.g. ['train', 'val', 'test']."""
+        ...
+
+    def modalities(self) -> list[str]:
+        """The modalities its records come in, e.g. ['image', 'text']."""
+        ...
+
+    def records(self, split: str, modality: str) -> list[Record]:
+        """The records of one split and modality, in a deterministic order, row_id = position."""
+        ...
+
+
+def membership_fingerprint(records: Sequence[Record]) -> str:
+    """sha256 over the ordered sample ids: two stores of one split agree iff this agrees."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.sample_id.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Encoders: a registry of named frozen encoders (stage 1 only; imports transformers lazily)."""

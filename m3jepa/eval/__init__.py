@@ -1,0 +1,1 @@
+"""Stage 3: retrieval, classification and VQA metrics on trained runs."""

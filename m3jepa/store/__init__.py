@@ -1,0 +1,1 @@
+"""Feature stores: self-describing Zarr/HDF5 shards joined to stage 2 by files."""

@@ -1,0 +1,1 @@
+"""Stage 2: AGD training of the predictor from feature stores."""

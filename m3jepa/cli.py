@@ -1,0 +1,208 @@
+"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run.
+
+Every command imports its stage lazily, so `m3jepa evaluate` never loads encoder code, and
+logging is configured here only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from m3jepa.config import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.")
+app.add_typer(stores_app, name="stores")
+
+log = logging.getLogger("m3jepa")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
+
+
+@app.command()
+def encode(
+    dataset: Annotated[str, typer.Option(help="tuxpaint | coco | flickr30k | jsonl")] = "tuxpaint",
+    root: Annotated[str | None, typer.Option(help="Dataset root (default: the dataset's own).")] = None,
+    split: Annotated[str, typer.Option(help="Comma-separated splits, or 'all'.")] = "all",
+    modality: Annotated[str, typer.Option(help="Comma-separated modalities, or 'all'.")] = "image,text",
+    image_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
+    text_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
+    audio_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
+    store_root: Annotated[str, typer.Option(help="Where stores are written.")] = "stores",
+    format: Annotated[str, typer.Option("--format", help="zarr | hdf5")] = "zarr",
+    kind: Annotated[str, typer.Option(help="pooled | tokens")] = "pooled",
+    dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
+    batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 64,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    shard_size: Annotated[int, typer.Option(help="Rows per shard (the unit of resume).")] = 2048,
+    limit: Annotated[int | None, typer.Option(help="Keep the first N groups of each split.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the dataset's split.")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="Skip bad items and list them in the manifest.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run the frozen encoders once and write feature stores (resumable; torchrun shares shards)."""
+    _setup_logging(verbose)
+    from m3jepa.config import EncodeConfig
+
+    with _errors():
+        cfg = EncodeConfig(
+            dataset=dataset, root=root, splits=_csv(split) or ["all"], modalities=_csv(modality) or ["all"],
+            image_encoder=image_encoder, text_encoder=text_encoder, audio_encoder=audio_encoder,
+            store_root=store_root, format=format, kind=kind, dtype=dtype, batch_size=batch_size,
+            workers=workers, device=device, shard_size=shard_size, limit=limit, seed=seed, skip_bad=skip_bad,
+        )
+        from m3jepa.encode.runner import run_encode
+
+        summary = run_encode(cfg)
+        typer.echo(summary.table())
+
+
+@stores_app.command("list")
+def stores_list(
+    store_root: Annotated[str, typer.Argument(help="Store root to scan.")] = "stores",
+    verbose: Verbose = False,
+) -> None:
+    """List the stores under a root with their row counts and encoders."""
+    _setup_logging(verbose)
+    from m3jepa.store.cli_views import list_view
+
+    with _errors():
+        typer.echo(list_view(Path(store_root)))
+
+
+@stores_app.command("inspect")
+def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
+    """Print a store's manifest summary."""
+    _setup_logging(verbose)
+    from m3jepa.store.cli_views import inspect_view
+
+    with _errors():
+        typer.echo(inspect_view(Path(path)))
+
+
+@stores_app.command("verify")
+def stores_verify(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
+    """Check a store's checksums and row counts; exit status 1 on a corrupt store."""
+    _setup_logging(verbose)
+    from m3jepa.store.verify import verify_store
+
+    with _errors():
+        report = verify_store(Path(path))
+        typer.echo(report.text())
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+@app.command("train-predictor")
+def train_predictor(
+    pipeline: Annotated[str | None, typer.Option(help="A TOML pipeline file.")] = None,
+    store_root: Annotated[str | None, typer.Option(help="Overrides encode.store_root.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
+    run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    set_: Sets = None,
+    verbose: Verbose = False,
+) -> None:
+    """Train the predictor from cached feature stores (never runs an encoder)."""
+    _setup_logging(verbose)
+    with _errors():
+        cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run)
+        from m3jepa.train.loop import train
+
+        result = train(cfg, resume=resume)
+        typer.echo(result.summary())
+
+
+@app.command()
+def evaluate(
+    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    split: Annotated[str | None, typer.Option(help="Split to score (default: eval.split).")] = None,
+    protocol: Annotated[str | None, typer.Option(help="multi | paired")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
+    json_: Annotated[bool, typer.Option("--json", help="Print the metrics JSON on stdout.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score a trained run: retrieval R@1/5/10 both ways, gallery sizes, query latency."""
+    _setup_logging(verbose)
+    with _errors():
+        from m3jepa.eval.evaluate import evaluate_run
+
+        metrics = evaluate_run(Path(run), split=split, protocol=protocol, checkpoint=checkpoint)
+        typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
+
+
+@app.command("run")
+def run_pipeline(
+    pipeline: Annotated[str, typer.Argument(help="A TOML pipeline, e.g. pipelines/tuxpaint.toml")],
+    workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
+    set_: Sets = None,
+    verbose: Verbose = False,
+) -> None:
+    """Encode (reusing cached stores), train, evaluate, and print the metrics table."""
+    _setup_logging(verbose)
+    with _errors():
+        cfg = _pipeline(pipeline, set_)
+        from m3jepa.runner import run_all
+
+        typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))
+
+
+def _pipeline(path, overrides, store_root=None, dataset=None, run=None):
+    from m3jepa.config import load_pipeline
+
+    extra = list(overrides or [])
+    if store_root:
+        extra.append(f"encode.store_root={json.dumps(store_root)}")
+    if dataset:
+        extra.append(f"encode.dataset={json.dumps(dataset)}")
+    if run:
+        extra.append(f"run_dir={json.dumps(run)}")
+    return load_pipeline(path, extra)
+
+
+class _errors:
+    """Turn the project's user-facing errors into one clear line and exit status 2."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, ValueError | FileNotFoundError | _user_errors()):
+            return False
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from m3jepa.data.records import BadItemError, DatasetError
+
+    return (ConfigError, DatasetError, BadItemError)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

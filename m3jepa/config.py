@@ -62,12 +62,16 @@ class ModelConfig:
     top_k: int = 4  # k
     dropout: float = 0.1
     gates: str = "multi"  # multi (paper: one gate per task) | shared (official release: one gate)
+    # topk_softmax (paper: softmax over the k selected logits) | softmax_topk (official release:
+    # softmax over all N, keep the k largest, no renormalisation)
+    routing: str = "topk_softmax"
     cl_dim: int = 256  # d_cl, the contrastive space
     load_balance_weight: float = 0.0  # the paper uses none
 
     def __post_init__(self) -> None:
         _choice("model.predictor", self.predictor, ("moe", "mlp", "linear"))
         _choice("model.gates", self.gates, ("multi", "shared"))
+        _choice("model.routing", self.routing, ("topk_softmax", "softmax_topk"))
         for name in ("dim", "hidden", "num_experts", "top_k", "cl_dim"):
             _positive(f"model.{name}", getattr(self, name))
         if self.top_k > self.num_experts:
@@ -140,9 +144,11 @@ class EvalConfig:
     split: str = "test"
     protocol: str = "multi"  # multi (standard multi-caption) | paired (1:1)
     faiss_threshold: int = 20000  # galleries larger than this are searched with faiss IndexFlatIP
+    headline: str = "cl"  # the space early stopping and the headline use: cl | pred (both are reported)
 
     def __post_init__(self) -> None:
         _choice("eval.protocol", self.protocol, ("multi", "paired"))
+        _choice("eval.headline", self.headline, ("cl", "pred"))
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""`m3jepa evaluate`: rebuild the predictor from a checkpoint alone and score retrieval on a split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction
+from m3jepa.eval.retrieval import retrieval_metrics, topk_search
+from m3jepa.train.checkpoint import CheckpointError, load_checkpoint
+from m3jepa.train.data import PairedSplit, load_split, parse_direction
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+
+
+def direction_recalls(
+    predictor: nn.Module, data: PairedSplit, directions: list[str], space: str, protocol: str = "multi"
+) -> dict[str, dict[str, float]]:
+    """R@1/5/10 of each direction in one space (validation uses this with the headline space)."""
+    out = {}
+    for d in directions:
+        emb = embed_direction(predictor, data, d, space, protocol)
+        out[d] = retrieval_metrics(emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS).recalls
+    return out
+
+
+@dataclass
+class EvalMetrics:
+    """The metrics of one evaluation, in the JSON shape `--json` prints."""
+
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+    def table(self) -> str:
+        from m3jepa.eval.report import metrics_table
+
+        return metrics_table(self.data)
+
+
+def evaluate_run(
+    run_dir: Path, split: str | None = None, protocol: str | None = None, checkpoint: str = "best"
+) -> EvalMetrics:
+    """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots."""
+    ck_path = run_dir / "checkpoints" / checkpoint
+    if not ck_path.exists():
+        raise CheckpointError(f"{ck_path} does not exist; is {run_dir} a run written by train-predictor?")
+    ck = load_checkpoint(ck_path)
+    cfg = ck.cfg
+    split = split or cfg.eval.split
+    protocol = protocol or cfg.eval.protocol
+    predictor = _rebuild(ck)
+    data = load_split(cfg, split, cfg.train.directions)
+    _check_stores(ck.state.stores, data)
+
+    directions: dict[str, dict[str, dict[str, float]]] = {}
+    gallery: dict[str, dict[str, int]] = {}
+    embeddings: dict[tuple[str, str], DirectionEmbeddings] = {}
+    spaces = [s for s in SPACES if not (s == "pred" and cfg.model.predictor == "linear")]
+    for d in cfg.train.directions:
+        directions[d] = {}
+        for space in spaces:
+            emb = embed_direction(predictor, data, d, space, protocol)
+            res = retrieval_metrics(
+                emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS,
+                faiss_threshold=cfg.eval.faiss_threshold,
+            )
+            directions[d][space] = res.recalls
+            embeddings[(d, space)] = emb
+            gallery[d] = {"queries": res.n_queries, "gallery": res.n_gallery}
+    headline = cfg.eval.headline if cfg.eval.headline in spaces else "cl"
+    metrics = {
+        "split": split,
+        "protocol": protocol,
+        "checkpoint": checkpoint,
+        "step": ck.state.step,
+        "headline_space": headline,
+        "directions": directions,
+        "headline": {d: directions[d][headline] for d in directions},
+        "gallery": gallery,
+        "latency_ms": _latency_ms(predictor, data, cfg.train.directions[0], headline, embeddings),
+    }
+    _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
+    return EvalMetrics(metrics)
+
+
+def _rebuild(ck) -> nn.Module:
+    from m3jepa.train.objective import Objective
+
+    objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
+    try:
+        objective.load_state_dict(ck.weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ck.path} does not fit its own config: {e}") from e
+    objective.eval()
+    return objective.predictor
+
+
+def _check_stores(trained: dict[str, dict[str, str]], data: PairedSplit) -> None:
+    """Refuse to score a predictor on features from another encoder or encoder revision."""
+    for modality, feats in data.modalities.items():
+        want = trained.get(modality)
+        if want and (want["encoder"], want["revision"]) != (feats.encoder, feats.revision):
+            raise CheckpointError(
+                f"the {modality} store {feats.store} holds {feats.encoder}@{feats.revision}, but the predictor "
+                f"was trained on {want['encoder']}@{want['revision']}; re-encode with the training encoder"
+            )
+
+
+@torch.no_grad()
+def _latency_ms(predictor: nn.Module, data: PairedSplit, direction: str, space: str,
+                embeddings: dict[tuple[str, str], DirectionEmbeddings], repeats: int = 50) -> float:
+    """Median ms for one query: predictor forward on one row plus exact top-10 search of the gallery."""
+    src, tgt = parse_direction(direction)
+    emb = embeddings[(direction, space)]
+    feats = data.modalities[src].features
+    times = []
+    for i in range(repeats):
+        row = int(emb.query_rows[i % len(emb.query_rows)])
+        t0 = time.perf_counter()
+        out = predictor(src, feats[row : row + 1].float(), tgt)
+        q = torch.nn.functional.normalize((out.pred if space == "pred" else out.cl_query).float(), dim=-1)
+        topk_search(q.numpy(), emb.gallery, min(10, len(emb.gallery)))
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, split, protocol) -> None:
+    from m3jepa.eval.plots import plot_similarity_matrix, plot_training_curves
+    from m3jepa.eval.report import write_metrics
+
+    default = (split, protocol) == ("test", "multi")
+    write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
+    if (run_dir / "metrics.jsonl").exists():
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    image_text = "image->text" if "image->text" in directions else directions[0]
+    emb = embeddings[(image_text, headline)]
+    sim, rows, cols = _similarity_10x10(emb, data, image_text)
+    if len(rows) >= 2:
+        plot_similarity_matrix(sim, rows, cols, run_dir / f"similarity_{split}.png")
+
+
+def _similarity_10x10(emb: DirectionEmbeddings, data: PairedSplit, direction: str):
+    """The first 10 queries against the first gallery row of each of their groups (the paper's appendix)."""
+    src, tgt = parse_direction(direction)
+    first_of_group: dict[Any, int] = {}
+    for i, g in enumerate(emb.gallery_groups):
+        first_of_group.setdefault(g, i)
+    q_idx = [i for i, g in enumerate(emb.query_groups) if g in first_of_group][:10]
+    g_idx = [first_of_group[emb.query_groups[i]] for i in q_idx]
+    sim = emb.queries[q_idx] @ emb.gallery[g_idx].T  # (10, 10)
+    labels = [_label(data, src, int(emb.query_rows[i])) for i in q_idx]
+    cols = [_label(data, tgt, int(emb.gallery_rows[j])) for j in g_idx]
+    return sim, labels, cols
+
+
+def _label(data: PairedSplit, modality: str, row: int) -> str:
+    m = data.modalities[modality]
+    text = m.texts[row] if m.texts[row] else str(m.group_ids[row]).rsplit("/", 1)[-1]
+    return text if len(text) <= 28 else text[:27] + "…"

@@ -1,0 +1,55 @@
+"""`m3jepa run`: the three stages in one command, joined by files (stores, then a run directory)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from m3jepa.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_paths(cfg: PipelineConfig, workdir: Path | None) -> PipelineConfig:
+    """Anchor relative store and run paths at `workdir` (default: the current directory)."""
+    from m3jepa.train.loop import run_dir_of
+
+    if workdir is None:
+        return cfg
+    store_root = Path(cfg.encode.store_root)
+    run_dir = run_dir_of(cfg)
+    return dataclasses.replace(
+        cfg,
+        encode=dataclasses.replace(cfg.encode, store_root=str(store_root if store_root.is_absolute()
+                                                              else workdir / store_root)),
+        run_dir=str(run_dir if run_dir.is_absolute() else workdir / run_dir),
+    )
+
+
+def encode_config_for_run(cfg: PipelineConfig) -> PipelineConfig:
+    """The encode step a pipeline needs: the splits it trains, validates and scores, its directions' modalities."""
+    from m3jepa.train.data import direction_modalities
+
+    splits = list(dict.fromkeys([cfg.train.train_split, cfg.train.val_split, cfg.eval.split]))
+    modalities = direction_modalities(cfg.train.directions)
+    return dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, splits=splits, modalities=modalities))
+
+
+def run_all(cfg: PipelineConfig, workdir: Path | None = None) -> str:
+    """Encode (cached stores are reused), train (an existing run is resumed), evaluate; return the table."""
+    from m3jepa.encode.runner import run_encode
+    from m3jepa.eval.evaluate import evaluate_run
+    from m3jepa.train.loop import run_dir_of, train
+
+    cfg = encode_config_for_run(resolve_paths(cfg, workdir))
+    summary = run_encode(cfg.encode)
+    log.info("stage 1 done:\n%s", summary.table())
+    run_dir = run_dir_of(cfg)
+    resume = (run_dir / "checkpoints" / "latest").exists()
+    if resume:
+        log.info("run %s exists: resuming it (it finishes at once if it is complete)", run_dir)
+    result = train(cfg, resume=resume)
+    log.info("stage 2 done: %s", result.summary())
+    metrics = evaluate_run(run_dir)
+    return f"{result.summary()}\n\n{metrics.table()}"

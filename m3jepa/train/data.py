@@ -1,0 +1,191 @@
+"""Paired training data from feature stores: rows of two modalities joined by group id, never by position."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m3jepa.config import EncodeConfig, PipelineConfig
+from m3jepa.data import DEFAULT_ENCODERS
+from m3jepa.store import open_store, store_path
+
+log = logging.getLogger(__name__)
+
+
+class StoreDataError(ValueError):
+    """Stores that cannot be trained or scored together; the message names the cause and the fix."""
+
+
+def parse_direction(direction: str) -> tuple[str, str]:
+    """'image->text' → ('image', 'text')."""
+    source, _, target = direction.partition("->")
+    if not source or not target:
+        raise StoreDataError(f"direction {direction!r} is not of the form 'source->target'")
+    return source.strip(), target.strip()
+
+
+def direction_modalities(directions: list[str]) -> list[str]:
+    """The modalities a list of directions touches, in first-seen order."""
+    seen: list[str] = []
+    for d in directions:
+        for m in parse_direction(d):
+            if m not in seen:
+                seen.append(m)
+    return seen
+
+
+def encoder_for(enc: EncodeConfig, modality: str) -> str:
+    """The encoder whose store feeds `modality`: the configured one, else the dataset's default."""
+    name = getattr(enc, f"{modality}_encoder", None)
+    if name:
+        return name
+    defaults = DEFAULT_ENCODERS.get(enc.dataset, {})
+    if modality not in defaults:
+        raise StoreDataError(
+            f"no default {modality} encoder for dataset {enc.dataset!r}; set encode.{modality}_encoder"
+        )
+    return defaults[modality]
+
+
+@dataclass
+class ModalityFeatures:
+    """One modality of one split: features in memory with their ids."""
+
+    modality: str
+    store: Path
+    features: torch.Tensor  # (N, D) stored dtype (float16 by default; cast per batch)
+    group_ids: np.ndarray  # (N,) object: the group each row belongs to
+    valid: np.ndarray  # (N,) bool
+    texts: list[str | None]
+    encoder: str
+    revision: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+
+def load_modality(cfg: PipelineConfig, split: str, modality: str) -> ModalityFeatures:
+    """Open the complete store of (split, modality), check it, and load its features."""
+    enc = cfg.encode
+    encoder = encoder_for(enc, modality)
+    path = store_path(enc.store_root, enc.dataset, split, modality, encoder)
+    if not (path / "manifest.json").is_file():
+        raise StoreDataError(
+            f"no {modality} store for split {split!r} at {path}; run "
+            f"`m3jepa encode --dataset {enc.dataset} --split {split} --modality {modality}` first"
+        )
+    store = open_store(path)
+    if len(store) == 0:
+        raise StoreDataError(f"store {path} is empty: split {split!r} has no {modality} rows")
+    feats = store.read_all()  # (N, D) float32
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise StoreDataError(
+            f"store {path} has {int(bad.sum())} rows with NaN or infinite features "
+            f"(first: row {row}, sample {store.rows.sample_ids[row]}); re-encode it"
+        )
+    m = store.manifest
+    return ModalityFeatures(
+        modality=modality,
+        store=path,
+        features=torch.from_numpy(feats.astype(np.float16 if m.dtype == "float16" else np.float32)),
+        group_ids=np.asarray(store.rows.group_ids, dtype=object),
+        valid=np.asarray(store.rows.valid, dtype=bool),
+        texts=list(store.rows.texts),
+        encoder=m.encoder,
+        revision=m.encoder_revision,
+    )
+
+
+def pair_rows(a: ModalityFeatures, b: ModalityFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Join two modalities by group id: (rows_a, rows_b), one pair per valid row of the many side.
+
+    Image-caption data has one image and several captions per group, so each caption row is paired
+    with its group's image row. A valid row whose group is absent from the other store is an error
+    (the stores do not belong together); one whose partner was skipped at encode time is dropped.
+    """
+    many, one, swapped = (a, b, False) if _rows_per_group(a) >= _rows_per_group(b) else (b, a, True)
+    index: dict[object, int] = {}
+    skipped_groups: set[object] = set()
+    for row, (g, ok) in enumerate(zip(one.group_ids, one.valid, strict=True)):
+        if ok:
+            index.setdefault(g, row)
+        else:
+            skipped_groups.add(g)
+    rows_many, rows_one, orphans = [], [], []
+    for row, (g, ok) in enumerate(zip(many.group_ids, many.valid, strict=True)):
+        if not ok:
+            continue
+        if g in index:
+            rows_many.append(row)
+            rows_one.append(index[g])
+        elif g not in skipped_groups:
+            orphans.append(g)
+    if orphans:
+        raise StoreDataError(
+            f"{len(orphans)} {many.modality} rows of {many.store} have no {one.modality} row in "
+            f"{one.store} (e.g. group {orphans[0]!r}): the stores come from different datasets or splits; "
+            "re-encode both with the same dataset, split and --limit"
+        )
+    if not rows_many:
+        raise StoreDataError(f"{a.store} and {b.store} share no group: nothing to train or score")
+    ra, rb = np.asarray(rows_many), np.asarray(rows_one)
+    return (rb, ra) if swapped else (ra, rb)
+
+
+def _rows_per_group(m: ModalityFeatures) -> float:
+    return len(m.group_ids) / max(1, len(set(m.group_ids.tolist())))
+
+
+@dataclass
+class PairedSplit:
+    """All modalities of one split, and for each direction the paired row indices."""
+
+    split: str
+    modalities: dict[str, ModalityFeatures]
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # direction → (source rows, target rows)
+
+    def num_pairs(self, direction: str) -> int:
+        return len(self.pairs[direction][0])
+
+    def dims(self) -> dict[str, int]:
+        return {m: f.dim for m, f in self.modalities.items()}
+
+
+def load_split(cfg: PipelineConfig, split: str, directions: list[str]) -> PairedSplit:
+    """Load every modality the directions need for `split`, and pair them per direction."""
+    mods = {m: load_modality(cfg, split, m) for m in direction_modalities(directions)}
+    pairs = {}
+    for d in directions:
+        src, tgt = parse_direction(d)
+        pairs[d] = pair_rows(mods[src], mods[tgt])
+    log.info(
+        "split %s: %s; pairs %s",
+        split,
+        ", ".join(f"{m} {len(f.group_ids)} rows x {f.dim}" for m, f in mods.items()),
+        ", ".join(f"{d} {len(p[0])}" for d, p in pairs.items()),
+    )
+    return PairedSplit(split=split, modalities=mods, pairs=pairs)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of n pair indices: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The pair indices of global batch `step`: pure, so resuming needs no replay.
+
+    Each epoch is a fresh permutation; the incomplete tail batch is dropped so every step has the
+    same size (the contrastive loss depends on the batch size).
+    """
+    per_epoch = max(1, n // batch_size)
+    epoch, b = divmod(step, per_epoch)
+    perm = epoch_permutation(n, seed, epoch)
+    return perm[b * batch_size : (b + 1) * batch_size]

@@ -1,0 +1,260 @@
+"""The stage-2 recipe as one plain loop: setup, train with AGD, validate, checkpoint, clean up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.train import checkpoint as ckpt
+from m3jepa.train.data import PairedSplit, batch_indices, load_split
+from m3jepa.train.distributed import DistInfo, barrier, broadcast_float, init_from_env, shutdown
+from m3jepa.train.objective import Objective
+from m3jepa.train.schedule import directions_at, lr_at
+
+log = logging.getLogger(__name__)
+
+# A resumed run must be the same run: these sections have to match the checkpoint's exactly.
+RESUME_SECTIONS = ("encode", "model", "loss", "train")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or early-stopped) run reports."""
+
+    run_dir: Path
+    steps: int
+    best_step: int
+    best_metric: float
+    stopped_early: bool
+    seconds: float
+    samples_per_s: float
+    num_params: int
+
+    def summary(self) -> str:
+        return (
+            f"run {self.run_dir}: {self.steps} steps in {self.seconds:.1f}s "
+            f"({self.samples_per_s:.0f} samples/s), {self.num_params:,} trainable parameters; "
+            f"best validation mean R@1 {self.best_metric:.2f} at step {self.best_step}"
+            + (" (stopped early)" if self.stopped_early else "")
+        )
+
+
+def run_dir_of(cfg: PipelineConfig) -> Path:
+    """The run directory: configured, else runs/<name>."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+
+
+def total_steps(cfg: PipelineConfig, data: PairedSplit) -> int:
+    """max_steps, else epochs over the largest direction's pairs."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    n = max(data.num_pairs(d) for d in cfg.train.directions)
+    return cfg.train.epochs * max(1, n // cfg.train.batch_size)
+
+
+def build_optimizer(objective: Objective, cfg: PipelineConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and the temperature (1-d parameters)."""
+    decay, no_decay = [], []
+    for p in objective.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=True)
+
+
+def train(cfg: PipelineConfig, resume: bool = False) -> TrainResult:
+    """Train the predictor from the stores the config names; `resume` continues from `latest`."""
+    info = init_from_env()
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    if t.batch_size % info.world_size:
+        raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {info.world_size} ranks")
+    run_dir = run_dir_of(cfg)
+    ck_dir = run_dir / "checkpoints"
+    start = _load_resume(cfg, ck_dir, resume)
+
+    train_data = load_split(cfg, t.train_split, t.directions)
+    val_data = load_split(cfg, t.val_split, t.directions)
+    torch.manual_seed(t.seed)
+    objective = Objective(cfg.model, cfg.loss, train_data.dims())
+    optimizer = build_optimizer(objective, cfg)
+    state = ckpt.TrainState(
+        dims=train_data.dims(),
+        directions=list(t.directions),
+        stores={m: {"encoder": f.encoder, "revision": f.revision} for m, f in train_data.modalities.items()},
+    )
+    if start is not None:
+        _restore(start, objective, optimizer)
+        state = start.state
+    model = objective
+    if info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+
+    n_steps = total_steps(cfg, train_data)
+    n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_toml(cfg, run_dir / "config.toml")
+        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        log.info("training %s trainable parameters for %d steps (from step %d)", f"{n_params:,}", n_steps, state.step)
+
+    began, first_step = time.perf_counter(), state.step
+    bar = tqdm(total=n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
+    try:
+        for step in range(state.step, n_steps):
+            if state.stopped_early:
+                break
+            parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info)
+            state.step = step + 1
+            state.samples_seen += t.batch_size * len(parts["directions"])
+            last = state.step == n_steps
+            if info.is_main and (state.step % t.log_every == 0 or last):
+                rate = (state.step - first_step) * t.batch_size / max(1e-9, time.perf_counter() - began)
+                _log_line(metrics_file, {"step": state.step, **_scalars(parts), "samples_per_s": rate})
+                bar.set_postfix(loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}")
+            if state.step % t.eval_every == 0 or last:
+                _validate(objective, cfg, val_data, state, metrics_file, run_dir, optimizer, info)
+            if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
+                ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer)
+            bar.update(1)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    barrier(info)
+    seconds = time.perf_counter() - began
+    done = state.step - first_step
+    return TrainResult(
+        run_dir=run_dir, steps=state.step, best_step=state.best_step, best_metric=state.best_metric,
+        stopped_early=state.stopped_early, seconds=seconds,
+        samples_per_s=done * t.batch_size / max(seconds, 1e-9), num_params=n_params,
+    )
+
+
+def _load_resume(cfg: PipelineConfig, ck_dir: Path, resume: bool) -> ckpt.Checkpoint | None:
+    latest = ck_dir / "latest"
+    ckpt.recover_interrupted(latest)
+    if not resume:
+        if latest.exists():
+            raise ValueError(
+                f"{ck_dir.parent} already holds a run; pass --resume to continue it, or choose another --run"
+            )
+        return None
+    if not latest.exists():
+        raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
+    start = ckpt.load_checkpoint(latest, with_optimizer=True)
+    diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS)
+    if diff:
+        raise ckpt.CheckpointError(
+            f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); "
+            "resume with the same config, or start a new --run"
+        )
+    log.info("resuming %s at step %d", latest, start.state.step)
+    return start
+
+
+def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer) -> None:
+    try:
+        objective.load_state_dict(start.weights, strict=True)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"checkpoint {start.path} does not fit this model: {e}") from e
+    optimizer.load_state_dict(start.optimizer["optimizer"])
+    torch.set_rng_state(start.optimizer["rng"])
+
+
+def _train_step(model, optimizer, cfg: PipelineConfig, data: PairedSplit, state, step: int, n_steps: int,
+                info: DistInfo) -> dict:
+    """One AGD step: the step's direction(s), their losses summed, one optimizer update."""
+    t = cfg.train
+    lr = lr_at(step, n_steps, t.lr, warmup_frac=t.warmup_frac, min_lr_frac=t.min_lr_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    directions = directions_at(
+        step, t.directions, t.schedule, probs=t.direction_probs, seed=t.seed, recalls=state.last_recalls
+    )
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = pred = cl = torch.zeros(())
+    for d in directions:
+        x, y = _batch(data, d, t.batch_size, t.seed, step, info)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+            parts = model(d, x, y, info)
+        loss, pred, cl = loss + parts.total, pred + parts.pred, cl + parts.cl
+    loss.backward()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    optimizer.step()
+    return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions}
+
+
+def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: int, info: DistInfo):
+    """This rank's slice of the global batch of `step` for one direction: (x (b, D_s), y (b, D_t))."""
+    rows_s, rows_t = data.pairs[direction]
+    idx = batch_indices(len(rows_s), batch_size, seed, step)
+    idx = np.array_split(idx, info.world_size)[info.rank]
+    src, tgt = direction.split("->")
+    x = data.modalities[src.strip()].features[torch.from_numpy(rows_s[idx])].float()
+    y = data.modalities[tgt.strip()].features[torch.from_numpy(rows_t[idx])].float()
+    return x, y
+
+
+def _scalars(parts: dict) -> dict:
+    return {
+        "loss": float(parts["loss"]), "loss_pred": float(parts["loss_pred"]), "loss_cl": float(parts["loss_cl"]),
+        "lr": parts["lr"], "direction": ",".join(parts["directions"]),
+    }
+
+
+def _validate(objective: Objective, cfg, val_data: PairedSplit, state, metrics_file, run_dir: Path,
+              optimizer, info: DistInfo) -> None:
+    """Validation recall on rank 0; early stopping and the `best` checkpoint follow mean R@1."""
+    from m3jepa.eval.evaluate import direction_recalls
+
+    mean_r1 = 0.0
+    if info.is_main:
+        objective.eval()
+        recalls = direction_recalls(objective.predictor, val_data, cfg.train.directions, cfg.eval.headline)
+        state.last_recalls = {d: r["R@1"] for d, r in recalls.items()}
+        mean_r1 = float(np.mean(list(state.last_recalls.values())))
+        _log_line(metrics_file, {"step": state.step, "val": recalls, "mean_r1": mean_r1})
+    mean_r1 = broadcast_float(mean_r1, info)
+    if mean_r1 > state.best_metric:
+        state.best_metric, state.best_step, state.evals_since_best = mean_r1, state.step, 0
+        if info.is_main:
+            ckpt.save_checkpoint(run_dir / "checkpoints" / "best", cfg, objective, state, None)
+    else:
+        state.evals_since_best += 1
+        if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
+            state.stopped_early = True
+            log.info("early stop at step %d: no better mean R@1 for %d evaluations", state.step,
+                     state.evals_since_best)
+
+
+def _log_line(f, record: dict) -> None:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint being resumed, so a resumed log reads like one run."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))

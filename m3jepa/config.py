@@ -143,7 +143,7 @@ class EvalConfig:
 
     split: str = "test"
     protocol: str = "multi"  # multi (standard multi-caption) | paired (1:1)
-    faiss_threshold: int = 20000  # galleries larger than this are searched with faiss IndexFlatIP
+    faiss_threshold: int = 20000  # larger galleries (batches of >= 64 queries) use faiss IndexFlatIP
     headline: str = "cl"  # the space early stopping and the headline use: cl | pred (both are reported)
 
     def __post_init__(self) -> None:

@@ -188,7 +188,7 @@ class _errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, ValueError | FileNotFoundError | _user_errors()):
+        if exc is None or not isinstance(exc, (ValueError, FileNotFoundError, *_user_errors())):
             return False
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)

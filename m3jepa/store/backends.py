@@ -1,0 +1,154 @@
+"""Shard files in Zarr v3 or HDF5: write one shard whole, open it for sliced reads, checksum it."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+FEATURE_CHUNK_ROWS = 1024  # rows per feature chunk: one chunk is the unit of a random read
+TOKEN_CHUNK_ROWS = 4096  # token rows per token chunk
+HASH_BLOCK_ROWS = 8192  # rows hashed at a time, so verifying a large shard stays in bounded memory
+ARRAY_ORDER = ("features", "tokens", "offsets")  # the fixed order the checksum covers
+
+
+class ShardArray(Protocol):
+    """What readers use of an on-disk array (h5py.Dataset and zarr.Array both fit)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def __getitem__(self, key: Any) -> np.ndarray: ...
+
+
+class ShardHandle:
+    """An open shard: its arrays by name and a close()."""
+
+    def __init__(self, arrays: Mapping[str, ShardArray], closer: Any = None):
+        self.arrays = dict(arrays)
+        self._closer = closer
+
+    def __getitem__(self, name: str) -> ShardArray:
+        return self.arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer.close()
+            self._closer = None
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """The array in the little-endian C-order layout the checksum and both backends use."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
+def checksum(arrays: Mapping[str, Any]) -> tuple[str, int]:
+    """(sha256 hex, bytes hashed) over the arrays present, in ARRAY_ORDER, read in row blocks."""
+    h = hashlib.sha256()
+    nbytes = 0
+    for name in ARRAY_ORDER:
+        if name not in arrays:
+            continue
+        for block in _row_blocks(arrays[name]):
+            data = little_endian(block).tobytes()
+            h.update(data)
+            nbytes += len(data)
+    return h.hexdigest(), nbytes
+
+
+def _row_blocks(array: Any) -> Iterator[np.ndarray]:
+    n = array.shape[0]
+    if n == 0:
+        yield np.asarray(array[0:0])
+    for start in range(0, n, HASH_BLOCK_ROWS):
+        yield np.asarray(array[start : start + HASH_BLOCK_ROWS])
+
+
+def _chunk_rows(name: str, n: int) -> int:
+    limit = TOKEN_CHUNK_ROWS if name == "tokens" else FEATURE_CHUNK_ROWS
+    if name == "offsets":
+        limit = max(n, 1)  # offsets are read whole
+    return max(1, min(limit, n))
+
+
+def remove_path(path: Path) -> None:
+    """Delete a shard file or directory (zarr shards are directories); missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------- zarr
+
+
+def write_zarr(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """A zarr v3 group with one uncompressed, row-chunked array per name."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    for name, data in arrays.items():
+        chunks = (_chunk_rows(name, data.shape[0]), *data.shape[1:])
+        arr = group.create_array(
+            name,
+            shape=data.shape,
+            chunks=chunks,
+            dtype=data.dtype,
+            compressors=None,  # float latents barely compress; raw chunks read fastest
+            fill_value=0,
+            # Write all-zero chunks too (rows of skipped items), so a missing chunk file is corruption.
+            config={"write_empty_chunks": True},
+        )
+        if data.shape[0]:
+            arr[...] = data
+
+
+def open_zarr(path: Path) -> ShardHandle:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return ShardHandle({name: group[name] for name in ARRAY_ORDER if name in group})
+
+
+# ---------------------------------------------------------------- hdf5
+
+
+def write_hdf5(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An HDF5 file with one uncompressed, row-chunked dataset per name and no timestamps."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, data in arrays.items():
+            # h5py refuses chunks on an empty dataset; an empty one is stored contiguous.
+            chunks = (_chunk_rows(name, data.shape[0]), *data.shape[1:]) if data.shape[0] else None
+            # track_times=False: HDF5 otherwise stamps each dataset with its creation time.
+            f.create_dataset(name, data=data, chunks=chunks, track_times=False)
+
+
+def open_hdf5(path: Path) -> ShardHandle:
+    import h5py
+
+    f = h5py.File(path, "r")
+    return ShardHandle({name: f[name] for name in ARRAY_ORDER if name in f}, closer=f)
+
+
+_WRITERS = {"zarr": write_zarr, "hdf5": write_hdf5}
+_OPENERS = {"zarr": open_zarr, "hdf5": open_hdf5}
+
+
+def write_shard_file(fmt: str, path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write one shard's arrays (already in their stored dtypes) to `path` in format `fmt`."""
+    ordered = {name: little_endian(arrays[name]) for name in ARRAY_ORDER if name in arrays}
+    _WRITERS[fmt](Path(path), ordered)
+
+
+def open_shard(fmt: str, path: Path) -> ShardHandle:
+    """Open a shard file for reading; its arrays support numpy slicing."""
+    return _OPENERS[fmt](Path(path))

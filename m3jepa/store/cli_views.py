@@ -1,0 +1,105 @@
+"""Text views for `m3jepa stores list` and `m3jepa stores inspect`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from m3jepa.store.manifest import load_manifest, shard_stem, sidecar_file
+from m3jepa.store.reader import list_stores
+
+COLUMNS = (
+    "dataset",
+    "split",
+    "modality",
+    "encoder",
+    "kind",
+    "rows",
+    "dim",
+    "dtype",
+    "format",
+    "complete",
+    "size",
+)
+
+
+UNFINISHED = "NO (rerun `m3jepa encode` with the same settings to finish)"
+
+
+def disk_size(path: Path) -> int:
+    """Bytes on disk under `path` (files only, symlinks not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # a writer may be renaming files right now
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def list_view(root: Path) -> str:
+    """A table of every store under `root`, one line each."""
+    stores = list_stores(root)
+    if not stores:
+        return f"no stores under {root} (write some with `m3jepa encode --store-root {root}`)"
+    rows = [COLUMNS]
+    for path, m in stores:
+        rows.append(
+            (
+                m.dataset,
+                m.split,
+                m.modality,
+                m.encoder,
+                m.kind,
+                str(m.rows),
+                str(m.dim),
+                m.dtype,
+                m.format,
+                "yes" if m.complete else "NO",
+                human_bytes(disk_size(path)),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def inspect_view(path: Path) -> str:
+    """A readable summary of one store's manifest."""
+    m = load_manifest(path)
+    planned = -(-m.rows // m.shard_size)
+    committed = sum((path / sidecar_file(i)).exists() for i in range(planned))
+    lines = [
+        f"store      {path}",
+        f"data       {m.dataset} / {m.split} / {m.modality}: {m.rows} rows (membership {m.membership[:12]}…)",
+        f"encoder    {m.encoder} @ {m.encoder_revision}",
+        f"latent     {m.kind}, dim {m.dim}, {m.dtype}, pooling {m.pooling}, layers {m.layers}",
+        f"format     {m.format}, {planned} shards of up to {m.shard_size} rows, {committed} committed",
+        f"complete   {'yes' if m.complete else UNFINISHED}",
+        f"size       {human_bytes(disk_size(path))} on disk",
+        f"written by m3jepa {m.m3jepa_version}, schema {m.schema_version}",
+    ]
+    if m.kind == "tokens" and m.shards:
+        tokens = sum(s.tokens or 0 for s in m.shards)
+        lines.append(f"tokens     {tokens} token rows ({tokens / max(m.rows, 1):.1f} per row)")
+    lines.append(f"skipped    {len(m.skipped)} rows")
+    for s in m.skipped[:10]:
+        lines.append(f"  row {s['row_id']} {s['sample_id']}: {s['reason']}")
+    if len(m.skipped) > 10:
+        lines.append(f"  … and {len(m.skipped) - 10} more")
+    for s in m.shards[:3]:
+        lines.append(
+            f"shard {shard_stem(s.index)}  rows [{s.row_start}, {s.row_end})  sha256 {s.sha256[:16]}…"
+        )
+    if len(m.shards) > 3:
+        lines.append(f"  … {len(m.shards) - 3} more shards")
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""The store contract: layout, manifest and shard records, row metadata, and shard planning."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ROWS = "rows.jsonl"
+SHARDS = "shards"
+FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}  # format → shard file suffix
+DTYPES = ("float16", "float32")
+KINDS = ("pooled", "tokens")
+
+# The fields a resumed writer must agree on with the store it finds: any difference means the
+# cached rows would mix two encodings, so it is refused rather than merged.
+IDENTITY_FIELDS = (
+    "dataset",
+    "split",
+    "modality",
+    "membership",
+    "rows",
+    "encoder",
+    "encoder_revision",
+    "pooling",
+    "layers",
+    "dtype",
+    "dim",
+    "kind",
+    "format",
+    "shard_size",
+)
+
+
+class StoreError(ValueError):
+    """A store that cannot be written or read as asked; the message says how to proceed."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was written with settings that differ from the requested ones."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store whose writer has not finished (or whose shards are missing)."""
+
+
+@dataclass
+class ShardInfo:
+    """One committed shard: rows [row_start, row_end) in `file`, with a backend-independent checksum."""
+
+    index: int
+    row_start: int
+    row_end: int
+    file: str  # relative to the store directory, e.g. "shards/00000.zarr"
+    sha256: str  # over the little-endian C-order bytes of features, tokens, offsets (in that order)
+    nbytes: int  # raw array bytes hashed (not the size on disk)
+    tokens: int | None = None  # total token rows, for kind = tokens
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardInfo:
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class Manifest:
+    """What a store holds and how it was made; `complete` is set only once every shard is committed."""
+
+    dataset: str
+    split: str
+    modality: str
+    membership: str  # records.membership_fingerprint of the split's rows
+    rows: int
+    encoder: str
+    encoder_revision: str
+    pooling: str
+    layers: str
+    dim: int
+    dtype: str = "float16"
+    kind: str = "pooled"
+    format: str = "zarr"
+    shard_size: int = 2048
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {row_id, sample_id, reason}
+    complete: bool = False
+    m3jepa_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise StoreError(f"manifest dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kind not in KINDS:
+            raise StoreError(f"manifest kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.format not in FORMATS:
+            raise StoreError(f"manifest format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.dim <= 0 or self.shard_size <= 0 or self.rows < 0:
+            raise StoreError(
+                f"manifest needs dim > 0, shard_size > 0, rows >= 0 (got {self.dim}, "
+                f"{self.shard_size}, {self.rows})"
+            )
+        if not self.m3jepa_version:
+            from m3jepa import __version__
+
+            self.m3jepa_version = __version__
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["shards"] = [s.to_json() for s in self.shards]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{where}: schema_version {version!r} is not supported (this m3jepa reads version "
+                f"{SCHEMA_VERSION}); re-encode the store with this m3jepa, or use the m3jepa that wrote it"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["shards"] = [ShardInfo.from_json(s) for s in data.get("shards", [])]
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise StoreError(f"{where}: not a valid store manifest ({e})") from e
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide whether two manifests describe the same encoding of the same rows."""
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+    def dumps(self) -> str:
+        # Sorted keys and no clock or absolute path: equal stores have equal bytes.
+        return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """One line of rows.jsonl: a row's ids, its caption (text rows only), and whether it was encoded."""
+
+    row_id: int
+    sample_id: str
+    group_id: str
+    text: str | None = None
+    valid: bool = True
+
+    def dumps(self) -> str:
+        # An explicit dict: dataclasses.asdict deep-copies and dominates finalize on large splits.
+        d = {
+            "group_id": self.group_id,
+            "row_id": self.row_id,
+            "sample_id": self.sample_id,
+            "text": self.text,
+            "valid": self.valid,
+        }
+        return json.dumps(d, sort_keys=True, ensure_ascii=False)
+
+
+def rows_from_records(
+    records: list[Any], skipped_row_ids: set[int] | frozenset[int] = frozenset()
+) -> list[RowMeta]:
+    """RowMeta for each `Record` (text rows keep their caption); rows in `skipped_row_ids` are invalid."""
+    return [
+        RowMeta(
+            row_id=r.row_id,
+            sample_id=r.sample_id,
+            group_id=r.group_id,
+            text=r.payload if r.modality == "text" else None,
+            valid=r.row_id not in skipped_row_ids,
+        )
+        for r in records
+    ]
+
+
+def mismatches(asked: Manifest, found: Manifest) -> list[tuple[str, Any, Any]]:
+    """(field, asked, found) for every identity field on which the two manifests differ."""
+    a, f = asked.identity(), found.identity()
+    return [(k, a[k], f[k]) for k in IDENTITY_FIELDS if a[k] != f[k]]
+
+
+# ---------------------------------------------------------------- layout
+
+
+_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def encoder_slug(encoder: str) -> str:
+    """A filesystem-safe directory name for an encoder; a short hash keeps altered names unambiguous.
+
+    "minilm-l6" stays "minilm-l6"; "hf:/models/My_Bert" becomes "hf-models-my_bert-<8 hex>", so two
+    names that differ only in characters the slug drops (or in case) still get different directories.
+    """
+    slug = _UNSAFE.sub("-", encoder.lower()).strip("-")
+    if not slug:
+        slug = "encoder"
+    if slug != encoder:
+        slug += "-" + hashlib.sha256(encoder.encode("utf-8")).hexdigest()[:8]
+    return slug
+
+
+def _component(kind: str, value: str) -> str:
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\x00" in value:
+        raise StoreError(f"{kind} {value!r} cannot be a directory name in a store path")
+    return value
+
+
+def store_path(store_root: str | Path, dataset: str, split: str, modality: str, encoder: str) -> Path:
+    """`<store_root>/<dataset>/<split>/<modality>/<encoder-slug>/`: one store per encoding of a split."""
+    return (
+        Path(store_root)
+        / _component("dataset", dataset)
+        / _component("split", split)
+        / _component("modality", modality)
+        / encoder_slug(encoder)
+    )
+
+
+def shard_stem(index: int) -> str:
+    return f"{index:05d}"
+
+
+def shard_file(index: int, fmt: str) -> str:
+    """The shard's path relative to the store directory, e.g. 'shards/00003.h5'."""
+    return f"{SHARDS}/{shard_stem(index)}{FORMATS[fmt]}"
+
+
+def sidecar_file(index: int) -> str:
+    return f"{SHARDS}/{shard_stem(index)}.json"
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_shards(rows: int, shard_size: int) -> list[tuple[int, int, int]]:
+    """(index, row_start, row_end) of each shard: contiguous ranges of `shard_size` covering [0, rows)."""
+    if shard_size <= 0 or rows < 0:
+        raise ValueError(f"plan_shards needs rows >= 0 and shard_size > 0, got {rows}, {shard_size}")
+    return [(i, start, min(start + shard_size, rows)) for i, start in enumerate(range(0, rows, shard_size))]
+
+
+def assign_shards(plan: list[tuple[int, int, int]], rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """The planned shards rank `rank` of `world_size` writes: index % world_size == rank."""
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return [s for s in plan if s[0] % world_size == rank]
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a pid-unique temporary name and a rename, so readers never see half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_manifest(store: Path) -> Manifest:
+    """The store's manifest; StoreError when it is missing or unreadable."""
+    path = Path(store) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{store} is not a feature store (no {MANIFEST}); write one with `m3jepa encode`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e}); delete the store directory and re-encode") from e
+    return Manifest.from_json(data, where=str(path))
+
+
+def save_manifest(store: Path, manifest: Manifest) -> None:
+    atomic_write_text(Path(store) / MANIFEST, manifest.dumps())
+
+
+def read_rows(store: Path) -> list[RowMeta]:
+    """The rows.jsonl lines of a store, in row order."""
+    out = []
+    with open(Path(store) / ROWS, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            out.append(RowMeta(d["row_id"], d["sample_id"], d["group_id"], d.get("text"), bool(d["valid"])))
+    return out

@@ -1,0 +1,254 @@
+"""FeatureStore: random, sequential and ragged-token reads of a complete store, in bounded memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3jepa.store.backends import ShardHandle, open_shard
+from m3jepa.store.manifest import (
+    MANIFEST,
+    ROWS,
+    IncompleteStoreError,
+    Manifest,
+    StoreError,
+    load_manifest,
+    read_rows,
+    sidecar_file,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_SHARDS = 64  # open shard handles kept between reads (an LRU; a handle costs little memory)
+
+
+@dataclass
+class RowTable:
+    """rows.jsonl as columns: position i describes row i of the store."""
+
+    sample_ids: list[str]
+    group_ids: list[str]
+    texts: list[str | None]
+    valid: np.ndarray  # (rows,) bool; False for skipped rows (their features are zeros)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+class FeatureStore:
+    """A complete store opened for reading; works the same for zarr and hdf5 shards.
+
+    Picklable (open handles are dropped and reopened lazily), so it can be handed to DataLoader workers.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._rows: RowTable | None = None
+        self._handles: OrderedDict[int, ShardHandle] = OrderedDict()
+        self._offsets: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.manifest.rows
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"FeatureStore({self.path}, rows={m.rows}, dim={m.dim}, {m.kind}, {m.dtype}, {m.format})"
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def rows(self) -> RowTable:
+        """The store's row metadata (loaded once, on first use)."""
+        if self._rows is None:
+            meta = read_rows(self.path)
+            if len(meta) != self.manifest.rows:
+                raise StoreError(
+                    f"{self.path / ROWS} has {len(meta)} lines, the manifest says "
+                    f"{self.manifest.rows}; run `m3jepa stores verify {self.path}`"
+                )
+            self._rows = RowTable(
+                sample_ids=[r.sample_id for r in meta],
+                group_ids=[r.group_id for r in meta],
+                texts=[r.text for r in meta],
+                valid=np.array([r.valid for r in meta], dtype=bool),
+            )
+        return self._rows
+
+    # ------------------------------------------------------------ features
+
+    def read(self, row_ids: Any, dtype: Any = np.float32) -> np.ndarray:
+        """Features of `row_ids` in the order given, (n, D); `dtype=None` keeps the stored dtype.
+
+        Rows are sorted, grouped by shard and then by chunk, and each touched chunk is read once.
+        """
+        ids = self._check_ids(row_ids)
+        out = np.empty((len(ids), self.dim), dtype=self._out_dtype(dtype))
+        if not len(ids):
+            return out
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        shard_of = sorted_ids // self.manifest.shard_size
+        bounds = np.flatnonzero(np.diff(shard_of)) + 1
+        for sel in np.split(np.arange(len(ids)), bounds):
+            shard = int(shard_of[sel[0]])
+            self._gather(shard, sorted_ids[sel] - self.manifest.shards[shard].row_start, out, order[sel])
+        return out
+
+    def _gather(self, shard: int, local: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        features = self._handle(shard)["features"]
+        chunk = _chunk_rows(features)
+        window = local // chunk
+        bounds = np.flatnonzero(np.diff(window)) + 1
+        for sel in np.split(np.arange(len(local)), bounds):
+            lo, hi = int(local[sel[0]]), int(local[sel[-1]]) + 1
+            # Only the touched span of one chunk is read, so at most one chunk window is resident.
+            out[dest[sel]] = features[lo:hi][local[sel] - lo]
+
+    def read_range(self, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+        """Features of rows [start, stop) as one (stop - start, D) array."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"row range [{start}, {stop}) is outside [0, {len(self)})")
+        out = np.empty((stop - start, self.dim), dtype=self._out_dtype(dtype))
+        size = self.manifest.shard_size
+        row = start
+        while row < stop:
+            shard = row // size
+            info = self.manifest.shards[shard]
+            end = min(stop, info.row_end)
+            out[row - start : end - start] = self._handle(shard)["features"][
+                row - info.row_start : end - info.row_start
+            ]
+            row = end
+        return out
+
+    def read_all(self, dtype: Any = np.float32) -> np.ndarray:
+        """Every row's features, (rows, D): the one call that loads the whole store."""
+        return self.read_range(0, len(self), dtype)
+
+    def iter_batches(
+        self, batch_rows: int, dtype: Any = np.float32
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row ids, features) for consecutive batches of `batch_rows` rows, in row order."""
+        if batch_rows <= 0:
+            raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        for start in range(0, len(self), batch_rows):
+            stop = min(start + batch_rows, len(self))
+            yield np.arange(start, stop, dtype=np.int64), self.read_range(start, stop, dtype)
+
+    # ------------------------------------------------------------ tokens
+
+    def read_tokens(self, row_ids: Any, dtype: Any = np.float32) -> list[np.ndarray]:
+        """For kind = tokens: one (T_i, D) array per row id, in the order given."""
+        if self.manifest.kind != "tokens":
+            raise StoreError(
+                f"{self.path} holds pooled features only (kind 'pooled'); encode with "
+                f"--kind tokens to get token latents"
+            )
+        out_dtype = self._out_dtype(dtype)
+        out = []
+        for row in self._check_ids(row_ids).tolist():
+            shard = row // self.manifest.shard_size
+            local = row - self.manifest.shards[shard].row_start
+            offsets = self._shard_offsets(shard)
+            a, b = int(offsets[local]), int(offsets[local + 1])
+            out.append(np.asarray(self._handle(shard)["tokens"][a:b], dtype=out_dtype))
+        return out
+
+    def token_counts(self) -> np.ndarray:
+        """(rows,) int64: T_i of every row (kind = tokens)."""
+        if self.manifest.kind != "tokens":
+            raise StoreError(f"{self.path} holds pooled features only (kind 'pooled')")
+        return np.concatenate(
+            [np.diff(self._shard_offsets(s.index)) for s in self.manifest.shards] or [np.zeros(0, np.int64)]
+        )
+
+    def _shard_offsets(self, shard: int) -> np.ndarray:
+        if shard not in self._offsets:
+            self._offsets[shard] = np.asarray(self._handle(shard)["offsets"][:], dtype=np.int64)
+        return self._offsets[shard]
+
+    # ------------------------------------------------------------ handles
+
+    def _handle(self, shard: int) -> ShardHandle:
+        if self._pid != os.getpid():  # forked: handles opened by the parent must not be shared
+            self._handles.clear()
+            self._pid = os.getpid()
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+            return self._handles[shard]
+        handle = open_shard(self.manifest.format, self.path / self.manifest.shards[shard].file)
+        self._handles[shard] = handle
+        if len(self._handles) > MAX_OPEN_SHARDS:
+            self._handles.popitem(last=False)[1].close()
+        return handle
+
+    def close(self) -> None:
+        """Close the open shard files (reads reopen them as needed)."""
+        while self._handles:
+            self._handles.popitem()[1].close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = OrderedDict()
+        return state
+
+    def _check_ids(self, row_ids: Any) -> np.ndarray:
+        ids = np.asarray(row_ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"row_ids must be a 1-d integer array, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"row ids must be in [0, {len(self)}), got [{ids.min()}, {ids.max()}]")
+        return ids
+
+    def _out_dtype(self, dtype: Any) -> np.dtype:
+        return np.dtype(self.manifest.dtype if dtype is None else dtype)
+
+
+def _chunk_rows(array: Any) -> int:
+    chunks = getattr(array, "chunks", None)  # zarr: tuple; h5py: tuple or None (contiguous)
+    return int(chunks[0]) if chunks else max(int(array.shape[0]), 1)
+
+
+def open_store(path: str | Path) -> FeatureStore:
+    """Open a complete store for reading; refuses incomplete stores and unknown schema versions."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    if not manifest.complete:
+        planned = -(-manifest.rows // manifest.shard_size)
+        done = sum((path / sidecar_file(i)).exists() for i in range(planned))
+        raise IncompleteStoreError(
+            f"{path} is an incomplete store ({done} of {planned} shards committed); finish it by rerunning "
+            f"`m3jepa encode` with the same settings (it resumes), or delete the directory"
+        )
+    if not (path / ROWS).is_file():
+        raise IncompleteStoreError(f"{path} has a complete manifest but no {ROWS}; delete it and re-encode")
+    return FeatureStore(path, manifest)
+
+
+def list_stores(root: str | Path) -> list[tuple[Path, Manifest]]:
+    """(path, manifest) of every store under `root` (<dataset>/<split>/<modality>/<encoder>/), sorted."""
+    out = []
+    for manifest_path in sorted(Path(root).glob(f"*/*/*/*/{MANIFEST}")):
+        try:
+            out.append((manifest_path.parent, load_manifest(manifest_path.parent)))
+        except StoreError as e:
+            log.warning("skipping %s: %s", manifest_path.parent, e)
+    return out

@@ -1,0 +1,281 @@
+"""StoreWriter: commit shards one at a time (tmp → rename → sidecar), resume, and finalize a store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from m3jepa.data.records import membership_fingerprint
+from m3jepa.store.backends import checksum, remove_path, write_shard_file
+from m3jepa.store.lock import StoreLock
+from m3jepa.store.manifest import (
+    MANIFEST,
+    ROWS,
+    SHARDS,
+    IncompleteStoreError,
+    Manifest,
+    RowMeta,
+    ShardInfo,
+    StoreError,
+    StoreMismatchError,
+    assign_shards,
+    atomic_write_text,
+    load_manifest,
+    mismatches,
+    plan_shards,
+    save_manifest,
+    shard_file,
+    shard_stem,
+    sidecar_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StoreWriter:
+    """Writes the shards of one store; a context manager holding the store's lock for this rank.
+
+    Opening an existing store resumes it when its manifest agrees with `manifest` on every identity
+    field and raises StoreMismatchError otherwise. Each rank writes `my_shards()`; rank 0 finalizes.
+    """
+
+    def __init__(self, path: str | Path, manifest: Manifest, *, rank: int = 0, world_size: int = 1):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.rank = rank
+        self.world_size = world_size
+        self._plan = plan_shards(manifest.rows, manifest.shard_size)
+        assign_shards(self._plan, rank, world_size)  # validates rank / world_size early
+        self._lock = StoreLock(self.path, rank)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> StoreWriter:
+        (self.path / SHARDS).mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._check_or_start()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_or_start(self) -> None:
+        if (self.path / MANIFEST).exists():
+            found = load_manifest(self.path)
+            diffs = mismatches(self.manifest, found)
+            if diffs:
+                raise StoreMismatchError(_mismatch_message(self.path, diffs))
+            log.info(
+                "resuming %s (%d of %d shards committed)", self.path, len(self.done_shards()), len(self._plan)
+            )
+            if self.rank == 0:
+                for tmp in self.path.glob("*.tmp-*"):  # manifest/rows temporaries of a killed rank 0
+                    tmp.unlink()
+            return
+        if self.rank != 0:
+            return  # rank 0 alone writes store-level files, so it alone may clear their temporaries
+        # Written before any shard so a half-written directory is recognisably an incomplete store.
+        start = Manifest.from_json(self.manifest.to_json())
+        start.shards, start.skipped, start.complete = [], [], False
+        save_manifest(self.path, start)
+
+    # ------------------------------------------------------------ planning
+
+    def planned_shards(self) -> list[tuple[int, int, int]]:
+        """(index, row_start, row_end) of every shard of the store."""
+        return list(self._plan)
+
+    def my_shards(self) -> list[tuple[int, int, int]]:
+        """The planned shards this rank writes (index % world_size == rank)."""
+        return assign_shards(self._plan, self.rank, self.world_size)
+
+    def done_shards(self) -> set[int]:
+        """Indices of committed shards (sidecar and shard file both present); clears this rank's debris."""
+        mine = {i for i, _, _ in self.my_shards()}
+        self._remove_stray_tmp(mine)
+        done = set()
+        for index, start, end in self._plan:
+            info = self._read_sidecar(index)
+            if info is None or (info.row_start, info.row_end) != (start, end):
+                continue
+            if (self.path / info.file).exists():
+                done.add(index)
+        return done
+
+    def _remove_stray_tmp(self, mine: set[int]) -> None:
+        # Only this rank's shards: another rank may be writing its own temporaries right now.
+        for tmp in (self.path / SHARDS).glob("*.tmp-*"):
+            stem = tmp.name.split(".", 1)[0]
+            if stem.isdigit() and int(stem) in mine:
+                log.info("removing leftover %s of an interrupted run", tmp)
+                remove_path(tmp)
+
+    def _read_sidecar(self, index: int) -> ShardInfo | None:
+        path = self.path / sidecar_file(index)
+        try:
+            return ShardInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    # ------------------------------------------------------------ writing
+
+    def write_shard(
+        self,
+        index: int,
+        features: np.ndarray,
+        tokens: np.ndarray | None = None,
+        offsets: np.ndarray | None = None,
+    ) -> ShardInfo:
+        """Validate, write and commit shard `index`; features (n, D), tokens (sum T_i, D), offsets (n+1,)."""
+        if not self._lock.held:
+            raise StoreError(
+                f"{self.path}: open the StoreWriter (use it as a context manager) before writing"
+            )
+        if not 0 <= index < len(self._plan):
+            raise ValueError(f"shard {index} is not planned; the store has {len(self._plan)} shards")
+        _, start, end = self._plan[index]
+        arrays = self._validated(index, end - start, features, tokens, offsets)
+        digest, nbytes = checksum(arrays)
+        info = ShardInfo(
+            index=index,
+            row_start=start,
+            row_end=end,
+            file=shard_file(index, self.manifest.format),
+            sha256=digest,
+            nbytes=nbytes,
+            tokens=int(arrays["tokens"].shape[0]) if "tokens" in arrays else None,
+        )
+        final = self.path / info.file
+        # Uncommit first, so a crash anywhere below leaves this shard "not done" rather than stale.
+        (self.path / sidecar_file(index)).unlink(missing_ok=True)
+        remove_path(final)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        remove_path(tmp)
+        write_shard_file(self.manifest.format, tmp, arrays)
+        os.replace(tmp, final)
+        atomic_write_text(
+            self.path / sidecar_file(index), json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
+        )
+        log.debug("committed shard %s of %s (%d rows)", shard_stem(index), self.path, end - start)
+        return info
+
+    def _validated(self, index, n, features, tokens, offsets) -> dict[str, np.ndarray]:
+        m, where = self.manifest, f"{self.path} shard {shard_stem(index)}"
+        features = _cast(np.asarray(features), m.dtype, "features", where)
+        if features.shape != (n, m.dim):
+            raise ValueError(f"{where}: features have shape {features.shape}, expected ({n}, {m.dim})")
+        arrays = {"features": features}
+        if m.kind == "pooled":
+            if tokens is not None or offsets is not None:
+                raise ValueError(f"{where}: tokens/offsets given but the store's kind is 'pooled'")
+            return arrays
+        if tokens is None or offsets is None:
+            raise ValueError(f"{where}: kind 'tokens' needs tokens (sum T_i, D) and offsets (n+1,)")
+        tokens = _cast(np.asarray(tokens), m.dtype, "tokens", where)
+        offsets = np.asarray(offsets)
+        if tokens.ndim != 2 or tokens.shape[1] != m.dim:
+            raise ValueError(f"{where}: tokens have shape {tokens.shape}, expected (T, {m.dim})")
+        if offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
+            raise ValueError(
+                f"{where}: offsets must be {n + 1} integers, got {offsets.dtype} {offsets.shape}"
+            )
+        if offsets[0] != 0 or offsets[-1] != tokens.shape[0] or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{where}: offsets must rise from 0 to len(tokens)={tokens.shape[0]}")
+        arrays["tokens"] = tokens
+        arrays["offsets"] = offsets.astype(np.int64)
+        return arrays
+
+    # ------------------------------------------------------------ finishing
+
+    def finalize(self, rows: list[RowMeta], skipped: list[dict]) -> Manifest:
+        """Rank 0, after every rank is done: check all shards, write rows.jsonl and the complete manifest."""
+        if self.rank != 0:
+            raise StoreError(f"{self.path}: only rank 0 finalizes a store (this is rank {self.rank})")
+        missing = sorted({i for i, _, _ in self._plan} - self.done_shards())
+        if missing:
+            raise IncompleteStoreError(
+                f"{self.path}: cannot finalize, {len(missing)} of {len(self._plan)} shards are not "
+                f"committed (first: {', '.join(shard_stem(i) for i in missing[:5])})"
+            )
+        skipped = sorted(skipped, key=lambda s: int(s["row_id"]))
+        self._check_rows(rows, {int(s["row_id"]) for s in skipped})
+        atomic_write_text(self.path / ROWS, "".join(r.dumps() + "\n" for r in rows))
+        final = Manifest.from_json(self.manifest.to_json())
+        final.shards = [self._read_sidecar(i) for i, _, _ in self._plan]
+        final.skipped = [
+            {"row_id": int(s["row_id"]), "sample_id": str(s["sample_id"]), "reason": str(s["reason"])}
+            for s in skipped
+        ]
+        final.complete = True
+        save_manifest(self.path, final)
+        self.manifest = final
+        log.info(
+            "finalized %s: %d rows in %d shards, %d skipped",
+            self.path,
+            final.rows,
+            len(final.shards),
+            len(final.skipped),
+        )
+        return final
+
+    def _check_rows(self, rows: list[RowMeta], skipped_ids: set[int]) -> None:
+        m = self.manifest
+        if len(rows) != m.rows:
+            raise ValueError(f"{self.path}: finalize got {len(rows)} rows, the manifest plans {m.rows}")
+        for i, r in enumerate(rows):
+            if r.row_id != i:
+                raise ValueError(
+                    f"{self.path}: rows must be in row order; position {i} has row_id {r.row_id}"
+                )
+            if r.valid == (i in skipped_ids):
+                raise ValueError(
+                    f"{self.path}: row {i} ({r.sample_id}) is valid={r.valid} but "
+                    f"{'is' if i in skipped_ids else 'is not'} listed as skipped"
+                )
+        if membership_fingerprint(rows) != m.membership:  # type: ignore[arg-type]  (reads .sample_id)
+            raise ValueError(f"{self.path}: the rows' sample ids do not match the manifest's membership")
+
+
+def is_complete(path: str | Path, expected: Manifest) -> bool:
+    """True when `path` holds a complete store whose identity fields all equal `expected`'s."""
+    path = Path(path)
+    try:
+        found = load_manifest(path)
+    except StoreError:
+        return False
+    return found.complete and not mismatches(expected, found) and (path / ROWS).is_file()
+
+
+def _cast(array: np.ndarray, dtype: str, name: str, where: str) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{where}: {name} must be floating point, got {array.dtype}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{where}: {name} contain NaN or inf; the encoder produced invalid values")
+    with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+        out = array.astype(dtype, copy=False)
+    if dtype == "float16" and not np.all(np.isfinite(out)):
+        raise ValueError(f"{where}: {name} overflow float16 (|x| > 65504); write the store as float32")
+    return out
+
+
+def _mismatch_message(path: Path, diffs: list[tuple[str, object, object]]) -> str:
+    lines = "; ".join(f"{k}: asked {a!r}, found {f!r}" for k, a, f in diffs)
+    return (
+        f"{path} already holds a store written with different settings ({lines}). Its shards cannot be "
+        f"mixed with new ones: delete the store directory (rm -r {path}) to re-encode it, or pass a "
+        f"different --store-root"
+    )

@@ -67,10 +67,24 @@ def encode(
 
     with _errors():
         cfg = EncodeConfig(
-            dataset=dataset, root=root, splits=_csv(split) or ["all"], modalities=_csv(modality) or ["all"],
-            image_encoder=image_encoder, text_encoder=text_encoder, audio_encoder=audio_encoder,
-            store_root=store_root, format=format, kind=kind, dtype=dtype, batch_size=batch_size,
-            workers=workers, device=device, shard_size=shard_size, limit=limit, seed=seed, skip_bad=skip_bad,
+            dataset=dataset,
+            root=root,
+            splits=_csv(split) or ["all"],
+            modalities=_csv(modality) or ["all"],
+            image_encoder=image_encoder,
+            text_encoder=text_encoder,
+            audio_encoder=audio_encoder,
+            store_root=store_root,
+            format=format,
+            kind=kind,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            shard_size=shard_size,
+            limit=limit,
+            seed=seed,
+            skip_bad=skip_bad,
         )
         from m3jepa.encode.runner import run_encode
 

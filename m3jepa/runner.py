@@ -21,19 +21,22 @@ def resolve_paths(cfg: PipelineConfig, workdir: Path | None) -> PipelineConfig:
     run_dir = run_dir_of(cfg)
     return dataclasses.replace(
         cfg,
-        encode=dataclasses.replace(cfg.encode, store_root=str(store_root if store_root.is_absolute()
-                                                              else workdir / store_root)),
+        encode=dataclasses.replace(
+            cfg.encode, store_root=str(store_root if store_root.is_absolute() else workdir / store_root)
+        ),
         run_dir=str(run_dir if run_dir.is_absolute() else workdir / run_dir),
     )
 
 
 def encode_config_for_run(cfg: PipelineConfig) -> PipelineConfig:
-    """The encode step a pipeline needs: the splits it trains, validates and scores, its directions' modalities."""
+    """The encode step a pipeline needs: the splits it uses and its directions' modalities."""
     from m3jepa.train.data import direction_modalities
 
     splits = list(dict.fromkeys([cfg.train.train_split, cfg.train.val_split, cfg.eval.split]))
     modalities = direction_modalities(cfg.train.directions)
-    return dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, splits=splits, modalities=modalities))
+    return dataclasses.replace(
+        cfg, encode=dataclasses.replace(cfg.encode, splits=splits, modalities=modalities)
+    )
 
 
 def run_all(cfg: PipelineConfig, workdir: Path | None = None) -> str:

@@ -29,8 +29,9 @@ def test_defaults_build():
 
 
 def test_overrides_are_typed():
-    cfg = load_pipeline(None, ["train.lr=1e-3", "model.top_k=2", "train.bf16=true", "name=x",
-                               "train.directions=image->text"])
+    cfg = load_pipeline(
+        None, ["train.lr=1e-3", "model.top_k=2", "train.bf16=true", "name=x", "train.directions=image->text"]
+    )
     assert cfg.train.lr == 1e-3 and cfg.model.top_k == 2 and cfg.train.bf16 is True and cfg.name == "x"
     assert cfg.train.directions == ["image->text"]
 

@@ -24,9 +24,14 @@ from m3jepa.train.data import (
 def _mod(modality: str, groups: list[str], valid: list[bool] | None = None) -> ModalityFeatures:
     n = len(groups)
     return ModalityFeatures(
-        modality=modality, store=Path(f"/stores/{modality}"), features=torch.arange(n * 2.0).view(n, 2),
-        group_ids=np.asarray(groups, dtype=object), valid=np.asarray(valid or [True] * n),
-        texts=[None] * n, encoder="e", revision="r",
+        modality=modality,
+        store=Path(f"/stores/{modality}"),
+        features=torch.arange(n * 2.0).view(n, 2),
+        group_ids=np.asarray(groups, dtype=object),
+        valid=np.asarray(valid or [True] * n),
+        texts=[None] * n,
+        encoder="e",
+        revision="r",
     )
 
 
@@ -38,7 +43,9 @@ def test_pair_rows_joins_by_group_not_position():
         assert images.group_ids[i] == texts.group_ids[t]
     assert sorted(txt_rows.tolist()) == list(range(6))  # every caption paired once
     t_rows, i_rows = pair_rows(texts, images)  # the other direction mirrors it
-    assert sorted(zip(t_rows.tolist(), i_rows.tolist())) == sorted(zip(txt_rows.tolist(), img_rows.tolist()))
+    assert sorted(zip(t_rows.tolist(), i_rows.tolist(), strict=True)) == sorted(
+        zip(txt_rows.tolist(), img_rows.tolist(), strict=True)
+    )
 
 
 def test_orphan_rows_are_an_error_naming_the_group():

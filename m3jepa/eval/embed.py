@@ -47,7 +47,11 @@ def retrieval_rows(data: PairedSplit, direction: str, protocol: str) -> tuple[np
 
 @torch.no_grad()
 def embed_direction(
-    predictor: nn.Module, data: PairedSplit, direction: str, space: str, protocol: str = "multi",
+    predictor: nn.Module,
+    data: PairedSplit,
+    direction: str,
+    space: str,
+    protocol: str = "multi",
     batch_size: int = 2048,
 ) -> DirectionEmbeddings:
     """Run the predictor over a split's rows for one direction and one space."""

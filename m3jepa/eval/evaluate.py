@@ -73,7 +73,11 @@ def evaluate_run(
         for space in spaces:
             emb = embed_direction(predictor, data, d, space, protocol)
             res = retrieval_metrics(
-                emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS,
+                emb.queries,
+                emb.gallery,
+                emb.query_groups,
+                emb.gallery_groups,
+                ks=KS,
                 faiss_threshold=cfg.eval.faiss_threshold,
             )
             directions[d][space] = res.recalls
@@ -120,8 +124,14 @@ def _check_stores(trained: dict[str, dict[str, str]], data: PairedSplit) -> None
 
 
 @torch.no_grad()
-def _latency_ms(predictor: nn.Module, data: PairedSplit, direction: str, space: str,
-                embeddings: dict[tuple[str, str], DirectionEmbeddings], repeats: int = 50) -> float:
+def _latency_ms(
+    predictor: nn.Module,
+    data: PairedSplit,
+    direction: str,
+    space: str,
+    embeddings: dict[tuple[str, str], DirectionEmbeddings],
+    repeats: int = 50,
+) -> float:
     """Median ms for one query: predictor forward on one row plus exact top-10 search of the gallery."""
     src, tgt = parse_direction(direction)
     emb = embeddings[(direction, space)]

@@ -16,7 +16,7 @@ from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.train import checkpoint as ckpt
 from m3jepa.train.data import PairedSplit, batch_indices, load_split
 from m3jepa.train.distributed import DistInfo, barrier, broadcast_float, init_from_env, shutdown
-from m3jepa.train.objective import Objective
+from m3jepa.train.objective import Objective, loss_scalars
 from m3jepa.train.schedule import directions_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ def build_optimizer(objective: Objective, cfg: PipelineConfig) -> torch.optim.Op
     for p in objective.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=True)
 
 
@@ -112,7 +115,12 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, run_dir / "config.toml")
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
-        log.info("training %s trainable parameters for %d steps (from step %d)", f"{n_params:,}", n_steps, state.step)
+        log.info(
+            "training %s trainable parameters for %d steps (from step %d)",
+            f"{n_params:,}",
+            n_steps,
+            state.step,
+        )
 
     began, first_step = time.perf_counter(), state.step
     bar = tqdm(total=n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
@@ -128,7 +136,9 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
             if info.is_main and (state.step % t.log_every == 0 or last):
                 rate = (state.step - first_step) * t.batch_size / max(1e-9, time.perf_counter() - began)
                 _log_line(metrics_file, {"step": state.step, **_scalars(parts), "samples_per_s": rate})
-                bar.set_postfix(loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}")
+                bar.set_postfix(
+                    loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}"
+                )
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, metrics_file, run_dir, optimizer, info)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
@@ -142,9 +152,14 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
     seconds = time.perf_counter() - began
     done = state.step - first_step
     return TrainResult(
-        run_dir=run_dir, steps=state.step, best_step=state.best_step, best_metric=state.best_metric,
-        stopped_early=state.stopped_early, seconds=seconds,
-        samples_per_s=done * t.batch_size / max(seconds, 1e-9), num_params=n_params,
+        run_dir=run_dir,
+        steps=state.step,
+        best_step=state.best_step,
+        best_metric=state.best_metric,
+        stopped_early=state.stopped_early,
+        seconds=seconds,
+        samples_per_s=done * t.batch_size / max(seconds, 1e-9),
+        num_params=n_params,
     )
 
 
@@ -179,8 +194,9 @@ def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.opti
     torch.set_rng_state(start.optimizer["rng"])
 
 
-def _train_step(model, optimizer, cfg: PipelineConfig, data: PairedSplit, state, step: int, n_steps: int,
-                info: DistInfo) -> dict:
+def _train_step(
+    model, optimizer, cfg: PipelineConfig, data: PairedSplit, state, step: int, n_steps: int, info: DistInfo
+) -> dict:
     """One AGD step: the step's direction(s), their losses summed, one optimizer update."""
     t = cfg.train
     lr = lr_at(step, n_steps, t.lr, warmup_frac=t.warmup_frac, min_lr_frac=t.min_lr_frac)
@@ -196,7 +212,8 @@ def _train_step(model, optimizer, cfg: PipelineConfig, data: PairedSplit, state,
         x, y = _batch(data, d, t.batch_size, t.seed, step, info)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
             parts = model(d, x, y, info)
-        loss, pred, cl = loss + parts.total, pred + parts.pred, cl + parts.cl
+        p, c = loss_scalars(parts)
+        loss, pred, cl = loss + parts.total, pred + p, cl + c
     loss.backward()
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -217,13 +234,24 @@ def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: 
 
 def _scalars(parts: dict) -> dict:
     return {
-        "loss": float(parts["loss"]), "loss_pred": float(parts["loss_pred"]), "loss_cl": float(parts["loss_cl"]),
-        "lr": parts["lr"], "direction": ",".join(parts["directions"]),
+        "loss": float(parts["loss"]),
+        "loss_pred": float(parts["loss_pred"]),
+        "loss_cl": float(parts["loss_cl"]),
+        "lr": parts["lr"],
+        "direction": ",".join(parts["directions"]),
     }
 
 
-def _validate(objective: Objective, cfg, val_data: PairedSplit, state, metrics_file, run_dir: Path,
-              optimizer, info: DistInfo) -> None:
+def _validate(
+    objective: Objective,
+    cfg,
+    val_data: PairedSplit,
+    state,
+    metrics_file,
+    run_dir: Path,
+    optimizer,
+    info: DistInfo,
+) -> None:
     """Validation recall on rank 0; early stopping and the `best` checkpoint follow mean R@1."""
     from m3jepa.eval.evaluate import direction_recalls
 
@@ -243,8 +271,11 @@ def _validate(objective: Objective, cfg, val_data: PairedSplit, state, metrics_f
         state.evals_since_best += 1
         if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
             state.stopped_early = True
-            log.info("early stop at step %d: no better mean R@1 for %d evaluations", state.step,
-                     state.evals_since_best)
+            log.info(
+                "early stop at step %d: no better mean R@1 for %d evaluations",
+                state.step,
+                state.evals_since_best,
+            )
 
 
 def _log_line(f, record: dict) -> None:

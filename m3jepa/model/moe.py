@@ -1,0 +1,155 @@
+"""Multi-gate mixture of experts: shared expert MLPs, one top-k gate per task, sparse dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SHARED = "shared"  # the gate key when every task routes through one gate (the official release)
+
+
+@dataclass
+class MoEOutput:
+    """One MoE evaluation: the mixed rows, the routing counts and the load-balancing term."""
+
+    y: Tensor  # (T, d)
+    expert_counts: Tensor  # (N,) int64: rows routed to each expert (each row counts k times)
+    aux_loss: Tensor  # () Switch-style load-balancing term, unweighted
+
+
+@dataclass
+class Routing:
+    """Top-k routing of T rows among N experts."""
+
+    experts: Tensor  # (T, k) int64 expert ids
+    weights: Tensor  # (T, k) mixing weights of the selected experts
+    probs: Tensor  # (T, N) softmax over all N logits (for the load-balancing term)
+
+
+def expert_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    """One expert: d → h → d with GELU and dropout (the official release drops after both layers)."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, dim),
+        nn.Dropout(dropout),
+    )
+
+
+def route(logits: Tensor, top_k: int, routing: str = "topk_softmax") -> Routing:
+    """Pick k experts per row from gate logits (T, N).
+
+    "topk_softmax" (paper, Shazeer-style): softmax over the k selected logits, so weights sum to 1;
+    this is the same as renormalising the top-k of the full softmax.
+    "softmax_topk" (official release): softmax over all N, keep the k largest, no renormalisation,
+    so weights sum to less than 1.
+    """
+    probs = logits.softmax(dim=-1)  # (T, N)
+    top_logits, experts = logits.topk(top_k, dim=-1)  # (T, k), (T, k)
+    if routing == "topk_softmax":
+        weights = top_logits.softmax(dim=-1)  # (T, k)
+    elif routing == "softmax_topk":
+        weights = probs.gather(-1, experts)  # (T, k)
+    else:
+        raise ValueError(f"routing={routing!r} is not one of topk_softmax, softmax_topk")
+    return Routing(experts=experts, weights=weights, probs=probs)
+
+
+def load_balance_loss(r: Routing, num_experts: int) -> Tensor:
+    """Switch-Transformer term N · Σ_e f_e · P_e; equals 1 under perfectly uniform routing.
+
+    f_e is the fraction of the T·k assignments sent to expert e (not differentiable), P_e the mean
+    router probability of e (differentiable), so the gradient pushes probability off busy experts.
+    """
+    one_hot = F.one_hot(r.experts, num_experts).to(r.probs.dtype)  # (T, k, N)
+    frac = one_hot.sum(dim=(0, 1)) / r.experts.numel()  # (N,)
+    mean_prob = r.probs.mean(dim=0)  # (N,)
+    return num_experts * torch.einsum("n,n->", frac, mean_prob)
+
+
+class MultiGateMoE(nn.Module):
+    """N shared experts; each task has its own gate (`gates="multi"`) or all share one (`"shared"`).
+
+    The layer is evaluated once per task: `forward(x, task)` routes the rows of x with that task's
+    gate. Sparse dispatch runs each expert only on the rows routed to it; `dense=True` runs every
+    expert on every row and mixes them with the same sparse weights (a reference for tests).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        dropout: float = 0.0,
+        tasks: Sequence[str] = ("pred", "cl"),
+        gates: str = "multi",
+        routing: str = "topk_softmax",
+    ) -> None:
+        super().__init__()
+        if gates not in ("multi", SHARED):
+            raise ValueError(f"gates={gates!r} is not one of multi, shared")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
+        self.tasks = tuple(tasks)
+        self.experts = nn.ModuleList(expert_mlp(dim, hidden, dropout) for _ in range(num_experts))
+        gate_keys = self.tasks if gates == "multi" else (SHARED,)
+        self.gates = nn.ModuleDict({k: nn.Linear(dim, num_experts) for k in gate_keys})
+
+    def gate_for(self, task: str) -> nn.Linear:
+        """The gate that routes `task` (the single shared gate when gates="shared")."""
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
+        return self.gates[task] if task in self.gates else self.gates[SHARED]
+
+    def forward(self, x: Tensor, task: str, dense: bool = False) -> MoEOutput:
+        """Mix the experts on rows x (T, d) with the gate of `task`."""
+        r = route(self.gate_for(task)(x), self.top_k, self.routing)  # logits (T, N)
+        counts = torch.bincount(r.experts.flatten(), minlength=self.num_experts)  # (N,)
+        y = self._dense(x, r) if dense else self._sparse(x, r, counts)  # (T, d)
+        return MoEOutput(y=y, expert_counts=counts, aux_loss=load_balance_loss(r, self.num_experts))
+
+    def _sparse(self, x: Tensor, r: Routing, counts: Tensor) -> Tensor:
+        """Group the T·k (row, expert) assignments by expert, run each expert once, scatter back."""
+        t, k = r.experts.shape
+        if t == 0:
+            return torch.zeros_like(x)
+        order = r.experts.flatten().argsort(stable=True)  # (T·k,) assignments grouped by expert id
+        rows = torch.arange(t, device=x.device).repeat_interleave(k)[order]  # (T·k,) source rows
+        weights = r.weights.flatten()[order]  # (T·k,)
+        # The one host sync of sparse dispatch: group sizes must be Python ints to slice.
+        sizes = counts.tolist()
+        xs = x.index_select(0, rows)  # (T·k, d) rows in expert order
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e] > 0]  # (n_e, d)
+        ys = torch.cat(outs)  # (T·k, d); under autocast possibly of lower precision than x
+        ys = ys * weights.unsqueeze(-1).to(ys.dtype)  # (T·k, d)
+        return ys.new_zeros(t, ys.shape[-1]).index_add(0, rows, ys)  # (T, d)
+
+    def _dense(self, x: Tensor, r: Routing) -> Tensor:
+        """Every expert on every row; weights are zero outside each row's top-k."""
+        all_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # (T, N, d)
+        w = torch.zeros_like(r.probs).scatter(-1, r.experts, r.weights)  # (T, N)
+        return torch.einsum("tn,tnd->td", w.to(x.dtype), all_out)  # (T, d)
+
+
+class DenseMixer(nn.Module):
+    """The paper's "no MoE" row: one dense MLP of the same width in place of the experts."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, tasks: Sequence[str] = ("pred", "cl")):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.mlp = expert_mlp(dim, hidden, dropout)
+
+    def forward(self, x: Tensor, task: str, dense: bool = False) -> MoEOutput:
+        """Apply the MLP to rows x (T, d); `task` and `dense` exist to match MultiGateMoE."""
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
+        y = self.mlp(x)  # (T, d)
+        counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)  # (1,)
+        return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros(()))

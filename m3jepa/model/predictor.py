@@ -1,0 +1,186 @@
+"""The M3-JEPA predictor: modality projections, task embeddings, a multi-gate MoE, and per-target heads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m3jepa.config import ModelConfig
+from m3jepa.model.moe import DenseMixer, MoEOutput, MultiGateMoE
+
+TASKS = ("pred", "cl")  # the two tasks of the multi-gate MoE: latent prediction and contrastive
+PAPER_DIMS = {"image": 1024, "text": 4096}  # DINOv2-Large, Llama-3-8B
+
+
+@dataclass
+class PredictorOutput:
+    """What every predictor returns for one direction."""
+
+    pred: Tensor | None  # (B, D_target) predicted target latent; None for the linear baseline
+    cl_query: Tensor  # (B, d_cl) L2-normalised query in the contrastive space
+    aux_loss: Tensor  # () Switch load-balancing term, UNWEIGHTED (the loss scales it by load_balance_weight)
+    expert_counts: dict[str, Tensor]  # task -> (N,) rows routed to each expert
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A parsed direction string: 'image->text' or 'image+text->text'."""
+
+    sources: tuple[str, ...]
+    target: str
+
+    @property
+    def source(self) -> str | tuple[str, ...]:
+        """A single modality name, or the tuple for a concatenated multimodal input."""
+        return self.sources[0] if len(self.sources) == 1 else self.sources
+
+
+def parse_direction(direction: str) -> Direction:
+    """'image+text->audio' → Direction(sources=('image', 'text'), target='audio')."""
+    if direction.count("->") != 1:
+        raise ValueError(f"direction {direction!r} is not of the form 'source->target'")
+    src, tgt = (s.strip() for s in direction.split("->"))
+    sources = tuple(s.strip() for s in src.split("+") if s.strip())
+    if not sources or not tgt:
+        raise ValueError(f"direction {direction!r} has an empty source or target")
+    return Direction(sources=sources, target=tgt)
+
+
+def as_inputs(
+    source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor], dims: Mapping[str, int]
+) -> dict[str, Tensor]:
+    """Normalise (source, x) to {modality: (B, D_m)} and check names and shapes."""
+    if isinstance(source, str):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"source {source!r} is one modality, so x must be a tensor, not {type(x)}")
+        inputs = {source: x}
+    else:
+        if not isinstance(x, Mapping) or set(x) != set(source):
+            got = sorted(x) if isinstance(x, Mapping) else type(x).__name__
+            raise ValueError(f"source {source!r} needs x as a dict with exactly those keys, got {got}")
+        inputs = {m: x[m] for m in source}
+    for m, t in inputs.items():
+        if m not in dims:
+            raise KeyError(f"unknown modality {m!r}; the predictor was built for {', '.join(dims)}")
+        if t.ndim != 2 or t.shape[-1] != dims[m]:
+            raise ValueError(f"{m} input has shape {tuple(t.shape)}; expected (B, {dims[m]}) pooled latents")
+    return inputs
+
+
+def _embedding(dim: int) -> nn.Parameter:
+    # Small normal init, as for token embeddings: distinct per key from the first step.
+    return nn.Parameter(torch.randn(dim) * 0.02)
+
+
+class M3JepaPredictor(nn.Module):
+    """Source latents → (predicted target latent, contrastive query); `predictor` = "moe" or "mlp".
+
+    Per task t in (pred, cl), with z the projected source:
+        u_t = z + E_t;   h_t = u_t + GELU(LayerNorm_t(Mixer(u_t, gate_t)))
+    then pred = PredHead[target](h_pred) and cl_query = normalize(CLHead[target](h_cl)).
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: Mapping[str, int]) -> None:
+        super().__init__()
+        if cfg.predictor not in ("moe", "mlp"):
+            raise ValueError(f"M3JepaPredictor builds moe or mlp, not {cfg.predictor!r}")
+        self.dims = dict(dims)
+        d = cfg.dim
+        self.in_proj = nn.ModuleDict({m: nn.Linear(dm, d) for m, dm in self.dims.items()})
+        self.modality_emb = nn.ParameterDict({m: _embedding(d) for m in self.dims})
+        self.task_emb = nn.ParameterDict({t: _embedding(d) for t in TASKS})
+        if cfg.predictor == "moe":
+            self.mixer: nn.Module = MultiGateMoE(
+                d, cfg.hidden, cfg.num_experts, cfg.top_k, cfg.dropout, TASKS, cfg.gates, cfg.routing
+            )
+        else:
+            self.mixer = DenseMixer(d, cfg.hidden, cfg.dropout, TASKS)
+        self.norms = nn.ModuleDict({t: nn.LayerNorm(d) for t in TASKS})
+        self.pred_head = nn.ModuleDict({m: nn.Linear(d, dm) for m, dm in self.dims.items()})
+        self.cl_head = nn.ModuleDict({m: nn.Linear(d, cfg.cl_dim) for m in self.dims})
+        self.cl_target = nn.ModuleDict({m: nn.Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
+
+    def embed(self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Project each source modality into d and SUM them (a concatenated input adds its parts).
+
+        The modality embedding is added after the GELU, where it is not absorbed by the bias.
+        """
+        inputs = as_inputs(source, x, self.dims)
+        parts = [F.gelu(self.in_proj[m](t)) + self.modality_emb[m] for m, t in inputs.items()]  # (B, d)
+        return torch.stack(parts).sum(dim=0)  # (B, d)
+
+    def _block(self, z: Tensor, task: str, dense: bool = False) -> tuple[Tensor, MoEOutput]:
+        """One task's pass through the shared mixer: task embedding, mixer, LayerNorm, residual."""
+        u = z + self.task_emb[task]  # (B, d)
+        mixed = self.mixer(u, task, dense=dense)  # y (B, d)
+        return u + F.gelu(self.norms[task](mixed.y)), mixed  # (B, d)
+
+    def forward(
+        self,
+        source: str | tuple[str, ...],
+        x: Tensor | Mapping[str, Tensor],
+        target_modality: str,
+        dense: bool = False,
+    ) -> PredictorOutput:
+        """Predict the `target_modality` latent and contrastive query from source latents x (B, D_m)."""
+        if target_modality not in self.dims:
+            raise KeyError(f"unknown target {target_modality!r}; built for {', '.join(self.dims)}")
+        z = self.embed(source, x)  # (B, d)
+        h_pred, m_pred = self._block(z, "pred", dense)  # (B, d)
+        h_cl, m_cl = self._block(z, "cl", dense)  # (B, d)
+        pred = self.pred_head[target_modality](h_pred)  # (B, D_target)
+        query = F.normalize(self.cl_head[target_modality](h_cl), dim=-1)  # (B, d_cl)
+        aux = (m_pred.aux_loss + m_cl.aux_loss) / len(TASKS)  # ()
+        counts = {"pred": m_pred.expert_counts, "cl": m_cl.expert_counts}
+        return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts)
+
+    def encode_target(self, target_modality: str, y: Tensor) -> Tensor:
+        """Target latents y (B, D_target) → L2-normalised keys (B, d_cl) for the contrastive loss."""
+        return F.normalize(self.cl_target[target_modality](y), dim=-1)  # (B, d_cl)
+
+
+def paper_preset() -> ModelConfig:
+    """The paper's predictor: N=12, k=4, h=2048, dropout 0.1, with d = d_cl = 2048.
+
+    d = d_cl = h = 2048 is the official release's layout (its `hidden_size` is both the common
+    width and each expert's hidden width, and its contrastive heads map hidden → hidden); it is what
+    brings the parameter count to the ~140.6M the paper reports. The gates are the paper's (multi).
+    """
+    return ModelConfig(
+        predictor="moe",
+        dim=2048,
+        hidden=2048,
+        num_experts=12,
+        top_k=4,
+        dropout=0.1,
+        gates="multi",
+        routing="topk_softmax",
+        cl_dim=2048,
+    )
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of `module`."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_breakdown(module: nn.Module) -> dict[str, int]:
+    """Parameters per top-level child (and direct parameters), for docs and logs."""
+    out: dict[str, int] = {}
+    for name, p in module.named_parameters():
+        key = name.split(".")[0]
+        out[key] = out.get(key, 0) + p.numel()
+    return out
+
+
+def paper_parameter_count(gates: str = "multi", dims: Mapping[str, int] | None = None) -> int:
+    """Parameters of the paper preset at DINOv2-Large/Llama-3-8B dims, built on the meta device."""
+    cfg = paper_preset()
+    cfg.gates = gates
+    with torch.device("meta"):  # no memory, no init cost: only shapes are needed
+        model = M3JepaPredictor(cfg, dims or PAPER_DIMS)
+    return count_parameters(model)

@@ -1,0 +1,255 @@
+"""The predictor: sparse MoE dispatch against dense and per-row references, heads, gates, counts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3jepa.config import ModelConfig
+from m3jepa.model import (
+    LinearAligner,
+    M3JepaPredictor,
+    build_predictor,
+    count_parameters,
+    paper_parameter_count,
+    paper_preset,
+    parse_direction,
+)
+from m3jepa.model.moe import MultiGateMoE, load_balance_loss, route
+
+DIMS = {"image": 24, "text": 40, "audio": 16}
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(dim=32, hidden=48, num_experts=6, top_k=2, dropout=0.0, cl_dim=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def naive_moe(moe: MultiGateMoE, x: torch.Tensor, task: str) -> torch.Tensor:
+    """Independent reference: row by row, softmax over the k best logits (or the release's rule)."""
+    rows = []
+    for xi in x:
+        logits = moe.gate_for(task)(xi)  # (N,)
+        top = sorted(range(moe.num_experts), key=lambda e: -float(logits[e].detach()))[: moe.top_k]
+        if moe.routing == "topk_softmax":
+            w = torch.softmax(logits[top], dim=0)  # (k,)
+        else:
+            w = torch.softmax(logits, dim=0)[top]  # (k,)
+        rows.append(sum(w[j] * moe.experts[e](xi) for j, e in enumerate(top)))
+    return torch.stack(rows)  # (T, d)
+
+
+@pytest.mark.parametrize("routing", ["topk_softmax", "softmax_topk"])
+@pytest.mark.parametrize("gates", ["multi", "shared"])
+def test_sparse_matches_dense_and_per_row_reference_float64(routing: str, gates: str) -> None:
+    torch.manual_seed(0)
+    moe = MultiGateMoE(8, 16, num_experts=5, top_k=2, gates=gates, routing=routing).double()
+    x = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    for task in ("pred", "cl"):
+        sparse = moe(x, task).y
+        dense = moe(x, task, dense=True).y
+        torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sparse, naive_moe(moe, x, task), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(t=st.integers(1, 20), n=st.integers(1, 7), data=st.data())
+def test_sparse_and_dense_gradients_agree(t: int, n: int, data) -> None:
+    k = data.draw(st.integers(1, n))
+    torch.manual_seed(t * 31 + n)
+    moe = MultiGateMoE(6, 10, num_experts=n, top_k=k).double()
+    x = torch.randn(t, 6, dtype=torch.float64)
+    probe = torch.randn(t, 6, dtype=torch.float64)  # a random linear functional of the output
+
+    def grads(dense: bool) -> list[torch.Tensor]:
+        moe.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        ((moe(xx, "pred", dense=dense).y * probe).sum()).backward()
+        return [xx.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()]
+
+    for gs, gd in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(gs, gd, rtol=1e-10, atol=1e-12)
+
+
+def test_only_selected_experts_run_on_their_rows() -> None:
+    torch.manual_seed(1)
+    moe = MultiGateMoE(8, 16, num_experts=6, top_k=2)
+    seen = [0] * 6
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda m, inp, out, e=e: seen.__setitem__(e, seen[e] + inp[0].shape[0]))
+    out = moe(torch.randn(10, 8), "cl")
+    assert seen == out.expert_counts.tolist()
+    assert sum(seen) == 10 * 2  # T·k rows, not T·N
+
+
+def test_routing_rules() -> None:
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    r = route(logits, 2, "topk_softmax")
+    assert r.experts.tolist() == [[0, 2]]
+    e = torch.exp(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(r.weights, (e / e.sum()).unsqueeze(0))  # softmax over the k selected
+    r2 = route(logits, 2, "softmax_topk")
+    full = torch.softmax(logits, -1)
+    torch.testing.assert_close(r2.weights, full[:, [0, 2]])  # the release: not renormalised
+    assert float(r2.weights.sum()) < 1.0
+
+
+def test_load_balance_loss_hand_values() -> None:
+    # Uniform probabilities and perfectly balanced assignments: N · Σ (1/N)(1/N) = 1.
+    uniform = route(torch.zeros(4, 4), 1)
+    uniform.experts = torch.tensor([[0], [1], [2], [3]])
+    assert float(load_balance_loss(uniform, 4)) == pytest.approx(1.0)
+    # Everything on expert 0: f = (1, 0), P = softmax([1, 0]) → 2 · e/(e+1).
+    r = route(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 1)
+    expected = 2 * torch.e / (torch.e + 1)
+    assert float(load_balance_loss(r, 2)) == pytest.approx(expected)
+
+
+def test_aux_loss_is_unweighted_and_reaches_gates() -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(), DIMS)
+    out = model("image", torch.randn(9, DIMS["image"]), "text")
+    assert float(out.aux_loss.detach()) >= 1.0 - 1e-6  # N · Σ f·P ≥ 1, with equality only when balanced
+    out.aux_loss.backward()
+    assert all(
+        g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in model.mixer.gates.values()
+    )
+    mlp = build_predictor(small_cfg(predictor="mlp"), DIMS)
+    assert float(mlp("image", torch.randn(3, DIMS["image"]), "text").aux_loss) == 0.0
+
+
+def test_multi_gate_has_one_gate_per_task_and_shared_one() -> None:
+    multi = build_predictor(small_cfg(gates="multi"), DIMS)
+    shared = build_predictor(small_cfg(gates="shared"), DIMS)
+    assert sorted(multi.mixer.gates) == ["cl", "pred"]
+    assert list(shared.mixer.gates) == ["shared"]
+    assert shared.mixer.gate_for("pred") is shared.mixer.gate_for("cl")
+    gate_params = 32 * 6 + 6
+    assert count_parameters(multi) - count_parameters(shared) == gate_params
+    # Different gates route the same rows differently.
+    torch.manual_seed(3)
+    out = multi("image", torch.randn(64, DIMS["image"]), "text")
+    assert not torch.equal(out.expert_counts["pred"], out.expert_counts["cl"])
+
+
+@pytest.mark.parametrize(
+    "direction", ["image->text", "text->image", "audio->text", "image+text->text", "text+audio->image"]
+)
+def test_every_direction_uses_the_same_classes(direction: str) -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(), DIMS).eval()
+    d = parse_direction(direction)
+    b = 5
+    x = {m: torch.randn(b, DIMS[m]) for m in d.sources}
+    src = d.source
+    out = model(src, x[src] if isinstance(src, str) else x, d.target)
+    assert out.pred.shape == (b, DIMS[d.target])
+    assert out.cl_query.shape == (b, 16)
+    torch.testing.assert_close(out.cl_query.norm(dim=-1), torch.ones(b))
+    keys = model.encode_target(d.target, torch.randn(b, DIMS[d.target]))
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(b))
+    for counts in out.expert_counts.values():
+        assert counts.shape == (6,) and int(counts.sum()) == b * 2
+
+
+def test_multimodal_input_is_the_sum_of_its_parts() -> None:
+    model = build_predictor(small_cfg(), DIMS)
+    xi, xt = torch.randn(3, 24), torch.randn(3, 40)
+    both = model.embed(("image", "text"), {"image": xi, "text": xt})
+    torch.testing.assert_close(both, model.embed("image", xi) + model.embed("text", xt))
+
+
+def test_predictor_sparse_vs_dense_end_to_end_float64() -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(), DIMS).double().eval()
+    x = torch.randn(7, 24, dtype=torch.float64)
+    a, b = model("image", x, "text"), model("image", x, "text", dense=True)
+    torch.testing.assert_close(a.pred, b.pred)
+    torch.testing.assert_close(a.cl_query, b.cl_query)
+
+
+def test_all_parameters_train() -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(num_experts=3, top_k=3), {"image": 24, "text": 40})
+    x, y = torch.randn(6, 24), torch.randn(6, 40)
+    o1 = model("image", x, "text")
+    o2 = model("text", y, "image")
+    loss = o1.pred.sum() + o1.cl_query.sum() + o2.pred.sum() + o2.cl_query.sum()
+    loss = loss + model.encode_target("text", y).sum() + model.encode_target("image", x).sum()
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_mlp_predictor_replaces_experts_with_one_dense_mlp() -> None:
+    moe = build_predictor(small_cfg(), DIMS)
+    mlp = build_predictor(small_cfg(predictor="mlp"), DIMS)
+    assert isinstance(mlp, M3JepaPredictor) and not hasattr(mlp.mixer, "experts")
+    expert = 32 * 48 + 48 + 48 * 32 + 32
+    gates = 2 * (32 * 6 + 6)
+    assert count_parameters(moe) - count_parameters(mlp) == 5 * expert + gates
+    out = mlp("text", torch.randn(4, 40), "image")
+    assert out.pred.shape == (4, 24) and out.expert_counts["pred"].tolist() == [4]
+
+
+def test_linear_baseline_has_no_prediction() -> None:
+    model = build_predictor(small_cfg(predictor="linear"), DIMS)
+    assert isinstance(model, LinearAligner)
+    assert count_parameters(model) == sum(dm * 16 + 16 for dm in DIMS.values())
+    x = torch.randn(4, 24)
+    out = model("image", x, "text")
+    assert out.pred is None and out.expert_counts == {}
+    w, bias = model.proj["image"].weight, model.proj["image"].bias
+    torch.testing.assert_close(out.cl_query, torch.nn.functional.normalize(x @ w.T + bias, dim=-1))
+
+
+def official_layout_count(n=12, d=2048, h=2048, d_cl=2048, image=1024, text=4096) -> int:
+    """Hand count of the official release (MoE_predictor + MMJepa's CL target projections)."""
+    lin = lambda a, b: a * b + b  # noqa: E731
+    experts = n * (lin(d, h) + lin(h, d))
+    gate = lin(d, n)
+    norms = 2 * 2 * d
+    task_emb = 2 * d
+    in_proj = lin(image, d) + lin(text, d)
+    pred_heads = lin(d, image) + lin(d, text)
+    cl_heads = 2 * lin(d, d_cl)
+    cl_targets = lin(image, d_cl) + lin(text, d_cl)
+    modality_emb = image + text  # the release adds them in the encoders' spaces
+    return experts + gate + norms + task_emb + in_proj + pred_heads + cl_heads + cl_targets + modality_emb
+
+
+def test_paper_parameter_count() -> None:
+    ours, ours_shared = paper_parameter_count("multi"), paper_parameter_count("shared")
+    official = official_layout_count()
+    print(f"paper preset: {ours:,} (multi gate), {ours_shared:,} (shared gate); release {official:,}")
+    assert official == 140_617_740  # the "140.6M" of the paper
+    # Ours differs only in where the modality embeddings live (d, not D_m) and in the second gate.
+    assert ours_shared == official - (1024 + 4096) + 2 * 2048
+    assert ours == ours_shared + 2048 * 12 + 12
+    assert round(ours / 1e6, 1) == 140.6
+    cfg = paper_preset()
+    assert (cfg.num_experts, cfg.top_k, cfg.hidden, cfg.dropout) == (12, 4, 2048, 0.1)
+
+
+def test_bad_inputs_fail_loudly() -> None:
+    model = build_predictor(small_cfg(), DIMS)
+    with pytest.raises(ValueError, match=r"expected \(B, 24\)"):
+        model("image", torch.randn(3, 40), "text")
+    with pytest.raises(KeyError, match="unknown modality"):
+        model("video", torch.randn(3, 24), "text")
+    with pytest.raises(KeyError, match="unknown target"):
+        model("image", torch.randn(3, 24), "video")
+    with pytest.raises(ValueError, match="exactly those keys"):
+        model(("image", "text"), {"image": torch.randn(3, 24)}, "text")
+    with pytest.raises(ValueError, match="source->target"):
+        parse_direction("image-text")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch: ~9 s on a busy CPU
+def test_training_path_does_not_import_transformers() -> None:
+    code = "import sys, m3jepa.model, m3jepa.train.schedule; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,177 @@
+"""The encoder registry: names → EncoderSpecs, computed cheaply (no weights loaded), with revisions."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+# DINOv2 presets: hub id and hidden size (the pooled CLS dimension)
+DINOV2 = {
+    "dinov2-small": ("facebook/dinov2-small", 384),
+    "dinov2-base": ("facebook/dinov2-base", 768),
+    "dinov2-large": ("facebook/dinov2-large", 1024),
+    "dinov2-giant": ("facebook/dinov2-giant", 1536),
+}
+# decoder LM presets: hub id and hidden size
+LMS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096)}
+LM_MAX_LENGTH = 512  # longer texts are truncated; captions are far shorter
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def list_encoders() -> list[str]:
+    """The named encoders (any local transformers model is also reachable as `hf:<path>`)."""
+    return sorted(["efficientnet-lite0", "minilm-l6", *DINOV2, *LMS])
+
+
+def get_encoder_spec(name: str) -> EncoderSpec:
+    """The spec of a named encoder or `hf:<path or cached hub id>`; loads no weights."""
+    if name == "efficientnet-lite0":
+        from m3jepa.encoders import efficientnet
+
+        return efficientnet.spec()
+    if name == "minilm-l6":
+        from m3jepa.encoders import minilm
+
+        return minilm.spec()
+    if name in DINOV2:
+        repo, dim = DINOV2[name]
+        return _hub_spec(name, repo, "image", dim)
+    if name in LMS:
+        repo, dim = LMS[name]
+        return _hub_spec(name, repo, "text", dim)
+    if name.startswith(HF_PREFIX):
+        return hf_spec(name[len(HF_PREFIX):])
+    raise EncoderError(
+        f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}, "
+        f"or hf:<local path> for a local transformers model"
+    )
+
+
+# ---------------------------------------------------------------- revisions
+
+
+def dir_revision(path: str | Path) -> str:
+    """sha256 of config.json plus the names and sizes of the weight files: cheap and stable."""
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")):
+            h.update(f"\n{f.name}:{f.stat().st_size}".encode())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache snapshot of `repo_id` (one with a config.json), or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def offline_error(repo_id: str) -> EncoderError:
+    """The error for a hub id that is not cached locally: no network is reachable from here."""
+    return EncoderError(
+        f"{repo_id} is not in the local Hugging Face cache and no network is reachable to download it; "
+        f"download it on a connected machine (huggingface-cli download {repo_id} --local-dir DIR), "
+        f"copy DIR here and pass hf:/path/to/DIR"
+    )
+
+
+# ---------------------------------------------------------------- transformers specs
+
+
+def _hub_spec(name: str, repo_id: str, modality: str, dim: int) -> EncoderSpec:
+    snapshot = cached_snapshot(repo_id)
+    revision = f"hf-hub:{repo_id}@{snapshot.name if snapshot else 'not-cached'}"
+    # an uncached preset still has a spec (listing it is cheap); building it fails with the offline error
+    factory = None if snapshot else functools.partial(_raise, offline_error(repo_id))
+    return _transformers_spec(name, modality, dim, revision, factory, snapshot)
+
+
+def hf_spec(target: str) -> EncoderSpec:
+    """`hf:<target>`: a local directory, or a hub id already in the local cache (else EncoderError)."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        model_dir, revision = path.resolve(), None
+    elif _HUB_ID.match(target):
+        model_dir = cached_snapshot(target)
+        if model_dir is None:
+            raise offline_error(target)
+        revision = f"hf-hub:{target}@{model_dir.name}"
+    else:
+        raise EncoderError(f"hf:{target}: no such directory (pass hf:/path/to/a/transformers/model)")
+    config = read_config(model_dir)
+    revision = revision or dir_revision(model_dir)
+    modality = "image" if config.get("model_type") == "dinov2" else "text"
+    if modality == "text" and _looks_visual(config):
+        raise EncoderError(
+            f"hf:{target}: model_type {config.get('model_type')!r} is a vision model; only dinov2 image "
+            f"models and text models are supported through hf:"
+        )
+    dim = config.get("hidden_size")
+    if not isinstance(dim, int):
+        raise EncoderError(f"hf:{target}: config.json has no integer hidden_size")
+    return _transformers_spec(f"{HF_PREFIX}{target}", modality, dim, revision, None, model_dir)
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a local model directory; EncoderError when missing or unreadable."""
+    cfg_path = model_dir / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise EncoderError(f"{model_dir} has no config.json; is it a transformers model directory?") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise EncoderError(f"{cfg_path} is unreadable: {e}") from e
+    if not isinstance(config, dict):
+        raise EncoderError(f"{cfg_path} is not a JSON object")
+    return config
+
+
+def _looks_visual(config: dict[str, Any]) -> bool:
+    # image towers carry these keys; text models do not
+    return "num_channels" in config and "patch_size" in config
+
+
+def _transformers_spec(name: str, modality: str, dim: int, revision: str,
+                       factory: Callable[..., Encoder] | None, model_dir: Path | None = None) -> EncoderSpec:
+    if modality == "image":
+        pooling, layers = "cls", "last"
+        factory = factory or functools.partial(_build_dinov2, name, model_dir)
+    else:
+        pooling, layers = "masked-mean", "last2-mean"
+        factory = factory or functools.partial(_build_text, name, model_dir)
+    return EncoderSpec(name=name, modality=modality, dim=dim, pooling=pooling, revision=revision,
+                       layers=layers, factory=factory)
+
+
+def _raise(error: EncoderError, device: torch.device, dtype: torch.dtype) -> Encoder:
+    raise error
+
+
+def _build_dinov2(name: str, model_dir: Path, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from m3jepa.encoders.hf import DinoV2Encoder
+
+    return DinoV2Encoder(get_encoder_spec(name), model_dir, device, dtype)
+
+
+def _build_text(name: str, model_dir: Path, device: torch.device, dtype: torch.dtype) -> Encoder:
+    from m3jepa.encoders.hf import HFTextEncoder
+
+    return HFTextEncoder(get_encoder_spec(name), model_dir, device, dtype, max_length=LM_MAX_LENGTH,
+                         layers="last2-mean")

@@ -34,7 +34,7 @@ class TrainState:
     best_metric: float = -1.0
     best_step: int = -1
     evals_since_best: int = 0
-    last_recalls: dict[str, float] = field(default_factory=dict)  # direction → val R@1 (dynamic AGD)
+    last_recalls: dict[str, float] = field(default_factory=dict)  # direction → val R@1 fraction (dynamic AGD)
     dims: dict[str, int] = field(default_factory=dict)  # modality → latent dimension
     directions: list[str] = field(default_factory=list)
     stores: dict[str, dict[str, str]] = field(default_factory=dict)  # modality → encoder, revision

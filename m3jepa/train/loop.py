@@ -259,8 +259,9 @@ def _validate(
     if info.is_main:
         objective.eval()
         recalls = direction_recalls(objective.predictor, val_data, cfg.train.directions, cfg.eval.headline)
-        state.last_recalls = {d: r["R@1"] for d, r in recalls.items()}
-        mean_r1 = float(np.mean(list(state.last_recalls.values())))
+        # Recall is reported in percent; the dynamic AGD schedule takes fractions.
+        state.last_recalls = {d: r["R@1"] / 100.0 for d, r in recalls.items()}
+        mean_r1 = float(np.mean([r["R@1"] for r in recalls.values()]))
         _log_line(metrics_file, {"step": state.step, "val": recalls, "mean_r1": mean_r1})
     mean_r1 = broadcast_float(mean_r1, info)
     if mean_r1 > state.best_metric:

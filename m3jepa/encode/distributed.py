@@ -1,0 +1,90 @@
+"""torchrun support: read RANK/WORLD_SIZE from the environment, run a process group, gather objects."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Ranks meet at a barrier after each store; the wait is at most about one shard of encoding (shards
+# are dealt round robin), which for a large encoder on CPU can exceed the default 30 minutes.
+BARRIER_TIMEOUT = timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the run: rank of world_size (1 process: rank 0 of 1, no group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True when a process group is running (more than one process)."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 finalizes manifests and prints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op for one process)."""
+        if self.active:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (picklable objects; small ones only)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def env_context() -> DistContext:
+    """The rank, world size and local rank torchrun put in the environment (defaults: one process)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, as torchrun sets them: {e}") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+    return DistContext(rank, world_size, local_rank)
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[DistContext]:
+    """Init a gloo (CPU) or nccl (CUDA) group when launched by torchrun; destroy it on the way out."""
+    ctx = env_context()
+    if not ctx.active:
+        yield ctx
+        return
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        # Each rank owns one GPU; "auto"/"cuda" then resolve to it.
+        torch.cuda.set_device(ctx.local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(
+            backend=backend, rank=ctx.rank, world_size=ctx.world_size, timeout=BARRIER_TIMEOUT
+        )
+        log.info("rank %d/%d joined a %s process group", ctx.rank, ctx.world_size, backend)
+    try:
+        yield ctx
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()

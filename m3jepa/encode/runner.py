@@ -1,0 +1,355 @@
+"""Stage 1: reader -> encoder -> writer, shard by shard, resumable, and shared among torchrun ranks."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from m3jepa.config import EncodeConfig
+from m3jepa.data.records import BadItemError, DatasetError, Record, membership_fingerprint
+from m3jepa.encode.distributed import DistContext, process_group
+from m3jepa.encode.plan import batch_order
+from m3jepa.encode.summary import EncodeSummary, StoreResult
+from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
+from m3jepa.store.manifest import SHARDS, Manifest, atomic_write_text, rows_from_records, shard_stem
+
+log = logging.getLogger(__name__)
+
+SKIP_HINT = "pass --skip-bad to write it as an invalid zero row and list it in the manifest's skipped"
+
+
+@dataclass
+class StoreJob:
+    """One store to make: a split and modality, its records, its encoder spec and expected manifest."""
+
+    split: str
+    modality: str
+    records: list[Record]
+    spec: EncoderSpec
+    path: Path
+    manifest: Manifest
+
+
+def run_encode(cfg: EncodeConfig) -> EncodeSummary:
+    """Encode every requested (split, modality) store that is not already complete; see docs/encode.md."""
+    with process_group(cfg.device) as ctx:
+        from m3jepa.data import get_dataset
+
+        dataset = get_dataset(cfg.dataset, cfg.root, seed=cfg.seed, limit=cfg.limit, skip_bad=cfg.skip_bad)
+        dropped = list(getattr(dataset, "skipped", []))
+        for sample_id, reason in dropped:
+            log.warning("dropped while loading %s (--skip-bad): %s: %s", cfg.dataset, sample_id, reason)
+        jobs = plan_jobs(cfg, dataset)
+        # Rank 0's view decides, so all ranks agree on which stores to enter (each store has barriers).
+        cached = ctx.gather([_is_complete(job) for job in jobs])[0]
+        summary = EncodeSummary(world_size=ctx.world_size)
+        if dropped:
+            _note(summary, f"{len(dropped)} item(s) dropped while loading the dataset (named in the log)")
+        if all(cached):
+            _note(summary, f"all {len(jobs)} stores cached; no encoder loaded")
+            log.info("all %d stores cached; no encoder loaded", len(jobs))
+            summary.stores = [_cached_result(job) for job in jobs]
+            return summary
+        summary.stores = list(_encode_jobs(cfg, ctx, jobs, cached))
+        return summary
+
+
+def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
+    """The stores a config asks for, grouped by modality so each encoder is loaded once; no weights read."""
+    from m3jepa.store import store_path
+
+    splits = dataset.splits() if cfg.splits == ["all"] else list(cfg.splits)
+    jobs = []
+    for modality in _modalities(cfg, dataset):
+        spec = _spec(cfg, modality)
+        for split in splits:
+            records = dataset.records(split, modality)
+            manifest = Manifest(
+                dataset=cfg.dataset, split=split, modality=modality,
+                membership=membership_fingerprint(records), rows=len(records), encoder=spec.name,
+                encoder_revision=spec.revision, pooling=spec.pooling, layers=spec.layers, dim=spec.dim,
+                dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size,
+            )
+            path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name)
+            jobs.append(StoreJob(split, modality, records, spec, path, manifest))
+    return jobs
+
+
+def _modalities(cfg: EncodeConfig, dataset: Any) -> list[str]:
+    if cfg.modalities != ["all"]:
+        return list(cfg.modalities)
+    # "all" means every modality the dataset has and an encoder exists for (tuxpaint's sounds need
+    # --audio-encoder; there is no default audio encoder offline).
+    out = [m for m in dataset.modalities() if _encoder_name(cfg, m) is not None]
+    left = [m for m in dataset.modalities() if m not in out]
+    if left:
+        log.info("--modality all: skipping %s (no encoder; pass --%s-encoder)", ", ".join(left), left[0])
+    return out
+
+
+def _encoder_name(cfg: EncodeConfig, modality: str) -> str | None:
+    from m3jepa.data import DEFAULT_ENCODERS
+
+    chosen = getattr(cfg, f"{modality}_encoder", None)
+    return chosen or DEFAULT_ENCODERS.get(cfg.dataset, {}).get(modality)
+
+
+def _spec(cfg: EncodeConfig, modality: str) -> EncoderSpec:
+    from m3jepa.encoders import get_encoder_spec
+
+    name = _encoder_name(cfg, modality)
+    if name is None:
+        raise DatasetError(f"{cfg.dataset} has no default {modality} encoder; pass --{modality}-encoder")
+    spec = get_encoder_spec(name)
+    if spec.modality != modality:
+        raise EncoderError(
+            f"encoder {name!r} encodes {spec.modality}, not {modality}; pass a {modality} encoder "
+            f"with --{modality}-encoder"
+        )
+    return spec
+
+
+def _is_complete(job: StoreJob) -> bool:
+    from m3jepa.store import is_complete
+
+    return is_complete(job.path, job.manifest)
+
+
+def _note(summary: EncodeSummary, text: str) -> None:
+    summary.note = f"{summary.note}\n{text}" if summary.note else text
+
+
+def _cached_result(job: StoreJob) -> StoreResult:
+    from m3jepa.store.manifest import load_manifest
+
+    skipped = len(load_manifest(job.path).skipped)
+    return StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows,
+                       skipped=skipped, cached=True)
+
+
+def _encode_jobs(
+    cfg: EncodeConfig, ctx: DistContext, jobs: list[StoreJob], cached: list[bool]
+) -> Iterator[StoreResult]:
+    from m3jepa.encoders import resolve_device
+
+    device, compute_dtype = resolve_device(cfg.device)
+    last_use = {job.spec.name: i for i, job in enumerate(jobs) if not cached[i]}
+    encoders: dict[str, Encoder] = {}
+    for i, (job, done) in enumerate(zip(jobs, cached, strict=True)):
+        if done:
+            log.info("cached: %s", job.path)
+            yield _cached_result(job)
+            continue
+        if job.spec.name not in encoders:
+            start = time.perf_counter()
+            encoders[job.spec.name] = job.spec.factory(device, compute_dtype)
+            log.info("loaded encoder %s on %s in %.1f s", job.spec.name, device, time.perf_counter() - start)
+        yield encode_store(job, encoders[job.spec.name], cfg, ctx)
+        if last_use[job.spec.name] == i:  # free a large model before loading the next one
+            del encoders[job.spec.name]
+            gc.collect()
+
+
+def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistContext) -> StoreResult:
+    """Write this rank's pending shards of one store; after a barrier rank 0 finalizes it."""
+    from m3jepa.store import StoreWriter
+
+    result = StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows)
+    start = time.perf_counter()
+    with StoreWriter(job.path, job.manifest, rank=ctx.rank, world_size=ctx.world_size) as writer:
+        done = writer.done_shards()
+        pending = [s for s in writer.my_shards() if s[0] not in done]
+        if len(pending) < len(writer.my_shards()):
+            log.info("%s: %d of this rank's %d shards already written; resuming",
+                     job.path, len(writer.my_shards()) - len(pending), len(writer.my_shards()))
+        if pending:
+            encode_shards(job, encoder, cfg, writer, pending, result, show=ctx.is_main)
+        ctx.barrier()  # every rank's shards are committed
+        if ctx.is_main:
+            skipped = read_skip_lists(job.path, len(writer.planned_shards()))
+            rows = rows_from_records(job.records, {s["row_id"] for s in skipped})
+            result.skipped = len(writer.finalize(rows, skipped).skipped)
+        ctx.barrier()  # nobody moves on (or exits) before the manifest is complete
+    result.seconds = time.perf_counter() - start
+    if result.encoded:
+        log.info(
+            "%s/%s: %d rows in %.1f s (%.1f rows/s): read (waiting for workers) %.1f s, compute %.1f s, "
+            "write %.1f s", job.split, job.modality, result.encoded, result.seconds, result.rows_per_s,
+            result.read_s, result.compute_s, result.write_s,
+        )
+    return result
+
+
+# ---------------------------------------------------------------- reading: DataLoader workers
+
+
+@dataclass
+class _Bad:
+    reason: str
+
+
+class _Items(torch.utils.data.Dataset):
+    """Row i → (i, tensors) or (i, _Bad); runs in the DataLoader workers, so bad items become markers."""
+
+    def __init__(self, records: list[Record], preprocessor: Any):
+        self.records = records
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        try:
+            return i, self.preprocessor(self.records[i].payload)
+        except BadItemError as e:
+            return i, _Bad(e.reason)
+
+
+@dataclass
+class _Batch:
+    rows: list[int]  # store row ids of the good items, in batch order
+    inputs: Any  # the preprocessor's collated batch, or None when every item was bad
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (row id, reason)
+
+
+class _Collate:
+    """Collates the good items of a batch (in the worker) and passes the bad ones through by row id."""
+
+    def __init__(self, preprocessor: Any):
+        self.preprocessor = preprocessor
+
+    def __call__(self, items: list[tuple[int, Any]]) -> _Batch:
+        good = [(i, x) for i, x in items if not isinstance(x, _Bad)]
+        bad = [(i, x.reason) for i, x in items if isinstance(x, _Bad)]
+        inputs = self.preprocessor.collate([x for _, x in good]) if good else None
+        return _Batch([i for i, _ in good], inputs, bad)
+
+
+# ---------------------------------------------------------------- encoding and writing shards
+
+
+def encode_shards(
+    job: StoreJob, encoder: Encoder, cfg: EncodeConfig, writer: Any, shards: list[tuple[int, int, int]],
+    result: StoreResult, show: bool = True,
+) -> None:
+    """Encode and commit `shards` (index, row_start, row_end) of one store; batches never cross shards.
+
+    Adds rows encoded, bytes written and read / compute / write seconds to `result`.
+    """
+    plans = [(index, lo, hi, _shard_batches(job, lo, hi, cfg.batch_size)) for index, lo, hi in shards]
+    sampler = [batch for *_, batches in plans for batch in batches]
+    pin = cfg.device != "cpu" and torch.cuda.is_available()
+    loader = DataLoader(
+        _Items(job.records, encoder.preprocessor), batch_sampler=sampler, num_workers=cfg.workers,
+        collate_fn=_Collate(encoder.preprocessor), pin_memory=pin,
+    )
+    batches = iter(loader)  # one pool of workers for all shards: prefetch runs on across shard ends
+    with tqdm(total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",
+              disable=not show, dynamic_ncols=True) as bar:
+        for index, lo, hi, shard_batches in plans:
+            features = np.zeros((hi - lo, job.spec.dim), dtype=np.float32)  # (n, D); bad rows stay zero
+            tokens: list[np.ndarray | None] = [None] * (hi - lo)
+            skipped: list[dict[str, Any]] = []
+            for _ in shard_batches:
+                tick = time.perf_counter()
+                batch = next(batches)
+                result.read_s += time.perf_counter() - tick
+                skipped += _bad_rows(job, batch, cfg.skip_bad)
+                if batch.rows:
+                    tick = time.perf_counter()
+                    _encode_batch(encoder, batch, cfg.kind, lo, features, tokens)
+                    result.compute_s += time.perf_counter() - tick
+                bar.update(len(batch.rows) + len(batch.bad))
+            tick = time.perf_counter()
+            result.bytes_written += _write_shard(writer, job, index, features, tokens, skipped, cfg.kind)
+            result.write_s += time.perf_counter() - tick
+            result.encoded += hi - lo
+
+
+def _shard_batches(job: StoreJob, lo: int, hi: int, batch_size: int) -> list[list[int]]:
+    # Text is sorted by length so a batch pads little; character length is known without tokenizing.
+    lengths = [len(r.payload) for r in job.records[lo:hi]] if job.modality == "text" else None
+    return [[lo + p for p in batch] for batch in batch_order(lengths, hi - lo, batch_size)]
+
+
+def _bad_rows(job: StoreJob, batch: _Batch, skip_bad: bool) -> list[dict[str, Any]]:
+    out = []
+    for row, reason in batch.bad:
+        record = job.records[row]
+        if not skip_bad:
+            # Raised before this shard is written: the committed shards stay, so a rerun resumes.
+            where = f"{job.split}/{job.modality} row {row}"
+            raise BadItemError(record.sample_id, f"{reason} ({where}); {SKIP_HINT}")
+        log.warning("skipping %s (%s/%s row %d): %s", record.sample_id, job.split, job.modality, row, reason)
+        out.append({"row_id": row, "sample_id": record.sample_id, "reason": reason})
+    return out
+
+
+def _encode_batch(encoder: Encoder, batch: _Batch, kind: str, lo: int, features: np.ndarray,
+                  tokens: list[np.ndarray | None]) -> None:
+    with torch.inference_mode():
+        out = encoder.encode(batch.inputs, kind)
+    positions = [row - lo for row in batch.rows]  # batch order → shard positions (restores row order)
+    features[positions] = out.pooled.float().cpu().numpy()  # (b, D)
+    if kind == "tokens":
+        for p, t in zip(positions, out.tokens, strict=True):
+            tokens[p] = t.float().cpu().numpy()  # (T_i, D)
+
+
+def _write_shard(writer: Any, job: StoreJob, index: int, features: np.ndarray,
+                 tokens: list[np.ndarray | None], skipped: list[dict[str, Any]], kind: str) -> int:
+    # The skip list is written before the shard commits, so a committed shard always has its list.
+    write_skip_list(job.path, index, skipped)
+    if kind == "tokens":
+        empty = np.zeros((0, job.spec.dim), dtype=np.float32)
+        parts = [t if t is not None else empty for t in tokens]  # a skipped row has no tokens
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([p.shape[0] for p in parts])
+        info = writer.write_shard(index, features, np.concatenate(parts), offsets)
+    else:
+        info = writer.write_shard(index, features)
+    return _disk_bytes(job.path / info.file)
+
+
+def _disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------- skip lists (one per shard)
+
+
+def skip_list_path(store: Path, index: int) -> Path:
+    """`shards/<index>.skipped.json`: the rows of shard `index` that were skipped (only when any were)."""
+    return Path(store) / SHARDS / f"{shard_stem(index)}.skipped.json"
+
+
+def write_skip_list(store: Path, index: int, skipped: list[dict[str, Any]]) -> None:
+    """Record (or clear) shard `index`'s skipped rows; read back by rank 0 when it finalizes."""
+    path = skip_list_path(store, index)
+    if skipped:
+        atomic_write_text(path, json.dumps(skipped, indent=2, sort_keys=True) + "\n")
+    else:
+        path.unlink(missing_ok=True)  # a list from an earlier attempt at this shard must not linger
+
+
+def read_skip_lists(store: Path, num_shards: int) -> list[dict[str, Any]]:
+    """Every shard's skipped rows, in row order: what each rank (in this run or an earlier one) skipped."""
+    out: list[dict[str, Any]] = []
+    for index in range(num_shards):
+        path = skip_list_path(store, index)
+        if path.is_file():
+            out += json.loads(path.read_text(encoding="utf-8"))
+    return sorted(out, key=lambda s: s["row_id"])

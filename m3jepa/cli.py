@@ -59,6 +59,7 @@ def encode(
     limit: Annotated[int | None, typer.Option(help="Keep the first N groups of each split.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the dataset's split.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad items and list them in the manifest.")] = False,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per process (default: torch's).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run the frozen encoders once and write feature stores (resumable; torchrun shares shards)."""
@@ -85,6 +86,7 @@ def encode(
             limit=limit,
             seed=seed,
             skip_bad=skip_bad,
+            threads=threads,
         )
         from m3jepa.encode.runner import run_encode
 

@@ -41,6 +41,7 @@ class EncodeConfig:
     skip_bad: bool = False
     limit: int | None = None  # keep the first N groups of each split (subsets for tests and smoke runs)
     seed: int = 0  # the dataset split seed
+    threads: int | None = None  # torch threads per process (float results depend on it); None: default
 
     def __post_init__(self) -> None:
         _choice("encode.format", self.format, ("zarr", "hdf5"))

@@ -230,9 +230,10 @@ def test_resume_after_kill_9_is_byte_identical(tmp_path, tuxpaint_root):
 def test_torchrun_two_ranks_equals_one_process(tmp_path, tuxpaint_root):
     args = ["encode", "--dataset", "tuxpaint", "--limit", "12", "--split", "val", "--shard-size", "4",
             "--workers", "0", "--store-root"]
-    # CPU results depend on the intra-op thread count; torchrun runs each rank with OMP_NUM_THREADS=1.
+    # CPU results depend on the intra-op thread count; torchrun runs each rank with OMP_NUM_THREADS=1,
+    # and --threads 1 gives the one-process run the same.
     env = _env(OMP_NUM_THREADS="1")
-    one = _m3jepa(*args, str(tmp_path / "one"), env=env)
+    one = _m3jepa(*args[:1], "--threads", "1", *args[1:], str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(["torchrun", "--nproc_per_node=2", "--standalone", "-m", "m3jepa", *args,
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
@@ -297,6 +298,7 @@ def test_bad_inputs_through_the_cli(tmp_path, copy_png, bad):
     else:  # dropped while loading the dataset: named in the log, absent from the store
         assert f"{bad_id}" in ok.stderr and "dropped while loading" in ok.stderr
         assert bad_id not in [r.sample_id for r in rows] and all(r.valid for r in rows)
+        assert bad_id in [d["sample_id"] for d in load_manifest(store).dropped]  # and listed
 
 
 @pytest.mark.slow

@@ -39,10 +39,13 @@ class StoreJob:
     spec: EncoderSpec
     path: Path
     manifest: Manifest
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # dataset-level drops (--skip-bad)
 
 
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     """Encode every requested (split, modality) store that is not already complete; see docs/encode.md."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # float results depend on the thread count: see docs/encode.md
     with process_group(cfg.device) as ctx:
         from m3jepa.data import get_dataset
 
@@ -82,7 +85,8 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
                 dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size,
             )
             path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name)
-            jobs.append(StoreJob(split, modality, records, spec, path, manifest))
+            dropped = list(getattr(dataset, "skipped", []))
+            jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped))
     return jobs
 
 
@@ -179,7 +183,7 @@ def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistCo
         if ctx.is_main:
             skipped = read_skip_lists(job.path, len(writer.planned_shards()))
             rows = rows_from_records(job.records, {s["row_id"] for s in skipped})
-            result.skipped = len(writer.finalize(rows, skipped).skipped)
+            result.skipped = len(writer.finalize(rows, skipped, job.dropped).skipped)
         ctx.barrier()  # nobody moves on (or exits) before the manifest is complete
     result.seconds = time.perf_counter() - start
     if result.encoded:

@@ -95,6 +95,8 @@ class Manifest:
     shard_size: int = 2048
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {row_id, sample_id, reason}
+    # Items the dataset dropped while loading (--skip-bad): they have no row, so no row id.
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # {sample_id, reason}
     complete: bool = False
     m3jepa_version: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -201,8 +201,13 @@ class StoreWriter:
 
     # ------------------------------------------------------------ finishing
 
-    def finalize(self, rows: list[RowMeta], skipped: list[dict]) -> Manifest:
-        """Rank 0, after every rank is done: check all shards, write rows.jsonl and the complete manifest."""
+    def finalize(
+        self, rows: list[RowMeta], skipped: list[dict], dropped: list[tuple[str, str]] = ()
+    ) -> Manifest:
+        """Rank 0, after every rank is done: check all shards, write rows.jsonl and the complete manifest.
+
+        `dropped` are (sample_id, reason) of items the dataset left out while loading (no row of their own).
+        """
         if self.rank != 0:
             raise StoreError(f"{self.path}: only rank 0 finalizes a store (this is rank {self.rank})")
         missing = sorted({i for i, _, _ in self._plan} - self.done_shards())
@@ -220,6 +225,7 @@ class StoreWriter:
             {"row_id": int(s["row_id"]), "sample_id": str(s["sample_id"]), "reason": str(s["reason"])}
             for s in skipped
         ]
+        final.dropped = [{"sample_id": str(i), "reason": str(r)} for i, r in dropped]
         final.complete = True
         save_manifest(self.path, final)
         self.manifest = final

@@ -23,7 +23,7 @@ def _metrics() -> dict:
         "split": "test",
         "protocol": "multi",
         "headline_space": "pred",
-        "directions": {
+        "spaces": {
             d: {s: {"R@1": v[0], "R@10": v[2], "R@5": v[1]} for s, v in spaces.items()}
             for d, spaces in recalls.items()
         },
@@ -58,7 +58,7 @@ def test_metrics_table_rejects_malformed_dicts():
     with pytest.raises(ValueError, match="headline_space"):
         metrics_table({k: v for k, v in _metrics().items() if k != "headline_space"})
     bad = _metrics()
-    del bad["directions"]["text->image"]["cl"]["R@10"]
+    del bad["spaces"]["text->image"]["cl"]["R@10"]
     with pytest.raises(ValueError, match="same recalls"):
         metrics_table(bad)
 

@@ -90,8 +90,9 @@ def evaluate_run(
         "checkpoint": checkpoint,
         "step": ck.state.step,
         "headline_space": headline,
-        "directions": directions,
-        "headline": {d: directions[d][headline] for d in directions},
+        # `directions` holds the headline space's recalls; `spaces` both spaces of every direction.
+        "directions": {d: directions[d][headline] for d in directions},
+        "spaces": directions,
         "gallery": gallery,
         "latency_ms": _latency_ms(predictor, data, cfg.train.directions[0], headline, embeddings),
     }

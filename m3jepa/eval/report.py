@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-REQUIRED_KEYS = ("split", "protocol", "headline_space", "directions")
+REQUIRED_KEYS = ("split", "protocol", "headline_space", "spaces")
 
 
 @dataclass
@@ -25,12 +25,12 @@ class MetricsFiles:
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown: one row per direction x space with R@k and their mean, then gallery sizes and latency.
 
-    `metrics` = {"split", "protocol", "headline_space", "directions": {direction: {space: {"R@1": ..}}},
+    `metrics` = {"split", "protocol", "headline_space", "spaces": {direction: {space: {"R@1": ..}}},
     optional "gallery": {direction: {"queries": int, "gallery": int}}, optional "latency_ms": float}.
     The headline space's rows are in bold.
     """
     _validate(metrics)
-    directions: dict[str, dict[str, dict[str, float]]] = metrics["directions"]
+    directions: dict[str, dict[str, dict[str, float]]] = metrics["spaces"]
     ks = _recall_keys(directions)
     headline = metrics["headline_space"]
     lines = [
@@ -57,12 +57,12 @@ def _validate(metrics: dict[str, Any]) -> None:
         raise ValueError(
             f"metrics dict lacks key(s) {', '.join(missing)}; it needs {', '.join(REQUIRED_KEYS)}"
         )
-    directions = metrics["directions"]
+    directions = metrics["spaces"]
     if not isinstance(directions, dict) or not directions:
-        raise ValueError("metrics['directions'] must be a non-empty {direction: {space: {R@k: value}}}")
+        raise ValueError("metrics['spaces'] must be a non-empty {direction: {space: {R@k: value}}}")
     for direction, spaces in directions.items():
         if not isinstance(spaces, dict) or not spaces:
-            raise ValueError(f"metrics['directions'][{direction!r}] must map space names to recalls")
+            raise ValueError(f"metrics['spaces'][{direction!r}] must map space names to recalls")
 
 
 def _recall_keys(directions: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -83,7 +83,7 @@ def _footer_lines(metrics: dict[str, Any], ks: list[str]) -> list[str]:
     lines = []
     headline = metrics["headline_space"]
     headline_r1 = [
-        s[headline]["R@1"] for s in metrics["directions"].values() if headline in s and "R@1" in ks
+        s[headline]["R@1"] for s in metrics["spaces"].values() if headline in s and "R@1" in ks
     ]
     if headline_r1:
         lines.append(f"- mean R@1 ({headline}, over directions): {np.mean(headline_r1):.2f}")

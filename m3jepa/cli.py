@@ -168,6 +168,32 @@ def evaluate(
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
 
 
+@app.command("model-info")
+def model_info(
+    pipeline: Annotated[str | None, typer.Option(help="A TOML pipeline (default: the paper preset).")] = None,
+    dims: Annotated[
+        str, typer.Option(help="Latent dims, e.g. image=1024,text=4096.")
+    ] = "image=1024,text=4096",
+    set_: Sets = None,
+) -> None:
+    """Print the predictor's parameter count per part (the paper preset by default: 140.6M)."""
+    with _errors():
+        import torch
+
+        from m3jepa.model import build_predictor
+        from m3jepa.model.predictor import count_parameters, paper_preset, parameter_breakdown
+
+        cfg = _pipeline(pipeline, set_).model if pipeline or set_ else paper_preset()
+        sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in dims.split(","))}
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = build_predictor(cfg, sizes)
+        for part, n in parameter_breakdown(model).items():
+            typer.echo(f"{part:<16}{n:>14,}")
+        typer.echo(
+            f"{'total':<16}{count_parameters(model):>14,}  ({cfg.predictor}, gates={cfg.gates}, dims {sizes})"
+        )
+
+
 @app.command("run")
 def run_pipeline(
     pipeline: Annotated[str, typer.Argument(help="A TOML pipeline, e.g. pipelines/tuxpaint.toml")],

@@ -105,3 +105,10 @@ def test_training_path_does_not_import_transformers():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_info_prints_the_paper_preset_count():
+    out = subprocess.run(
+        [sys.executable, "-m", "m3jepa", "model-info"], capture_output=True, text=True, check=True
+    )
+    assert "140,641,304" in out.stdout  # the official release's layout comes to 140.6M

@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--pipeline", type=Path, default=Path("pipelines/tuxpaint.toml"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/m3jepa-results"))
+    p.add_argument("--set", dest="sets", action="append", default=[], help="a config override for every run")
     p.add_argument(
         "--variants",
         default=",".join(str(i) for i in range(len(VARIANTS))),

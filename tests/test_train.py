@@ -160,8 +160,16 @@ def test_resume_after_kill_is_bit_exact(stores, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(stores, tmp_path):
-    same = {"model.dropout": 0.0, "train.max_steps": 12, "train.eval_every": 6, "train.checkpoint_every": 6}
+@pytest.mark.parametrize("schedule", ["alternate", "dynamic"])
+def test_two_process_ddp_matches_one_process(stores, tmp_path, schedule):
+    # dynamic: every rank must steer by rank 0's validation recalls, or the ranks train different directions
+    same = {
+        "model.dropout": 0.0,
+        "train.max_steps": 12,
+        "train.eval_every": 6,
+        "train.checkpoint_every": 6,
+        "train.schedule": schedule,
+    }
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cli(*_sets(stores, one, **same)), check=True, env=ENV, capture_output=True)
     cmd = [
@@ -169,7 +177,7 @@ def test_two_process_ddp_matches_one_process(stores, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29533",
+        f"--master_port={29533 + (schedule == 'dynamic')}",
         "-m",
         "m3jepa",
         "train-predictor",
@@ -180,7 +188,9 @@ def test_two_process_ddp_matches_one_process(stores, tmp_path):
     a = load_file(str(one / "checkpoints" / "latest" / "model.safetensors"))
     b = load_file(str(two / "checkpoints" / "latest" / "model.safetensors"))
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=2e-5, err_msg=k)
+        # Float sums differ in order across ranks; Adam's normalisation can lift a near-zero gradient's
+        # rounding to ~1% of one step (lr 3e-3), hence atol 5e-5 (measured worst: 3e-5).
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=5e-5, err_msg=k)
     losses = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     assert losses[-1] < losses[0], "the 2-process run did not learn"
 

@@ -85,6 +85,15 @@ def broadcast_float(value: float, info: DistInfo) -> float:
     return float(t[0])
 
 
+def broadcast_object(obj: object, info: DistInfo) -> object:
+    """Rank 0's object on every rank (the validation recalls that steer the dynamic AGD schedule)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank."""
     if info.enabled:

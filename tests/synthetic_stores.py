@@ -11,7 +11,7 @@ from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.store import Manifest, StoreWriter, rows_from_records, store_path
 
 DATASET = "synthetic"
-ENCODERS = {"image": "syn-image", "text": "syn-text"}
+ENCODERS = {"image": "syn-image", "text": "syn-text", "label": "syn-label"}
 DIMS = {"image": 48, "text": 32}
 
 
@@ -64,6 +64,21 @@ def make_split(
             txt.append(images[i] @ mapping + noise * rng.standard_normal(DIMS["text"]))
     write_store(root, split, "image", img_records, images)
     write_store(root, split, "text", txt_records, np.asarray(txt, dtype=np.float32))
+
+
+def make_label_split(root: Path, split: str, per_class: int = 20, classes: int = 5) -> None:
+    """Images whose latent is their class's centre plus noise; one one-hot label row per class."""
+    rng = np.random.default_rng([7, zlib.crc32(split.encode())])
+    centres = np.random.default_rng(99).standard_normal((classes, DIMS["image"])).astype(np.float32)
+    names = [f"class{c}" for c in range(classes)]
+    img_records, feats = [], []
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            img_records.append(Record(len(img_records), f"{split}/{name}/{i}", name, "image", "x.png"))
+            feats.append(centres[c] + 0.8 * rng.standard_normal(DIMS["image"]))
+    write_store(root, split, "image", img_records, np.asarray(feats, dtype=np.float32))
+    labels = [Record(c, name, name, "label", name) for c, name in enumerate(names)]
+    write_store(root, split, "label", labels, np.eye(classes, dtype=np.float32))
 
 
 def make_stores(root: Path, n_train: int = 256, n_val: int = 48, n_test: int = 48) -> Path:

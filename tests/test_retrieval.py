@@ -222,3 +222,13 @@ def test_recall_is_monotone_in_k_and_bounded(n_groups, n_queries, dim, seed):
     assert all(0.0 <= r <= 100.0 for r in recalls)
     assert all(a <= b for a, b in zip(recalls, recalls[1:], strict=False))
     assert recalls[-1] == 100.0  # k = gallery size always finds the group
+
+
+def test_gallery_smaller_than_k_is_searched_whole():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((3, 8)).astype(np.float32)
+    queries = gallery[[0, 1, 2, 0]] + 0.01
+    res = retrieval_metrics(queries, gallery, [0, 1, 2, 0], [0, 1, 2], ks=(1, 5, 10))
+    assert res.recalls == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0}
+    wrong = retrieval_metrics(queries, gallery, [1, 2, 0, 1], [0, 1, 2], ks=(1, 2, 10))
+    assert wrong.recalls["R@1"] == 0.0 and wrong.recalls["R@10"] == 100.0  # k >= G: everything retrieved

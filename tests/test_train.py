@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from synthetic_stores import DATASET, make_split, make_stores, overrides, write_store
+from synthetic_stores import DATASET, make_label_split, make_split, make_stores, overrides, write_store
 
 from m3jepa.config import load_pipeline
 from m3jepa.data.records import Record
@@ -209,3 +209,30 @@ def test_evaluate_cli_json(stores, tmp_path):
     assert metrics["split"] == "test" and set(metrics["directions"]) == {"image->text", "text->image"}
     assert metrics["latency_ms"] > 0 and metrics["gallery"]["text->image"]["gallery"] == 48
     assert DATASET in (run / "config.toml").read_text()
+
+
+def test_label_directions_are_scored_as_classification(tmp_path):
+    root = tmp_path / "stores"
+    for split in ("train", "val", "test"):
+        make_label_split(root, split)
+    run = tmp_path / "run"
+    directions = '["image->label", "label->image"]'
+    cfg = load_pipeline(
+        None,
+        [
+            *overrides(root, run),
+            f"train.directions={directions}",
+            'encode.label_encoder="syn-label"',
+            "train.max_steps=40",
+            "train.batch_size=20",
+        ],
+    )
+    train(cfg)
+    metrics = evaluate_run(run).to_json()
+    cls = metrics["classification"]["image->label"]
+    assert "label->image" not in metrics["classification"]  # only directions into labels classify
+    assert cls["n_queries"] == 100 and len(cls["classes"]) == 5
+    # top-1 accuracy is image->label R@1: the same nearest-class decision
+    assert cls["accuracy"] == pytest.approx(metrics["directions"]["image->label"]["R@1"])
+    assert cls["accuracy"] > 60.0  # chance is 20%
+    assert "macro F1" in (run / "metrics.md").read_text()

@@ -12,17 +12,36 @@ _LOADERS = {
     "coco": ("m3jepa.data.coco", "load_coco"),
     "flickr30k": ("m3jepa.data.flickr30k", "load_flickr30k"),
     "jsonl": ("m3jepa.data.jsonl", "load_jsonl"),
+    "tuxpaint-audio": ("m3jepa.data.audio_datasets", "load_tuxpaint_audio"),
+    "asterisk": ("m3jepa.data.asterisk", "load_asterisk"),
+    "clotho": ("m3jepa.data.clotho", "load_clotho"),
+    "audiocaps": ("m3jepa.data.audiocaps", "load_audiocaps"),
+    "fashion-mnist": ("m3jepa.data.fashion_mnist", "load_fashion_mnist"),
+    "imagefolder": ("m3jepa.data.imagefolder", "load_imagefolder"),
+    "imagenet": ("m3jepa.data.imagefolder", "load_imagenet"),
 }
 
 _PAPER_ENCODERS = {"image": "dinov2-large", "text": "llama3-8b"}
-_SMALL_ENCODERS = {"image": "efficientnet-lite0", "text": "minilm-l6"}
+_SMALL_ENCODERS = {"image": "efficientnet-lite0", "text": "minilm-l6", "audio": "aisfx"}
+# audio-text benchmarks as in the paper: LanguageBind's audio tower, LLaMA-3 8B for text (docs/audio.md)
+_PAPER_AUDIO_ENCODERS = {"audio": "languagebind-audio", "text": "llama3-8b"}
 
 # The encoders each dataset is embedded with when the config names none.
 DEFAULT_ENCODERS: dict[str, dict[str, str]] = {
-    "tuxpaint": dict(_SMALL_ENCODERS),
+    # image and text only: Tux Paint's sounds pair with captions through "tuxpaint-audio" (only the
+    # stamps that have a sound), since a 785-caption text store cannot pair with 131 sounds.
+    "tuxpaint": {"image": "efficientnet-lite0", "text": "minilm-l6"},
     "coco": dict(_PAPER_ENCODERS),
     "flickr30k": dict(_PAPER_ENCODERS),
     "jsonl": dict(_SMALL_ENCODERS),
+    "tuxpaint-audio": {"audio": "aisfx", "text": "minilm-l6"},
+    "asterisk": {"audio": "aisfx", "text": "minilm-l6"},
+    "clotho": dict(_PAPER_AUDIO_ENCODERS),
+    "audiocaps": dict(_PAPER_AUDIO_ENCODERS),
+    # classification: class labels as a modality (docs/classification.md); grayscale is decoded as RGB
+    "fashion-mnist": {"image": "efficientnet-lite0", "label": "onehot"},
+    "imagefolder": {"image": "efficientnet-lite0", "label": "onehot"},
+    "imagenet": {"image": "dinov2-large", "label": "onehot"},
 }
 
 

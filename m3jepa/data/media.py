@@ -1,14 +1,19 @@
-"""Safe decoding of media files: paths kept inside their root, images checked before use."""
+"""Safe decoding of media files: paths kept inside their root, images and sounds checked before use."""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from m3jepa.data.records import BadItemError, DatasetError
+
+log = logging.getLogger(__name__)
 
 # A decompression bomb is refused before decoding: 64 megapixels is far beyond any dataset image.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -51,3 +56,57 @@ def _on_white(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+# A clip whose RMS is below this (about -90 dBFS) carries no usable sound: refused as silent.
+SILENCE_RMS = 3e-5
+
+
+def load_audio(
+    path: str | Path,
+    item: str | None = None,
+    *,
+    sample_rate: int,
+    mono: bool = True,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode a sound file as float32 at `sample_rate`: (samples,) if mono, else (channels, samples).
+
+    Channels are averaged for mono; `max_seconds` keeps the first seconds only (cropped before
+    resampling, so a long file is never decoded whole). Missing, unreadable, empty, non-finite or
+    silent audio is a BadItemError naming `item`.
+    """
+    item = item or str(path)
+    if not os.path.isfile(path):
+        raise BadItemError(item, f"audio file {path} is missing")
+    import soundfile as sf  # lazily: only audio encoders need libsndfile
+
+    try:
+        with sf.SoundFile(str(path)) as f:
+            source_rate = f.samplerate
+            frames = -1 if max_seconds is None else int(np.ceil(max_seconds * source_rate))
+            wave = f.read(frames=frames, dtype="float32", always_2d=True)  # (samples, channels)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise BadItemError(item, f"audio {path} is corrupt or unreadable: {e}") from None
+    if wave.shape[0] == 0:
+        raise BadItemError(item, f"audio {path} is empty (0 samples)")
+    if not np.isfinite(wave).all():
+        raise BadItemError(item, f"audio {path} holds NaN or infinite samples")
+    wave = wave.T  # (channels, samples)
+    if mono:
+        wave = wave.mean(axis=0, keepdims=True)  # (1, samples): the mix-down used by essentia and librosa
+    if source_rate != sample_rate:
+        log.debug("%s: resampling %d Hz -> %d Hz", item, source_rate, sample_rate)
+        wave = resample(wave, source_rate, sample_rate)
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    if rms < SILENCE_RMS:
+        raise BadItemError(item, f"audio {path} is silent (RMS {rms:.2g} < {SILENCE_RMS:g})")
+    return np.ascontiguousarray(wave[0] if mono else wave, dtype=np.float32)
+
+
+def resample(wave: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Band-limited polyphase resampling along the last axis (scipy's resample_poly, Kaiser window)."""
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(source_rate), int(target_rate))
+    return resample_poly(wave, target_rate // g, source_rate // g, axis=-1).astype(np.float32)

@@ -75,7 +75,7 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
     splits = dataset.splits() if cfg.splits == ["all"] else list(cfg.splits)
     jobs = []
     for modality in _modalities(cfg, dataset):
-        spec = _spec(cfg, modality)
+        spec = _spec(cfg, modality, dataset)
         for split in splits:
             records = dataset.records(split, modality)
             manifest = Manifest(
@@ -109,13 +109,17 @@ def _encoder_name(cfg: EncodeConfig, modality: str) -> str | None:
     return chosen or DEFAULT_ENCODERS.get(cfg.dataset, {}).get(modality)
 
 
-def _spec(cfg: EncodeConfig, modality: str) -> EncoderSpec:
+def _spec(cfg: EncodeConfig, modality: str, dataset: Any) -> EncoderSpec:
     from m3jepa.encoders import get_encoder_spec
 
     name = _encoder_name(cfg, modality)
     if name is None:
         raise DatasetError(f"{cfg.dataset} has no default {modality} encoder; pass --{modality}-encoder")
     spec = get_encoder_spec(name)
+    if spec.modality == "label":  # a label encoder's dimension is the dataset's class count
+        from m3jepa.encoders.onehot import bind_to_dataset
+
+        spec = bind_to_dataset(spec, dataset)
     if spec.modality != modality:
         raise EncoderError(
             f"encoder {name!r} encodes {spec.modality}, not {modality}; pass a {modality} encoder "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -29,12 +30,18 @@ DINOV2 = {
 LMS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096)}
 LM_MAX_LENGTH = 512  # longer texts are truncated; captions are far shorter
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# audio presets: name → (module, spec function); see docs/audio.md
+AUDIO_PRESETS = {
+    "aisfx": ("m3jepa.encoders.aisfx", "spec"),
+    "clap-htsat": ("m3jepa.encoders.audio", "clap_preset_spec"),
+    "languagebind-audio": ("m3jepa.encoders.audio", "languagebind_preset_spec"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def list_encoders() -> list[str]:
     """The named encoders (any local transformers model is also reachable as `hf:<path>`)."""
-    return sorted(["efficientnet-lite0", "minilm-l6", *DINOV2, *LMS])
+    return sorted(["efficientnet-lite0", "minilm-l6", "onehot", *DINOV2, *LMS, *AUDIO_PRESETS])
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
@@ -47,6 +54,13 @@ def get_encoder_spec(name: str) -> EncoderSpec:
         from m3jepa.encoders import minilm
 
         return minilm.spec()
+    if name == "onehot":  # labels; unbound until stage 1 gives it the dataset's classes (onehot.py)
+        from m3jepa.encoders import onehot
+
+        return onehot.spec()
+    if name in AUDIO_PRESETS:
+        module, function = AUDIO_PRESETS[name]
+        return getattr(importlib.import_module(module), function)()
     if name in DINOV2:
         repo, dim = DINOV2[name]
         return _hub_spec(name, repo, "image", dim)
@@ -117,6 +131,9 @@ def hf_spec(target: str) -> EncoderSpec:
         raise EncoderError(f"hf:{target}: no such directory (pass hf:/path/to/a/transformers/model)")
     config = read_config(model_dir)
     revision = revision or dir_revision(model_dir)
+    audio = _audio_dir_spec(f"{HF_PREFIX}{target}", model_dir, revision, config.get("model_type"))
+    if audio is not None:
+        return audio
     modality = "image" if config.get("model_type") == "dinov2" else "text"
     if modality == "text" and _looks_visual(config):
         raise EncoderError(
@@ -127,6 +144,17 @@ def hf_spec(target: str) -> EncoderSpec:
     if not isinstance(dim, int):
         raise EncoderError(f"hf:{target}: config.json has no integer hidden_size")
     return _transformers_spec(f"{HF_PREFIX}{target}", modality, dim, revision, None, model_dir)
+
+
+def _audio_dir_spec(name: str, model_dir: Path, revision: str, model_type: Any) -> EncoderSpec | None:
+    # CLAP and LanguageBind-Audio directories are audio encoders (m3jepa/encoders/audio.py)
+    from m3jepa.encoders import audio
+
+    if model_type in audio.CLAP_TYPES:
+        return audio.clap_dir_spec(name, model_dir, revision)
+    if model_type in audio.LANGUAGEBIND_TYPES:
+        return audio.languagebind_dir_spec(name, model_dir, revision)
+    return None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

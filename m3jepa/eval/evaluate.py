@@ -46,7 +46,30 @@ class EvalMetrics:
     def table(self) -> str:
         from m3jepa.eval.report import metrics_table
 
-        return metrics_table(self.data)
+        return metrics_table(self.data) + _classification_tables(self.data)
+
+
+def _classification(directions: list[str], space: str, embeddings) -> dict[str, Any]:
+    """Directions into the `label` modality are classifiers: accuracy and macro P/R/F1 by nearest class."""
+    from m3jepa.eval.classification import classify_groups
+
+    out = {}
+    for d in directions:
+        if parse_direction(d)[1] == "label":
+            emb = embeddings[(d, space)]
+            res = classify_groups(emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups)
+            out[d] = res.to_json()
+    return out
+
+
+def _classification_tables(metrics: dict[str, Any]) -> str:
+    from m3jepa.eval.classification import ClassificationResult, markdown_table
+
+    parts = []
+    for d, res in metrics.get("classification", {}).items():
+        parts.append(f"\n### {d} classification ({metrics['headline_space']} space)\n\n")
+        parts.append(markdown_table(ClassificationResult.from_json(res)))
+    return "".join(parts)
 
 
 def evaluate_run(
@@ -96,6 +119,9 @@ def evaluate_run(
         "gallery": gallery,
         "latency_ms": _latency_ms(predictor, data, cfg.train.directions[0], headline, embeddings),
     }
+    classification = _classification(cfg.train.directions, headline, embeddings)
+    if classification:
+        metrics["classification"] = classification
     _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
     return EvalMetrics(metrics)
 
@@ -154,7 +180,10 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
     from m3jepa.eval.report import write_metrics
 
     default = (split, protocol) == ("test", "multi")
-    write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
+    files = write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
+    extra = _classification_tables(metrics)
+    if extra:
+        files.markdown.write_text(files.markdown.read_text() + extra)
     if (run_dir / "metrics.jsonl").exists():
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
     image_text = "image->text" if "image->text" in directions else directions[0]

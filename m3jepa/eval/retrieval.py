@@ -277,12 +277,15 @@ def retrieval_metrics(
     queries = queries[keep]
     if normalize:
         queries, gallery = l2_normalize(queries), l2_normalize(gallery)
-    k_max = max(_check_ks(ks, len(gallery)))
+    ks = _check_ks(ks, max(int(k) for k in ks) if ks else 0)
+    # A gallery smaller than k (10 classes, say) is searched whole: R@k for k >= G is R@G.
+    k_max = min(max(ks), len(gallery))
     backend = "faiss" if wants_faiss(len(queries), len(gallery), use_faiss, faiss_threshold) else "matmul"
     t0 = time.perf_counter()
     top = topk_search(queries, gallery, k_max, use_faiss=backend == "faiss", block=block)
     search_ms = 1000.0 * (time.perf_counter() - t0)
-    recalls = recall_at_k(top, query_codes[keep], gallery_codes, ks)
+    clipped = recall_at_k(top, query_codes[keep], gallery_codes, sorted({min(k, k_max) for k in ks}))
+    recalls = {f"R@{k}": clipped[f"R@{min(k, k_max)}"] for k in ks}
     return RetrievalResult(
         recalls=recalls,
         n_queries=len(keep),

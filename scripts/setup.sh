@@ -13,6 +13,8 @@ need_apt=()
 # The asterisk speech prompts (audio + transcripts; the `asterisk` dataset, docs/audio.md).
 [ -f /usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz ] || need_apt+=(asterisk-core-sounds-en)
 [ -d /usr/share/asterisk/sounds/en_US_f_Allison/digits ] || need_apt+=(asterisk-core-sounds-en-wav)
+# Fashion-MNIST (class labels as a modality; the `fashion-mnist` dataset, docs/classification.md).
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq

@@ -364,3 +364,14 @@ def test_assign_clusters_is_roughly_80_10_10(n, seed):
     total = sum(groups.values())
     for name, frac in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
         assert abs(groups[name] / total - frac) < 0.01
+
+
+def test_tuxpaint_trimodal_has_all_three_modalities_per_group_on_tuxpaint_split():
+    full = get_dataset("tuxpaint")
+    tri = get_dataset("tuxpaint-trimodal")
+    assert tri.modalities() == ["image", "text", "audio"]
+    for split in tri.splits():
+        groups = [{r.group_id for r in tri.records(split, m)} for m in tri.modalities()]
+        assert groups[0] == groups[1] == groups[2] and groups[0]
+        assert groups[0] <= {r.group_id for r in full.records(split, "audio")}  # same side as in tuxpaint
+    assert sum(len(tri.records(s, "audio")) for s in tri.splits()) == 131

@@ -29,3 +29,31 @@ def load_tuxpaint_audio(
         items += [Item(split, r.group_id, r.sample_id, r.modality, r.payload) for r in audio + text]
     log.info("tuxpaint-audio: %d stamps with a sound", sum(1 for it in items if it.modality == "audio"))
     return ItemDataset("tuxpaint-audio", items, limit=limit, skipped=full.skipped)
+
+
+def load_tuxpaint_trimodal(
+    root: str | None = None, *, seed: int = 0, limit: int | None = None, skip_bad: bool = False
+) -> ItemDataset:
+    """Tux Paint restricted to stamps with an image, a caption and a sound: one of each per group.
+
+    The three-modality predictor trains all six directions between them, so every group must have
+    all three (an SVG-only stamp has no image here). Splits are tuxpaint's own.
+    """
+    from m3jepa.data.tuxpaint import load_tuxpaint
+
+    full = load_tuxpaint(root, seed=seed, skip_bad=skip_bad)
+    items = []
+    for split in full.splits():
+        by_modality = {m: full.records(split, m) for m in ("image", "text", "audio")}
+        complete = set.intersection(*({r.group_id for r in rs} for rs in by_modality.values()))
+        for records in by_modality.values():
+            items += [
+                Item(split, r.group_id, r.sample_id, r.modality, r.payload)
+                for r in records
+                if r.group_id in complete
+            ]
+    log.info(
+        "tuxpaint-trimodal: %d stamps with an image, a caption and a sound",
+        sum(1 for it in items if it.modality == "audio"),
+    )
+    return ItemDataset("tuxpaint-trimodal", items, limit=limit, skipped=full.skipped)

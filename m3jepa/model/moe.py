@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +110,48 @@ class MultiGateMoE(nn.Module):
 
     def forward(self, x: Tensor, task: str, dense: bool = False) -> MoEOutput:
         """Mix the experts on rows x (T, d) with the gate of `task`."""
-        r = route(self.gate_for(task)(x), self.top_k, self.routing)  # logits (T, N)
-        counts = torch.bincount(r.experts.flatten(), minlength=self.num_experts)  # (N,)
-        y = self._dense(x, r) if dense else self._sparse(x, r, counts)  # (T, d)
-        return MoEOutput(y=y, expert_counts=counts, aux_loss=load_balance_loss(r, self.num_experts))
+        return self.forward_tasks({task: x}, dense=dense)[task]
+
+    def forward_tasks(self, xs: Mapping[str, Tensor], dense: bool = False) -> dict[str, MoEOutput]:
+        """Mix the experts on several tasks' rows {task: (T_t, d)} in ONE sparse dispatch.
+
+        Each task is routed by its own gate, exactly as `forward(x, task)` would; then all (row,
+        expert) assignments of all tasks are grouped by expert, so each expert runs once on a batch
+        of ~ΣT·k/N rows instead of once per task. Bigger matmuls, and one weight gradient per expert
+        instead of one per task plus their sum: this is the training fast path.
+        """
+        tasks = list(xs)
+        routes = [self.route_rows(xs[t], t) for t in tasks]
+        n = self.num_experts
+        counts = [torch.bincount(r.experts.flatten(), minlength=n) for r in routes]  # (N,) each
+        if dense:
+            ys = [self._dense(xs[t], r) for t, r in zip(tasks, routes, strict=True)]  # (T_t, d) each
+        else:
+            ys = self._sparse_many([xs[t] for t in tasks], routes, torch.stack(counts).sum(dim=0))
+        return {
+            t: MoEOutput(y=y, expert_counts=c, aux_loss=load_balance_loss(r, self.num_experts))
+            for t, y, c, r in zip(tasks, ys, counts, routes, strict=True)
+        }
+
+    def route_rows(self, x: Tensor, task: str) -> Routing:
+        """Route rows x (T, d) with the gate of `task`, in float32 even under autocast.
+
+        Routing is a discrete choice: bf16 logits (8 mantissa bits) tie or swap near-equal experts,
+        so the gate (T·d·N FLOPs, negligible) runs in float32 and bf16 training routes like float32.
+        """
+        gate = self.gate_for(task)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (tests)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), gate.weight.to(dtype), gate.bias.to(dtype))  # (T, N)
+        return route(logits, self.top_k, self.routing)
+
+    def _sparse_many(self, xs: Sequence[Tensor], routes: Sequence[Routing], counts: Tensor) -> list[Tensor]:
+        """Sparse dispatch of several row blocks at once; returns one (T_t, d) output per block."""
+        sizes = [x.shape[0] for x in xs]
+        x = xs[0] if len(xs) == 1 else torch.cat(list(xs))  # (ΣT, d)
+        experts = torch.cat([r.experts for r in routes])  # (ΣT, k)
+        weights = torch.cat([r.weights for r in routes])  # (ΣT, k)
+        return list(self._sparse(x, Routing(experts, weights, probs=weights), counts).split(sizes))
 
     def _sparse(self, x: Tensor, r: Routing, counts: Tensor) -> Tensor:
         """Group the T·k (row, expert) assignments by expert, run each expert once, scatter back."""
@@ -121,10 +159,13 @@ class MultiGateMoE(nn.Module):
         if t == 0:
             return torch.zeros_like(x)
         order = r.experts.flatten().argsort(stable=True)  # (T·k,) assignments grouped by expert id
-        rows = torch.arange(t, device=x.device).repeat_interleave(k)[order]  # (T·k,) source rows
+        rows = order // k  # (T·k,) source row of each assignment (flat index = row·k + slot)
         weights = r.weights.flatten()[order]  # (T·k,)
         # The one host sync of sparse dispatch: group sizes must be Python ints to slice.
         sizes = counts.tolist()
+        # Under autocast, cast the T rows once rather than each expert's T·k/N gathered copy.
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         xs = x.index_select(0, rows)  # (T·k, d) rows in expert order
         outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e] > 0]  # (n_e, d)
         ys = torch.cat(outs)  # (T·k, d); under autocast possibly of lower precision than x
@@ -153,3 +194,19 @@ class DenseMixer(nn.Module):
         y = self.mlp(x)  # (T, d)
         counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)  # (1,)
         return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros(()))
+
+    def forward_tasks(self, xs: Mapping[str, Tensor], dense: bool = False) -> dict[str, MoEOutput]:
+        """Apply the MLP once to every task's rows {task: (T_t, d)}, as MultiGateMoE.forward_tasks."""
+        for task in xs:
+            if task not in self.tasks:
+                raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
+        sizes = [x.shape[0] for x in xs.values()]
+        ys = self.mlp(torch.cat(list(xs.values()))).split(sizes)  # (T_t, d) each
+        return {
+            t: MoEOutput(
+                y=y,
+                expert_counts=torch.full((1,), n, dtype=torch.long, device=y.device),
+                aux_loss=y.new_zeros((), dtype=torch.float32),
+            )
+            for t, y, n in zip(xs, ys, sizes, strict=True)
+        }

@@ -236,3 +236,25 @@ def test_label_directions_are_scored_as_classification(tmp_path):
     assert cls["accuracy"] == pytest.approx(metrics["directions"]["image->label"]["R@1"])
     assert cls["accuracy"] > 60.0  # chance is 20%
     assert "macro F1" in (run / "metrics.md").read_text()
+
+
+def test_nan_features_and_an_empty_split_are_named(stores, tmp_path):
+    import zarr
+
+    bad = tmp_path / "bad"
+    for split in ("train", "val", "test"):
+        make_split(bad, split, 10)
+    # The writer refuses NaN, so corrupt a finished shard behind its back, as a damaged disk would.
+    shard = store_path(bad, DATASET, "train", "image", "syn-image") / "shards" / "00000.zarr"
+    feats = zarr.open_group(str(shard), mode="r+")["features"]
+    feats[3, 0] = np.nan
+    with pytest.raises(StoreDataError, match=r"NaN or infinite.*row 3"):
+        train(_cfg(bad, tmp_path / "run"))
+
+    empty = tmp_path / "empty"
+    for split in ("train", "test"):
+        make_split(empty, split, 10)
+    write_store(empty, "val", "image", [], np.zeros((0, 48), np.float32))
+    write_store(empty, "val", "text", [], np.zeros((0, 32), np.float32))
+    with pytest.raises(StoreDataError, match="empty"):
+        train(_cfg(empty, tmp_path / "run2"))

@@ -51,7 +51,10 @@ def encode(
     label_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
     store_root: Annotated[str, typer.Option(help="Where stores are written.")] = "stores",
     format: Annotated[str, typer.Option("--format", help="zarr | hdf5")] = "zarr",
-    kind: Annotated[str, typer.Option(help="pooled | tokens")] = "pooled",
+    kind: Annotated[str, typer.Option(help="pooled | tokens | prefix (see docs/lora.md)")] = "pooled",
+    tunable_layers: Annotated[
+        int, typer.Option(help="--kind prefix: store the states entering the last N encoder layers.")
+    ] = 3,
     dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
     batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
@@ -80,6 +83,7 @@ def encode(
             store_root=store_root,
             format=format,
             kind=kind,
+            tunable_layers=tunable_layers,
             dtype=dtype,
             batch_size=batch_size,
             workers=workers,

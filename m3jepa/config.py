@@ -33,7 +33,8 @@ class EncodeConfig:
     label_encoder: str | None = None  # "onehot" for class labels as a modality
     store_root: str = "stores"
     format: str = "zarr"  # zarr | hdf5
-    kind: str = "pooled"  # pooled | tokens
+    kind: str = "pooled"  # pooled | tokens | prefix (states entering the last tunable_layers; docs/lora.md)
+    tunable_layers: int = 3  # kind = prefix: how many final encoder layers stage 2 runs (and may LoRA-tune)
     dtype: str = "float16"  # float16 | float32
     batch_size: int = 64
     workers: int = 2
@@ -46,7 +47,8 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         _choice("encode.format", self.format, ("zarr", "hdf5"))
-        _choice("encode.kind", self.kind, ("pooled", "tokens"))
+        _choice("encode.kind", self.kind, ("pooled", "tokens", "prefix"))
+        _positive("encode.tunable_layers", self.tunable_layers)
         _choice("encode.dtype", self.dtype, ("float16", "float32"))
         _choice("encode.device", self.device, ("auto", "cpu", "cuda"))
         _positive("encode.batch_size", self.batch_size)

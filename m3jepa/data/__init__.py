@@ -20,6 +20,9 @@ _LOADERS = {
     "fashion-mnist": ("m3jepa.data.fashion_mnist", "load_fashion_mnist"),
     "imagefolder": ("m3jepa.data.imagefolder", "load_imagefolder"),
     "imagenet": ("m3jepa.data.imagefolder", "load_imagenet"),
+    "easy-vqa": ("m3jepa.data.easy_vqa", "load_easy_vqa"),
+    "vqav2": ("m3jepa.data.vqav2", "load_vqav2"),
+    "nlvr2": ("m3jepa.data.nlvr2", "load_nlvr2"),
 }
 
 _PAPER_ENCODERS = {"image": "dinov2-large", "text": "llama3-8b"}
@@ -44,6 +47,11 @@ DEFAULT_ENCODERS: dict[str, dict[str, str]] = {
     "fashion-mnist": {"image": "efficientnet-lite0", "label": "onehot"},
     "imagefolder": {"image": "efficientnet-lite0", "label": "onehot"},
     "imagenet": {"image": "dinov2-large", "label": "onehot"},
+    # VQA: question and answer stores are text, NLVR2's right image (image2) an image (docs/vqa.md)
+    "easy-vqa": {"image": "efficientnet-lite0", "question": "minilm-l6", "answer": "minilm-l6"},
+    "vqav2": {"image": "dinov2-large", "question": "llama3-8b", "answer": "llama3-8b"},
+    "nlvr2": {"image": "dinov2-large", "image2": "dinov2-large",
+              "question": "llama3-8b", "answer": "llama3-8b"},
 }
 
 

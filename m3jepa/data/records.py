@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-MODALITIES = ("image", "text", "audio", "label")
+MODALITIES = ("image", "text", "audio", "label", "image2", "question", "answer")
+# Store names that are not encoder modalities: a question or answer store is text, the second image of
+# an NLVR2 pair is an image, so any encoder of that modality may fill it (docs/vqa.md).
+ENCODER_MODALITY = {"question": "text", "answer": "text", "image2": "image"}
+
+
+def encoder_modality(store_modality: str) -> str:
+    """The encoder modality that fills a store: "question" → "text"; the name itself otherwise."""
+    return ENCODER_MODALITY.get(store_modality, store_modality)
 
 
 class DatasetError(ValueError):

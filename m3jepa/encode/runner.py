@@ -17,12 +17,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from m3jepa.config import EncodeConfig
-from m3jepa.data.records import BadItemError, DatasetError, Record, membership_fingerprint
+from m3jepa.data.records import BadItemError, DatasetError, Record, encoder_modality, membership_fingerprint
 from m3jepa.encode.distributed import DistContext, process_group
 from m3jepa.encode.plan import batch_order
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
-from m3jepa.store.manifest import SHARDS, Manifest, atomic_write_text, rows_from_records, shard_stem
+from m3jepa.store.manifest import (
+    RAGGED_KINDS,
+    SHARDS,
+    Manifest,
+    atomic_write_text,
+    prefix_variant,
+    rows_from_records,
+    shard_stem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,11 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
         for sample_id, reason in dropped:
             log.warning("dropped while loading %s (--skip-bad): %s: %s", cfg.dataset, sample_id, reason)
         jobs = plan_jobs(cfg, dataset)
+        if ctx.is_main and hasattr(dataset, "join_table"):  # VQA: question -> image and answer links
+            from m3jepa.data.vqa import write_join_tables
+
+            splits = list(dict.fromkeys(j.split for j in jobs))
+            write_join_tables(cfg.store_root, cfg.dataset, dataset, splits)
         # Rank 0's view decides, so all ranks agree on which stores to enter (each store has barriers).
         cached = ctx.gather([_is_complete(job) for job in jobs])[0]
         summary = EncodeSummary(world_size=ctx.world_size)
@@ -76,18 +89,48 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
     jobs = []
     for modality in _modalities(cfg, dataset):
         spec = _spec(cfg, modality, dataset)
+        prefix = _prefix_fields(cfg, spec)
         for split in splits:
             records = dataset.records(split, modality)
             manifest = Manifest(
                 dataset=cfg.dataset, split=split, modality=modality,
                 membership=membership_fingerprint(records), rows=len(records), encoder=spec.name,
                 encoder_revision=spec.revision, pooling=spec.pooling, layers=spec.layers, dim=spec.dim,
-                dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size,
+                dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size, **prefix,
             )
-            path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name)
+            variant = prefix_variant(cfg.tunable_layers) if cfg.kind == "prefix" else ""
+            path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name, variant)
             dropped = list(getattr(dataset, "skipped", []))
             jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped))
     return jobs
+
+
+def _prefix_fields(cfg: EncodeConfig, spec: EncoderSpec) -> dict[str, Any]:
+    # kind = prefix: where the encoder is cut, from its config alone (no weights are read at planning)
+    if cfg.kind != "prefix":
+        return {}
+    from m3jepa.encoders.layers import stack_geometry
+
+    g = stack_geometry(spec, cfg.tunable_layers)
+    return {"layer_index": g.layer_index, "tunable_layers": g.tunable_layers, "state_dim": g.state_dim,
+            "state_grid": list(g.state_grid) if g.state_grid else None}
+
+
+def _load_encoder(job: StoreJob, cfg: EncodeConfig, device: torch.device, dtype: torch.dtype) -> Encoder:
+    """The job's encoder; for kind = prefix seen through its layer stack, checked against the manifest."""
+    encoder = job.spec.factory(device, dtype)
+    if cfg.kind != "prefix":
+        return encoder
+    from m3jepa.encoders.layers import PrefixEncoder, StackGeometry
+
+    wrapped = PrefixEncoder(encoder, cfg.tunable_layers)
+    m = job.manifest
+    planned = StackGeometry(m.layer_index, m.tunable_layers, m.state_dim,  # type: ignore[arg-type]
+                            tuple(m.state_grid) if m.state_grid else None)  # type: ignore[arg-type]
+    if wrapped.stack.geometry != planned:
+        raise EncoderError(f"{job.spec.name}: the loaded model's layer stack {wrapped.stack.geometry} "
+                           f"disagrees with the one planned from its config, {planned}")
+    return wrapped
 
 
 def _modalities(cfg: EncodeConfig, dataset: Any) -> list[str]:
@@ -105,7 +148,9 @@ def _modalities(cfg: EncodeConfig, dataset: Any) -> list[str]:
 def _encoder_name(cfg: EncodeConfig, modality: str) -> str | None:
     from m3jepa.data import DEFAULT_ENCODERS
 
+    # a question/answer store takes encode.text_encoder when set (there is no question_encoder key)
     chosen = getattr(cfg, f"{modality}_encoder", None)
+    chosen = chosen or getattr(cfg, f"{encoder_modality(modality)}_encoder", None)
     return chosen or DEFAULT_ENCODERS.get(cfg.dataset, {}).get(modality)
 
 
@@ -120,10 +165,10 @@ def _spec(cfg: EncodeConfig, modality: str, dataset: Any) -> EncoderSpec:
         from m3jepa.encoders.onehot import bind_to_dataset
 
         spec = bind_to_dataset(spec, dataset)
-    if spec.modality != modality:
+    if spec.modality != encoder_modality(modality):  # a question store takes a text encoder (docs/vqa.md)
         raise EncoderError(
-            f"encoder {name!r} encodes {spec.modality}, not {modality}; pass a {modality} encoder "
-            f"with --{modality}-encoder"
+            f"encoder {name!r} encodes {spec.modality}, not {encoder_modality(modality)}; pass a "
+            f"{encoder_modality(modality)} encoder with --{encoder_modality(modality)}-encoder"
         )
     return spec
 
@@ -161,7 +206,7 @@ def _encode_jobs(
             continue
         if job.spec.name not in encoders:
             start = time.perf_counter()
-            encoders[job.spec.name] = job.spec.factory(device, compute_dtype)
+            encoders[job.spec.name] = _load_encoder(job, cfg, device, compute_dtype)
             log.info("loaded encoder %s on %s in %.1f s", job.spec.name, device, time.perf_counter() - start)
         yield encode_store(job, encoders[job.spec.name], cfg, ctx)
         if last_use[job.spec.name] == i:  # free a large model before loading the next one
@@ -287,7 +332,8 @@ def encode_shards(
 
 def _shard_batches(job: StoreJob, lo: int, hi: int, batch_size: int) -> list[list[int]]:
     # Text is sorted by length so a batch pads little; character length is known without tokenizing.
-    lengths = [len(r.payload) for r in job.records[lo:hi]] if job.modality == "text" else None
+    text = encoder_modality(job.modality) == "text"
+    lengths = [len(r.payload) for r in job.records[lo:hi]] if text else None
     return [[lo + p for p in batch] for batch in batch_order(lengths, hi - lo, batch_size)]
 
 
@@ -310,17 +356,17 @@ def _encode_batch(encoder: Encoder, batch: _Batch, kind: str, lo: int, features:
         out = encoder.encode(batch.inputs, kind)
     positions = [row - lo for row in batch.rows]  # batch order → shard positions (restores row order)
     features[positions] = out.pooled.float().cpu().numpy()  # (b, D)
-    if kind == "tokens":
+    if kind in RAGGED_KINDS:
         for p, t in zip(positions, out.tokens, strict=True):
-            tokens[p] = t.float().cpu().numpy()  # (T_i, D)
+            tokens[p] = t.float().cpu().numpy()  # (T_i, D) or, for prefix, (T_i, D_state)
 
 
 def _write_shard(writer: Any, job: StoreJob, index: int, features: np.ndarray,
                  tokens: list[np.ndarray | None], skipped: list[dict[str, Any]], kind: str) -> int:
     # The skip list is written before the shard commits, so a committed shard always has its list.
     write_skip_list(job.path, index, skipped)
-    if kind == "tokens":
-        empty = np.zeros((0, job.spec.dim), dtype=np.float32)
+    if kind in RAGGED_KINDS:
+        empty = np.zeros((0, job.manifest.token_width), dtype=np.float32)
         parts = [t if t is not None else empty for t in tokens]  # a skipped row has no tokens
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([p.shape[0] for p in parts])

@@ -23,7 +23,7 @@ class DirectionEmbeddings:
     gallery: np.ndarray  # (G, d) float32
     query_groups: np.ndarray  # (Q,)
     gallery_groups: np.ndarray  # (G,)
-    query_rows: np.ndarray  # (Q,) row ids in the source store
+    query_rows: np.ndarray  # (Q,) row ids in the source store; (Q, S) for a concatenated input
     gallery_rows: np.ndarray  # (G,) row ids in the target store
 
 
@@ -38,6 +38,8 @@ def retrieval_rows(data: PairedSplit, direction: str, protocol: str) -> tuple[np
     """(query rows, gallery rows): every source and target row that has a partner in this split."""
     src, tgt = parse_direction(direction)
     rows_s, rows_t = data.pairs[direction]
+    if rows_s.ndim == 2:  # a concatenated input: every (image, question) pair is one query
+        return rows_s, np.unique(rows_t)
     q, g = np.unique(rows_s), np.unique(rows_t)
     if protocol == "paired":
         q = first_per_group(q, data.modalities[src].group_ids)
@@ -59,12 +61,10 @@ def embed_direction(
         raise ValueError(f"space {space!r} is not one of {SPACES}")
     src, tgt = parse_direction(direction)
     q_rows, g_rows = retrieval_rows(data, direction, protocol)
-    xs = data.modalities[src].features
     ys = data.modalities[tgt].features
     queries, gallery = [], []
     for i in range(0, len(q_rows), batch_size):
-        x = xs[torch.from_numpy(q_rows[i : i + batch_size])].float()  # (b, D_src)
-        out = predictor(src, x, tgt)
+        out = predictor(src, source_batch(data, src, q_rows[i : i + batch_size]), tgt)
         if space == "pred" and out.pred is None:
             raise ValueError("this predictor has no prediction head; score it in the 'cl' space")
         queries.append(out.pred if space == "pred" else out.cl_query)
@@ -76,11 +76,30 @@ def embed_direction(
         space=space,
         queries=_normalise(torch.cat(queries)),
         gallery=_normalise(torch.cat(gallery)),
-        query_groups=data.modalities[src].group_ids[q_rows],
+        query_groups=query_groups(data, direction, q_rows),
         gallery_groups=data.modalities[tgt].group_ids[g_rows],
         query_rows=q_rows,
         gallery_rows=g_rows,
     )
+
+
+def source_batch(data: PairedSplit, src: str | tuple[str, ...], rows: np.ndarray):
+    """Source latents of `rows`: (b, D_src), or {modality: (b, D_m)} when rows is (b, S)."""
+    if isinstance(src, str):
+        return data.modalities[src].features[torch.from_numpy(rows)].float()  # (b, D_src)
+    return {m: data.modalities[m].features[torch.from_numpy(rows[:, j])].float() for j, m in enumerate(src)}
+
+
+def query_groups(data: PairedSplit, direction: str, q_rows: np.ndarray) -> np.ndarray:
+    """The group each query must retrieve: its source group, or for a concatenated input (one pair per
+    question) the group of its paired target row (the question's answer)."""
+    src, tgt = parse_direction(direction)
+    if isinstance(src, str):
+        return data.modalities[src].group_ids[q_rows]
+    rows_s, rows_t = data.pairs[direction]
+    if q_rows is not rows_s:
+        raise ValueError("a concatenated input's queries are its pairs, in pair order")
+    return data.modalities[tgt].group_ids[rows_t]
 
 
 def _normalise(t: torch.Tensor) -> np.ndarray:

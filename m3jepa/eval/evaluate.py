@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction
+from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
 from m3jepa.eval.retrieval import retrieval_metrics, topk_search
 from m3jepa.train.checkpoint import CheckpointError, load_checkpoint
 from m3jepa.train.data import PairedSplit, load_split, parse_direction
@@ -45,8 +45,9 @@ class EvalMetrics:
 
     def table(self) -> str:
         from m3jepa.eval.report import metrics_table
+        from m3jepa.eval.vqa import vqa_lines
 
-        return metrics_table(self.data) + _classification_tables(self.data)
+        return metrics_table(self.data) + _classification_tables(self.data) + vqa_lines(self.data)
 
 
 def _classification(directions: list[str], space: str, embeddings) -> dict[str, Any]:
@@ -60,6 +61,13 @@ def _classification(directions: list[str], space: str, embeddings) -> dict[str, 
             res = classify_groups(emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups)
             out[d] = res.to_json()
     return out
+
+
+def _vqa(predictor: nn.Module, data: PairedSplit, directions: list[str], space: str) -> dict[str, Any]:
+    """Directions into the `answer` modality of a VQA split: VQA accuracy by nearest answer (eval/vqa.py)."""
+    from m3jepa.eval.vqa import vqa_metrics
+
+    return vqa_metrics(predictor, data, directions, space)
 
 
 def _classification_tables(metrics: dict[str, Any]) -> str:
@@ -122,6 +130,9 @@ def evaluate_run(
     classification = _classification(cfg.train.directions, headline, embeddings)
     if classification:
         metrics["classification"] = classification
+    vqa = _vqa(predictor, data, cfg.train.directions, headline)
+    if vqa:
+        metrics["vqa"] = vqa
     _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
     return EvalMetrics(metrics)
 
@@ -162,12 +173,11 @@ def _latency_ms(
     """Median ms for one query: predictor forward on one row plus exact top-10 search of the gallery."""
     src, tgt = parse_direction(direction)
     emb = embeddings[(direction, space)]
-    feats = data.modalities[src].features
     times = []
     for i in range(repeats):
-        row = int(emb.query_rows[i % len(emb.query_rows)])
+        rows = emb.query_rows[i % len(emb.query_rows)][None]  # (1,) or (1, S)
         t0 = time.perf_counter()
-        out = predictor(src, feats[row : row + 1].float(), tgt)
+        out = predictor(src, source_batch(data, src, rows), tgt)
         q = torch.nn.functional.normalize((out.pred if space == "pred" else out.cl_query).float(), dim=-1)
         # One query never pays for building a faiss index: the matmul path is the exact search here.
         topk_search(q.numpy(), emb.gallery, min(10, len(emb.gallery)), use_faiss=False)
@@ -181,7 +191,9 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
 
     default = (split, protocol) == ("test", "multi")
     files = write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
-    extra = _classification_tables(metrics)
+    from m3jepa.eval.vqa import vqa_lines
+
+    extra = _classification_tables(metrics) + vqa_lines(metrics)
     if extra:
         files.markdown.write_text(files.markdown.read_text() + extra)
     if (run_dir / "metrics.jsonl").exists():
@@ -202,7 +214,10 @@ def _similarity_10x10(emb: DirectionEmbeddings, data: PairedSplit, direction: st
     q_idx = [i for i, g in enumerate(emb.query_groups) if g in first_of_group][:10]
     g_idx = [first_of_group[emb.query_groups[i]] for i in q_idx]
     sim = emb.queries[q_idx] @ emb.gallery[g_idx].T  # (10, 10)
-    labels = [_label(data, src, int(emb.query_rows[i])) for i in q_idx]
+    if isinstance(src, str):
+        labels = [_label(data, src, int(emb.query_rows[i])) for i in q_idx]
+    else:  # a concatenated input is labelled by its last part (the question)
+        labels = [_label(data, src[-1], int(emb.query_rows[i][-1])) for i in q_idx]
     cols = [_label(data, tgt, int(emb.gallery_rows[j])) for j in g_idx]
     return sim, labels, cols
 

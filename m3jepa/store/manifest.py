@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m3jepa.data.records import encoder_modality
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ROWS = "rows.jsonl"
 SHARDS = "shards"
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}  # format → shard file suffix
 DTYPES = ("float16", "float32")
-KINDS = ("pooled", "tokens")
+KINDS = ("pooled", "tokens", "prefix")  # prefix: hidden states entering the first tunable layer
+RAGGED_KINDS = ("tokens", "prefix")  # kinds that store ragged (sum T_i, width) rows plus offsets
 
 # The fields a resumed writer must agree on with the store it finds: any difference means the
 # cached rows would mix two encodings, so it is refused rather than merged.
@@ -36,6 +39,10 @@ IDENTITY_FIELDS = (
     "kind",
     "format",
     "shard_size",
+    "layer_index",
+    "tunable_layers",
+    "state_dim",
+    "state_grid",
 )
 
 
@@ -93,6 +100,12 @@ class Manifest:
     kind: str = "pooled"
     format: str = "zarr"
     shard_size: int = 2048
+    # kind = prefix only (None otherwise): the first tunable layer, how many layers are tunable, the
+    # width of the stored states and, for convnets, the (H, W) grid their H*W token rows unflatten to
+    layer_index: int | None = None
+    tunable_layers: int | None = None
+    state_dim: int | None = None
+    state_grid: list[int] | None = None
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {row_id, sample_id, reason}
     # Items the dataset dropped while loading (--skip-bad): they have no row, so no row id.
@@ -113,10 +126,32 @@ class Manifest:
                 f"manifest needs dim > 0, shard_size > 0, rows >= 0 (got {self.dim}, "
                 f"{self.shard_size}, {self.rows})"
             )
+        self._check_prefix_fields()
         if not self.m3jepa_version:
             from m3jepa import __version__
 
             self.m3jepa_version = __version__
+
+    def _check_prefix_fields(self) -> None:
+        fields = (self.layer_index, self.tunable_layers, self.state_dim)
+        if self.kind != "prefix":
+            if any(f is not None for f in (*fields, self.state_grid)):
+                raise StoreError(f"manifest kind={self.kind!r} cannot carry prefix fields (layer_index, ...)")
+            return
+        if any(not isinstance(f, int) for f in fields) or self.layer_index < 0 or min(fields[1:]) <= 0:
+            raise StoreError(
+                f"manifest kind 'prefix' needs layer_index >= 0, tunable_layers > 0 and state_dim > 0 "
+                f"(got {self.layer_index}, {self.tunable_layers}, {self.state_dim})"
+            )
+        if self.state_grid is not None:
+            self.state_grid = [int(v) for v in self.state_grid]  # JSON lists and tuples compare equal
+            if len(self.state_grid) != 2 or min(self.state_grid) <= 0:
+                raise StoreError(f"manifest state_grid={self.state_grid!r} must be [H, W] with H, W > 0")
+
+    @property
+    def token_width(self) -> int:
+        """The width of the ragged token rows: state_dim for prefix stores, dim for tokens stores."""
+        return self.state_dim if self.kind == "prefix" else self.dim  # type: ignore[return-value]
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -179,7 +214,8 @@ def rows_from_records(
             row_id=r.row_id,
             sample_id=r.sample_id,
             group_id=r.group_id,
-            text=r.payload if r.modality == "text" else None,
+            # question and answer rows are text too (encoded by a text encoder; docs/vqa.md)
+            text=r.payload if encoder_modality(r.modality) == "text" else None,
             valid=r.row_id not in skipped_row_ids,
         )
         for r in records
@@ -218,15 +254,26 @@ def _component(kind: str, value: str) -> str:
     return value
 
 
-def store_path(store_root: str | Path, dataset: str, split: str, modality: str, encoder: str) -> Path:
-    """`<store_root>/<dataset>/<split>/<modality>/<encoder-slug>/`: one store per encoding of a split."""
+def store_path(
+    store_root: str | Path, dataset: str, split: str, modality: str, encoder: str, variant: str = ""
+) -> Path:
+    """`<store_root>/<dataset>/<split>/<modality>/<encoder-slug>[.<variant>]/`: one store per encoding.
+
+    `variant` keeps other encodings of the same rows apart, e.g. "prefix3" for a prefix store.
+    """
+    name = encoder_slug(encoder) + (f".{_component('variant', variant)}" if variant else "")
     return (
         Path(store_root)
         / _component("dataset", dataset)
         / _component("split", split)
         / _component("modality", modality)
-        / encoder_slug(encoder)
+        / name
     )
+
+
+def prefix_variant(tunable_layers: int) -> str:
+    """The store_path variant of a prefix store: its states enter the last `tunable_layers` layers."""
+    return f"prefix{tunable_layers}"
 
 
 def shard_stem(index: int) -> str:

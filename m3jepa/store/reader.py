@@ -15,6 +15,7 @@ import numpy as np
 from m3jepa.store.backends import ShardHandle, open_shard
 from m3jepa.store.manifest import (
     MANIFEST,
+    RAGGED_KINDS,
     ROWS,
     IncompleteStoreError,
     Manifest,
@@ -149,8 +150,8 @@ class FeatureStore:
     # ------------------------------------------------------------ tokens
 
     def read_tokens(self, row_ids: Any, dtype: Any = np.float32) -> list[np.ndarray]:
-        """For kind = tokens: one (T_i, D) array per row id, in the order given."""
-        if self.manifest.kind != "tokens":
+        """For kind = tokens (or prefix): one (T_i, width) array per row id, in the order given."""
+        if self.manifest.kind not in RAGGED_KINDS:
             raise StoreError(
                 f"{self.path} holds pooled features only (kind 'pooled'); encode with "
                 f"--kind tokens to get token latents"
@@ -165,9 +166,28 @@ class FeatureStore:
             out.append(np.asarray(self._handle(shard)["tokens"][a:b], dtype=out_dtype))
         return out
 
+    def read_prefix(self, row_ids: Any, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """For kind = prefix: the rows' states right-padded to (B, T, state_dim), and their mask (B, T).
+
+        The mask is implied by each row's length (offsets): True on the row's own positions. A convnet's
+        rows all have H*W positions (manifest.state_grid), so its mask is all True.
+        """
+        if self.manifest.kind != "prefix":
+            raise StoreError(
+                f"{self.path} is a {self.manifest.kind!r} store; encode with --kind prefix for prefix states"
+            )
+        rows = self.read_tokens(row_ids, dtype)
+        longest = max((r.shape[0] for r in rows), default=0)
+        states = np.zeros((len(rows), longest, self.manifest.token_width), dtype=self._out_dtype(dtype))
+        mask = np.zeros((len(rows), longest), dtype=bool)  # (B, T_max)
+        for i, r in enumerate(rows):
+            states[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+        return states, mask
+
     def token_counts(self) -> np.ndarray:
-        """(rows,) int64: T_i of every row (kind = tokens)."""
-        if self.manifest.kind != "tokens":
+        """(rows,) int64: T_i of every row (kind = tokens or prefix)."""
+        if self.manifest.kind not in RAGGED_KINDS:
             raise StoreError(f"{self.path} holds pooled features only (kind 'pooled')")
         return np.concatenate(
             [np.diff(self._shard_offsets(s.index)) for s in self.manifest.shards] or [np.zeros(0, np.int64)]

@@ -12,6 +12,7 @@ import numpy as np
 from m3jepa.data.records import membership_fingerprint
 from m3jepa.store.backends import checksum, open_shard
 from m3jepa.store.manifest import (
+    RAGGED_KINDS,
     ROWS,
     Manifest,
     RowMeta,
@@ -112,7 +113,7 @@ def _check_shard(store: Path, m: Manifest, info: ShardInfo) -> list[str]:
 
 def _check_arrays(arrays: dict, m: Manifest, info: ShardInfo) -> list[str]:
     problems = []
-    names = {"features", "tokens", "offsets"} if m.kind == "tokens" else {"features"}
+    names = {"features", "tokens", "offsets"} if m.kind in RAGGED_KINDS else {"features"}
     if set(arrays) != names:
         return [f"holds arrays {sorted(arrays)}, expected {sorted(names)}"]
     feats = arrays["features"]
@@ -120,7 +121,9 @@ def _check_arrays(arrays: dict, m: Manifest, info: ShardInfo) -> list[str]:
         problems.append(f"features shape {tuple(feats.shape)}, expected ({info.rows}, {m.dim})")
     if np.dtype(feats.dtype) != np.dtype(m.dtype):
         problems.append(f"features dtype {feats.dtype}, manifest says {m.dtype}")
-    if m.kind == "tokens":
+    if m.kind in RAGGED_KINDS:
+        if tuple(arrays["tokens"].shape[1:]) != (m.token_width,):
+            problems.append(f"tokens shape {tuple(arrays['tokens'].shape)}, expected (T, {m.token_width})")
         offsets = np.asarray(arrays["offsets"][:])
         if offsets.shape != (info.rows + 1,) or offsets[0] != 0 or offsets[-1] != arrays["tokens"].shape[0]:
             problems.append(f"offsets {offsets.shape} do not span the {arrays['tokens'].shape[0]} token rows")

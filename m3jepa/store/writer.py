@@ -184,11 +184,11 @@ class StoreWriter:
                 raise ValueError(f"{where}: tokens/offsets given but the store's kind is 'pooled'")
             return arrays
         if tokens is None or offsets is None:
-            raise ValueError(f"{where}: kind 'tokens' needs tokens (sum T_i, D) and offsets (n+1,)")
+            raise ValueError(f"{where}: kind {m.kind!r} needs tokens (sum T_i, D) and offsets (n+1,)")
         tokens = _cast(np.asarray(tokens), m.dtype, "tokens", where)
         offsets = np.asarray(offsets)
-        if tokens.ndim != 2 or tokens.shape[1] != m.dim:
-            raise ValueError(f"{where}: tokens have shape {tokens.shape}, expected (T, {m.dim})")
+        if tokens.ndim != 2 or tokens.shape[1] != m.token_width:
+            raise ValueError(f"{where}: tokens have shape {tokens.shape}, expected (T, {m.token_width})")
         if offsets.shape != (n + 1,) or not np.issubdtype(offsets.dtype, np.integer):
             raise ValueError(
                 f"{where}: offsets must be {n + 1} integers, got {offsets.dtype} {offsets.shape}"

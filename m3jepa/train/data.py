@@ -11,6 +11,8 @@ import torch
 
 from m3jepa.config import EncodeConfig, PipelineConfig
 from m3jepa.data import DEFAULT_ENCODERS
+from m3jepa.data.records import encoder_modality
+from m3jepa.data.vqa import JoinTable, read_join_table
 from m3jepa.store import open_store, store_path
 
 log = logging.getLogger(__name__)
@@ -20,19 +22,27 @@ class StoreDataError(ValueError):
     """Stores that cannot be trained or scored together; the message names the cause and the fix."""
 
 
-def parse_direction(direction: str) -> tuple[str, str]:
-    """'image->text' → ('image', 'text')."""
+def parse_direction(direction: str) -> tuple[str | tuple[str, ...], str]:
+    """'image->text' → ('image', 'text'); a concatenated input 'image+question->answer' →
+    (('image', 'question'), 'answer'), the form the predictor takes."""
     source, _, target = direction.partition("->")
-    if not source or not target:
+    sources = tuple(s.strip() for s in source.split("+"))
+    if not source or not target or not all(sources):
         raise StoreDataError(f"direction {direction!r} is not of the form 'source->target'")
-    return source.strip(), target.strip()
+    return (sources[0] if len(sources) == 1 else sources), target.strip()
+
+
+def source_modalities(source: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The modalities of a parsed source, as a tuple."""
+    return (source,) if isinstance(source, str) else source
 
 
 def direction_modalities(directions: list[str]) -> list[str]:
     """The modalities a list of directions touches, in first-seen order."""
     seen: list[str] = []
     for d in directions:
-        for m in parse_direction(d):
+        source, target = parse_direction(d)
+        for m in (*source_modalities(source), target):
             if m not in seen:
                 seen.append(m)
     return seen
@@ -40,7 +50,9 @@ def direction_modalities(directions: list[str]) -> list[str]:
 
 def encoder_for(enc: EncodeConfig, modality: str) -> str:
     """The encoder whose store feeds `modality`: the configured one, else the dataset's default."""
+    # a question/answer store takes encode.text_encoder when set, as in stage 1 (docs/vqa.md)
     name = getattr(enc, f"{modality}_encoder", None)
+    name = name or getattr(enc, f"{encoder_modality(modality)}_encoder", None)
     if name:
         return name
     defaults = DEFAULT_ENCODERS.get(enc.dataset, {})
@@ -143,13 +155,85 @@ def _rows_per_group(m: ModalityFeatures) -> float:
     return len(m.group_ids) / max(1, len(set(m.group_ids.tolist())))
 
 
+def join_rows(
+    mods: dict[str, ModalityFeatures],
+    sources: tuple[str, ...],
+    target: str,
+    join: JoinTable,
+    keep_unanswered: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Join through the anchor (question) store: (source rows (P, S), target rows (P,)), one per question.
+
+    Column j of the source rows indexes store sources[j]. The join table maps each question id to the
+    group id of its row in every other store. A question whose target link is None (its answer is
+    outside the K candidates) has target row -1 when `keep_unanswered`, else it is left out; one whose
+    partner row was skipped at encode time is left out; a link to a group absent from a store is an
+    error (the stores and the table come from different encodes).
+    """
+    anchor = mods.get(join.anchor)
+    if anchor is None:
+        raise StoreDataError(f"a direction over this split's join table must include {join.anchor!r}")
+    index = {m: _row_index(mods[m]) for m in (*sources, target) if m != join.anchor}
+    rows_s, rows_t = [], []
+    for row, (qid, ok) in enumerate(zip(anchor.group_ids, anchor.valid, strict=True)):
+        links = join.links.get(qid)
+        if links is None:
+            raise StoreDataError(
+                f"question {qid!r} of {anchor.store} is not in the split's join table: re-encode the split"
+            )
+        picked = [
+            row if m == join.anchor else _linked(index, mods, m, links, qid) for m in (*sources, target)
+        ]  # one row per source, then the target's
+        if not ok or any(p is None for p in picked[:-1]) or (picked[-1] is None and not keep_unanswered):
+            continue
+        rows_s.append(picked[:-1])
+        rows_t.append(-1 if picked[-1] is None else picked[-1])
+    if not rows_s:
+        raise StoreDataError(f"no question of {anchor.store} has all of {', '.join(sources)} and {target}")
+    return np.asarray(rows_s, dtype=np.int64), np.asarray(rows_t, dtype=np.int64)
+
+
+def _row_index(m: ModalityFeatures) -> tuple[dict[object, int], set[object]]:
+    """(group id → its first valid row, groups whose rows were skipped at encode time)."""
+    index: dict[object, int] = {}
+    for row, (g, ok) in enumerate(zip(m.group_ids, m.valid, strict=True)):
+        if ok:
+            index.setdefault(g, row)
+    return index, {g for g, ok in zip(m.group_ids, m.valid, strict=True) if not ok} - set(index)
+
+
+def _linked(
+    index: dict[str, tuple[dict[object, int], set[object]]],
+    mods: dict[str, ModalityFeatures],
+    modality: str,
+    links: dict,
+    qid: object,
+) -> int | None:
+    group = links.get(modality)
+    if group is None:  # an answer outside the K candidates
+        return None
+    rows, skipped = index[modality]
+    if group in rows:
+        return rows[group]
+    if group in skipped:
+        return None
+    raise StoreDataError(
+        f"question {qid!r} links to {modality} {group!r}, which {mods[modality].store} does not hold: "
+        "the stores come from different encodes; re-encode the split"
+    )
+
+
 @dataclass
 class PairedSplit:
-    """All modalities of one split, and for each direction the paired row indices."""
+    """All modalities of one split, and for each direction the paired row indices.
+
+    Source rows are (P,) for one source modality and (P, S) for a concatenated input of S modalities.
+    """
 
     split: str
     modalities: dict[str, ModalityFeatures]
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # direction → (source rows, target rows)
+    join: JoinTable | None = None  # VQA datasets: question → image and answer links (docs/vqa.md)
 
     def num_pairs(self, direction: str) -> int:
         return len(self.pairs[direction][0])
@@ -161,17 +245,39 @@ class PairedSplit:
 def load_split(cfg: PipelineConfig, split: str, directions: list[str]) -> PairedSplit:
     """Load every modality the directions need for `split`, and pair them per direction."""
     mods = {m: load_modality(cfg, split, m) for m in direction_modalities(directions)}
+    join = read_join_table(cfg.encode.store_root, cfg.encode.dataset, split)
+    if join is not None and join.anchor in mods:
+        _check_join(join, mods[join.anchor])
     pairs = {}
     for d in directions:
         src, tgt = parse_direction(d)
-        pairs[d] = pair_rows(mods[src], mods[tgt])
+        if join is not None and join.anchor in (*source_modalities(src), tgt):
+            rows_s, rows_t = join_rows(mods, source_modalities(src), tgt, join)
+            pairs[d] = (rows_s[:, 0] if isinstance(src, str) else rows_s, rows_t)
+        elif isinstance(src, str):
+            pairs[d] = pair_rows(mods[src], mods[tgt])
+        else:
+            raise StoreDataError(
+                f"direction {d!r} concatenates inputs, which are joined through a dataset's join table "
+                f"(VQA datasets write one at encode time), but split {split!r} has none"
+            )
     log.info(
         "split %s: %s; pairs %s",
         split,
         ", ".join(f"{m} {len(f.group_ids)} rows x {f.dim}" for m, f in mods.items()),
         ", ".join(f"{d} {len(p[0])}" for d, p in pairs.items()),
     )
-    return PairedSplit(split=split, modalities=mods, pairs=pairs)
+    return PairedSplit(split=split, modalities=mods, pairs=pairs, join=join)
+
+
+def _check_join(join: JoinTable, anchor: ModalityFeatures) -> None:
+    from m3jepa.store.manifest import load_manifest
+
+    if load_manifest(anchor.store).membership != join.membership:
+        raise StoreDataError(
+            f"the join table beside {anchor.store} was written for other {join.anchor} rows "
+            "(another --limit or dataset version); re-run `m3jepa encode` for this split"
+        )
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.train import checkpoint as ckpt
-from m3jepa.train.data import PairedSplit, batch_indices, load_split
+from m3jepa.train.data import PairedSplit, batch_indices, load_split, parse_direction
 from m3jepa.train.distributed import (
     DistInfo,
     barrier,
@@ -245,13 +245,20 @@ def _train_step(
 
 
 def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: int, info: DistInfo):
-    """This rank's slice of the global batch of `step` for one direction: (x (b, D_s), y (b, D_t))."""
+    """This rank's slice of the global batch of `step` for one direction: (x (b, D_s), y (b, D_t)).
+
+    A concatenated input ('image+question->answer') gives x as {modality: (b, D_m)}.
+    """
     rows_s, rows_t = data.pairs[direction]
     idx = batch_indices(len(rows_s), batch_size, seed, step)
     idx = np.array_split(idx, info.world_size)[info.rank]
-    src, tgt = direction.split("->")
-    x = data.modalities[src.strip()].features[torch.from_numpy(rows_s[idx])].float()
-    y = data.modalities[tgt.strip()].features[torch.from_numpy(rows_t[idx])].float()
+    src, tgt = parse_direction(direction)
+    if isinstance(src, str):
+        x = data.modalities[src].features[torch.from_numpy(rows_s[idx])].float()
+    else:  # rows_s is (P, S): column j holds the rows of store src[j]
+        cols = {m: torch.from_numpy(rows_s[idx, j]) for j, m in enumerate(src)}
+        x = {m: data.modalities[m].features[rows].float() for m, rows in cols.items()}  # m -> (b, D_m)
+    y = data.modalities[tgt].features[torch.from_numpy(rows_t[idx])].float()
     return x, y
 
 

@@ -20,8 +20,10 @@ class Objective(nn.Module):
         self.predictor = build_predictor(model_cfg, dims)
         self.loss = AlignmentLoss(loss_cfg, model_cfg.predictor, model_cfg.load_balance_weight)
 
-    def forward(self, direction: str, x: Tensor, y: Tensor, dist_info: DistInfo | None = None) -> LossOutput:
-        """x (B, D_source) source latents, y (B, D_target) target latents of the same rows."""
+    def forward(
+        self, direction: str, x: Tensor | dict[str, Tensor], y: Tensor, dist_info: DistInfo | None = None
+    ) -> LossOutput:
+        """x (B, D_source) source latents (or {modality: (B, D_m)}), y (B, D_target) of the same rows."""
         info = dist_info or DistInfo()
         source, target = parse_direction(direction)
         out = self.predictor(source, x, target)
@@ -35,7 +37,7 @@ class Objective(nn.Module):
             keys,
             queries_all=gather_with_grad(out.cl_query, info),  # (W*B, d_cl)
             keys_all=gather_with_grad(keys, info),  # (W*B, d_cl)
-            offset=info.rank * x.shape[0],
+            offset=info.rank * y.shape[0],  # y: x is a dict for a concatenated input
         )
 
 

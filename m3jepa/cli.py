@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -250,6 +251,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     """Console-script entry point."""
+    # OpenMP threads that spin while waiting starve each other on shared cores: a small index_add took
+    # 189 ms with the default policy and 1.9 ms with PASSIVE (docs/benchmarks.md). Set before torch
+    # is imported (every stage imports it lazily); an explicit OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except KeyboardInterrupt:

@@ -252,8 +252,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main() -> None:
     """Console-script entry point."""
     # OpenMP threads that spin while waiting starve each other on shared cores: a small index_add took
-    # 189 ms with the default policy and 1.9 ms with PASSIVE (docs/benchmarks.md). Set before torch
-    # is imported (every stage imports it lazily); an explicit OMP_WAIT_POLICY wins.
+    # 189 ms on 2 spinning threads and 1.9 ms on 1, and PASSIVE took a training step from 22 to 127
+    # samples/s (docs/benchmarks.md). Set before torch is imported (every stage imports it lazily);
+    # an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()

@@ -4,7 +4,8 @@
         [--set train.num_threads=1]
 
 Retrieval directions report R@1/5/10 in the headline space; directions into `label` also report
-classification accuracy and macro F1 (docs/classification.md).
+classification accuracy and macro F1 (docs/classification.md), directions into `answer` VQA accuracy
+(docs/vqa.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def table(runs: list[dict]) -> str:
     for d in runs[0]["directions"]:
         cells = [_cell([r["directions"][d][k] for r in runs]) for k in ("R@1", "R@5", "R@10")]
         cls = [r.get("classification", {}).get(d) for r in runs]
-        cells += [_cell([c[k] for c in cls]) if all(cls) else "" for k in ("accuracy", "macro_f1")]
+        vqa = [r.get("vqa", {}).get(d) for r in runs]
+        scored = cls if all(cls) else vqa  # classification, or VQA accuracy for directions into answers
+        cells.append(_cell([c["accuracy"] for c in scored]) if all(scored) else "")
+        cells.append(_cell([c["macro_f1"] for c in cls]) if all(cls) else "")
         g = runs[0]["gallery"][d]
         lines.append(f"| {d} | " + " | ".join(cells) + f" | {g['queries']} × {g['gallery']} |")
     return "\n".join(lines)

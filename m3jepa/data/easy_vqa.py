@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from m3jepa.data.records import DatasetError
-from m3jepa.data.vqa import Question, VqaDataset, carve_val, check_images, top_answers
+from m3jepa.data.vqa import Question, VqaDataset, check_images, split_by_image, top_answers
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def load_easy_vqa(
     test_q, test_img = read_source(base, "test")
     train_q = check_images("easy-vqa", train_q, train_img, skip_bad, skipped)
     test_q = check_images("easy-vqa", test_q, test_img, skip_bad, skipped)
-    side = carve_val((q.images["image"] for q in train_q), seed, VAL_FRACTION)
-    questions = {
-        "train": [q for q in train_q if side[q.images["image"]] == "train"],
-        "val": [q for q in train_q if side[q.images["image"]] == "val"],
-        "test": test_q,
-    }
+    questions = split_by_image(train_q, test_q, seed, VAL_FRACTION)
     images = {"train": train_img, "val": train_img, "test": test_img}
     answers = top_answers(questions["train"], k=10_000)  # all of them: the package has 13
     log.info("easy-vqa (synthetic shapes): %s questions, %d answers",

@@ -165,6 +165,16 @@ class VqaDataset:
         return {s: {m: len(self.records(s, m)) for m in self.modalities()} for s in self.splits()}
 
 
+
+def split_by_image(train_q: list, test_q: list, seed: int, val_fraction: float) -> dict[str, list]:
+    """train/val/test questions: val carved from the training images, so no image is in two splits."""
+    side = carve_val((q.images["image"] for q in train_q), seed, val_fraction)
+    return {
+        "train": [q for q in train_q if side[q.images["image"]] == "train"],
+        "val": [q for q in train_q if side[q.images["image"]] == "val"],
+        "test": test_q,
+    }
+
 def check_images(
     name: str, questions: list[Question], image_paths: Mapping[str, str], skip_bad: bool,
     skipped: list[tuple[str, str]],

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from m3jepa.data.records import DatasetError
-from m3jepa.data.vqa import Question, VqaDataset, carve_val, check_images, normalize_answer, top_answers
+from m3jepa.data.vqa import (
+    Question,
+    VqaDataset,
+    check_images,
+    normalize_answer,
+    split_by_image,
+    top_answers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +78,7 @@ def load_vqav2(
     test_q, test_img = read_source(base, "val")
     train_q = check_images("vqav2", train_q, train_img, skip_bad, skipped)
     test_q = check_images("vqav2", test_q, test_img, skip_bad, skipped)
-    side = carve_val((q.images["image"] for q in train_q), seed, VAL_FRACTION)
-    questions = {
-        "train": [q for q in train_q if side[q.images["image"]] == "train"],
-        "val": [q for q in train_q if side[q.images["image"]] == "val"],
-        "test": test_q,
-    }
+    questions = split_by_image(train_q, test_q, seed, VAL_FRACTION)
     answers = top_answers(questions["train"], top_k)
     log.info("vqav2: %s questions, %d candidate answers",
              {s: len(q) for s, q in questions.items()}, len(answers))

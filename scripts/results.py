@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
+from _stats import mean_std
 
 from m3jepa.config import load_pipeline
 from m3jepa.runner import run_all
@@ -66,8 +66,7 @@ def table(results: dict[str, list[dict]]) -> str:
         cells = []
         for d in DIRECTIONS:
             for k in KS:
-                v = np.array([r["metrics"]["directions"][d][k] for r in runs])
-                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+                cells.append(mean_std([r["metrics"]["directions"][d][k] for r in runs]))
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {runs[0]['params']:,} |")
     return "\n".join(lines)
 

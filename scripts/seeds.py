@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
+from _stats import mean_std
 
 from m3jepa.config import load_pipeline
 from m3jepa.runner import run_all
@@ -27,11 +27,6 @@ def run_seed(pipeline: Path, seed: int, sets: list[str], workdir: Path) -> dict:
     return json.loads((workdir / "runs" / name / "metrics.json").read_text())
 
 
-def _cell(values: list[float]) -> str:
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
-
-
 def table(runs: list[dict]) -> str:
     """Markdown: one row per direction."""
     lines = [
@@ -39,12 +34,12 @@ def table(runs: list[dict]) -> str:
         "|---|" + "---:|" * 6,
     ]
     for d in runs[0]["directions"]:
-        cells = [_cell([r["directions"][d][k] for r in runs]) for k in ("R@1", "R@5", "R@10")]
+        cells = [mean_std([r["directions"][d][k] for r in runs]) for k in ("R@1", "R@5", "R@10")]
         cls = [r.get("classification", {}).get(d) for r in runs]
         vqa = [r.get("vqa", {}).get(d) for r in runs]
         scored = cls if all(cls) else vqa  # classification, or VQA accuracy for directions into answers
-        cells.append(_cell([c["accuracy"] for c in scored]) if all(scored) else "")
-        cells.append(_cell([c["macro_f1"] for c in cls]) if all(cls) else "")
+        cells.append(mean_std([c["accuracy"] for c in scored]) if all(scored) else "")
+        cells.append(mean_std([c["macro_f1"] for c in cls]) if all(cls) else "")
         g = runs[0]["gallery"][d]
         lines.append(f"| {d} | " + " | ".join(cells) + f" | {g['queries']} × {g['gallery']} |")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
+from _stats import mean_std
 
 from m3jepa.config import load_pipeline
 from m3jepa.runner import run_all
@@ -62,8 +62,7 @@ def table(tri: list[dict], pair: list[dict]) -> str:
         cells = []
         for k in KS:
             for arm in (tri, pair):
-                v = np.array([r[d][k] for r in arm])
-                cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+                cells.append(mean_std([r[d][k] for r in arm]))
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

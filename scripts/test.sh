@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python3 -m ruff check m3jepa tests bench
+python3 -m ruff check m3jepa tests bench scripts
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -23,6 +23,7 @@ from m3jepa.encoders.layers import (
     stack_geometry,
 )
 from m3jepa.store import Manifest, StoreError, StoreMismatchError, StoreWriter, open_store, verify_store
+from m3jepa.store.cli_views import inspect_view
 from m3jepa.store.manifest import rows_from_records
 
 CPU = torch.device("cpu")
@@ -235,6 +236,7 @@ def test_prefix_store_round_trip(tmp_path, fmt):
         records = [Record(i, f"s{i}", f"g{i}", "text", f"caption {i}") for i in range(n)]
         w.finalize(rows_from_records(records), [])
     assert verify_store(path).ok
+    assert "states entering layer 3 (3 tunable layers), state dim 5" in inspect_view(path)
     store = open_store(path)
     assert (store.manifest.kind, store.manifest.layer_index, store.manifest.state_dim) == ("prefix", 3, 5)
     assert store.token_counts().tolist() == [s.shape[0] for s in states]

@@ -88,10 +88,18 @@ def inspect_view(path: Path) -> str:
         f"size       {human_bytes(disk_size(path))} on disk",
         f"written by m3jepa {m.m3jepa_version}, schema {m.schema_version}",
     ]
-    if m.kind == "tokens" and m.shards:
+    if m.kind in ("tokens", "prefix") and m.shards:
         tokens = sum(s.tokens or 0 for s in m.shards)
         lines.append(f"tokens     {tokens} token rows ({tokens / max(m.rows, 1):.1f} per row)")
+    if m.kind == "prefix":
+        grid = f", grid {m.state_grid[0]}x{m.state_grid[1]}" if m.state_grid else ""
+        lines.append(
+            f"prefix     states entering layer {m.layer_index} ({m.tunable_layers} tunable layers), "
+            f"state dim {m.state_dim}{grid}"
+        )
     lines.append(f"skipped    {len(m.skipped)} rows")
+    if m.dropped:
+        lines.append(f"dropped    {len(m.dropped)} items left out while loading the dataset")
     for s in m.skipped[:10]:
         lines.append(f"  row {s['row_id']} {s['sample_id']}: {s['reason']}")
     if len(m.skipped) > 10:

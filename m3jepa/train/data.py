@@ -13,6 +13,7 @@ from m3jepa.config import EncodeConfig, PipelineConfig
 from m3jepa.data import DEFAULT_ENCODERS
 from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
+from m3jepa.model.predictor import parse_direction as _parse_direction
 from m3jepa.store import open_store, store_path
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,12 @@ class StoreDataError(ValueError):
 
 def parse_direction(direction: str) -> tuple[str | tuple[str, ...], str]:
     """'image->text' → ('image', 'text'); a concatenated input 'image+question->answer' →
-    (('image', 'question'), 'answer'), the form the predictor takes."""
-    source, _, target = direction.partition("->")
-    sources = tuple(s.strip() for s in source.split("+"))
-    if not source or not target or not all(sources):
-        raise StoreDataError(f"direction {direction!r} is not of the form 'source->target'")
-    return (sources[0] if len(sources) == 1 else sources), target.strip()
+    (('image', 'question'), 'answer'), the form the predictor takes (model.parse_direction parses)."""
+    try:
+        parsed = _parse_direction(direction)
+    except ValueError as e:
+        raise StoreDataError(str(e)) from None
+    return parsed.source, parsed.target
 
 
 def source_modalities(source: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -34,8 +34,9 @@ def measure(point: dict, steps: int) -> dict:
     from m3jepa.model.predictor import PAPER_DIMS, count_parameters, paper_preset
     from m3jepa.train.checkpoint import TrainState
     from m3jepa.train.distributed import DistInfo
-    from m3jepa.train.loop import _train_step, build_optimizer
+    from m3jepa.train.loop import _train_step
     from m3jepa.train.objective import Objective
+    from m3jepa.train.optim import build_optimizer
 
     model = paper_preset()
     model.num_experts, model.top_k = point["num_experts"], point["top_k"]

@@ -27,8 +27,8 @@ from m3jepa.model.predictor import PAPER_DIMS, paper_preset
 from m3jepa.store import Manifest, StoreWriter, open_store, rows_from_records
 from m3jepa.train.data import batch_indices
 from m3jepa.train.feeder import Prefetcher, StorePairs
-from m3jepa.train.loop import build_optimizer
 from m3jepa.train.objective import Objective
+from m3jepa.train.optim import build_optimizer
 
 DIRECTIONS = ["image->text", "text->image"]
 CAPTIONS = 5

@@ -10,8 +10,8 @@ from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.eval.fast_search import coco_topk, topk_bf16_exact
 from m3jepa.eval.retrieval import topk_search
 from m3jepa.model.moe import DenseMixer, MultiGateMoE, route
-from m3jepa.train.loop import adamw_impl, build_optimizer
 from m3jepa.train.objective import Objective
+from m3jepa.train.optim import adamw_impl, build_optimizer
 
 DIMS = {"image": 24, "text": 40}
 

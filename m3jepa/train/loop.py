@@ -24,6 +24,7 @@ from m3jepa.train.distributed import (
     shutdown,
 )
 from m3jepa.train.objective import Objective, loss_scalars
+from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -65,35 +66,6 @@ def total_steps(cfg: PipelineConfig, data: PairedSplit) -> int:
         return cfg.train.max_steps
     n = max(data.num_pairs(d) for d in cfg.train.directions)
     return cfg.train.epochs * max(1, n // cfg.train.batch_size)
-
-
-def build_optimizer(objective: Objective, cfg: PipelineConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the temperature (1-d parameters)."""
-    decay, no_decay = [], []
-    for p in objective.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, **adamw_impl(decay + no_decay))
-
-
-def adamw_impl(params: list[torch.Tensor]) -> dict[str, bool]:
-    """{"fused": True} where torch has a fused AdamW kernel for every parameter's device, else foreach.
-
-    The fused kernel updates each parameter in one pass over memory; on a 2-core CPU it is ~5x
-    faster than the for-each implementation at the paper's 140M parameters (docs/benchmarks.md).
-    Both compute the same update (to float32 rounding), and either is deterministic, so resumes
-    stay bit-exact.
-    """
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    fused_ok = {p.device.type for p in params} <= set(_get_fused_kernels_supported_devices())
-    if fused_ok and all(p.is_floating_point() for p in params):
-        return {"fused": True}
-    return {"foreach": True}
 
 
 def train(cfg: PipelineConfig, resume: bool = False) -> TrainResult:
@@ -238,9 +210,7 @@ def _train_step(
         p, c = loss_scalars(parts)
         loss, pred, cl = loss + parts.total, pred + p, cl + c
     loss.backward()
-    if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    optimizer.step()
+    optimizer_step(optimizer, model, t.grad_clip)
     return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions}
 
 

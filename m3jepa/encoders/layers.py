@@ -80,13 +80,14 @@ class LayerStack:
         """The cut, as a prefix store's manifest records it (transformers: hidden_size wide rows)."""
         return StackGeometry(self.layer_index, self.n_tunable, int(self.model.config.hidden_size), None)
 
+    # read from the last layer: in stage 2 only the tail is materialised, the front stays on "meta"
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return next(self.layers[-1].parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.layers[-1].parameters()).device
 
     def tunable_modules(self) -> nn.ModuleList:
         """The last n layers: the modules LoRA wraps."""

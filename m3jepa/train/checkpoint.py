@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,12 @@ def save_checkpoint(
     model: torch.nn.Module,
     state: TrainState,
     optimizer: torch.optim.Optimizer | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write a checkpoint directory: build it beside, then swap it in, so a kill never leaves half of one."""
+    """Write a checkpoint directory: build it beside, then swap it in, so a kill never leaves half of one.
+
+    `extra(dir)` writes more files into the checkpoint before the swap (the LoRA mode's adapters).
+    """
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,6 +65,8 @@ def save_checkpoint(
     (tmp / CONFIG).write_text(dump_toml(cfg))
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER)
+    if extra is not None:
+        extra(tmp)
     old = directory.with_name(directory.name + ".old")
     if old.exists():
         shutil.rmtree(old)

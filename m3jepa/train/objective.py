@@ -21,9 +21,18 @@ class Objective(nn.Module):
         self.loss = AlignmentLoss(loss_cfg, model_cfg.predictor, model_cfg.load_balance_weight)
 
     def forward(
-        self, direction: str, x: Tensor | dict[str, Tensor], y: Tensor, dist_info: DistInfo | None = None
+        self,
+        direction: str,
+        x: Tensor | dict[str, Tensor],
+        y: Tensor,
+        dist_info: DistInfo | None = None,
+        pred_target: Tensor | None = None,
     ) -> LossOutput:
-        """x (B, D_source) source latents (or {modality: (B, D_m)}), y (B, D_target) of the same rows."""
+        """x (B, D_source) source latents (or {modality: (B, D_m)}), y (B, D_target) of the same rows.
+
+        `pred_target` (B, D_target), when given, is L_pred's target instead of y (the LoRA mode passes
+        y detached there, while the contrastive keys keep y's gradient).
+        """
         info = dist_info or DistInfo()
         source, target = parse_direction(direction)
         out = self.predictor(source, x, target)
@@ -33,7 +42,7 @@ class Objective(nn.Module):
         # Negatives come from every rank: gather both sides, score the local rows against all of them.
         return self.loss(
             out,
-            y.float(),
+            (y if pred_target is None else pred_target).float(),
             keys,
             queries_all=gather_with_grad(out.cl_query, info),  # (W*B, d_cl)
             keys_all=gather_with_grad(keys, info),  # (W*B, d_cl)

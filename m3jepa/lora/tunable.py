@@ -1,0 +1,327 @@
+"""Tunable encoder tails: an encoder's last n layers, loaded alone from its weights, LoRA-wrapped by peft."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from m3jepa.config import LoraConfig
+from m3jepa.encoders.base import EncoderError, EncoderSpec
+from m3jepa.encoders.layers import (
+    BertStack,
+    DecoderStack,
+    DinoV2Stack,
+    EfficientNetStack,
+    LayerStack,
+    StackGeometry,
+    get_layer_stack,
+)
+
+log = logging.getLogger(__name__)
+
+# Abstract target names → the module-name suffixes peft matches, per encoder family. A target that is
+# not one of these names is passed to peft as a module name as it is.
+FAMILY_TARGETS: dict[str, dict[str, list[str]]] = {
+    "bert": {"q": ["query"], "k": ["key"], "v": ["value"], "o": ["attention.output.dense"]},
+    "dinov2": {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"]},  # transformers 5 names
+    "llama": {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"]},
+    # none: peft cannot wrap Lite0's convolutions (its Conv2dStaticSamePadding cannot be rebuilt
+    # without an image size), and Lite0 has no attention; its tail stays frozen (docs/lora.md)
+    "efficientnet": {},
+}
+# the ModuleList name whose numbered children peft's layers_to_transform counts
+LAYERS_PATTERN = {"bert": "layer", "dinov2": "layer", "llama": "layers", "efficientnet": "_blocks"}
+ADAPTER_NAME = "default"
+
+
+def family_of(stack: LayerStack) -> str:
+    """The target family of a layer stack."""
+    for cls, family in ((DinoV2Stack, "dinov2"), (DecoderStack, "llama"), (BertStack, "bert"),
+                        (EfficientNetStack, "efficientnet")):
+        if isinstance(stack, cls):
+            return family
+    raise EncoderError(f"no LoRA target family for {type(stack).__name__}")
+
+
+def resolve_targets(family: str, targets: list[str]) -> list[str]:
+    """Abstract targets (q, k, v, o, pw) → the module-name suffixes of this family; others pass through."""
+    table = FAMILY_TARGETS[family]
+    abstract = {"q", "k", "v", "o", "pw"}
+    out: list[str] = []
+    for t in targets:
+        names = table.get(t, [] if t in abstract else [t])
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+def supports(family: str, targets: list[str]) -> bool:
+    """Whether any of `targets` names a module kind this family has (abstract names only count if known)."""
+    return bool(resolve_targets(family, targets))
+
+
+# ---------------------------------------------------------------- loading only the tail
+
+
+def load_tail(spec: EncoderSpec, n_tunable: int) -> LayerStack:
+    """The layer stack of `spec` with ONLY its last n layers and head in memory, read from its weights.
+
+    The model is built on the meta device (no memory, no init), the modules `finish` needs are
+    materialised on the CPU, and just their keys are read from the weight file: an 8B decoder tuned on
+    its last 3 of 32 layers holds ~3/32 of its weights.
+    """
+    model, model_dir, weights = _skeleton(spec)
+    shell = SimpleNamespace(spec=spec, model=model, layers=spec.layers, normalize="l2norm" in spec.pooling)
+    stack = _stack_for(shell, n_tunable)
+    prefixes = stack.weight_prefixes()
+    for p in prefixes:
+        model.get_submodule(p.rstrip(".")).to_empty(device="cpu")
+    if hasattr(model, "rotary_emb"):  # its inv_freq is a non-persistent buffer: rebuild it for real
+        model.rotary_emb = type(model.rotary_emb)(config=model.config)
+    _load_keys(model, weights, prefixes, _key_renamer(model))
+    model.requires_grad_(False)
+    model.eval()
+    log.info("loaded the last %d layers of %s (%s parameters) from %s", n_tunable, spec.name,
+             f"{sum(p.numel() for p in _materialised(model)):,}", weights)
+    return stack
+
+
+def _materialised(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.device.type != "meta"]
+
+
+def _skeleton(spec: EncoderSpec) -> tuple[nn.Module, Path | None, Path]:
+    """(model on the meta device, its directory, its weight file) for a registry encoder."""
+    if spec.name == "efficientnet-lite0":
+        from efficientnet_lite_pytorch import EfficientNet
+
+        from m3jepa.encoders.efficientnet import NAME, weights_path
+
+        with torch.device("meta"):
+            model = EfficientNet.from_name(NAME)
+        return model.to(memory_format=torch.channels_last), None, weights_path()
+    from transformers import AutoConfig, AutoModel
+
+    from m3jepa.encoders.layers import _model_dir
+
+    model_dir = _model_dir(spec)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=False)
+    return model, model_dir, _weight_file(model_dir)
+
+
+def _weight_file(model_dir: Path) -> Path:
+    for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise EncoderError(f"{model_dir} has no model.safetensors(.index.json) or pytorch_model.bin")
+
+
+def _stack_for(shell: Any, n_tunable: int) -> LayerStack:
+    model = shell.model
+    if hasattr(model, "_blocks"):
+        return EfficientNetStack(shell, n_tunable)
+    if hasattr(model, "embeddings") and hasattr(model, "layernorm") and shell.spec.modality == "image":
+        return DinoV2Stack(shell, n_tunable)
+    if all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm")):
+        return DecoderStack(shell, n_tunable)
+    if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
+        return BertStack(shell, n_tunable)
+    raise EncoderError(f"{shell.spec.name}: {type(model).__name__} has no known layer stack")
+
+
+def _key_renamer(model: nn.Module) -> Callable[[str], str]:
+    """Checkpoint key → this model's key: transformers' own renamings (checkpoints keep legacy names, e.g.
+    DINOv2's `attention.attention.query` for `attention.q_proj`), then the base-model prefix stripped."""
+    base = getattr(model, "base_model_prefix", "")
+    renamings: list[Any] = []
+    converters: list[Any] = []
+    if hasattr(model, "config"):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str:
+        from transformers.core_model_loading import apply_converters, apply_renamings
+
+        key = apply_renamings(key, renamings) if renamings else key
+        if converters and apply_converters(key, converters)[1] is not None:
+            return "<needs a tensor conversion>" + key  # merged/split tensors: never read as one key
+        return key[len(base) + 1:] if base and key.startswith(base + ".") else key
+
+    return rename
+
+
+def _load_keys(model: nn.Module, weights: Path, prefixes: list[str], local: Callable[[str], str]) -> None:
+    """Copy exactly the keys under `prefixes` from the weight file, module by module, strictly."""
+    want = {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
+    found = _read_keys(weights, want, local)
+    missing = sorted(want - set(found))
+    if missing:
+        raise EncoderError(f"{weights} lacks {len(missing)} weights the tail needs (or stores them in a "
+                           f"converted layout), e.g. {missing[0]}")
+    for p in prefixes:  # per materialised module, so nothing is copied onto the meta front
+        part = {k[len(p):]: v for k, v in found.items() if k.startswith(p)}
+        model.get_submodule(p.rstrip(".")).load_state_dict(part, strict=True)
+
+
+def _read_keys(weights: Path, want: set[str], local: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """Read only the keys whose local name is wanted, under their local names."""
+    if weights.suffix == ".json":  # a sharded safetensors checkpoint: open only the shards we need
+        import json
+
+        index = json.loads(weights.read_text())["weight_map"]
+        files = sorted({f for k, f in index.items() if local(k) in want})
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(_read_keys(weights.parent / f, want, local))
+        return out
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            return {local(k): f.get_tensor(k) for k in f.keys() if local(k) in want}  # noqa: SIM118
+    # .bin / .pth: mmap where the file allows it, so only the touched tensors are paged in;
+    # weights_only always: a weight file is data, never code
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    return {local(k): v for k, v in state.items() if local(k) in want}
+
+
+# ---------------------------------------------------------------- the LoRA-wrapped tail
+
+
+@dataclass(frozen=True)
+class TailInfo:
+    """What a tunable tail is, as a run records it."""
+
+    modality: str
+    encoder: str
+    revision: str
+    family: str
+    geometry: StackGeometry
+    target_modules: tuple[str, ...]
+
+
+class TunableEncoder(nn.Module):
+    """Prefix states (B, T, D_state) + mask (B, T) → pooled latents (B, D) through the LoRA-wrapped tail.
+
+    Only the adapters train. The base modules stay in eval mode even while training (no BatchNorm
+    statistics drift, no encoder dropout): only LoRA's own dropout follows train().
+    """
+
+    def __init__(self, stack: LayerStack, info: TailInfo, lora: LoraConfig, layers: list[int] | None):
+        super().__init__()
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        self.info = info
+        self.stack = stack  # not a Module: finish() runs through stack.model, registered below
+        self.peft_config = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(info.target_modules),
+            layers_to_transform=layers,  # None ("all"): every layer
+            layers_pattern=LAYERS_PATTERN[info.family] if layers is not None else None,
+            bias="none",
+        )
+        # peft injects the adapters into stack.model in place, so the stack's modules now carry them
+        self.peft = get_peft_model(stack.model, self.peft_config, adapter_name=ADAPTER_NAME)
+        self.peft.base_model.model.requires_grad_(False)
+        for name, p in self.peft.named_parameters():
+            p.requires_grad_("lora_" in name)
+        if not any(p.requires_grad for p in self.parameters()):
+            raise EncoderError(f"{info.encoder}: LoRA targets {list(info.target_modules)} matched no module "
+                               f"of the tunable layers")
+        self.train(False)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """states (B, T, D_state), mask (B, T) → (B, D) float32."""
+        return self.stack.finish(states, mask)
+
+    def train(self, mode: bool = True) -> TunableEncoder:
+        # the frozen encoder stays in eval mode; only the adapters' dropout follows `mode`
+        self.training = mode
+        self.peft.eval()
+        for name, module in self.peft.named_modules():
+            if name.endswith("lora_dropout." + ADAPTER_NAME):
+                module.train(mode)
+        return self
+
+    def trainable_names(self) -> list[str]:
+        """Names of the parameters that train (the adapters), relative to this module."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def save_adapters(self, directory: Path) -> None:
+        """Write the adapters in peft's format (adapter_config.json + adapter_model.safetensors)."""
+        self.peft.save_pretrained(str(directory), safe_serialization=True)
+
+    def load_adapters(self, directory: Path) -> None:
+        """Load adapters saved by save_adapters; an error names any adapter that does not fit."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(directory) / "adapter_model.safetensors"
+        if not path.is_file():
+            raise EncoderError(f"{directory} holds no adapter_model.safetensors; was it saved by m3jepa?")
+        result = set_peft_model_state_dict(self.peft, load_file(str(path)), adapter_name=ADAPTER_NAME)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise EncoderError(f"{directory}: adapters do not fit this encoder (missing {missing[:2]}, "
+                               f"unexpected {list(result.unexpected_keys)[:2]})")
+
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The tail's weights with the adapters merged in, under the encoder's own key names.
+
+        Merges a copy: merging and unmerging in place would leave W + BA - BA, not W, in the live model.
+        """
+        merged = copy.deepcopy(self.peft).merge_and_unload()  # a plain model again (meta front included)
+        prefixes = tuple(self.stack.weight_prefixes())
+        return {k: v.detach() for k, v in merged.state_dict().items() if k.startswith(prefixes)}
+
+
+def build_tunable(
+    spec: EncoderSpec, modality: str, lora: LoraConfig, n_tunable: int | None, full_encoder: Any = None
+) -> TunableEncoder:
+    """A LoRA-wrapped tail of `spec`: the last n layers loaded alone, or (n None) the whole loaded encoder."""
+    stack = load_tail(spec, n_tunable) if n_tunable is not None else _full_stack(full_encoder)
+    family = family_of(stack)
+    targets = resolve_targets(family, lora.targets)
+    if not targets:
+        raise EncoderError(
+            f"{spec.name} ({modality}): none of lora.targets {lora.targets} exists in a {family} encoder; "
+            f"it has {', '.join(FAMILY_TARGETS[family]) or 'none peft can wrap'}"
+        )
+    info = TailInfo(modality, spec.name, spec.revision, family, stack.geometry, tuple(targets))
+    layers = list(range(stack.layer_index, len(stack.layers))) if n_tunable is not None else None
+    return TunableEncoder(stack, info, lora, layers)
+
+
+def _full_stack(encoder: Any) -> LayerStack:
+    if encoder is None:
+        raise ValueError("lora.layers='all' needs the loaded encoder")
+    stack = get_layer_stack(encoder, len(_layers_of(encoder)))
+    stack.model.requires_grad_(False)
+    return stack
+
+
+def _layers_of(encoder: Any) -> nn.ModuleList:
+    m = encoder.model
+    for path in ("_blocks", "layers", "encoder.layer"):
+        try:
+            return m.get_submodule(path)
+        except AttributeError:
+            continue
+    raise EncoderError(f"{encoder.spec.name}: cannot find its layer list")

@@ -82,9 +82,7 @@ def _recall_keys(directions: dict[str, dict[str, dict[str, float]]]) -> list[str
 def _footer_lines(metrics: dict[str, Any], ks: list[str]) -> list[str]:
     lines = []
     headline = metrics["headline_space"]
-    headline_r1 = [
-        s[headline]["R@1"] for s in metrics["spaces"].values() if headline in s and "R@1" in ks
-    ]
+    headline_r1 = [s[headline]["R@1"] for s in metrics["spaces"].values() if headline in s and "R@1" in ks]
     if headline_r1:
         lines.append(f"- mean R@1 ({headline}, over directions): {np.mean(headline_r1):.2f}")
     for direction, sizes in metrics.get("gallery", {}).items():

@@ -1,0 +1,137 @@
+"""Exact ranks scored in bf16 (fast_search.exact_ranks) against float64 and float32 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from m3jepa.eval import fast_search as fs
+from m3jepa.eval import retrieval as rt
+from m3jepa.eval.retrieval import cross_retrieval_metrics, l2_normalize, retrieval_metrics
+
+PATHS = [pytest.param(True, id="native"), pytest.param(False, id="torch")]
+
+
+def native_or_skip(native: bool) -> bool:
+    if native and fs._native_kernel() is None:
+        pytest.skip("no C compiler: the native band kernel is not built")
+    return native
+
+
+def naive_ranks(q: np.ndarray, g: np.ndarray, q_codes, g_codes, k_max: int) -> np.ndarray:
+    """Rank of each query's best correct item in a full stable argsort of float64 scores."""
+    scores = q.astype(np.float64) @ g.astype(np.float64).T  # (Q, G)
+    out = np.full(len(q), fs.NO_RANK, dtype=np.int64)
+    for i in range(len(q)):
+        order = np.argsort(-scores[i], kind="stable")
+        hits = np.flatnonzero(g_codes[order] == q_codes[i])
+        if len(hits):
+            out[i] = min(int(hits[0]), k_max)
+    return out
+
+
+def coco_like(n_img: int, per: int, d: int, noise: float, seed: int, tie_eps: float = 1e-5):
+    """Images and `per` noisy captions each, with planted exact duplicates and near-ties (`tie_eps`).
+
+    Near-ties of 1e-5 lie far below bf16 resolution (~2e-3) but some fall below float32 rounding
+    (~1e-7), where float32 kernels disagree with each other: those are checked against float64.
+    Comparisons with the float32 search use 3e-4, whose gaps all exceed float32 rounding here.
+    """
+    rng = np.random.default_rng(seed)
+    img = l2_normalize(rng.standard_normal((n_img, d), dtype=np.float32))
+    img[1::7] = img[0::7][: len(img[1::7])]  # exact duplicates: equal scores, the lower index first
+    cap = np.repeat(img, per, axis=0) + noise * rng.standard_normal((n_img * per, d), dtype=np.float32)
+    cap = l2_normalize(cap)
+    near = img[2::7][: len(img[3::7])] + tie_eps * rng.standard_normal((1, d), dtype=np.float32)
+    img[3::7] = l2_normalize(near)
+    return img, cap, np.arange(n_img), np.repeat(np.arange(n_img), per)
+
+
+@pytest.mark.parametrize("native", PATHS)
+@pytest.mark.parametrize("block", [64, 1000])
+def test_exact_ranks_match_float64_reference_both_directions(native, block):
+    img, cap, ig, cg = coco_like(150, 5, 48, noise=1.2, seed=0)
+    got = fs.exact_ranks(cap, img, cg, ig, 10, block=block, native=native_or_skip(native))
+    np.testing.assert_array_equal(got.rows, naive_ranks(cap, img, cg, ig, 10))
+    np.testing.assert_array_equal(got.cols, naive_ranks(img, cap, ig, cg, 10))
+    # Not degenerate: hits and misses at every k, and some queries resolved in the band.
+    for r in (got.rows, got.cols):
+        assert 0 < (r == 0).mean() < 1 and 0 < (r == 10).mean() < 1
+    assert got.stats["resolved"] > 0
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_integer_ties_follow_the_lower_index_rule(native):
+    # Integer vectors: every score is exact in bf16, float32 and float64, so ties are real ties.
+    rng = np.random.default_rng(1)
+    g = rng.integers(-1, 2, size=(300, 4)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(120, 4)).astype(np.float32)
+    q_codes, g_codes = rng.integers(0, 40, size=120), rng.integers(0, 40, size=300)
+    got = fs.exact_ranks(q, g, q_codes, g_codes, 10, block=32, native=native_or_skip(native))
+    np.testing.assert_array_equal(got.rows, naive_ranks(q, g, q_codes, g_codes, 10))
+    np.testing.assert_array_equal(got.cols, naive_ranks(g, q, g_codes, q_codes, 10))
+
+
+def test_retrieval_metrics_rank_path_equals_float32_topk(monkeypatch):
+    img, cap, ig, cg = coco_like(200, 5, 64, noise=1.3, seed=2, tie_eps=3e-4)
+    ref = {
+        name: retrieval_metrics(*args, use_faiss=False)
+        for name, args in {"t2i": (cap, img, cg, ig), "i2t": (img, cap, ig, cg)}.items()
+    }
+    monkeypatch.setattr(rt, "RANK_MIN_SCORES", 0)
+    for name, args in {"t2i": (cap, img, cg, ig), "i2t": (img, cap, ig, cg)}.items():
+        fast = retrieval_metrics(*args)
+        assert fast.backend == "bf16-rank" and ref[name].backend == "matmul"
+        assert fast.recalls == ref[name].recalls, name
+        assert 0 < fast.recalls["R@1"] < fast.recalls["R@10"] < 100
+    both = cross_retrieval_metrics(cap, img, cg, ig)
+    assert [r.backend for r in both] == ["bf16-rank-both"] * 2
+    assert (both[0].recalls, both[1].recalls) == (ref["t2i"].recalls, ref["i2t"].recalls)
+    assert (both[0].n_queries, both[0].n_gallery, both[1].n_queries) == (1000, 200, 200)
+
+
+def test_unnormalized_and_string_groups(monkeypatch):
+    monkeypatch.setattr(rt, "RANK_MIN_SCORES", 0)
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((90, 16)).astype(np.float32) * 3
+    q = g[rng.integers(0, 90, size=60)] + rng.standard_normal((60, 16)).astype(np.float32) * 2
+    g_groups = np.array([f"id{i % 45}" for i in range(90)])  # two gallery items per group
+    q_groups = np.array([f"id{i % 45}" for i in range(60)])
+    for normalize in (True, False):
+        fast = retrieval_metrics(q, g, q_groups, g_groups, normalize=normalize)
+        ref = retrieval_metrics(q, g, q_groups, g_groups, normalize=normalize, use_faiss=False)
+        assert fast.backend == "bf16-rank" and fast.recalls == ref.recalls
+
+
+def test_missing_groups_raise_or_are_dropped(monkeypatch):
+    monkeypatch.setattr(rt, "RANK_MIN_SCORES", 0)
+    img, cap, ig, cg = coco_like(40, 5, 16, noise=1.0, seed=4, tie_eps=1e-3)
+    img_groups = ig.copy()
+    img_groups[0] = 999  # image 0's captions have no image; image 999 has no caption
+    with pytest.raises(ValueError, match="no item in the gallery"):
+        cross_retrieval_metrics(cap, img, cg, img_groups)
+    t2i, i2t = cross_retrieval_metrics(cap, img, cg, img_groups, allow_missing=True)
+    assert (t2i.n_dropped, t2i.n_queries, i2t.n_dropped, i2t.n_queries) == (5, 195, 1, 39)
+    ref_t2i = retrieval_metrics(cap, img, cg, img_groups, allow_missing=True, use_faiss=False)
+    ref_i2t = retrieval_metrics(img, cap, img_groups, cg, allow_missing=True, use_faiss=False)
+    assert (t2i.recalls, i2t.recalls) == (ref_t2i.recalls, ref_i2t.recalls)
+
+
+def test_non_finite_inputs_are_refused():
+    q = np.ones((4, 8), np.float32)
+    g = np.ones((6, 8), np.float32)
+    g[2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fs.exact_ranks(q, g, np.arange(4), np.arange(6), 3)
+
+
+def test_bf16_keys_round_outwards_and_keep_order():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(2000), rng.standard_normal(200) * 1e-3, [0.0, -0.0, 1.0, -1.0]])
+    for up in (True, False):
+        keys = fs._keys(x, up=up)
+        vals = fs._key_values(keys).numpy().astype(np.float64)
+        assert (vals >= x).all() if up else (vals <= x).all()
+        order = np.argsort(vals, kind="stable")
+        assert (np.diff(keys[order].astype(np.int64)) >= 0).all()  # key order = value order
+        assert (np.abs(vals - x) <= 2**-7 * np.abs(x) + 1e-300).all()  # at most one bf16 step away

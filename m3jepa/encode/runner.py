@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, DatasetError, Record, encoder_modality, membership_fingerprint
 from m3jepa.encode.distributed import DistContext, process_group
 from m3jepa.encode.plan import batch_order
+from m3jepa.encode.reader import Batch, read_batches
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
 from m3jepa.store.manifest import (
@@ -31,8 +31,16 @@ from m3jepa.store.manifest import (
     rows_from_records,
     shard_stem,
 )
+from m3jepa.store.writer import BackgroundWrites
 
 log = logging.getLogger(__name__)
+
+# A shard above this many bytes (features plus tokens) is written before the next one is encoded, so
+# at most one such shard is held in memory; smaller ones are committed while the next one encodes.
+OVERLAP_MAX_BYTES = 256 * 2**20
+
+THREAD_READ_MODALITIES = ("text", "label")  # see reader_workers
+BACKGROUND_WRITES = True  # False: commit each shard before encoding the next (the reference, for tests)
 
 SKIP_HINT = "pass --skip-bad to write it as an invalid zero row and list it in the manifest's skipped"
 
@@ -237,56 +245,11 @@ def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistCo
     result.seconds = time.perf_counter() - start
     if result.encoded:
         log.info(
-            "%s/%s: %d rows in %.1f s (%.1f rows/s): read (waiting for workers) %.1f s, compute %.1f s, "
-            "write %.1f s", job.split, job.modality, result.encoded, result.seconds, result.rows_per_s,
-            result.read_s, result.compute_s, result.write_s,
+            "%s/%s: %d rows in %.1f s (%.1f rows/s): read (waiting for decoded batches) %.1f s, "
+            "compute %.1f s, write (on its own thread) %.1f s", job.split, job.modality, result.encoded,
+            result.seconds, result.rows_per_s, result.read_s, result.compute_s, result.write_s,
         )
     return result
-
-
-# ---------------------------------------------------------------- reading: DataLoader workers
-
-
-@dataclass
-class _Bad:
-    reason: str
-
-
-class _Items(torch.utils.data.Dataset):
-    """Row i → (i, tensors) or (i, _Bad); runs in the DataLoader workers, so bad items become markers."""
-
-    def __init__(self, records: list[Record], preprocessor: Any):
-        self.records = records
-        self.preprocessor = preprocessor
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        try:
-            return i, self.preprocessor(self.records[i].payload)
-        except BadItemError as e:
-            return i, _Bad(e.reason)
-
-
-@dataclass
-class _Batch:
-    rows: list[int]  # store row ids of the good items, in batch order
-    inputs: Any  # the preprocessor's collated batch, or None when every item was bad
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (row id, reason)
-
-
-class _Collate:
-    """Collates the good items of a batch (in the worker) and passes the bad ones through by row id."""
-
-    def __init__(self, preprocessor: Any):
-        self.preprocessor = preprocessor
-
-    def __call__(self, items: list[tuple[int, Any]]) -> _Batch:
-        good = [(i, x) for i, x in items if not isinstance(x, _Bad)]
-        bad = [(i, x.reason) for i, x in items if isinstance(x, _Bad)]
-        inputs = self.preprocessor.collate([x for _, x in good]) if good else None
-        return _Batch([i for i, _ in good], inputs, bad)
 
 
 # ---------------------------------------------------------------- encoding and writing shards
@@ -298,36 +261,74 @@ def encode_shards(
 ) -> None:
     """Encode and commit `shards` (index, row_start, row_end) of one store; batches never cross shards.
 
-    Adds rows encoded, bytes written and read / compute / write seconds to `result`.
+    Batches are decoded ahead of the encoder (`read_batches`) and each shard is committed on a background
+    thread while the next one is encoded (`BackgroundWrites`). Adds rows encoded, bytes written and
+    read / compute / write seconds to `result` (write seconds are spent on that thread).
     """
     plans = [(index, lo, hi, _shard_batches(job, lo, hi, cfg.batch_size)) for index, lo, hi in shards]
-    sampler = [batch for *_, batches in plans for batch in batches]
     pin = cfg.device != "cpu" and torch.cuda.is_available()
-    loader = DataLoader(
-        _Items(job.records, encoder.preprocessor), batch_sampler=sampler, num_workers=cfg.workers,
-        collate_fn=_Collate(encoder.preprocessor), pin_memory=pin,
-    )
-    batches = iter(loader)  # one pool of workers for all shards: prefetch runs on across shard ends
-    with tqdm(total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",
-              disable=not show, dynamic_ncols=True) as bar:
-        for index, lo, hi, shard_batches in plans:
-            features = np.zeros((hi - lo, job.spec.dim), dtype=np.float32)  # (n, D); bad rows stay zero
-            tokens: list[np.ndarray | None] = [None] * (hi - lo)
-            skipped: list[dict[str, Any]] = []
-            for _ in shard_batches:
-                tick = time.perf_counter()
-                batch = next(batches)
-                result.read_s += time.perf_counter() - tick
-                skipped += _bad_rows(job, batch, cfg.skip_bad)
-                if batch.rows:
-                    tick = time.perf_counter()
-                    _encode_batch(encoder, batch, cfg.kind, lo, features, tokens)
-                    result.compute_s += time.perf_counter() - tick
-                bar.update(len(batch.rows) + len(batch.bad))
+    plan = [batch for *_, batches in plans for batch in batches]
+    batches = read_batches(job.records, encoder.preprocessor, plan, reader_workers(job.modality, cfg.workers),
+                           pin)
+    try:
+        with BackgroundWrites(depth=1, threaded=BACKGROUND_WRITES) as writes, tqdm(
+            total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",
+            disable=not show, dynamic_ncols=True,
+        ) as bar:
+            for index, lo, hi, shard_batches in plans:
+                features, tokens, skipped = _encode_shard(job, encoder, cfg, batches, lo, hi, shard_batches,
+                                                          result, bar)
+                done = writes.submit(_write_shard, writer, job, index, features, tokens, skipped, cfg.kind)
+                if _nbytes(features, tokens) > OVERLAP_MAX_BYTES:
+                    done += writes.drain()  # a huge shard is written before the next one is allocated
+                _count_writes(result, done)
+                result.encoded += hi - lo
+            _count_writes(result, writes.drain())
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def reader_workers(modality: str, workers: int) -> int:
+    """DataLoader worker processes for a modality: `workers`, except 0 (a reading thread) for cheap inputs.
+
+    Tokenizing a caption costs about 0.1 ms; worker processes (a fork each, a tokenizer loaded in each,
+    batches sent back through shared memory) cost more than they hide, so text and labels are read on a
+    thread of this process whatever --workers says (measured: bench/encode.py, docs/benchmarks.md).
+    """
+    return 0 if encoder_modality(modality) in THREAD_READ_MODALITIES else workers
+
+
+def _encode_shard(
+    job: StoreJob, encoder: Encoder, cfg: EncodeConfig, batches: Iterator[Batch], lo: int, hi: int,
+    shard_batches: list[list[int]], result: StoreResult, bar: tqdm,
+) -> tuple[np.ndarray, list[np.ndarray | None], list[dict[str, Any]]]:
+    """Features (n, D), per-row tokens and skipped rows of one shard, from its planned batches."""
+    features = np.zeros((hi - lo, job.spec.dim), dtype=np.float32)  # (n, D); bad rows stay zero
+    tokens: list[np.ndarray | None] = [None] * (hi - lo)
+    skipped: list[dict[str, Any]] = []
+    for _ in shard_batches:
+        tick = time.perf_counter()
+        batch = next(batches)
+        result.read_s += time.perf_counter() - tick
+        skipped += _bad_rows(job, batch, cfg.skip_bad)
+        if batch.rows:
             tick = time.perf_counter()
-            result.bytes_written += _write_shard(writer, job, index, features, tokens, skipped, cfg.kind)
-            result.write_s += time.perf_counter() - tick
-            result.encoded += hi - lo
+            _encode_batch(encoder, batch, cfg.kind, lo, features, tokens)
+            result.compute_s += time.perf_counter() - tick
+        bar.update(len(batch.rows) + len(batch.bad))
+    return features, tokens, skipped
+
+
+def _nbytes(features: np.ndarray, tokens: list[np.ndarray | None]) -> int:
+    return features.nbytes + sum(t.nbytes for t in tokens if t is not None)
+
+
+def _count_writes(result: StoreResult, done: list[tuple[object, float]]) -> None:
+    for nbytes, seconds in done:
+        result.bytes_written += int(nbytes)  # type: ignore[call-overload]
+        result.write_s += seconds
 
 
 def _shard_batches(job: StoreJob, lo: int, hi: int, batch_size: int) -> list[list[int]]:
@@ -337,7 +338,7 @@ def _shard_batches(job: StoreJob, lo: int, hi: int, batch_size: int) -> list[lis
     return [[lo + p for p in batch] for batch in batch_order(lengths, hi - lo, batch_size)]
 
 
-def _bad_rows(job: StoreJob, batch: _Batch, skip_bad: bool) -> list[dict[str, Any]]:
+def _bad_rows(job: StoreJob, batch: Batch, skip_bad: bool) -> list[dict[str, Any]]:
     out = []
     for row, reason in batch.bad:
         record = job.records[row]
@@ -350,7 +351,7 @@ def _bad_rows(job: StoreJob, batch: _Batch, skip_bad: bool) -> list[dict[str, An
     return out
 
 
-def _encode_batch(encoder: Encoder, batch: _Batch, kind: str, lo: int, features: np.ndarray,
+def _encode_batch(encoder: Encoder, batch: Batch, kind: str, lo: int, features: np.ndarray,
                   tokens: list[np.ndarray | None]) -> None:
     with torch.inference_mode():
         out = encoder.encode(batch.inputs, kind)

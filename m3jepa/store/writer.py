@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +258,62 @@ class StoreWriter:
                 )
         if membership_fingerprint(rows) != m.membership:  # type: ignore[arg-type]  (reads .sample_id)
             raise ValueError(f"{self.path}: the rows' sample ids do not match the manifest's membership")
+
+
+class BackgroundWrites:
+    """Runs shard commits on one background thread, in submission order, off the encoder's critical path.
+
+    At most `depth` commits wait or run at once: submit() first waits for the oldest when that many are
+    pending, so memory stays bounded (each pending commit holds its shard's arrays). An error in a commit
+    is raised in the caller's thread by the submit() or drain() that collects it. Leaving the context
+    drains what is pending, also on an error, so every fully encoded shard is committed as it would have
+    been without the thread, and the store's lock is held until its last write ends.
+    """
+
+    def __init__(self, depth: int = 1, threaded: bool = True):
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be at least 1")
+        self.depth = depth
+        self.threaded = threaded  # False: every commit runs inside submit() (the plain reference)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3jepa-store-write")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable[..., object], *args: object) -> list[tuple[object, float]]:
+        """Queue fn(*args); returns the (result, seconds) of the commits that finished meanwhile, in order."""
+        if not self.threaded:
+            return [_timed(fn, *args)]
+        done = []
+        while len(self._pending) >= self.depth:
+            done.append(self._pending.popleft().result())
+        self._pending.append(self._pool.submit(_timed, fn, *args))
+        return done
+
+    def drain(self) -> list[tuple[object, float]]:
+        """Wait for every pending commit; (result, seconds) of each, in submission order."""
+        done = []
+        while self._pending:
+            done.append(self._pending.popleft().result())
+        return done
+
+    def __enter__(self) -> BackgroundWrites:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is not None:  # keep the first error; still finish the commits already queued
+                for future in self._pending:
+                    future.exception()
+                self._pending.clear()
+            else:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _timed(fn: Callable[..., object], *args: object) -> tuple[object, float]:
+    tick = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - tick
 
 
 def is_complete(path: str | Path, expected: Manifest) -> bool:

@@ -1,0 +1,170 @@
+"""Stage-1 reading: decoded, collated batches from DataLoader worker processes or a thread of this process.
+
+Either way a batch holds exactly the rows the runner planned, collated by the preprocessor in row order
+of the plan, so the encoder sees the same tensors whichever reader made them (tested byte for byte).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from m3jepa.data.records import BadItemError, Record
+
+log = logging.getLogger(__name__)
+
+THREAD_DEPTH = 2  # batches the reading thread may run ahead of the encoder
+
+
+@dataclass
+class Bad:
+    """A row the preprocessor refused (BadItemError), passed on as a marker instead of raising."""
+
+    reason: str
+
+
+@dataclass
+class Batch:
+    """One planned batch: the good rows' collated inputs and the bad rows' reasons."""
+
+    rows: list[int]  # store row ids of the good items, in batch order
+    inputs: Any  # the preprocessor's collated batch, or None when every item was bad
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (row id, reason)
+
+
+class Items(torch.utils.data.Dataset):
+    """Row i → (i, tensors) or (i, Bad); runs in the DataLoader workers, so bad items become markers."""
+
+    def __init__(self, records: Sequence[Record], preprocessor: Any):
+        self.records = records
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        try:
+            return i, self.preprocessor(self.records[i].payload)
+        except BadItemError as e:
+            return i, Bad(e.reason)
+
+
+class Collate:
+    """Collates the good items of a batch and passes the bad ones through by row id."""
+
+    def __init__(self, preprocessor: Any):
+        self.preprocessor = preprocessor
+
+    def __call__(self, items: list[tuple[int, Any]]) -> Batch:
+        good = [(i, x) for i, x in items if not isinstance(x, Bad)]
+        bad = [(i, x.reason) for i, x in items if isinstance(x, Bad)]
+        inputs = self.preprocessor.collate([x for _, x in good]) if good else None
+        return Batch([i for i, _ in good], inputs, bad)
+
+
+def decode_batch(items: Items, collate: Collate, rows: Sequence[int]) -> Batch:
+    """The plain reference: decode and collate one planned batch in the calling thread."""
+    return collate([items[i] for i in rows])
+
+
+def read_batches(
+    records: Sequence[Record], preprocessor: Any, plan: list[list[int]], workers: int, pin: bool = False
+) -> Iterator[Batch]:
+    """The batches of `plan` in order: decoded by `workers` DataLoader processes, or (0) on a thread here.
+
+    One pool serves the whole plan, so decoding runs ahead across shard ends.
+    """
+    items, collate = Items(records, preprocessor), Collate(preprocessor)
+    if workers == 0:
+        return ThreadReader(items, collate, plan, THREAD_DEPTH)
+    # Each batch is decoded in `workers` pieces, one per worker, and collated here: the first batch of
+    # a store, which nothing can overlap, then takes 1/workers of the time a whole-batch task would.
+    pieces = [piece for rows in plan for piece in split(rows, workers)]
+    loader = DataLoader(items, batch_sampler=pieces, num_workers=workers, collate_fn=list, pin_memory=pin)
+    return joined(iter(loader), plan, workers, collate)
+
+
+def split(rows: list[int], parts: int) -> list[list[int]]:
+    """`rows` cut into at most `parts` consecutive pieces of equal size (the last may be shorter)."""
+    size = -(-len(rows) // parts)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def joined(pieces: Iterator[list[tuple[int, Any]]], plan: list[list[int]], parts: int,
+           collate: Collate) -> Iterator[Batch]:
+    """Reassemble decoded pieces into the plan's batches (same rows, same order) and collate each."""
+    for rows in plan:
+        items = [item for _ in split(rows, parts) for item in next(pieces)]
+        yield collate(items)
+
+
+class ThreadReader:
+    """Iterates the plan's batches, decoded up to `depth` batches ahead on one background thread.
+
+    Decoding (PIL, numpy, the Rust tokenizer) releases the GIL for most of its time, and the encoder's
+    forward pass releases it inside torch ops, so the two overlap without worker processes: no fork,
+    no per-process tokenizer load, no tensors sent between processes. With depth 0 nothing runs ahead:
+    each batch is decoded when asked for (the plain reference).
+    """
+
+    def __init__(self, items: Items, collate: Collate, plan: list[list[int]], depth: int):
+        self._items, self._collate, self._plan = items, collate, plan
+        self._next = 0  # depth 0: index of the next planned batch
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="m3jepa-encode-reader", daemon=True)
+            self._thread.start()
+
+    def __iter__(self) -> ThreadReader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._thread is None:
+            if self._next >= len(self._plan):
+                raise StopIteration
+            self._next += 1
+            return decode_batch(self._items, self._collate, self._plan[self._next - 1])
+        item = self._queue.get()
+        if isinstance(item, BaseException):  # an unexpected error while decoding: raise it here
+            self.close()
+            raise item
+        if item is None:
+            raise StopIteration
+        return item
+
+    def _run(self) -> None:
+        try:
+            for rows in self._plan:
+                if self._stop.is_set():
+                    return
+                self._put(decode_batch(self._items, self._collate, rows))
+            self._put(None)
+        except BaseException as e:  # noqa: BLE001  (handed to the consuming thread, which raises it)
+            self._put(e)
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stop the thread (if any) without waiting for the rest of the plan."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def __del__(self) -> None:
+        if self._thread is not None:
+            self._stop.set()

@@ -46,7 +46,6 @@ def measure(point: dict, steps: int) -> dict:
     data = C.memory_split(PAPER_DIMS, max(2048, 2 * point["batch"]))
     torch.manual_seed(0)
     objective = Objective(model, LossConfig(), PAPER_DIMS)
-    C.fuse_tasks(objective.predictor)
     optimizer = build_optimizer(objective, cfg)
     state = TrainState(dims=data.dims(), directions=directions, stores={})
     for step in range(2):  # warm-up: optimizer state, allocator

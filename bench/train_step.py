@@ -5,8 +5,10 @@
 Both contenders run the real `m3jepa.train.loop._train_step` (AGD: image->text, then text->image) on
 in-memory float16 features of the paper's dims (DINOv2-L 1024, Llama-3-8B 4096) with the paper preset:
   reference  every expert on every row (dense), float32, default AdamW (for-loop on CPU)
-  fast       sparse dispatch of both tasks at once, bf16 autocast (float32 master weights), float32
-             routing, fused AdamW (`build_optimizer`)
+  fast       the real training path with train.bf16 = true: sparse dispatch of both tasks at once
+             (MultiGateMoE.forward_tasks), bf16 autocast over float32 master weights with the
+             optimizer's bf16 weight shadows (Bf16Linear), float32 routing, fused AdamW with the
+             gradient clipping folded in (`build_optimizer` -> ShadowAdamW)
 Before timing, both start from the same weights and are compared in eval mode on the same batch:
 routing decisions, losses and outputs.
 """
@@ -52,7 +54,7 @@ class Contender:
         self.step_no += 1
 
 
-def build(batch: int, rows: int, fuse: bool) -> tuple[Contender, Contender]:
+def build(batch: int, rows: int) -> tuple[Contender, Contender]:
     torch.manual_seed(0)
     data = C.memory_split(PAPER_DIMS, rows)
     fast_cfg = C.pipeline(paper_preset(), batch, bf16=True, directions=DIRECTIONS)
@@ -61,8 +63,6 @@ def build(batch: int, rows: int, fuse: bool) -> tuple[Contender, Contender]:
     ref = Objective(ref_cfg.model, LossConfig(), PAPER_DIMS)
     ref.load_state_dict(fast.state_dict())
     C.make_dense(ref.predictor)
-    if fuse:
-        C.fuse_tasks(fast.predictor)
     t = ref_cfg.train
     return (
         Contender("reference", ref, default_adamw(ref, t.lr, t.weight_decay), ref_cfg, data),
@@ -115,7 +115,7 @@ def agreement(ref: Contender, fast: Contender, batch: int) -> dict:
 
 
 def run_batch(args: argparse.Namespace, batch: int, peak: C.Peak) -> dict:
-    ref, fast = build(batch, max(4 * batch, 2048), fuse=not args.no_fuse_tasks)
+    ref, fast = build(batch, max(4 * batch, 2048))
     agree = agreement(ref, fast, batch)
     for d, rec in agree.items():
         print(
@@ -165,14 +165,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--fast-steps", type=int, default=2, help="fast steps per direction per round")
-    p.add_argument(
-        "--no-fuse-tasks", action="store_true", help="the predictor as wired (one dispatch per task)"
-    )
     args = p.parse_args()
     C.setup(args)
     peak = C.measure_peak()
     record = C.header("train_step: fast path vs official-release-style reference", peak)
-    record["fuse_tasks"] = not args.no_fuse_tasks
     record["results"] = [run_batch(args, b, peak) for b in args.batch]
     record["load_1min_after"] = round(C.load_average(), 2)
     print(f"  load after: {record['load_1min_after']}")

@@ -173,6 +173,39 @@ def test_predictor_sparse_vs_dense_end_to_end_float64() -> None:
     torch.testing.assert_close(a.cl_query, b.cl_query)
 
 
+def per_task_forward(model: M3JepaPredictor, source: str, x: torch.Tensor, target: str):
+    """The predictor as written before both tasks shared one dispatch: one mixer call per task."""
+    z = model.embed(source, x)  # (B, d)
+    h = {}
+    for task in ("pred", "cl"):
+        u = z + model.task_emb[task]  # (B, d)
+        h[task] = u + torch.nn.functional.gelu(model.norms[task](model.mixer(u, task).y))  # (B, d)
+    pred = model.pred_head[target](h["pred"])  # (B, D_target)
+    return pred, torch.nn.functional.normalize(model.cl_head[target](h["cl"]), dim=-1)  # (B, d_cl)
+
+
+@pytest.mark.parametrize("predictor", ["moe", "mlp"])
+def test_forward_equals_one_mixer_call_per_task_float64(predictor: str) -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(predictor=predictor), DIMS).double()
+    x = torch.randn(9, 40, dtype=torch.float64)
+    out = model("text", x, "audio")
+    pred, query = per_task_forward(model, "text", x, "audio")
+    torch.testing.assert_close(out.pred, pred, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.cl_query, query, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_runs_each_expert_once_for_both_tasks() -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(), DIMS)
+    calls = [0] * 6
+    for e, expert in enumerate(model.mixer.experts):
+        expert.register_forward_hook(lambda m, i, o, e=e: calls.__setitem__(e, calls[e] + 1))
+    out = model("image", torch.randn(20, 24), "text")
+    used = (out.expert_counts["pred"] + out.expert_counts["cl"]) > 0
+    assert calls == used.long().tolist()
+
+
 def test_all_parameters_train() -> None:
     torch.manual_seed(0)
     model = build_predictor(small_cfg(num_experts=3, top_k=3), {"image": 24, "text": 40})

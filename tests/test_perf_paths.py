@@ -1,17 +1,39 @@
-"""Fast paths against their plain references: fused-task dispatch, f32 routing, fused AdamW, bf16 search."""
+"""Fast paths against their plain references: fused-task dispatch, f32 routing, fused AdamW, bf16 weight
+shadows and their one-pass AdamW kernel, folded clipping, bf16 search."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.eval.fast_search import coco_topk, topk_bf16_exact
 from m3jepa.eval.retrieval import topk_search
-from m3jepa.model.moe import DenseMixer, MultiGateMoE, route
+from m3jepa.model.moe import (
+    SHADOW_ATTR,
+    Bf16Dropout,
+    Bf16Linear,
+    DenseMixer,
+    MultiGateMoE,
+    attach_bf16_shadow,
+    fresh_bf16_shadow,
+    refresh_bf16_shadows,
+    route,
+    stale_bf16_shadows,
+)
+from m3jepa.train import optim
 from m3jepa.train.objective import Objective
-from m3jepa.train.optim import adamw_impl, build_optimizer
+from m3jepa.train.optim import (
+    ShadowAdamW,
+    adamw_impl,
+    build_optimizer,
+    fused_adamw_bf16_shadow_,
+    optimizer_step,
+)
 
 DIMS = {"image": 24, "text": 40}
 
@@ -79,6 +101,28 @@ def test_bf16_autocast_routes_exactly_like_float32_and_stays_within_bf16_toleran
         assert float(err) < 2e-2  # bf16: 8 mantissa bits through two layers
 
 
+def test_bf16_expert_groups_are_padded_to_buckets_without_changing_results() -> None:
+    moe = _moe()
+    seen: list[int] = []
+    for expert in moe.experts:
+        expert.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    xs = {"pred": torch.randn(37, 16), "cl": torch.randn(23, 16)}
+    results = {}
+    for bucket in (16, 1):  # 1: no padding, the plain grouping
+        moe.row_bucket = bucket
+        inp = {t: x.clone().requires_grad_(True) for t, x in xs.items()}
+        moe.zero_grad()
+        with torch.autocast("cpu", dtype=BF16):
+            out = moe.forward_tasks(inp)
+        sum((out[t].y.float() * (i + 1)).sum() for i, t in enumerate(xs)).backward()
+        results[bucket] = [out[t].y.float() for t in xs] + [inp[t].grad for t in xs]
+        results[bucket] += [p.grad for p in moe.experts.parameters()]
+        if bucket == 16:
+            assert seen and all(n % 16 == 0 for n in seen)  # only whole buckets reach the experts
+    for a, b in zip(results[16], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # pad rows change nothing but bf16 rounding
+
+
 def test_dense_mixer_forward_tasks_matches_forward() -> None:
     torch.manual_seed(0)
     mixer = DenseMixer(16, 24)
@@ -115,6 +159,185 @@ def test_build_optimizer_is_fused_on_cpu_and_matches_foreach() -> None:
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bf16 weight shadows, ShadowAdamW
+
+BF16 = torch.bfloat16
+
+
+def _cfg(bf16: bool, dropout: float = 0.0) -> PipelineConfig:
+    cfg = PipelineConfig()
+    cfg.model = ModelConfig(dim=16, hidden=24, num_experts=3, top_k=2, cl_dim=8, dropout=dropout)
+    cfg.train.bf16 = bf16
+    cfg.train.lr = 1e-2  # large enough that the updates, not the initial weights, dominate comparisons
+    return cfg
+
+
+def _objective(cfg: PipelineConfig, seed: int = 0) -> Objective:
+    torch.manual_seed(seed)
+    return Objective(cfg.model, LossConfig(), DIMS)
+
+
+def _train(obj: Objective, opt: torch.optim.Optimizer, steps: range, clip: float, bf16: bool = True) -> None:
+    """The loop's step: zero_grad, forward under autocast, backward, optimizer_step; seeded per step."""
+    for step in steps:
+        torch.manual_seed(1000 + step)  # dropout masks and the batch depend on the step only
+        x, y = torch.randn(12, 24), torch.randn(12, 40)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+            loss = obj("image->text", x, y) if step % 2 == 0 else obj("text->image", y, x)
+        loss.total.backward()
+        optimizer_step(opt, obj, clip)
+
+
+def _plain_fused_adamw(obj: Objective, cfg: PipelineConfig) -> torch.optim.AdamW:
+    decay = [p for p in obj.parameters() if p.ndim >= 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in obj.parameters() if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
+
+
+def test_bf16_linear_is_nn_linear_without_a_fresh_shadow_and_autocast_linear_with_one() -> None:
+    torch.manual_seed(0)
+    lin, plain = Bf16Linear(12, 8), nn.Linear(12, 8)
+    plain.load_state_dict(lin.state_dict())
+    x = torch.randn(5, 12)
+    assert torch.equal(lin(x), plain(x))  # no shadow
+    attach_bf16_shadow(lin.weight)
+    assert torch.equal(lin(x), plain(x))  # a shadow, but no autocast: float32 as before
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=BF16):
+        ya, yb = lin(xa), plain(xb)
+    assert torch.equal(ya, yb)  # the shadow holds exactly autocast's cast of the weight
+    probe = torch.randn(5, 8)
+    (ya.float() * probe).sum().backward()
+    (yb.float() * probe).sum().backward()
+    shadow = getattr(lin.weight, SHADOW_ATTR).weight
+    assert lin.weight.grad is None and shadow.grad.dtype == BF16  # the gradient stays bf16
+    torch.testing.assert_close(shadow.grad.float(), plain.weight.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lin.bias.grad, plain.bias.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_a_stale_shadow_is_never_used() -> None:
+    lin = Bf16Linear(4, 3)
+    attach_bf16_shadow(lin.weight)
+    with torch.autocast("cpu", dtype=BF16):
+        assert fresh_bf16_shadow(lin.weight) is not None
+        with torch.no_grad():
+            lin.weight.mul_(2.0)  # e.g. load_state_dict: the version counter moves
+        assert fresh_bf16_shadow(lin.weight) is None
+        assert stale_bf16_shadows([lin.weight]) == [lin.weight]
+        refresh_bf16_shadows([lin.weight])
+        assert torch.equal(fresh_bf16_shadow(lin.weight), lin.weight.detach().to(BF16))
+
+
+def test_bf16_off_builds_torch_fused_adamw_and_no_shadows() -> None:
+    obj = _objective(_cfg(bf16=False))
+    opt = build_optimizer(obj, _cfg(bf16=False))
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+    assert not any(hasattr(p, SHADOW_ATTR) for p in obj.parameters())
+
+
+def test_one_pass_kernel_matches_torch_fused_adamw() -> None:
+    torch.manual_seed(0)
+    shapes = [(64, 48), (7, 5), (1000,)]
+    p = [torch.randn(s) for s in shapes]
+    g = [torch.randn(s).to(BF16) for s in shapes]
+    m = [torch.randn(s) * 0.1 for s in shapes]
+    v = [torch.rand(s) * 0.01 for s in shapes]
+    p_ref, m_ref, v_ref = ([t.clone() for t in ts] for ts in (p, m, v))
+    shadows = [torch.empty(s, dtype=BF16) for s in shapes]
+    steps, steps_ref = [torch.tensor(3.0) for _ in shapes], [torch.tensor(3.0) for _ in shapes]
+    coef = torch.tensor(0.7)  # a clip factor
+    hyper = dict(lr=1e-3, weight_decay=0.05, eps=1e-8)
+    assert fused_adamw_bf16_shadow_(p, g, m, v, shadows, steps, betas=(0.9, 0.999), grad_mult=coef, **hyper)
+    torch._fused_adamw_(
+        p_ref, [t.float() for t in g], m_ref, v_ref, [], steps_ref, beta1=0.9, beta2=0.999,
+        amsgrad=False, maximize=False, grad_scale=coef.reciprocal(), **hyper,
+    )
+    for a, b in zip(p + m + v, p_ref + m_ref + v_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)  # a few float32 ulps
+    assert all(torch.equal(s, t.to(BF16)) for s, t in zip(shadows, p, strict=True))
+
+
+def test_shadow_adamw_folds_clipping_like_clip_grad_norm() -> None:
+    # Float32 forward: no shadow is used, every gradient is float32 and takes torch's fused AdamW
+    # with the clip factor as grad_scale; the reference clips with clip_grad_norm_ first.
+    cfg = _cfg(bf16=True)
+    a, b = _objective(cfg), _objective(cfg)
+    opt_a, opt_b = build_optimizer(a, cfg), _plain_fused_adamw(b, cfg)
+    assert isinstance(opt_a, ShadowAdamW)
+    _train(a, opt_a, range(3), clip=0.05, bf16=False)
+    _train(b, opt_b, range(3), clip=0.05, bf16=False)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_shadow_adamw_tracks_autocast_with_fused_adamw(kernel: bool, monkeypatch) -> None:
+    cfg = _cfg(bf16=True)
+    a, b = _objective(cfg), _objective(cfg)
+    start = [p.detach().clone() for p in a.parameters()]
+    if not kernel:  # the eager fallback (no C++ compiler): widen, torch's fused AdamW, refresh
+        monkeypatch.setattr(optim, "fused_adamw_bf16_shadow_", lambda *args, **kw: False)
+    opt_a, opt_b = build_optimizer(a, cfg), _plain_fused_adamw(b, cfg)
+    _train(a, opt_a, range(4), clip=0.5)
+    _train(b, opt_b, range(4), clip=0.5)
+    for p0, pa, pb in zip(start, a.parameters(), b.parameters(), strict=True):
+        da, db = pa.detach() - p0, pb.detach() - p0  # the updates, not the weights, are compared
+        assert float((da - db).norm()) <= 0.05 * float(db.norm()) + 1e-6  # bf16 gradients
+    for p in opt_a.shadowed:  # every shadow is exactly the cast of its master after the update
+        assert torch.equal(getattr(p, SHADOW_ATTR).weight.detach(), p.detach().to(BF16))
+        assert p.grad is None
+
+
+def test_shadow_adamw_resume_is_bit_exact_and_state_dict_is_torch_adamw() -> None:
+    cfg = _cfg(bf16=True, dropout=0.1)
+    whole = _objective(cfg)
+    opt = build_optimizer(whole, cfg)
+    _train(whole, opt, range(4), clip=0.5)
+
+    first = _objective(cfg)
+    opt1 = build_optimizer(first, cfg)
+    _train(first, opt1, range(2), clip=0.5)
+    weights = {k: v.clone() for k, v in first.state_dict().items()}
+    opt_state = copy.deepcopy(opt1.state_dict())
+    plain = _plain_fused_adamw(_objective(cfg), cfg)
+    plain.load_state_dict(copy.deepcopy(opt_state))  # the checkpoint format is torch's AdamW
+
+    resumed = _objective(cfg, seed=7)  # different initial weights: everything must come from the state
+    opt2 = build_optimizer(resumed, cfg)
+    resumed.load_state_dict(weights)  # the loop's order: weights, then optimizer
+    opt2.load_state_dict(opt_state)
+    _train(resumed, opt2, range(2, 4), clip=0.5)
+    for pa, pb in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_bf16_dropout_is_nn_dropout_outside_autocast_and_unbiased_inside() -> None:
+    fast, plain = Bf16Dropout(0.1), nn.Dropout(0.1)
+    x = torch.randn(400, 256)
+    torch.manual_seed(3)
+    a = fast(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, plain(x))  # float32: the same masks from the same generator
+    xb = x.to(BF16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=BF16):
+        y = fast(xb)
+    dropped = y == 0
+    p = 6554 / 65536  # 0.1 on the 2^-16 grid
+    n = dropped.numel()
+    assert abs(float(dropped.float().mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(y[~dropped], (xb * (1 / (1 - p)))[~dropped].detach())  # kept values rescaled
+    y.float().sum().backward()
+    assert torch.equal(xb.grad == 0, dropped)  # no gradient through dropped elements
+    fast.eval()
+    with torch.autocast("cpu", dtype=BF16):
+        assert torch.equal(fast(xb), xb)
 
 
 # ---------------------------------------------------------------- retrieval

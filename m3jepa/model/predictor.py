@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3jepa.config import ModelConfig
-from m3jepa.model.moe import DenseMixer, MoEOutput, MultiGateMoE
+from m3jepa.model.moe import Bf16Linear, DenseMixer, MultiGateMoE
 
 TASKS = ("pred", "cl")  # the two tasks of the multi-gate MoE: latent prediction and contrastive
 PAPER_DIMS = {"image": 1024, "text": 4096}  # DINOv2-Large, Llama-3-8B
@@ -90,7 +90,8 @@ class M3JepaPredictor(nn.Module):
             raise ValueError(f"M3JepaPredictor builds moe or mlp, not {cfg.predictor!r}")
         self.dims = dict(dims)
         d = cfg.dim
-        self.in_proj = nn.ModuleDict({m: nn.Linear(dm, d) for m, dm in self.dims.items()})
+        # Bf16Linear is nn.Linear (same parameters) that can use the optimizer's bf16 weight shadows.
+        self.in_proj = nn.ModuleDict({m: Bf16Linear(dm, d) for m, dm in self.dims.items()})
         self.modality_emb = nn.ParameterDict({m: _embedding(d) for m in self.dims})
         self.task_emb = nn.ParameterDict({t: _embedding(d) for t in TASKS})
         if cfg.predictor == "moe":
@@ -100,9 +101,9 @@ class M3JepaPredictor(nn.Module):
         else:
             self.mixer = DenseMixer(d, cfg.hidden, cfg.dropout, TASKS)
         self.norms = nn.ModuleDict({t: nn.LayerNorm(d) for t in TASKS})
-        self.pred_head = nn.ModuleDict({m: nn.Linear(d, dm) for m, dm in self.dims.items()})
-        self.cl_head = nn.ModuleDict({m: nn.Linear(d, cfg.cl_dim) for m in self.dims})
-        self.cl_target = nn.ModuleDict({m: nn.Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
+        self.pred_head = nn.ModuleDict({m: Bf16Linear(d, dm) for m, dm in self.dims.items()})
+        self.cl_head = nn.ModuleDict({m: Bf16Linear(d, cfg.cl_dim) for m in self.dims})
+        self.cl_target = nn.ModuleDict({m: Bf16Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
 
     def embed(self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Project each source modality into d and SUM them (a concatenated input adds its parts).
@@ -113,12 +114,6 @@ class M3JepaPredictor(nn.Module):
         parts = [F.gelu(self.in_proj[m](t)) + self.modality_emb[m] for m, t in inputs.items()]  # (B, d)
         return torch.stack(parts).sum(dim=0)  # (B, d)
 
-    def _block(self, z: Tensor, task: str, dense: bool = False) -> tuple[Tensor, MoEOutput]:
-        """One task's pass through the shared mixer: task embedding, mixer, LayerNorm, residual."""
-        u = z + self.task_emb[task]  # (B, d)
-        mixed = self.mixer(u, task, dense=dense)  # y (B, d)
-        return u + F.gelu(self.norms[task](mixed.y)), mixed  # (B, d)
-
     def forward(
         self,
         source: str | tuple[str, ...],
@@ -126,16 +121,21 @@ class M3JepaPredictor(nn.Module):
         target_modality: str,
         dense: bool = False,
     ) -> PredictorOutput:
-        """Predict the `target_modality` latent and contrastive query from source latents x (B, D_m)."""
+        """Predict the `target_modality` latent and contrastive query from source latents x (B, D_m).
+
+        Both tasks go through the mixer in ONE call (`forward_tasks`): each expert runs once on the
+        rows both gates send it, which is the same function as one mixer call per task.
+        """
         if target_modality not in self.dims:
             raise KeyError(f"unknown target {target_modality!r}; built for {', '.join(self.dims)}")
         z = self.embed(source, x)  # (B, d)
-        h_pred, m_pred = self._block(z, "pred", dense)  # (B, d)
-        h_cl, m_cl = self._block(z, "cl", dense)  # (B, d)
-        pred = self.pred_head[target_modality](h_pred)  # (B, D_target)
-        query = F.normalize(self.cl_head[target_modality](h_cl), dim=-1)  # (B, d_cl)
-        aux = (m_pred.aux_loss + m_cl.aux_loss) / len(TASKS)  # ()
-        counts = {"pred": m_pred.expert_counts, "cl": m_cl.expert_counts}
+        u = {t: z + self.task_emb[t] for t in TASKS}  # (B, d) each
+        mixed = self.mixer.forward_tasks(u, dense=dense)  # task -> MoEOutput, y (B, d)
+        h = {t: u[t] + F.gelu(self.norms[t](mixed[t].y)) for t in TASKS}  # (B, d) each
+        pred = self.pred_head[target_modality](h["pred"])  # (B, D_target)
+        query = F.normalize(self.cl_head[target_modality](h["cl"]), dim=-1)  # (B, d_cl)
+        aux = sum(m.aux_loss for m in mixed.values()) / len(TASKS)  # ()
+        counts = {t: m.expert_counts for t, m in mixed.items()}
         return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts)
 
     def encode_target(self, target_modality: str, y: Tensor) -> Tensor:

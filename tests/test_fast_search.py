@@ -1,19 +1,22 @@
-"""Exact ranks scored in bf16 (fast_search.exact_ranks) against float64 and float32 references."""
+"""Exact ranks scored in bf16 (search.exact_ranks) against float64 and float32 references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from m3jepa.eval import fast_search as fs
 from m3jepa.eval import retrieval as rt
+from m3jepa.eval import search as fs
 from m3jepa.eval.retrieval import cross_retrieval_metrics, l2_normalize, retrieval_metrics
+from m3jepa.eval.search import bf16, rows
+from m3jepa.eval.search import native as kernels
 
 PATHS = [pytest.param(True, id="native"), pytest.param(False, id="torch")]
 
 
 def native_or_skip(native: bool) -> bool:
-    if native and fs._native_kernel() is None:
+    if native and kernels.load() is None:
         pytest.skip("no C compiler: the native band kernel is not built")
     return native
 
@@ -129,9 +132,40 @@ def test_bf16_keys_round_outwards_and_keep_order():
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.standard_normal(2000), rng.standard_normal(200) * 1e-3, [0.0, -0.0, 1.0, -1.0]])
     for up in (True, False):
-        keys = fs._keys(x, up=up)
-        vals = fs._key_values(keys).numpy().astype(np.float64)
+        keys = bf16.keys(x, up=up)
+        vals = bf16.key_values(keys).numpy().astype(np.float64)
         assert (vals >= x).all() if up else (vals <= x).all()
         order = np.argsort(vals, kind="stable")
         assert (np.diff(keys[order].astype(np.int64)) >= 0).all()  # key order = value order
         assert (np.abs(vals - x) <= 2**-7 * np.abs(x) + 1e-300).all()  # at most one bf16 step away
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_ranks_pinned_only_as_far_as_ks_need(native):
+    # With ks = [1, 5] a rank is only decided against 1 and 5; every `rank < k` must still be right.
+    img, cap, ig, cg = coco_like(150, 5, 48, noise=1.2, seed=6)
+    got = fs.exact_ranks(cap, img, cg, ig, 5, ks=[1, 5], block=100, native=native_or_skip(native))
+    refs = naive_ranks(cap, img, cg, ig, 10), naive_ranks(img, cap, ig, cg, 10)
+    for ranks, ref in zip((got.rows, got.cols), refs, strict=True):
+        for k in (1, 5):
+            np.testing.assert_array_equal(ranks < k, ref < k)
+
+
+def test_native_rows_and_pair_dots_match_torch():
+    kernel = native_or_skip(True) and kernels.load()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((37, 21)).astype(np.float32) * np.float32(3.0)  # d not a multiple of 8
+    x[3] = x[5]  # equal rows must score bit-equal (ties)
+    nat, ref = rows.prepare(x, kernel), rows.prepare(x, None)
+    assert torch.equal(nat.x16.view(torch.int16), ref.x16.view(torch.int16))  # round to nearest even
+    block = nat.block16(4, 30, torch.empty((26, 21), dtype=torch.bfloat16))
+    assert torch.equal(block.view(torch.int16), ref.x16[4:30].view(torch.int16))
+    x64, x16 = x.astype(np.float64), ref.x16.double().numpy()
+    for bound, exact in ((nat.norm, x64), (nat.err, x64 - x16), (nat.norm16, x16)):
+        true = np.linalg.norm(exact, axis=1)
+        assert (bound >= true).all() and np.allclose(bound, true, rtol=1e-9)
+    ai, bi = rng.integers(0, 37, 500), rng.integers(0, 37, 500)
+    got = rows.pair_dots(nat.x, nat.x, ai, bi, kernel)
+    np.testing.assert_allclose(got, np.einsum("pd,pd->p", x64[ai], x64[bi]), rtol=0, atol=1e-12)
+    ties = rows.pair_dots(nat.x, nat.x, np.array([3, 0, 3]), np.array([0, 5, 7]), kernel)
+    assert ties[0] == ties[1] == rows.pair_dots(nat.x, nat.x, np.array([0]), np.array([3]), kernel)[0]

@@ -18,7 +18,7 @@ DEFAULT_KS = (1, 5, 10)
 _MAX_BLOCK_ELEMENTS = 2**25
 FAISS_MIN_QUERIES = 64
 # From this many scores (queries × gallery) on, recall is computed from exact ranks scored in bf16
-# (fast_search.exact_ranks): several times faster than float32 top-k, the same recalls. Below it the
+# (search.exact_ranks): several times faster than float32 top-k, the same recalls. Below it the
 # float32 search is fast anyway and avoids torch start-up costs.
 RANK_MIN_SCORES = 2**22
 # The rank path scores every same-group pair exactly; many items per group (classes, say) would make
@@ -327,7 +327,7 @@ def _rank_metrics(
     ks: list[int],
     n_dropped: int,
 ) -> RetrievalResult:
-    from m3jepa.eval.fast_search import exact_ranks, recalls_from_ranks  # lazy: imports torch
+    from m3jepa.eval.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
     ranks = exact_ranks(queries, gallery, query_codes, gallery_codes, max(ks), both=False, ks=ks).rows
@@ -379,7 +379,7 @@ def cross_retrieval_metrics(
     if normalize:
         a, b = l2_normalize(a), l2_normalize(b)
     ks = _check_ks(ks, max(int(k) for k in ks) if ks else 0)
-    from m3jepa.eval.fast_search import exact_ranks, recalls_from_ranks  # lazy: imports torch
+    from m3jepa.eval.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
     ranks = exact_ranks(a, b, a_codes, b_codes, max(ks), ks=ks)  # missing queries get NO_RANK

@@ -1,52 +1,63 @@
-"""Training fed from a Zarr store against training from tensors in memory, and a store larger than RAM.
+"""Training fed from a Zarr store against training from tensors in memory, through the real
+`m3jepa train-predictor`, and training from a store larger than RAM.
 
-    python -m bench.store_feed --images 4000             # store-fed vs in-memory, side by side
-    python -m bench.store_feed --big-gb 30 --big-steps 6 # a 30 GB store: peak RSS while training
+    python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
+    python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
+    python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
 
-Stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image). Both
-contenders train the fast path (bf16, sparse dispatch of both tasks, fused AdamW) with the same step
-body; they differ only in where the batch comes from:
-  memory  the whole store read into a float16 tensor, rows indexed per step (the loop today)
-  store   `m3jepa.train.feeder`: rows pread from the store's chunk files, 2 steps ahead on a thread
+The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
+out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
+paper's predictor (bf16, B = 128). The two contenders differ only in train.feed:
+  memory  the train split is read into a float16 tensor, and its rows are indexed per step
+  store   each batch's rows are pread from the stores' chunk files, 2 steps ahead on a thread
+Seconds per step come from the run's own metrics.jsonl (log_every = 1), leaving out the first step
+(warm-up). Peak RSS is the training process's (ru_maxrss from wait4).
+
+Separate processes see the shared cores' load at different times, which is noisy (±20% per round
+here). `--paired-steps` therefore also runs the loop's own `_train_step` in ONE process on one model,
+alternating the feed step by step (M S S M ...). A slow patch of the machine then hits both feeds alike.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench import _common as C
-from m3jepa.config import LossConfig
+from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.model.predictor import PAPER_DIMS, paper_preset
-from m3jepa.store import Manifest, StoreWriter, open_store, rows_from_records
-from m3jepa.train.data import batch_indices
-from m3jepa.train.feeder import Prefetcher, StorePairs
-from m3jepa.train.objective import Objective
-from m3jepa.train.optim import build_optimizer
+from m3jepa.store import Manifest, StoreWriter, rows_from_records, store_path
+from m3jepa.train.data import load_split, resolve_feed
+from m3jepa.train.feeder import read_ahead
+from m3jepa.train.schedule import directions_at
 
+DATASET = "bench"
 DIRECTIONS = ["image->text", "text->image"]
 CAPTIONS = 5
+ENCODERS = {m: f"random-{d}" for m, d in PAPER_DIMS.items()}
 
 
-def write_store(path: Path, modality: str, rows: int, dim: int, shard_size: int, seed: int) -> Path:
+def write_store(root: Path, split: str, modality: str, rows: int, shard_size: int, seed: int) -> Path:
     """A complete float16 store of random features, written shard by shard (bounded memory)."""
-    records = [
-        Record(i, f"{modality}{i}", f"g{i // CAPTIONS if modality == 'text' else i}", modality, "")
-        for i in range(rows)
-    ]
+    dim = PAPER_DIMS[modality]
+    group = (lambda i: i // CAPTIONS) if modality == "text" else (lambda i: i)  # caption i shows image i // 5
+    records = [Record(i, f"{split}-{modality}{i}", f"{split}-g{group(i)}", modality, "") for i in range(rows)]
     manifest = Manifest(
-        dataset="bench",
-        split="train",
+        dataset=DATASET,
+        split=split,
         modality=modality,
         membership=membership_fingerprint(records),
         rows=rows,
-        encoder=f"random-{dim}",
+        encoder=ENCODERS[modality],
         encoder_revision="0",
         pooling="none",
         layers="none",
@@ -58,133 +69,191 @@ def write_store(path: Path, modality: str, rows: int, dim: int, shard_size: int,
     # Drawing 15G normal numbers would take longer than the measurement: each shard is one random
     # pool of 4096 rows, shifted per shard (rows differ; their values do not matter here).
     pool = np.random.default_rng(seed).standard_normal((4096, dim), dtype=np.float32).astype(np.float16)
+    path = store_path(root, DATASET, split, modality, ENCODERS[modality])
     with StoreWriter(path, manifest) as w:
         for index, start, end in w.planned_shards():
-            n = end - start
-            w.write_shard(index, np.roll(np.resize(pool, (n, dim)), index, axis=0))
+            w.write_shard(index, np.roll(np.resize(pool, (end - start, dim)), index, axis=0))
         w.finalize(rows_from_records(records), [])
     return path
 
 
-def store_pairs(image: Path, text: Path) -> dict[str, StorePairs]:
-    """Caption i pairs with image i // 5, in both directions (what pair_rows gives for such stores)."""
-    si, st = open_store(image), open_store(text)
-    captions = np.arange(len(st), dtype=np.int64)
+def write_split(root: Path, split: str, images: int, shard_size: int) -> float:
+    """Image and caption stores of one split; returns their size on disk, GB."""
+    paths = [
+        write_store(root, split, "image", images, shard_size, 1),
+        write_store(root, split, "text", CAPTIONS * images, shard_size, 2),
+    ]
+    return sum(f.stat().st_size for p in paths for f in p.rglob("*") if f.is_file()) / 1e9
+
+
+def pipeline(root: Path, run: Path, args, steps: int, feed: str) -> PipelineConfig:
+    """The paper's predictor on the bench stores; one validation and one checkpoint, at the last step."""
+    cfg = C.pipeline(paper_preset(), args.batch, bf16=True, directions=DIRECTIONS)
+    cfg.encode.dataset, cfg.encode.store_root = DATASET, str(root)
+    cfg.encode.image_encoder, cfg.encode.text_encoder = ENCODERS["image"], ENCODERS["text"]
+    cfg.run_dir = str(run)
+    t = cfg.train
+    t.max_steps, t.eval_every, t.checkpoint_every, t.log_every = steps, steps, steps, 1
+    t.feed, t.num_threads = feed, args.threads
+    return cfg
+
+
+def run_cli(cfg: PipelineConfig, work: Path) -> dict:
+    """One `m3jepa train-predictor` process: seconds per step (after the first), peak RSS, wall time."""
+    toml = work / f"{Path(cfg.run_dir).name}.toml"
+    save_toml(cfg, toml)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    log = (work / f"{Path(cfg.run_dir).name}.log").open("w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m3jepa", "train-predictor", "--pipeline", str(toml)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    log.close()
+    text = Path(log.name).read_text()
+    if proc.returncode:
+        raise RuntimeError(f"train-predictor failed ({proc.returncode}):\n{text[-3000:]}")
     return {
-        "image->text": StorePairs(si, st, captions // CAPTIONS, captions),
-        "text->image": StorePairs(st, si, captions, captions // CAPTIONS),
+        "s_per_step": step_seconds(Path(cfg.run_dir) / "metrics.jsonl", cfg.train.batch_size),
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "wall_s": wall,
+        "log": [ln for ln in text.splitlines() if "train.feed" in ln or "split train" in ln],
     }
 
 
-class Trainer:
-    """The loop's step body (bf16 autocast, AGD, clip, fused AdamW) on batches handed to it."""
-
-    def __init__(self, batch: int) -> None:
-        torch.manual_seed(0)
-        self.cfg = C.pipeline(paper_preset(), batch, bf16=True, directions=DIRECTIONS)
-        self.objective = Objective(self.cfg.model, LossConfig(), PAPER_DIMS)
-        C.fuse_tasks(self.objective.predictor)
-        self.optimizer = build_optimizer(self.objective, self.cfg)
-
-    def step(self, direction: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = self.objective(direction, x, y).total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+def step_seconds(metrics: Path, batch: int) -> float:
+    """Mean seconds per step over steps 2..N, from the cumulative samples/s the loop logs every step."""
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    # samples_per_s at step k is k·B / (seconds since the loop began), so elapsed(k) = k·B / rate
+    elapsed = {x["step"]: x["step"] * batch / x["samples_per_s"] for x in lines if "samples_per_s" in x}
+    last = max(elapsed)
+    return (elapsed[last] - elapsed[1]) / (last - 1)
 
 
 def side_by_side(args, root: Path) -> dict:
-    image = write_store(root / "image", "image", args.images, PAPER_DIMS["image"], 4096, 1)
-    text = write_store(root / "text", "text", CAPTIONS * args.images, PAPER_DIMS["text"], 4096, 2)
-    pairs = store_pairs(image, text)
-    memory = {
-        m: torch.from_numpy(open_store(p).read_all(dtype=None)) for m, p in (("image", image), ("text", text))
-    }
-    b, seed = args.batch, 0
-
-    def memory_batch(step: int):
-        d = DIRECTIONS[step % 2]
-        p = pairs[d]
-        idx = batch_indices(len(p.rows_s), b, seed, step)
-        src, tgt = d.split("->")
-        return (
-            d,
-            memory[src][torch.from_numpy(p.rows_s[idx])].float(),
-            memory[tgt][torch.from_numpy(p.rows_t[idx])].float(),
-        )
-
-    def store_batch(step: int):
-        d = DIRECTIONS[step % 2]
-        return (d, *pairs[d].batch(b, seed, step))
-
-    d0, xm, ym = memory_batch(3)
-    _, xs, ys = store_batch(3)
-    assert torch.equal(xm, xs) and torch.equal(ym, ys), "store and memory batches differ"
-    total = 2 + args.rounds * args.steps
-    mem_trainer, store_trainer = Trainer(b), Trainer(b)
-    feed = iter(Prefetcher(store_batch, range(total), depth=2))
-    counters = {"memory": 0}
-
-    def run_memory() -> None:
-        mem_trainer.step(*memory_batch(counters["memory"]))
-        counters["memory"] += 1
-
-    def run_store() -> None:
-        _, batch = next(feed)
-        store_trainer.step(*batch)
-
-    for _ in range(2):
-        run_memory()
-        run_store()
-    times = C.interleaved(
-        {"memory": run_memory, "store": run_store}, args.rounds, {"memory": args.steps, "store": args.steps}
-    )
-    r = C.ratio(times["memory"], times["store"])  # time ratio memory/store = throughput store/memory
-    print(f"  B={b}: s/step memory {times['memory']}  store {times['store']}")
-    print(f"  store-fed throughput / in-memory throughput (per round): {r}")
-    read = C.Spread()
-    for step in range(10):
-        t0 = time.perf_counter()
-        store_batch(step)
-        read.values.append(time.perf_counter() - t0)
-    print(f"  one store batch read alone (both modalities), s: {read}")
+    size = write_split(root, "train", args.images, 4096)
+    write_split(root, "val", 256, 4096)
+    print(f"  train stores: {size:.2f} GB ({CAPTIONS * args.images:,} captions, {args.images:,} images)")
+    times = {"memory": C.Spread(), "store": C.Spread()}
+    rss = {"memory": C.Spread(), "store": C.Spread()}
+    for r in range(args.rounds):
+        order = ("memory", "store") if r % 2 == 0 else ("store", "memory")  # ABBA: no contender always first
+        for feed in order:
+            run = root / "runs" / f"{feed}{r}"
+            got = run_cli(pipeline(root, run, args, args.steps, feed), root)
+            times[feed].values.append(got["s_per_step"])
+            rss[feed].values.append(got["peak_rss_mb"])
+            shutil.rmtree(run)  # 1.7 GB of checkpoint each
+        m, s = times["memory"].values[-1], times["store"].values[-1]
+        print(f"  round {r}: s/step memory {m:.3f}, store {s:.3f}; store/memory throughput {m / s:.3f}")
+    ratio = C.ratio(times["memory"], times["store"])  # time memory/store = throughput store/memory
+    print(f"  s/step: memory {times['memory']}  store {times['store']}")
+    print(f"  store-fed throughput / in-memory throughput (per round): {ratio}")
+    print(f"  peak RSS, MiB: memory {rss['memory']}  store {rss['store']}")
     return {
+        "train_store_gb": size,
         "seconds_per_step": {k: v.to_json() for k, v in times.items()},
-        "store_over_memory": r.to_json(),
-        "read_only_s": read.to_json(),
+        "store_over_memory": ratio.to_json(),
+        "per_round": ratio.values,
+        "peak_rss_mb": {k: v.to_json() for k, v in rss.items()},
+        "read_only_s": read_only(args, root).to_json(),
+        **({"paired": paired_steps(args, root)} if args.paired_steps else {}),
     }
+
+
+def paired_steps(args, root: Path) -> dict:
+    """The loop's `_train_step` on one model, feed alternating M S S M per step; ratio per M/S pair."""
+    from m3jepa.train.checkpoint import TrainState
+    from m3jepa.train.distributed import DistInfo
+    from m3jepa.train.loop import _train_step
+    from m3jepa.train.objective import Objective
+    from m3jepa.train.optim import build_optimizer
+
+    cfg = pipeline(root, root / "runs" / "paired", args, args.paired_steps + 2, "memory")
+    t = cfg.train
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    feeds = {f: load_split(cfg, "train", DIRECTIONS, f) for f in ("memory", "store")}
+    objective = Objective(cfg.model, cfg.loss, feeds["memory"].dims())
+    optimizer = build_optimizer(objective, cfg)
+    state, info, n = TrainState(dims=feeds["memory"].dims(), directions=DIRECTIONS), DistInfo(), t.max_steps
+    is_store = lambda s: s % 4 in (1, 2)  # noqa: E731  (M S S M: neither feed always goes first)
+    feeds["store"].readahead = read_ahead(
+        feeds["store"],
+        lambda s: directions_at(s, t.directions, t.schedule) if is_store(s) else [],
+        range(n),
+        t.batch_size,
+        t.seed,
+    )
+    seconds = {"memory": [], "store": []}
+    for step in range(n):
+        feed = "store" if is_store(step) else "memory"
+        t0 = time.perf_counter()
+        _train_step(objective, optimizer, cfg, feeds[feed], state, step, n, info)
+        if step >= 2:  # warm-up
+            seconds[feed].append(time.perf_counter() - t0)
+    feeds["store"].close()
+    m, s = np.asarray(seconds["memory"]), np.asarray(seconds["store"])
+    k = min(len(m), len(s))
+    pairs = C.Spread((m[:k] / s[:k]).tolist())
+    whole = float(m.mean() / s.mean())
+    print(f"  one process, {n - 2} steps alternating: s/step memory {C.Spread(m.tolist())}")
+    print(f"  {'':34}s/step store  {C.Spread(s.tolist())}")
+    print(f"  store/memory throughput: {whole:.4f} (mean over steps); per M/S pair {pairs}")
+    return {
+        "memory_s": m.tolist(),
+        "store_s": s.tolist(),
+        "store_over_memory": whole,
+        "pairs": pairs.to_json(),
+    }
+
+
+def read_only(args, root: Path) -> C.Spread:
+    """Seconds to read one batch of both modalities from the stores, with nothing overlapping it."""
+    data = load_split(pipeline(root, root / "runs" / "read", args, 1, "store"), "train", DIRECTIONS, "store")
+    read = C.Spread()
+    for step in range(20):
+        t0 = time.perf_counter()
+        data.stored_batch(DIRECTIONS[step % 2], args.batch, 0, step)  # the read-ahead thread's work
+        read.values.append(time.perf_counter() - t0)
+    data.close()
+    print(f"  one store batch read alone (both modalities), s: {read}")
+    return read
 
 
 def big_store(args, root: Path) -> dict:
-    text_rows = int(args.big_gb * 1e9 / (PAPER_DIMS["text"] * 2))
-    images = text_rows // CAPTIONS
+    images = int(args.big_gb * 1e9 / (CAPTIONS * PAPER_DIMS["text"] * 2 + PAPER_DIMS["image"] * 2)) + 1
     t0 = time.perf_counter()
-    write_store(root / "image", "image", images, PAPER_DIMS["image"], 65536, 1)
-    write_store(root / "text", "text", CAPTIONS * images, PAPER_DIMS["text"], 65536, 2)
-    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 1e9
+    size = write_split(root, "train", images, 65536)
+    write_split(root, "val", 1000, 4096)
     print(
-        f"  wrote {size:.1f} GB ({CAPTIONS * images:,} captions × 4096 + {images:,} images × 1024, float16)"
-        f" in {time.perf_counter() - t0:.0f}s"
+        f"  wrote {size:.1f} GB ({CAPTIONS * images:,} captions x 4096 + {images:,} images x 1024, float16)"
+        f" in {time.perf_counter() - t0:.0f}s; RAM {_ram_gb():.1f} GB"
     )
-    pairs = store_pairs(root / "image", root / "text")
-    trainer = Trainer(args.batch)
-    C.reset_peak_rss()
-    t0 = time.perf_counter()
-    with Prefetcher(
-        lambda s: (DIRECTIONS[s % 2], *pairs[DIRECTIONS[s % 2]].batch(args.batch, 0, s)),
-        range(args.big_steps),
-    ) as feed:
-        for _, batch in feed:
-            trainer.step(*batch)
-    sps = args.big_steps * args.batch / (time.perf_counter() - t0)
-    rss = C.peak_rss_mb()
+    cfg = pipeline(root, root / "runs" / "big", args, args.big_steps, "auto")
+    chosen = resolve_feed(cfg, "train", DIRECTIONS, "auto")
+    print(f"  train.feed=auto chooses {chosen!r} for this store")
+    got = run_cli(cfg, root)
+    sps = args.batch / got["s_per_step"]
     print(
-        f"  trained {args.big_steps} steps from the {size:.1f} GB store: {sps:.1f} samples/s,"
-        f" peak RSS {rss:.0f} MiB"
+        f"  m3jepa train-predictor, {args.big_steps} steps from the {size:.1f} GB store: {sps:.1f} samples/s"
+        f" ({got['s_per_step']:.2f} s/step after the first), peak RSS {got['peak_rss_mb']:.0f} MiB,"
+        f" process wall time {got['wall_s']:.0f}s"
     )
-    return {"store_gb": size, "samples_per_s": sps, "peak_rss_mb": rss}
+    for line in got["log"]:
+        print("    " + line)
+    return {"store_gb": size, "captions": CAPTIONS * images, "images": images, "auto_feed": chosen, **got}
+
+
+def _ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def main() -> None:
@@ -192,21 +261,24 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000, help="images in the side-by-side store (x5 captions)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4, help="steps per contender per round")
-    p.add_argument("--big-gb", type=float, default=0.0, help="also train from a store of this many GB")
-    p.add_argument("--big-steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8, help="steps per run (the first is left out)")
+    p.add_argument("--paired-steps", type=int, default=0, help="also alternate both feeds in one process")
+    p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
+    p.add_argument("--big-steps", type=int, default=20)
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = p.parse_args()
     C.setup(args)
-    record = C.header("store_feed: training from a Zarr store vs from memory")
+    record = C.header("store_feed: m3jepa train-predictor fed from a Zarr store vs from memory")
     root = Path(tempfile.mkdtemp(prefix="m3jepa-bench-", dir=args.dir))
+    print(f"  stores in {root}: {shutil.disk_usage(root).free / 1e9:.0f} GB free")
     try:
         if args.big_gb:
-            record["big"] = big_store(args, root / "big")
+            record["big"] = big_store(args, root)
         else:
-            record["side_by_side"] = side_by_side(args, root / "small")
+            record["side_by_side"] = side_by_side(args, root)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)  # the big store must not outlive the measurement
+    print(f"  deleted {root}: {not root.exists()}")
     C.write_json(args.json, record)
 
 

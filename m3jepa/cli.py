@@ -1,4 +1,4 @@
-"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run.
+"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run, lora-export.
 
 Every command imports its stage lazily, so `m3jepa evaluate` never loads encoder code, and
 logging is configured here only.
@@ -173,6 +173,25 @@ def evaluate(
 
         metrics = evaluate_run(Path(run), split=split, protocol=protocol, checkpoint=checkpoint)
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
+
+
+@app.command("lora-export")
+def lora_export(
+    run: Annotated[str, typer.Option(help="A LoRA run directory written by train-predictor.")],
+    out: Annotated[str, typer.Option(help="Where to write one folder per tuned modality.")],
+    checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
+    merge: Annotated[
+        bool, typer.Option(help="Merge the adapters into the tail layers' weights instead of copying them.")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export a LoRA run's adapters (peft format), or the tail layers with the adapters merged in."""
+    _setup_logging(verbose)
+    with _errors():
+        from m3jepa.lora.export import export_lora
+
+        for path in export_lora(Path(run), Path(out), checkpoint=checkpoint, merge=merge):
+            typer.echo(str(path))
 
 
 @app.command("model-info")

@@ -132,6 +132,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
+        _choice("train.feed", self.feed, ("auto", "memory", "store"))
         if not self.directions:
             raise ConfigError("train.directions is empty; give at least one, e.g. ['image->text']")
         for d in self.directions:

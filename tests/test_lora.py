@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from m3jepa.config import ConfigError, LoraConfig, load_pipeline
+from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.encoders import EncoderError, get_encoder_spec
 from m3jepa.encoders.layers import get_layer_stack
 from m3jepa.lora.tunable import build_tunable, load_tail, resolve_targets
+from m3jepa.store import Manifest, StoreWriter, open_store
+from m3jepa.store.manifest import rows_from_records
 
 CPU = torch.device("cpu")
 ATOL = 1e-5
@@ -58,7 +62,8 @@ def test_minilm_tail_loads_only_its_last_layers_and_pins_the_trainable_set():
     tail = build_tunable(spec, "text", LoraConfig(), 3)
     model = tail.stack.model
     real = {n for n, p in model.named_parameters() if p.device.type != "meta"}
-    assert real and all(n.startswith(("encoder.layer.3.", "encoder.layer.4.", "encoder.layer.5.")) for n in real)
+    tail_layers = ("encoder.layer.3.", "encoder.layer.4.", "encoder.layer.5.")
+    assert real and all(n.startswith(tail_layers) for n in real)
     assert all(p.device.type == "meta" for p in model.embeddings.parameters())  # never read
     # exactly: r=4 adapters on query and value of layers 3, 4 and 5, nothing else
     want = {
@@ -159,8 +164,47 @@ def test_merged_weights_reproduce_the_adapted_tail(tmp_path):
     with torch.no_grad():
         want = tail(pre.states, pre.mask)
     merged = tail.merged_state()
-    assert set(merged) == {k for k in enc.model.state_dict() if k.startswith(tuple(tail.stack.weight_prefixes()))}
+    prefixes = tuple(tail.stack.weight_prefixes())
+    assert set(merged) == {k for k in enc.model.state_dict() if k.startswith(prefixes)}
     enc.model.load_state_dict(merged, strict=False)  # a plain model (no peft) with the merged tail
     with torch.no_grad():
         torch.testing.assert_close(enc.encode(_batch(enc, TEXTS), "pooled").pooled, want, atol=ATOL, rtol=0)
         torch.testing.assert_close(tail(pre.states, pre.mask), want, atol=0, rtol=0)  # unmerged again
+
+
+def test_length_grouping_and_the_cached_source_change_no_latent(tmp_path):
+    spec = get_encoder_spec("minilm-l6")
+    enc = spec.factory(CPU, torch.float32)
+    texts = [" ".join(["word"] * (1 + (7 * i) % 40)) for i in range(40)]  # 3 to 42 tokens
+    pre = get_layer_stack(enc, 3).prefix(_batch(enc, texts))
+    tail = build_tunable(spec, "text", LoraConfig(), 3)
+    with torch.no_grad():
+        grouped = tail(pre.states, pre.mask.bool())  # lengths vary 14x: grouped by length
+        whole = tail.stack.finish(pre.states, pre.mask)  # one padded pass
+    torch.testing.assert_close(grouped, whole, atol=ATOL, rtol=0)
+    # the in-memory prefix source pads exactly as the store's own read_prefix
+    from m3jepa.lora.objective import StorePrefixSource
+
+    path = _prefix_store(tmp_path / "s", [r.half().numpy() for r in pre.rows()])
+    ids = np.array([5, 0, 39, 17])
+    cached = StorePrefixSource(path)
+    assert cached.rows is not None
+    states, mask = open_store(path).read_prefix(ids)
+    got = cached(ids)
+    assert torch.equal(got.states, torch.from_numpy(states)) and torch.equal(got.mask, torch.from_numpy(mask))
+
+
+def _prefix_store(path: Path, states: list[np.ndarray]) -> Path:
+    records = [Record(i, f"s{i}", f"g{i}", "text", f"caption {i}") for i in range(len(states))]
+    manifest = Manifest(dataset="toy", split="val", modality="text",
+                        membership=membership_fingerprint(records), rows=len(states), encoder="minilm-l6",
+                        encoder_revision="r", pooling="masked-mean",
+                        layers="last", dim=4, kind="prefix", format="zarr", shard_size=16, layer_index=3,
+                        tunable_layers=3, state_dim=states[0].shape[1])
+    with StoreWriter(path, manifest) as w:
+        for index, lo, hi in w.planned_shards():
+            part = states[lo:hi]
+            offsets = np.concatenate([[0], np.cumsum([x.shape[0] for x in part])])
+            w.write_shard(index, np.zeros((hi - lo, 4), np.float32), np.concatenate(part), offsets)
+        w.finalize(rows_from_records(records), [])
+    return path

@@ -94,6 +94,9 @@ def evaluate_run(
     predictor = _rebuild(ck)
     data = load_split(cfg, split, cfg.train.directions)
     _check_stores(ck.state.stores, data)
+    tuned: list[str] = []
+    if cfg.lora.enabled:  # the tuned modalities' latents come from their tails with the run's adapters
+        data, tuned = _apply_lora(cfg, data, ck_path)
 
     directions: dict[str, dict[str, dict[str, float]]] = {}
     gallery: dict[str, dict[str, int]] = {}
@@ -127,6 +130,8 @@ def evaluate_run(
         "gallery": gallery,
         "latency_ms": _latency_ms(predictor, data, cfg.train.directions[0], headline, embeddings),
     }
+    if tuned:
+        metrics["lora"] = {"modalities": tuned, "adapters": str(ck_path / "adapters")}
     classification = _classification(cfg.train.directions, headline, embeddings)
     if classification:
         metrics["classification"] = classification
@@ -137,12 +142,22 @@ def evaluate_run(
     return EvalMetrics(metrics)
 
 
+def _apply_lora(cfg, data: PairedSplit, ck_path: Path) -> tuple[PairedSplit, list[str]]:
+    """Rebuild the run's LoRA tails, load its adapters (peft format), and re-encode the tuned modalities."""
+    from m3jepa.lora.objective import lora_from_checkpoint, row_sources, tuned_split
+
+    tails = lora_from_checkpoint(cfg, data, ck_path)
+    return tuned_split(data, tails, row_sources(cfg, data, tails)), sorted(tails)
+
+
 def _rebuild(ck) -> nn.Module:
     from m3jepa.train.objective import Objective
 
     objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
+    # a LoRA run's checkpoint also holds its adapters; evaluate loads those from their peft files
+    weights = {k: v for k, v in ck.weights.items() if not k.startswith("encoders.")}
     try:
-        objective.load_state_dict(ck.weights, strict=True)
+        objective.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ck.path} does not fit its own config: {e}") from e
     objective.eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,10 @@ class PrefixBatch:
     states: Tensor  # (B, T, D_state) float32
     mask: Tensor  # (B, T) bool, True on real positions
 
+    def float(self) -> PrefixBatch:
+        """Already float32: PairedSplit.batch casts every batch, and a PrefixBatch passes as it is."""
+        return self
+
 
 class LoraObjective(Objective):
     """Objective whose tuned modalities arrive as PrefixBatch and pass through their LoRA-wrapped tails.
@@ -46,6 +49,7 @@ class LoraObjective(Objective):
         self.loss = objective.loss
         self.encoders = nn.ModuleDict(tails)
         self.stop_grad_target = stop_grad_target
+        self.sources: dict[str, dict[str, Any]] = {}  # split → modality → row source
 
     def latent(self, modality: str, value: Tensor | PrefixBatch) -> Tensor:
         """Pooled latents (B, D_m): through the modality's tail for a PrefixBatch, as given otherwise."""
@@ -76,10 +80,28 @@ class LoraObjective(Objective):
                                f"{list(result.unexpected_keys)[:3]}")
         return result
 
+    def view(self, data: PairedSplit) -> PairedSplit:
+        """`data` with its tuned modalities re-encoded by the current tails (for validation)."""
+        return tuned_split(data, self.encoders, self.sources[data.split])
+
     def save_adapters(self, directory: Path) -> None:
         """<directory>/adapters/<modality>/ in peft's format, one per tuned modality."""
         for m, tail in self.encoders.items():
             tail.save_adapters(directory / ADAPTERS / m)
+
+
+def attach_lora(
+    cfg: PipelineConfig, objective: Objective, train: PairedSplit, val: PairedSplit
+) -> LoraObjective:
+    """Wrap `objective` with the tuned modalities' tails; the training split's batches of those modalities
+    become PrefixBatch (ModalityFeatures.prefix), and validation re-encodes through the tails."""
+    log.info("%s", lora_settings(cfg.lora))
+    lora = LoraObjective(objective, build_tails(cfg, train), cfg.lora.stop_grad_target)
+    for split in (train, val):
+        lora.sources[split.split] = row_sources(cfg, split, dict(lora.encoders.items()))
+    for m, source in lora.sources[train.split].items():
+        train.modalities[m].prefix = source
+    return lora
 
 
 # ---------------------------------------------------------------- which modalities, which tails
@@ -168,59 +190,38 @@ def _check_geometry(tail: TunableEncoder, manifest: Any, store: Path) -> None:
         )
 
 
-def parameter_report(objective: nn.Module) -> dict[str, Any]:
-    """Exactly what trains: counts per part and every trainable parameter's name and shape."""
-    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
-    parts: dict[str, int] = {}
-    for n, p in named:
-        key = ".".join(n.split(".")[:2]) if n.startswith("encoders.") else n.split(".")[0]
-        parts[key] = parts.get(key, 0) + p.numel()
-    frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad and p.device.type != "meta")
-    return {
-        "trainable": sum(p.numel() for _, p in named),
-        "frozen_loaded": frozen,
-        "parts": parts,
-        "parameters": {n: list(p.shape) for n, p in named},
-    }
-
-
-def write_parameter_report(objective: nn.Module, path: Path) -> dict[str, Any]:
-    """Write parameter_report() as JSON and log its summary."""
-    report = parameter_report(objective)
-    path.write_text(json.dumps(report, indent=2, sort_keys=True))
-    log.info("trainable parameters: %s in total; %s; frozen tail weights loaded: %s",
-             f"{report['trainable']:,}", ", ".join(f"{k} {v:,}" for k, v in report["parts"].items()),
-             f"{report['frozen_loaded']:,}")
-    return report
-
-
 # ---------------------------------------------------------------- latents of whole splits
 
 
-def tuned_split(data: PairedSplit, objective: LoraObjective, sources: dict[str, Any],
-                batch_rows: int = 256) -> PairedSplit:
+def tuned_split(data: PairedSplit, tails: Any, sources: dict[str, Any], batch_rows: int = 256) -> PairedSplit:
     """A copy of `data` whose tuned modalities' features are their tails' current latents (no grad).
 
-    Validation and evaluation score these exactly as they score frozen features.
+    `tails` maps modality → TunableEncoder (a dict or the objective's ModuleDict). Validation and
+    evaluation score these latents exactly as they score frozen features.
     """
     mods = dict(data.modalities)
-    was = objective.training
-    objective.eval()
-    try:
-        for m, tail in objective.encoders.items():
-            feats = data.modalities[m]
-            # (N, D); rows skipped at encode time stay 0, as they are never scored
-            out = torch.zeros((len(feats.valid), feats.dim), dtype=torch.float32)
-            rows = np.flatnonzero(feats.valid)
-            for lo in range(0, len(rows), batch_rows):
-                ids = rows[lo: lo + batch_rows]
-                batch = sources[m](ids)
-                with torch.no_grad():
-                    out[torch.from_numpy(ids)] = tail(batch.states, batch.mask)
-            mods[m] = dataclasses.replace(feats, features=out)
-    finally:
-        objective.train(was)
+    for m, tail in tails.items():
+        was = tail.training
+        tail.train(False)
+        try:
+            mods[m] = dataclasses.replace(data.modalities[m], features=_latents(data, m, tail, sources[m],
+                                                                                 batch_rows))
+        finally:
+            tail.train(was)
     return dataclasses.replace(data, modalities=mods)
+
+
+def _latents(data: PairedSplit, m: str, tail: TunableEncoder, source: Any, batch_rows: int) -> Tensor:
+    feats = data.modalities[m]
+    # (N, D); rows skipped at encode time stay 0, as they are never scored
+    out = torch.zeros((len(feats.valid), feats.dim), dtype=torch.float32)
+    rows = np.flatnonzero(feats.valid)
+    for lo in range(0, len(rows), batch_rows):
+        ids = rows[lo: lo + batch_rows]
+        batch = source(ids)
+        with torch.no_grad():
+            out[torch.from_numpy(ids)] = tail(batch.states, batch.mask)
+    return out
 
 
 def prefix_tensors(store: Any, row_ids: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -248,16 +249,38 @@ def lora_settings(lora: LoraConfig) -> str:
 # ---------------------------------------------------------------- where a tuned modality's rows come from
 
 
+# A prefix store whose states fit in this many bytes is read once into memory (Tux Paint's MiniLM
+# store: 6.8 MB); a larger one is read per batch, so memory stays bounded.
+PREFIX_CACHE_BYTES = 1 << 30
+
+
 class StorePrefixSource:
-    """Rows of a prefix store: the states entering the tail, read per batch."""
+    """Rows of a prefix store: the states entering the tail, from memory when small, else per batch."""
 
     def __init__(self, path: Path) -> None:
         from m3jepa.store import open_store
 
         self.store = open_store(path)
+        m = self.store.manifest
+        size = int(self.store.token_counts().sum()) * int(m.token_width) * np.dtype(m.dtype).itemsize
+        self.rows: list[np.ndarray] | None = None
+        if size <= PREFIX_CACHE_BYTES:
+            ids = np.flatnonzero(np.asarray(self.store.rows.valid, dtype=bool))
+            self.rows = [np.empty((0, m.token_width), np.float16)] * len(self.store)
+            for i, r in zip(ids.tolist(), self.store.read_tokens(ids, dtype=None), strict=True):
+                self.rows[i] = r  # (T_i, D_state) stored dtype
 
     def __call__(self, row_ids: np.ndarray) -> PrefixBatch:
-        return PrefixBatch(*prefix_tensors(self.store, row_ids))
+        if self.rows is None:
+            return PrefixBatch(*prefix_tensors(self.store, row_ids))
+        rows = [self.rows[int(i)] for i in row_ids]
+        longest = max(r.shape[0] for r in rows)
+        states = np.zeros((len(rows), longest, rows[0].shape[1]), dtype=np.float32)  # (B, T, D_state)
+        mask = np.zeros((len(rows), longest), dtype=bool)  # (B, T)
+        for i, r in enumerate(rows):
+            states[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+        return PrefixBatch(torch.from_numpy(states), torch.from_numpy(mask))
 
 
 class RawSource:

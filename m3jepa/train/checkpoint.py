@@ -116,12 +116,15 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
     return Checkpoint(path=directory, cfg=cfg, state=state, weights=weights, optimizer=opt)
 
 
-def config_differences(a: PipelineConfig, b: PipelineConfig, sections: tuple[str, ...]) -> list[str]:
-    """Keys of the given sections whose values differ, as 'section.key: a != b'."""
+def config_differences(
+    a: PipelineConfig, b: PipelineConfig, sections: tuple[str, ...], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """Keys of the given sections whose values differ, as 'section.key: a != b' ('section.key' in
+    `ignore` never counts)."""
     out = []
     for section in sections:
         da, db = asdict(getattr(a, section)), asdict(getattr(b, section))
         for key in sorted(set(da) | set(db)):
-            if da.get(key) != db.get(key):
+            if f"{section}.{key}" not in ignore and da.get(key) != db.get(key):
                 out.append(f"{section}.{key}: {da.get(key)!r} != {db.get(key)!r}")
     return out

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from m3jepa.config import EncodeConfig, PipelineConfig
+from m3jepa.config import ConfigError, EncodeConfig, PipelineConfig
 from m3jepa.data import DEFAULT_ENCODERS
 from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
 from m3jepa.model.predictor import parse_direction as _parse_direction
 from m3jepa.store import open_store, store_path
+from m3jepa.store.manifest import load_manifest, prefix_variant
+
+if TYPE_CHECKING:
+    from m3jepa.train.feeder import ReadAhead, RowReader
 
 log = logging.getLogger(__name__)
+
+FEEDS = ("auto", "memory", "store")
+# train.feed = "auto" reads a split into memory when its stores take less than this share of RAM. Loading
+# briefly holds a float32 copy beside the stored one, so the peak is about 3x the float16 size.
+AUTO_MEMORY_FRACTION = 0.25
 
 
 class StoreDataError(ValueError):
@@ -66,54 +78,125 @@ def encoder_for(enc: EncodeConfig, modality: str) -> str:
 
 @dataclass
 class ModalityFeatures:
-    """One modality of one split: features in memory with their ids."""
+    """One modality of one split: its row ids, and its features in memory or read from the store."""
 
     modality: str
     store: Path
-    features: torch.Tensor  # (N, D) stored dtype (float16 by default; cast per batch)
+    features: torch.Tensor | None  # (N, D) stored dtype (float16 by default; cast per batch); None: `reader`
     group_ids: np.ndarray  # (N,) object: the group each row belongs to
     valid: np.ndarray  # (N,) bool
     texts: list[str | None]
     encoder: str
     revision: str
+    reader: RowReader | None = None  # train.feed = "store": rows (b,) -> (b, D) float32, read from the store
+    # the LoRA mode: rows (b,) -> a PrefixBatch of prefix states, for a modality its tail re-encodes
+    prefix: Callable[[np.ndarray], Any] | None = None
 
     @property
     def dim(self) -> int:
-        return int(self.features.shape[1])
+        return int(self.features.shape[1]) if self.features is not None else int(self.reader.dim)
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """(b, D) features of `rows` (b,) in the stored dtype, in the order given, from memory or store."""
+        if self.prefix is not None:
+            return self.prefix(rows)
+        if self.features is not None:
+            return self.features[torch.from_numpy(rows)]
+        return self.reader(rows)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
-def load_modality(cfg: PipelineConfig, split: str, modality: str) -> ModalityFeatures:
-    """Open the complete store of (split, modality), check it, and load its features."""
+def modality_store(cfg: PipelineConfig, split: str, modality: str) -> Path:
+    """The directory of the store of (split, modality); a missing store is an error naming the fix."""
     enc = cfg.encode
-    encoder = encoder_for(enc, modality)
-    path = store_path(enc.store_root, enc.dataset, split, modality, encoder)
+    # encode.kind = "prefix": the prefix stores (their `features` column is the pooled latent, bit for bit)
+    variant = prefix_variant(enc.tunable_layers) if enc.kind == "prefix" else ""
+    path = store_path(enc.store_root, enc.dataset, split, modality, encoder_for(enc, modality), variant)
     if not (path / "manifest.json").is_file():
         raise StoreDataError(
             f"no {modality} store for split {split!r} at {path}; run "
             f"`m3jepa encode --dataset {enc.dataset} --split {split} --modality {modality}` first"
         )
+    return path
+
+
+def load_modality(cfg: PipelineConfig, split: str, modality: str, feed: str = "memory") -> ModalityFeatures:
+    """Open the complete store of (split, modality), check it, and load its features.
+
+    feed "memory" reads every row now and checks them all; "store" keeps only the row metadata and reads
+    (and checks) each batch's rows when the loop asks for them, so the features never sit in RAM.
+    """
+    path = modality_store(cfg, split, modality)
     store = open_store(path)
     if len(store) == 0:
         raise StoreDataError(f"store {path} is empty: split {split!r} has no {modality} rows")
-    feats = store.read_all()  # (N, D) float32
-    bad = ~np.isfinite(feats).all(axis=1)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise StoreDataError(
-            f"store {path} has {int(bad.sum())} rows with NaN or infinite features "
-            f"(first: row {row}, sample {store.rows.sample_ids[row]}); re-encode it"
-        )
     m = store.manifest
+    features, reader = None, None
+    if feed == "store":
+        from m3jepa.train.feeder import RowReader  # the feeder imports this module
+
+        reader = RowReader(store)
+    else:
+        features = _read_checked(store)
     return ModalityFeatures(
         modality=modality,
         store=path,
-        features=torch.from_numpy(feats.astype(np.float16 if m.dtype == "float16" else np.float32)),
+        features=features,
         group_ids=np.asarray(store.rows.group_ids, dtype=object),
         valid=np.asarray(store.rows.valid, dtype=bool),
         texts=list(store.rows.texts),
         encoder=m.encoder,
         revision=m.encoder_revision,
+        reader=reader,
     )
+
+
+def _read_checked(store) -> torch.Tensor:
+    """Every row of `store` as an (N, D) tensor in the stored dtype; a NaN or inf row is an error."""
+    feats = store.read_all()  # (N, D) float32
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise StoreDataError(
+            f"store {store.path} has {int(bad.sum())} rows with NaN or infinite features "
+            f"(first: row {row}, sample {store.rows.sample_ids[row]}); re-encode it"
+        )
+    return torch.from_numpy(feats.astype(np.float16 if store.manifest.dtype == "float16" else np.float32))
+
+
+def resolve_feed(cfg: PipelineConfig, split: str, directions: list[str], feed: str) -> str:
+    """The feed ("memory" or "store") that train.feed = `feed` means for `split`.
+
+    "auto" is memory when the split's stores, one copy per process on this host, take under
+    AUTO_MEMORY_FRACTION of RAM, else store.
+    """
+    if feed not in FEEDS:
+        raise ConfigError(f"train.feed={feed!r} is not one of {', '.join(FEEDS)}")
+    if feed != "auto":
+        return feed
+    stored = 0
+    for m in direction_modalities(directions):
+        man = load_manifest(modality_store(cfg, split, m))
+        stored += man.rows * man.dim * np.dtype(man.dtype).itemsize
+    # every DDP process on this host loads its own copy
+    need = stored * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ram = ram_bytes()
+    chosen = "memory" if need < AUTO_MEMORY_FRACTION * ram else "store"
+    log.info("train.feed=auto: %s (stores %.2f GB x processes, RAM %.1f GB)", chosen, need / 1e9, ram / 1e9)
+    return chosen
+
+
+def ram_bytes() -> int:
+    """Physical RAM, or the cgroup's memory limit when that is lower (a container's real budget)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return ram
+    return min(ram, int(limit)) if limit.isdigit() else ram
 
 
 def pair_rows(a: ModalityFeatures, b: ModalityFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +318,8 @@ class PairedSplit:
     modalities: dict[str, ModalityFeatures]
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # direction → (source rows, target rows)
     join: JoinTable | None = None  # VQA datasets: question → image and answer links (docs/vqa.md)
+    feed: str = "memory"  # "store": features are read per batch (ModalityFeatures.reader)
+    readahead: ReadAhead | None = None  # store feeding: batches a thread prepared (set by the loop)
 
     def num_pairs(self, direction: str) -> int:
         return len(self.pairs[direction][0])
@@ -242,10 +327,54 @@ class PairedSplit:
     def dims(self) -> dict[str, int]:
         return {m: f.dim for m, f in self.modalities.items()}
 
+    def batch(
+        self, direction: str, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+        """This rank's slice of global batch `step` of `direction`, float32: x (b, D_s), y (b, D_t).
 
-def load_split(cfg: PipelineConfig, split: str, directions: list[str]) -> PairedSplit:
-    """Load every modality the directions need for `split`, and pair them per direction."""
-    mods = {m: load_modality(cfg, split, m) for m in direction_modalities(directions)}
+        The read-ahead's copy when it has one, else read now. Either way the float32 cast happens here,
+        on the loop's thread, as one torch cast of the stored values: the same float32 values from
+        memory and from the store (float16 -> float32 is exact).
+        """
+        got = None
+        if self.readahead is not None:
+            got = self.readahead.take(direction, batch_size, seed, step, rank, world)
+        x, y = got if got is not None else self.stored_batch(direction, batch_size, seed, step, rank, world)
+        x = {m: v.float() for m, v in x.items()} if isinstance(x, dict) else x.float()
+        return x, y.float()
+
+    def stored_batch(
+        self, direction: str, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]:
+        """(x (b, D_s), y (b, D_t)) in the stored dtype, b = batch_size / world; a concatenated input
+        ('image+question->answer') gives x as {modality: (b, D_m)}. Each rank reads only its slice."""
+        rows_s, rows_t = self.pairs[direction]
+        idx = batch_indices(len(rows_s), batch_size, seed, step)
+        idx = np.array_split(idx, world)[rank]
+        src, tgt = parse_direction(direction)
+        if isinstance(src, str):
+            x = self.modalities[src].take(rows_s[idx])
+        else:  # rows_s is (P, S): column j holds the rows of store src[j]
+            x = {m: self.modalities[m].take(rows_s[idx, j]) for j, m in enumerate(src)}  # m -> (b, D_m)
+        return x, self.modalities[tgt].take(rows_t[idx])
+
+    def close(self) -> None:
+        """Stop the read-ahead thread and close the stores' open files."""
+        if self.readahead is not None:
+            self.readahead.close()
+            self.readahead = None
+        for m in self.modalities.values():
+            m.close()
+
+
+def load_split(cfg: PipelineConfig, split: str, directions: list[str], feed: str = "memory") -> PairedSplit:
+    """Load every modality the directions need for `split`, and pair them per direction.
+
+    `feed` is train.feed: "memory" loads the features, "store" only the row metadata the pairing needs
+    (features are then read per batch), "auto" picks one by size (`resolve_feed`).
+    """
+    feed = resolve_feed(cfg, split, directions, feed)
+    mods = {m: load_modality(cfg, split, m, feed) for m in direction_modalities(directions)}
     join = read_join_table(cfg.encode.store_root, cfg.encode.dataset, split)
     if join is not None and join.anchor in mods:
         _check_join(join, mods[join.anchor])
@@ -263,17 +392,16 @@ def load_split(cfg: PipelineConfig, split: str, directions: list[str]) -> Paired
                 f"(VQA datasets write one at encode time), but split {split!r} has none"
             )
     log.info(
-        "split %s: %s; pairs %s",
+        "split %s (feed %s): %s; pairs %s",
         split,
+        feed,
         ", ".join(f"{m} {len(f.group_ids)} rows x {f.dim}" for m, f in mods.items()),
         ", ".join(f"{d} {len(p[0])}" for d, p in pairs.items()),
     )
-    return PairedSplit(split=split, modalities=mods, pairs=pairs, join=join)
+    return PairedSplit(split=split, modalities=mods, pairs=pairs, join=join, feed=feed)
 
 
 def _check_join(join: JoinTable, anchor: ModalityFeatures) -> None:
-    from m3jepa.store.manifest import load_manifest
-
     if load_manifest(anchor.store).membership != join.membership:
         raise StoreDataError(
             f"the join table beside {anchor.store} was written for other {join.anchor} rows "

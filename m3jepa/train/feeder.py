@@ -1,4 +1,5 @@
-"""Store-backed training batches, read ahead on a background thread so the step never waits on I/O."""
+"""Store-fed training: rows pread per batch from the feature stores, read ahead on a background thread,
+so a split larger than RAM trains in bounded memory and the step never waits on I/O (train.feed)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,27 @@ import json
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from m3jepa.store.reader import FeatureStore
-from m3jepa.train.data import batch_indices
+from m3jepa.train.data import StoreDataError, batch_indices
+
+if TYPE_CHECKING:
+    from m3jepa.train.data import PairedSplit
 
 T = TypeVar("T")
+# (x (b, D_s) or {m: (b, D_m)}, y (b, D_t)), in the stored dtype
+Batch = tuple["torch.Tensor | dict[str, torch.Tensor]", torch.Tensor]
+
+# Chunk files kept open per store. Random batches touch a new chunk per row, so an unbounded cache
+# would hold one descriptor per chunk file of the store (thousands for a 30 GB store).
+MAX_OPEN_CHUNKS = 512
 
 
 class RawRows:
@@ -36,7 +47,7 @@ class RawRows:
         self.shard_size = m.shard_size
         self._dirs = [store.path / "shards" / f"{s.index:05d}.zarr" / "features" for s in m.shards]
         self._chunk_rows = [_layout(d)[0] for d in self._dirs]
-        self._fds: dict[tuple[int, int], int] = {}
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU of MAX_OPEN_CHUNKS
 
     @staticmethod
     def supports(store: FeatureStore) -> bool:
@@ -63,9 +74,14 @@ class RawRows:
 
     def _fd(self, shard: int, chunk: int) -> int:
         key = (shard, chunk)
-        if key not in self._fds:
-            self._fds[key] = os.open(self._dirs[shard] / "c" / str(chunk) / "0", os.O_RDONLY)
-        return self._fds[key]
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        if len(self._fds) >= MAX_OPEN_CHUNKS:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[key] = os.open(self._dirs[shard] / "c" / str(chunk) / "0", os.O_RDONLY)
+        return fd
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -92,6 +108,51 @@ def _layout(array_dir) -> tuple[int, int]:
     return rows, dim
 
 
+class RowReader:
+    """One store's rows as tensors in the stored dtype, read on demand and checked finite.
+
+    Store feeding's stand-in for the (N, D) tensor the in-memory path indexes. The read-ahead thread and
+    the loop may share it, so reads hold a lock (RawRows keeps an LRU of open chunk files).
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store, self.dim = store, store.dim
+        # pread per row where the layout allows it, zarr/hdf5 chunk decoding otherwise.
+        raw = RawRows(store) if RawRows.supports(store) else None
+        self._raw = raw
+        self._read = raw.read if raw is not None else (lambda ids: store.read(ids, dtype=None))
+        self._lock = threading.Lock()
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        """(b, D) features of `rows` (b,) in the stored dtype, in the order given; NaN/inf is an error.
+
+        The cast to float32 is left to the loop's thread, where the in-memory path casts too: numpy's
+        float16 cast is 4x slower than torch's, and a torch cast here would start a second OpenMP team.
+        """
+        with self._lock:
+            stored = self._read(rows)  # (b, D) in the stored dtype
+        bad = _nonfinite_rows(stored)
+        if bad.any():
+            row = int(rows[int(np.flatnonzero(bad)[0])])
+            raise StoreDataError(
+                f"store {self.store.path} has NaN or infinite features in row {row} "
+                f"(sample {self.store.rows.sample_ids[row]}); re-encode it"
+            )
+        return torch.from_numpy(stored)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._raw is not None:
+                self._raw.close()
+
+
+def _nonfinite_rows(a: np.ndarray) -> np.ndarray:
+    """(b,) bool: rows of the (b, D) array holding a NaN or inf."""
+    if a.dtype == np.float16:  # all exponent bits set; 6x faster than np.isfinite's float16 path
+        return ((a.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    return ~np.isfinite(a).all(axis=1)
+
+
 @dataclass
 class StorePairs:
     """One direction read straight from two stores: pair i is (source row, target row)."""
@@ -102,20 +163,13 @@ class StorePairs:
     rows_t: np.ndarray  # (P,) int64 target rows of each pair
 
     def __post_init__(self) -> None:
-        # pread per row where the layout allows it, zarr chunk decoding otherwise (hdf5, others).
-        self._readers = [
-            RawRows(s).read if RawRows.supports(s) else (lambda ids, s=s: s.read(ids, dtype=None))
-            for s in (self.source, self.target)
-        ]
+        self._readers = [RowReader(self.source), RowReader(self.target)]
 
     def batch(self, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1):
         """(x (b, D_s), y (b, D_t)) float32 for `step`: the same rows as the in-memory loop's `_batch`."""
         idx = batch_indices(len(self.rows_s), batch_size, seed, step)
         idx = np.array_split(idx, world)[rank]
-        # Rows are read in stored dtype and cast here, as the in-memory path casts its float16 tensor.
-        x = torch.from_numpy(self._readers[0](self.rows_s[idx])).float()
-        y = torch.from_numpy(self._readers[1](self.rows_t[idx])).float()
-        return x, y
+        return self._readers[0](self.rows_s[idx]).float(), self._readers[1](self.rows_t[idx]).float()
 
 
 class Prefetcher(Generic[T]):
@@ -166,3 +220,67 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReadAhead:
+    """The batches of a store-fed split, prepared `depth` steps ahead on one thread.
+
+    `plan(step)` names the directions the loop will train at `step` (the AGD schedule). Only the dynamic
+    schedule can plan wrong: its draw depends on recalls that a validation may change after the step was
+    planned. A batch that was not prepared is read on the spot, so the batches never depend on the plan.
+    Memory stays bounded at about `depth` + 2 steps of batches however large the stores are.
+    """
+
+    def __init__(
+        self,
+        data: PairedSplit,
+        plan: Callable[[int], list[str]],
+        steps: range,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        depth: int = 2,
+    ) -> None:
+        self._key = (batch_size, seed, rank, world)
+
+        def make(step: int) -> dict[str, Batch]:
+            return {d: data.stored_batch(d, batch_size, seed, step, rank, world) for d in plan(step)}
+
+        self._prefetch = Prefetcher(make, steps, depth)
+        self._it = iter(self._prefetch)
+        self._step, self._ready = steps.start - 1, {}
+        self.misses = 0  # batches the loop had to read itself (wrong plan)
+
+    def take(
+        self, direction: str, batch_size: int, seed: int, step: int, rank: int, world: int
+    ) -> Batch | None:
+        """The prepared batch of (direction, step), or None when there is none (the caller reads it)."""
+        if (batch_size, seed, rank, world) != self._key:
+            return None
+        while self._step < step:  # steps the loop skipped are dropped
+            got = next(self._it, None)  # re-raises the thread's error (a NaN row, a failed read)
+            if got is None:
+                return None
+            self._step, self._ready = got
+        batch = self._ready.pop(direction, None) if self._step == step else None
+        self.misses += batch is None
+        return batch
+
+    def close(self) -> None:
+        self._prefetch.close()
+
+
+def read_ahead(
+    data: PairedSplit,
+    plan: Callable[[int], list[str]],
+    steps: range,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+) -> ReadAhead | None:
+    """A ReadAhead for a store-fed split; None for an in-memory one, whose rows are indexed in place."""
+    if data.feed != "store":
+        return None
+    return ReadAhead(data, plan, steps, batch_size, seed, rank, world)

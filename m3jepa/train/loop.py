@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.train import checkpoint as ckpt
-from m3jepa.train.data import PairedSplit, batch_indices, load_split, parse_direction
+from m3jepa.train.data import PairedSplit, load_split
 from m3jepa.train.distributed import (
     DistInfo,
     barrier,
@@ -23,7 +24,8 @@ from m3jepa.train.distributed import (
     init_from_env,
     shutdown,
 )
-from m3jepa.train.objective import Objective, loss_scalars
+from m3jepa.train.feeder import read_ahead
+from m3jepa.train.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # A resumed run must be the same run: these sections have to match the checkpoint's exactly.
 RESUME_SECTIONS = ("encode", "model", "loss", "train")
+# ... except keys that cannot change a result: memory and store feeding give the same batches, bit for bit
+RESUME_IGNORED = frozenset({"train.feed"})
 
 
 @dataclass
@@ -87,10 +91,14 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
     ck_dir = run_dir / "checkpoints"
     start = _load_resume(cfg, ck_dir, resume)
 
-    train_data = load_split(cfg, t.train_split, t.directions)
+    train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed)  # memory or store-fed
     val_data = load_split(cfg, t.val_split, t.directions)
     torch.manual_seed(t.seed)
     objective = Objective(cfg.model, cfg.loss, train_data.dims())
+    if cfg.lora.enabled:  # encoder tails with LoRA adapters before the predictor (docs/lora.md)
+        from m3jepa.lora.objective import attach_lora
+
+        objective = attach_lora(cfg, objective, train_data, val_data)
     optimizer = build_optimizer(objective, cfg)
     state = ckpt.TrainState(
         dims=train_data.dims(),
@@ -109,6 +117,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, run_dir / "config.toml")
+        write_parameter_report(objective, run_dir / "trainable.json")
         _truncate_metrics(run_dir / "metrics.jsonl", state.step)
         log.info(
             "training %s trainable parameters for %d steps (from step %d)",
@@ -120,6 +129,18 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
     began, first_step = time.perf_counter(), state.step
     bar = tqdm(total=n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
     metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
+    # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
+    train_data.readahead = read_ahead(
+        train_data,
+        lambda s: directions_at(
+            s, t.directions, t.schedule, probs=t.direction_probs, seed=t.seed, recalls=state.last_recalls
+        ),
+        range(state.step, n_steps),
+        t.batch_size,
+        t.seed,
+        info.rank,
+        info.world_size,
+    )
     try:
         for step in range(state.step, n_steps):
             if state.stopped_early:
@@ -137,9 +158,10 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, metrics_file, run_dir, optimizer, info)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
-                ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer)
+                ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
             bar.update(1)
     finally:
+        train_data.close()
         bar.close()
         if metrics_file:
             metrics_file.close()
@@ -170,7 +192,7 @@ def _load_resume(cfg: PipelineConfig, ck_dir: Path, resume: bool) -> ckpt.Checkp
     if not latest.exists():
         raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
     start = ckpt.load_checkpoint(latest, with_optimizer=True)
-    diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS)
+    diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS, RESUME_IGNORED)
     if diff:
         raise ckpt.CheckpointError(
             f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); "
@@ -217,19 +239,10 @@ def _train_step(
 def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: int, info: DistInfo):
     """This rank's slice of the global batch of `step` for one direction: (x (b, D_s), y (b, D_t)).
 
-    A concatenated input ('image+question->answer') gives x as {modality: (b, D_m)}.
+    A concatenated input ('image+question->answer') gives x as {modality: (b, D_m)}. In memory or read
+    from the stores (train.feed), the rows, their order and their float32 values are the same.
     """
-    rows_s, rows_t = data.pairs[direction]
-    idx = batch_indices(len(rows_s), batch_size, seed, step)
-    idx = np.array_split(idx, info.world_size)[info.rank]
-    src, tgt = parse_direction(direction)
-    if isinstance(src, str):
-        x = data.modalities[src].features[torch.from_numpy(rows_s[idx])].float()
-    else:  # rows_s is (P, S): column j holds the rows of store src[j]
-        cols = {m: torch.from_numpy(rows_s[idx, j]) for j, m in enumerate(src)}
-        x = {m: data.modalities[m].features[rows].float() for m, rows in cols.items()}  # m -> (b, D_m)
-    y = data.modalities[tgt].features[torch.from_numpy(rows_t[idx])].float()
-    return x, y
+    return data.batch(direction, batch_size, seed, step, info.rank, info.world_size)
 
 
 def _scalars(parts: dict) -> dict:
@@ -258,7 +271,9 @@ def _validate(
     mean_r1 = 0.0
     if info.is_main:
         objective.eval()
-        recalls = direction_recalls(objective.predictor, val_data, cfg.train.directions, cfg.eval.headline)
+        # the LoRA mode scores the tails' current latents of the tuned modalities
+        data = objective.view(val_data) if hasattr(objective, "view") else val_data
+        recalls = direction_recalls(objective.predictor, data, cfg.train.directions, cfg.eval.headline)
         # Recall is reported in percent; the dynamic AGD schedule takes fractions.
         state.last_recalls = {d: r["R@1"] / 100.0 for d, r in recalls.items()}
         mean_r1 = float(np.mean([r["R@1"] for r in recalls.values()]))
@@ -269,7 +284,8 @@ def _validate(
     if mean_r1 > state.best_metric:
         state.best_metric, state.best_step, state.evals_since_best = mean_r1, state.step, 0
         if info.is_main:
-            ckpt.save_checkpoint(run_dir / "checkpoints" / "best", cfg, objective, state, None)
+            best = run_dir / "checkpoints" / "best"
+            ckpt.save_checkpoint(best, cfg, objective, state, None, _extra(objective))
     else:
         state.evals_since_best += 1
         if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
@@ -279,6 +295,11 @@ def _validate(
                 state.step,
                 state.evals_since_best,
             )
+
+
+def _extra(objective) -> Callable[[Path], None] | None:
+    """What a checkpoint writes besides the weights: the LoRA mode's adapters in peft's format."""
+    return getattr(objective, "save_adapters", None)
 
 
 def _log_line(f, record: dict) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +15,8 @@ from m3jepa.model import build_predictor
 from m3jepa.model.losses import AlignmentLoss, LossOutput
 from m3jepa.train.data import parse_direction
 from m3jepa.train.distributed import DistInfo, gather_with_grad
+
+log = logging.getLogger(__name__)
 
 
 class Objective(nn.Module):
@@ -54,3 +61,29 @@ def loss_scalars(parts: LossOutput) -> tuple[Tensor, Tensor]:
     """(L_pred, L_CL) detached for logging; L_pred is 0 for the linear baseline."""
     pred = parts.pred.detach() if parts.pred is not None else torch.zeros(())
     return pred, parts.cl.detach()
+
+
+def parameter_report(objective: nn.Module) -> dict[str, Any]:
+    """Exactly what trains: counts per part and every trainable parameter's name and shape."""
+    named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    parts: dict[str, int] = {}
+    for n, p in named:
+        key = ".".join(n.split(".")[:2]) if n.startswith("encoders.") else n.split(".")[0]
+        parts[key] = parts.get(key, 0) + p.numel()
+    frozen = sum(p.numel() for p in objective.parameters() if not p.requires_grad and p.device.type != "meta")
+    return {
+        "trainable": sum(p.numel() for _, p in named),
+        "frozen_loaded": frozen,
+        "parts": parts,
+        "parameters": {n: list(p.shape) for n, p in named},
+    }
+
+
+def write_parameter_report(objective: nn.Module, path: Path) -> dict[str, Any]:
+    """Write parameter_report() as JSON and log its summary."""
+    report = parameter_report(objective)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    log.info("trainable parameters: %s in total; %s; frozen tail weights loaded: %s",
+             f"{report['trainable']:,}", ", ".join(f"{k} {v:,}" for k, v in report["parts"].items()),
+             f"{report['frozen_loaded']:,}")
+    return report

@@ -9,14 +9,9 @@ With bf16 off it is torch's fused AdamW and `optimizer_step` clips and steps exa
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import subprocess
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -288,33 +283,15 @@ class _Args(ctypes.Structure):
 
 @cache
 def _kernel() -> Callable | None:
-    """The compiled kernel (built once into ~/.cache/m3jepa, keyed by its source), or None."""
-    src = _KERNEL_SRC.encode()
-    cache_dir = Path(os.environ.get("M3JEPA_CACHE", Path.home() / ".cache" / "m3jepa"))
-    # -march=native code must not be loaded on another CPU (a shared home directory): key on it too.
-    cpu = next((ln for ln in _cpuinfo().splitlines() if ln.startswith("flags")), platform.machine())
-    key = hashlib.sha256(src + " ".join((*_KERNEL_FLAGS, cpu)).encode()).hexdigest()[:16]
-    lib = cache_dir / f"adamw_bf16_shadow-{key}.so"
-    try:
-        if not lib.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            cmd = ["c++", *_KERNEL_FLAGS, "-x", "c++", "-", "-o", str(tmp)]
-            subprocess.run(cmd, input=src, check=True, capture_output=True, timeout=120)
-            tmp.replace(lib)  # atomic: concurrent builders never load a half-written file
-        fn = ctypes.CDLL(str(lib)).adamw_bf16_shadow
-    except (OSError, subprocess.SubprocessError) as e:  # no compiler: the eager path does the same update
-        log.warning("bf16-shadow AdamW kernel unavailable (%s); using the eager path", e)
+    """The compiled kernel (m3jepa.native: built once, cached per source, flags and CPU), or None."""
+    from m3jepa.native import build
+
+    lib = build("adamw_bf16_shadow", _KERNEL_SRC, list(_KERNEL_FLAGS), lang="c++")
+    if lib is None:  # no compiler, or M3JEPA_NATIVE=0: the eager path does the same update
         return None
+    fn = lib.adamw_bf16_shadow
     fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int], None
     return fn
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def _ptrs(tensors: list[Tensor]) -> ctypes.Array:

@@ -10,15 +10,9 @@ fallback with the same results.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -163,24 +157,10 @@ def load() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("M3JEPA_NATIVE", "1") == "0":
-        return None
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
-    tag = hashlib.sha256((C_SOURCE + cpu + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3jepa"
-    lib = cache / f"search_kernels_{tag}.so"
-    try:
-        if not lib.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src, out = Path(tmp) / "search_kernels.c", Path(tmp) / "search_kernels.so"
-                src.write_text(C_SOURCE)
-                cc = os.environ.get("CC", "cc")
-                subprocess.run([cc, *FLAGS, "-o", str(out), str(src)], check=True, capture_output=True)
-                os.replace(out, lib)  # atomic: a concurrent builder never loads a half-written file
-        kernel = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("native search kernels unavailable (%s); using torch (slower)", e)
+    from m3jepa.native import build
+
+    kernel = build("search_kernels", C_SOURCE, FLAGS, lang="c")
+    if kernel is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     kernel.prepare_rows.restype = None

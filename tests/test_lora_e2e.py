@@ -106,3 +106,19 @@ def test_lora_resume_matches_an_uninterrupted_run(stores, tmp_path):
     assert a.keys() == b.keys() and any("lora_" in k for k in a)
     for k in a:
         assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_full_layer_lora_runs_every_layer_from_the_raw_data(tmp_path, tuxpaint_root):
+    pooled = tmp_path / "stores"
+    _m3jepa("encode", "--dataset", "tuxpaint", "--split", "train,val,test", "--modality", "image,text",
+            "--limit", "24", "--store-root", str(pooled), "--workers", "0")
+    run = tmp_path / "run"
+    pipe = str(ROOT / "pipelines" / "tuxpaint_lora.toml")
+    sets = _sets(pooled, **{"train.max_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
+                            "encode.kind": '"pooled"', "lora.layers": '"all"', "encode.limit": 24})
+    _m3jepa("train-predictor", "--pipeline", pipe, "--run", str(run), *sets)
+    names = json.loads((run / "trainable.json").read_text())["parameters"]
+    layers = {n.split(".encoder.layer.")[1].split(".")[0] for n in names if n.startswith("encoders.text.")}
+    assert layers == {"0", "1", "2", "3", "4", "5"}  # adapters on all six MiniLM layers
+    metrics = json.loads(_m3jepa("evaluate", "--run", str(run), "--json").stdout)
+    assert metrics["lora"]["modalities"] == ["text"]

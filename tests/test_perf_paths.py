@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
-from m3jepa.eval.fast_search import coco_topk, topk_bf16_exact
 from m3jepa.eval.retrieval import topk_search
+from m3jepa.eval.search import coco_topk, topk_bf16_exact
 from m3jepa.model.moe import (
     SHADOW_ATTR,
     Bf16Dropout,

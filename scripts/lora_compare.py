@@ -22,9 +22,7 @@ from m3jepa.config import load_pipeline
 from m3jepa.encode.runner import run_encode
 from m3jepa.eval.evaluate import evaluate_run
 from m3jepa.runner import encode_config_for_run, resolve_paths
-from m3jepa.store import store_path
-from m3jepa.store.manifest import prefix_variant
-from m3jepa.train.data import direction_modalities, encoder_for
+from m3jepa.train.data import direction_modalities, modality_store
 from m3jepa.train.loop import run_dir_of, train
 
 MODES = {"frozen": Path("pipelines/tuxpaint.toml"), "lora3": Path("pipelines/tuxpaint_lora.toml")}
@@ -54,12 +52,10 @@ def run_one(pipeline: Path, seed: int, sets: list[str], workdir: Path) -> dict:
 
 def store_bytes(cfg) -> int:
     """Bytes on disk of every store the run reads (all its splits and modalities)."""
-    enc = cfg.encode
-    variant = prefix_variant(enc.tunable_layers) if enc.kind == "prefix" else ""
     total = 0
-    for split in enc.splits:
+    for split in cfg.encode.splits:
         for m in direction_modalities(cfg.train.directions):
-            path = store_path(enc.store_root, enc.dataset, split, m, encoder_for(enc, m), variant)
+            path = modality_store(cfg, split, m)  # the store stage 2 reads
             total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return total
 

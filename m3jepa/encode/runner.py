@@ -27,9 +27,9 @@ from m3jepa.store.manifest import (
     SHARDS,
     Manifest,
     atomic_write_text,
-    prefix_variant,
     rows_from_records,
     shard_stem,
+    store_variant,
 )
 from m3jepa.store.writer import BackgroundWrites
 
@@ -106,7 +106,7 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
                 encoder_revision=spec.revision, pooling=spec.pooling, layers=spec.layers, dim=spec.dim,
                 dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size, **prefix,
             )
-            variant = prefix_variant(cfg.tunable_layers) if cfg.kind == "prefix" else ""
+            variant = store_variant(cfg.kind, cfg.tunable_layers)
             path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name, variant)
             dropped = list(getattr(dataset, "skipped", []))
             jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped))

@@ -276,6 +276,11 @@ def prefix_variant(tunable_layers: int) -> str:
     return f"prefix{tunable_layers}"
 
 
+def store_variant(kind: str, tunable_layers: int) -> str:
+    """The store_path variant an encoding of this kind writes: prefix stores apart, others none."""
+    return prefix_variant(tunable_layers) if kind == "prefix" else ""
+
+
 def shard_stem(index: int) -> str:
     return f"{index:05d}"
 

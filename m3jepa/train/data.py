@@ -18,7 +18,7 @@ from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
 from m3jepa.model.predictor import parse_direction as _parse_direction
 from m3jepa.store import open_store, store_path
-from m3jepa.store.manifest import load_manifest, prefix_variant
+from m3jepa.store.manifest import load_manifest, store_variant
 
 if TYPE_CHECKING:
     from m3jepa.train.feeder import ReadAhead, RowReader
@@ -113,7 +113,7 @@ def modality_store(cfg: PipelineConfig, split: str, modality: str) -> Path:
     """The directory of the store of (split, modality); a missing store is an error naming the fix."""
     enc = cfg.encode
     # encode.kind = "prefix": the prefix stores (their `features` column is the pooled latent, bit for bit)
-    variant = prefix_variant(enc.tunable_layers) if enc.kind == "prefix" else ""
+    variant = store_variant(enc.kind, enc.tunable_layers)
     path = store_path(enc.store_root, enc.dataset, split, modality, encoder_for(enc, modality), variant)
     if not (path / "manifest.json").is_file():
         raise StoreDataError(

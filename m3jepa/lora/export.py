@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from m3jepa.lora.objective import ADAPTERS
-from m3jepa.lora.tunable import TunableEncoder, build_tunable
+from m3jepa.lora.tunable import TunableEncoder, tail_for
 from m3jepa.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,6 @@ def _modalities(ck: Checkpoint) -> list[str]:
 
 def _tail(ck: Checkpoint, modality: str) -> TunableEncoder:
     """The modality's tail as the run built it, with the checkpoint's adapters loaded."""
-    import torch
-
     from m3jepa.encoders import get_encoder_spec
 
     store = ck.state.stores.get(modality)
@@ -70,12 +68,7 @@ def _tail(ck: Checkpoint, modality: str) -> TunableEncoder:
     if spec.revision != store["revision"]:
         raise CheckpointError(f"{modality}: the run tuned {store['encoder']}@{store['revision']}, but the "
                               f"installed encoder is {spec.revision}; merging into other weights is wrong")
-    layers = ck.cfg.lora.layers
-    if layers == "all":
-        full = spec.factory(torch.device("cpu"), torch.float32)
-        tail = build_tunable(spec, modality, ck.cfg.lora, None, full)
-    else:
-        tail = build_tunable(spec, modality, ck.cfg.lora, int(layers))
+    tail = tail_for(spec, modality, ck.cfg.lora)
     tail.load_adapters(ck.path / ADAPTERS / modality)
     return tail
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from m3jepa.config import LoraConfig, PipelineConfig
-from m3jepa.lora.tunable import FAMILY_TARGETS, TunableEncoder, build_tunable, resolve_targets
+from m3jepa.lora.tunable import FAMILY_TARGETS, TunableEncoder, encoder_family, resolve_targets, tail_for
 from m3jepa.train.data import PairedSplit, StoreDataError, parse_direction
 from m3jepa.train.distributed import DistInfo
 from m3jepa.train.objective import Objective
@@ -110,19 +110,23 @@ def attach_lora(
 def tuned_modalities(cfg: PipelineConfig, data: PairedSplit) -> dict[str, str]:
     """modality → encoder name of the modalities LoRA tunes (explicit list, else every one that can be)."""
     from m3jepa.encoders import get_encoder_spec
-    from m3jepa.encoders.layers import stack_geometry
+    from m3jepa.encoders.base import EncoderError
 
     lora = cfg.lora
     chosen: dict[str, str] = {}
     for m, feats in data.modalities.items():
         if lora.modalities and m not in lora.modalities:
             continue
-        family, reason = _family(get_encoder_spec(feats.encoder), stack_geometry)
+        try:
+            family = encoder_family(get_encoder_spec(feats.encoder))
+        except EncoderError as e:
+            family, why = None, str(e)
         if family and resolve_targets(family, lora.targets):
             chosen[m] = feats.encoder
             continue
-        why = reason or f"its {family} layers have none of lora.targets {lora.targets} " \
-                        f"(it has: {', '.join(FAMILY_TARGETS[family]) or 'none peft can wrap'})"
+        if family:
+            why = (f"its {family} layers have none of lora.targets {lora.targets} "
+                   f"(it has: {', '.join(FAMILY_TARGETS[family]) or 'none peft can wrap'})")
         if lora.modalities:
             raise StoreDataError(f"lora.modalities names {m!r}, but {feats.encoder} cannot be tuned: {why}")
         log.info("LoRA leaves %s (%s) frozen: %s", m, feats.encoder, why)
@@ -133,27 +137,6 @@ def tuned_modalities(cfg: PipelineConfig, data: PairedSplit) -> dict[str, str]:
         raise StoreDataError(f"lora.enabled, but no modality of {sorted(data.modalities)} can be tuned "
                              f"with lora.targets {lora.targets}")
     return chosen
-
-
-def _family(spec: Any, stack_geometry: Any) -> tuple[str | None, str | None]:
-    """The target family of an encoder from its name and config alone (no weights)."""
-    from m3jepa.encoders.base import EncoderError
-
-    if spec.name == "efficientnet-lite0":
-        return "efficientnet", None
-    try:
-        stack_geometry(spec, 1)
-    except EncoderError as e:
-        return None, str(e)
-    from m3jepa.encoders.layers import _model_dir
-    from m3jepa.encoders.registry import read_config
-
-    model_type = read_config(_model_dir(spec)).get("model_type")
-    if model_type == "dinov2":
-        return "dinov2", None
-    if model_type in ("bert", "roberta", "xlm-roberta", "mpnet"):
-        return "bert", None
-    return "llama", None
 
 
 def build_tails(cfg: PipelineConfig, data: PairedSplit) -> dict[str, TunableEncoder]:
@@ -170,13 +153,9 @@ def build_tails(cfg: PipelineConfig, data: PairedSplit) -> dict[str, TunableEnco
                 f"{data.modalities[m].store} was encoded with {name} revision {manifest.encoder_revision}, "
                 f"but the installed encoder is {spec.revision}: re-encode, or install the encoder it used"
             )
-        if cfg.lora.layers == "all":
-            full = spec.factory(torch.device("cpu"), torch.float32)  # the slow path: the whole encoder
-            tails[m] = build_tunable(spec, m, cfg.lora, None, full)
-        else:
-            tail = build_tunable(spec, m, cfg.lora, int(cfg.lora.layers))
-            _check_geometry(tail, manifest, data.modalities[m].store)
-            tails[m] = tail
+        tails[m] = tail_for(spec, m, cfg.lora)
+        if cfg.lora.layers != "all":  # the tail must start where the store's states were cut
+            _check_geometry(tails[m], manifest, data.modalities[m].store)
     return tails
 
 

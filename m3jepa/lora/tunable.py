@@ -81,9 +81,8 @@ def load_tail(spec: EncoderSpec, n_tunable: int) -> LayerStack:
     materialised on the CPU, and just their keys are read from the weight file: an 8B decoder tuned on
     its last 3 of 32 layers holds ~3/32 of its weights.
     """
-    model, model_dir, weights = _skeleton(spec)
-    shell = SimpleNamespace(spec=spec, model=model, layers=spec.layers, normalize="l2norm" in spec.pooling)
-    stack = _stack_for(shell, n_tunable)
+    stack, weights = _meta_stack(spec, n_tunable)
+    model = stack.model
     prefixes = stack.weight_prefixes()
     for p in prefixes:
         model.get_submodule(p.rstrip(".")).to_empty(device="cpu")
@@ -97,12 +96,25 @@ def load_tail(spec: EncoderSpec, n_tunable: int) -> LayerStack:
     return stack
 
 
+def encoder_family(spec: EncoderSpec) -> str:
+    """The target family of a registry encoder, from its layer stack on the meta device (no weights read);
+    EncoderError when it has no layer stack."""
+    return family_of(_meta_stack(spec, 1)[0])
+
+
+def _meta_stack(spec: EncoderSpec, n_tunable: int) -> tuple[LayerStack, Path]:
+    """(the layer stack of `spec` built on the meta device, its weight file)."""
+    model, weights = _skeleton(spec)
+    shell = SimpleNamespace(spec=spec, model=model, layers=spec.layers, normalize="l2norm" in spec.pooling)
+    return _stack_for(shell, n_tunable), weights
+
+
 def _materialised(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.device.type != "meta"]
 
 
-def _skeleton(spec: EncoderSpec) -> tuple[nn.Module, Path | None, Path]:
-    """(model on the meta device, its directory, its weight file) for a registry encoder."""
+def _skeleton(spec: EncoderSpec) -> tuple[nn.Module, Path]:
+    """(model on the meta device, its weight file) for a registry encoder."""
     if spec.name == "efficientnet-lite0":
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -110,7 +122,7 @@ def _skeleton(spec: EncoderSpec) -> tuple[nn.Module, Path | None, Path]:
 
         with torch.device("meta"):
             model = EfficientNet.from_name(NAME)
-        return model.to(memory_format=torch.channels_last), None, weights_path()
+        return model.to(memory_format=torch.channels_last), weights_path()
     from transformers import AutoConfig, AutoModel
 
     from m3jepa.encoders.layers import _model_dir
@@ -119,7 +131,7 @@ def _skeleton(spec: EncoderSpec) -> tuple[nn.Module, Path | None, Path]:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=False)
-    return model, model_dir, _weight_file(model_dir)
+    return model, _weight_file(model_dir)
 
 
 def _weight_file(model_dir: Path) -> Path:
@@ -327,19 +339,18 @@ def build_tunable(
     return TunableEncoder(stack, info, lora, layers)
 
 
+def tail_for(spec: EncoderSpec, modality: str, lora: LoraConfig) -> TunableEncoder:
+    """The tail `lora.layers` asks for: the last N layers loaded alone, or ("all") the whole encoder."""
+    if lora.layers == "all":
+        full = spec.factory(torch.device("cpu"), torch.float32)  # the slow path: the whole encoder
+        return build_tunable(spec, modality, lora, None, full)
+    return build_tunable(spec, modality, lora, int(lora.layers))
+
+
 def _full_stack(encoder: Any) -> LayerStack:
     if encoder is None:
         raise ValueError("lora.layers='all' needs the loaded encoder")
-    stack = get_layer_stack(encoder, len(_layers_of(encoder)))
+    depth = len(get_layer_stack(encoder, 1).layers)
+    stack = get_layer_stack(encoder, depth)  # every layer tunable; the prefix is the embeddings alone
     stack.model.requires_grad_(False)
     return stack
-
-
-def _layers_of(encoder: Any) -> nn.ModuleList:
-    m = encoder.model
-    for path in ("_blocks", "layers", "encoder.layer"):
-        try:
-            return m.get_submodule(path)
-        except AttributeError:
-            continue
-    raise EncoderError(f"{encoder.spec.name}: cannot find its layer list")

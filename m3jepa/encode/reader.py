@@ -7,8 +7,6 @@ of the plan, so the encoder sees the same tensors whichever reader made them (te
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from m3jepa.data.records import BadItemError, Record
+from m3jepa.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -115,56 +114,30 @@ class ThreadReader:
     """
 
     def __init__(self, items: Items, collate: Collate, plan: list[list[int]], depth: int):
-        self._items, self._collate, self._plan = items, collate, plan
-        self._next = 0  # depth 0: index of the next planned batch
-        self._thread: threading.Thread | None = None
-        if depth > 0:
-            self._queue: queue.Queue = queue.Queue(maxsize=depth)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="m3jepa-encode-reader", daemon=True)
-            self._thread.start()
+        def decode(i: int) -> Batch:
+            return decode_batch(items, collate, plan[i])
+
+        steps = range(len(plan))
+        self._prefetch = Prefetcher(decode, steps, depth, name="m3jepa-encode-reader") if depth > 0 else None
+        self._batches = (b for _, b in self._prefetch) if self._prefetch else (decode(i) for i in steps)
 
     def __iter__(self) -> ThreadReader:
         return self
 
     def __next__(self) -> Batch:
-        if self._thread is None:
-            if self._next >= len(self._plan):
-                raise StopIteration
-            self._next += 1
-            return decode_batch(self._items, self._collate, self._plan[self._next - 1])
-        item = self._queue.get()
-        if isinstance(item, BaseException):  # an unexpected error while decoding: raise it here
-            self.close()
-            raise item
-        if item is None:
-            raise StopIteration
-        return item
-
-    def _run(self) -> None:
         try:
-            for rows in self._plan:
-                if self._stop.is_set():
-                    return
-                self._put(decode_batch(self._items, self._collate, rows))
-            self._put(None)
-        except BaseException as e:  # noqa: BLE001  (handed to the consuming thread, which raises it)
-            self._put(e)
-
-    def _put(self, item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            return next(self._batches)
+        except StopIteration:
+            raise
+        except BaseException:  # an unexpected error while decoding: stop the thread, then raise it here
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the thread (if any) without waiting for the rest of the plan."""
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
+        if self._prefetch is not None:
+            self._prefetch.close()
 
     def __del__(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
+        if getattr(self, "_prefetch", None) is not None:
+            self._prefetch.cancel()

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
+from m3jepa.prefetch import Prefetcher
 from m3jepa.store.reader import FeatureStore
 from m3jepa.train.data import StoreDataError, batch_indices
 
@@ -170,56 +170,6 @@ class StorePairs:
         idx = batch_indices(len(self.rows_s), batch_size, seed, step)
         idx = np.array_split(idx, world)[rank]
         return self._readers[0](self.rows_s[idx]).float(), self._readers[1](self.rows_t[idx]).float()
-
-
-class Prefetcher(Generic[T]):
-    """Compute make(step) for steps in order, up to `depth` steps ahead, on one daemon thread.
-
-    Store reads release the GIL (file I/O, numpy copies), so they overlap the training step's
-    compute; memory stays bounded at `depth` + 1 batches however large the store is.
-    """
-
-    def __init__(self, make: Callable[[int], T], steps: range, depth: int = 2) -> None:
-        self._make, self._steps = make, steps
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        for step in self._steps:
-            if self._stop.is_set():
-                return
-            try:
-                item = (step, self._make(step), None)
-            except BaseException as e:  # handed to the consumer, which re-raises it in the loop
-                item = (step, None, e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    def __iter__(self) -> Iterator[tuple[int, T]]:
-        for expected in self._steps:
-            step, value, error = self._queue.get()
-            if error is not None:
-                raise error
-            assert step == expected, f"prefetcher out of order: {step} != {expected}"
-            yield step, value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> Prefetcher[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class ReadAhead:

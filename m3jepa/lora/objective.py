@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from m3jepa.config import LoraConfig, PipelineConfig
 from m3jepa.lora.tunable import FAMILY_TARGETS, TunableEncoder, encoder_family, resolve_targets, tail_for
+from m3jepa.store import open_store
+from m3jepa.store.reader import pad_rows
 from m3jepa.train.data import PairedSplit, StoreDataError, parse_direction
 from m3jepa.train.distributed import DistInfo
 from m3jepa.train.objective import Objective
@@ -237,8 +239,6 @@ class StorePrefixSource:
     """Rows of a prefix store: the states entering the tail, from memory when small, else per batch."""
 
     def __init__(self, path: Path) -> None:
-        from m3jepa.store import open_store
-
         self.store = open_store(path)
         m = self.store.manifest
         size = int(self.store.token_counts().sum()) * int(m.token_width) * np.dtype(m.dtype).itemsize
@@ -253,12 +253,7 @@ class StorePrefixSource:
         if self.rows is None:
             return PrefixBatch(*prefix_tensors(self.store, row_ids))
         rows = [self.rows[int(i)] for i in row_ids]
-        longest = max(r.shape[0] for r in rows)
-        states = np.zeros((len(rows), longest, rows[0].shape[1]), dtype=np.float32)  # (B, T, D_state)
-        mask = np.zeros((len(rows), longest), dtype=bool)  # (B, T)
-        for i, r in enumerate(rows):
-            states[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = True
+        states, mask = pad_rows(rows, self.store.manifest.token_width, np.float32)  # as read_prefix pads
         return PrefixBatch(torch.from_numpy(states), torch.from_numpy(mask))
 
 

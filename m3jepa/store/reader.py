@@ -177,13 +177,7 @@ class FeatureStore:
                 f"{self.path} is a {self.manifest.kind!r} store; encode with --kind prefix for prefix states"
             )
         rows = self.read_tokens(row_ids, dtype)
-        longest = max((r.shape[0] for r in rows), default=0)
-        states = np.zeros((len(rows), longest, self.manifest.token_width), dtype=self._out_dtype(dtype))
-        mask = np.zeros((len(rows), longest), dtype=bool)  # (B, T_max)
-        for i, r in enumerate(rows):
-            states[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = True
-        return states, mask
+        return pad_rows(rows, self.manifest.token_width, self._out_dtype(dtype))
 
     def token_counts(self) -> np.ndarray:
         """(rows,) int64: T_i of every row (kind = tokens or prefix)."""
@@ -272,3 +266,14 @@ def list_stores(root: str | Path) -> list[tuple[Path, Manifest]]:
         except StoreError as e:
             log.warning("skipping %s: %s", manifest_path.parent, e)
     return out
+
+
+def pad_rows(rows: list[np.ndarray], width: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """B arrays (T_i, width) → right-padded (B, T_max, width) in `dtype` and a (B, T_max) bool mask."""
+    longest = max((r.shape[0] for r in rows), default=0)
+    states = np.zeros((len(rows), longest, width), dtype=dtype)  # (B, T_max, width)
+    mask = np.zeros((len(rows), longest), dtype=bool)  # (B, T_max)
+    for i, r in enumerate(rows):
+        states[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return states, mask

@@ -13,6 +13,7 @@ from torch import nn
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.eval.retrieval import topk_search
 from m3jepa.eval.search import coco_topk, topk_bf16_exact
+from m3jepa.model import fast_dropout
 from m3jepa.model.moe import (
     SHADOW_ATTR,
     Bf16Dropout,
@@ -318,7 +319,10 @@ def test_shadow_adamw_resume_is_bit_exact_and_state_dict_is_torch_adamw() -> Non
         assert torch.equal(pa, pb)
 
 
-def test_bf16_dropout_is_nn_dropout_outside_autocast_and_unbiased_inside() -> None:
+@pytest.mark.parametrize("kernel", [True, False])
+def test_bf16_dropout_is_nn_dropout_outside_autocast_and_unbiased_inside(kernel: bool, monkeypatch) -> None:
+    if not kernel:  # the torch path (no C++ compiler): 64 bits from torch's generator per 4 elements
+        monkeypatch.setattr(fast_dropout, "available", lambda x: False)
     fast, plain = Bf16Dropout(0.1), nn.Dropout(0.1)
     x = torch.randn(400, 256)
     torch.manual_seed(3)
@@ -338,6 +342,93 @@ def test_bf16_dropout_is_nn_dropout_outside_autocast_and_unbiased_inside() -> No
     fast.eval()
     with torch.autocast("cpu", dtype=BF16):
         assert torch.equal(fast(xb), xb)
+
+
+def _hash_mask_reference(n: int, seed: int, threshold: int) -> np.ndarray:
+    """(n,) bool: fast_dropout's keep mask, from its definition (splitmix64 of seed + (i // 4 + 1)·γ)."""
+    with np.errstate(over="ignore"):
+        j = np.arange(n // 4, dtype=np.uint64)
+        z = np.uint64(seed) + (j + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    shifts = np.uint64(16) * np.arange(4, dtype=np.uint64)
+    bits = (z[:, None] >> shifts[None, :]) & np.uint64(0xFFFF)  # (n/4, 4): element 4j + e
+    return bits.reshape(-1) >= threshold
+
+
+@pytest.mark.parametrize("n", [4, 1000, 4 * 40_000 + 8])  # one group, a partial block, two threads
+def test_hash_dropout_kernel_matches_its_definition_forward_and_backward(n: int) -> None:
+    if not fast_dropout.available(torch.zeros(4, dtype=BF16)):
+        pytest.skip("no C++ compiler: Bf16Dropout takes its torch path (tested below)")
+    seed, threshold, scale = 0x1234_5678_9ABC_DEF0, 6554, 65536 / (65536 - 6554)
+    x = torch.randn(n).to(BF16)
+    x[:3] = torch.tensor([float("inf"), float("-inf"), -0.0])
+    keep = torch.from_numpy(_hash_mask_reference(n, seed, threshold))
+    expected = torch.where(keep, x * scale, 0.0)  # torch's bf16 multiply: float32, rounded to nearest even
+    xg = x.clone().requires_grad_(True)
+    y = fast_dropout.HashDropout.apply(xg, seed, threshold, scale)
+    assert torch.equal(y, expected)
+    g = torch.randn(n).to(BF16)
+    y.backward(g)
+    assert torch.equal(xg.grad, torch.where(keep, g * scale, 0.0))  # the same mask, recomputed
+    with torch.no_grad():  # the mask depends on neither the thread count nor the call
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(fast_dropout.apply_mask(x, seed, threshold, scale), expected)
+        finally:
+            torch.set_num_threads(2)
+    other = torch.from_numpy(_hash_mask_reference(n, seed + 1, threshold))
+    assert n < 100 or not torch.equal(keep, other)  # another seed, another mask
+
+
+def test_bf16_dropout_draws_its_seed_from_torch_generator() -> None:
+    drop = Bf16Dropout(0.1)
+    x = torch.randn(64, 256).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        torch.manual_seed(5)
+        a, b = drop(x), drop(x)
+        torch.manual_seed(5)
+        assert torch.equal(drop(x), a)  # a resumed RNG state draws the same masks
+    assert not torch.equal(a, b)
+
+
+def test_native_bf16_sum_of_squares_matches_float64() -> None:
+    grads = [torch.randn(s).to(BF16) * 3 for s in [(2048, 33), (7,), (16,), (1,), (100_001,)]]
+    got = optim.sumsq_bf16(grads)
+    if got is None:
+        pytest.skip("no C++ compiler: the clip norm takes torch's norms")
+    want = sum(float(g.double().square().sum()) for g in grads)
+    assert abs(float(got) - want) <= 1e-6 * want
+
+
+def test_shadow_gradient_is_written_into_one_buffer_and_accumulates_like_autograd() -> None:
+    torch.manual_seed(0)
+    lin, plain = Bf16Linear(12, 8), nn.Linear(12, 8)
+    plain.load_state_dict(lin.state_dict())
+    attach_bf16_shadow(lin.weight)
+    shadow = getattr(lin.weight, SHADOW_ATTR)
+    x1, x2 = torch.randn(5, 12), torch.randn(3, 12)
+
+    def grads(use_twice: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        for m in (lin, plain):
+            m.zero_grad(set_to_none=True)
+        shadow.weight.grad = None
+        with torch.autocast("cpu", dtype=BF16):
+            ya = lin(x1).float().sum() + (lin(x2).float().square().sum() if use_twice else 0)
+            yb = plain(x1).float().sum() + (plain(x2).float().square().sum() if use_twice else 0)
+        ya.backward()
+        yb.backward()
+        return shadow.weight.grad, plain.weight.grad
+
+    first, ref = grads(use_twice=False)
+    torch.testing.assert_close(first.float(), ref, rtol=1e-2, atol=1e-2)
+    buffer, first = first.data_ptr(), first.clone()
+    twice, ref2 = grads(use_twice=True)  # the weight used twice in one backward: summed
+    assert twice.data_ptr() == buffer  # the same memory, overwritten, not a new tensor
+    torch.testing.assert_close(twice.float(), ref2, rtol=2e-2, atol=2e-2)
+    again, _ = grads(use_twice=False)  # after zero_grad the buffer is overwritten, not added to
+    assert torch.equal(again.float(), first.float()) and again.data_ptr() == buffer
 
 
 # ---------------------------------------------------------------- retrieval

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m3jepa.model import fast_dropout
+
 SHARED = "shared"  # the gate key when every task routes through one gate (the official release)
 
 
@@ -47,6 +49,25 @@ class Bf16Shadow:
 
     weight: Tensor  # same shape as the master, bfloat16
     version: int  # master._version when `weight` was last copied from it
+    grad_buffer: Tensor | None = None  # same shape, bf16: the memory `weight.grad` is written into
+
+
+def _shadow_grad_into(shadow: Bf16Shadow, gt: Tensor, x16: Tensor) -> None:
+    """shadow.weight.grad += gt @ x16, written into one buffer kept across steps.
+
+    A fresh (out, in) gradient each step costs more than the product itself here: at 2048² and
+    T = 96 rows, 7 ms into new memory against 2.2 ms into memory already touched (page faults of
+    the 8 MB result; docs/benchmarks.md). zero_grad sets `weight.grad` to None, and the next
+    backward overwrites the same buffer.
+    """
+    w = shadow.weight
+    if w.grad is not None:  # a second use in this backward: accumulate, as autograd would
+        w.grad.addmm_(gt, x16)
+        return
+    if shadow.grad_buffer is None or shadow.grad_buffer.shape != w.shape:
+        shadow.grad_buffer = torch.empty_like(w, memory_format=torch.contiguous_format)
+    torch.mm(gt, x16, out=shadow.grad_buffer)
+    w.grad = shadow.grad_buffer
 
 
 def attach_bf16_shadow(master: nn.Parameter) -> Bf16Shadow:
@@ -96,20 +117,21 @@ class _ShadowLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w16: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, w16: Tensor, bias: Tensor | None, shadow: Bf16Shadow) -> Tensor:
         x16 = x.to(w16.dtype)  # (T, in); a no-op for bf16 rows
         ctx.save_for_backward(x16, w16)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.shadow = bias is not None, shadow
         return F.linear(x16, w16, None if bias is None else bias.to(w16.dtype))  # (T, out)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
         x16, w16 = ctx.saved_tensors
         g = g.to(w16.dtype)  # (T, out)
         gx = g @ w16 if ctx.needs_input_grad[0] else None  # (T, in); autograd casts it to x's dtype
-        gw = g.t().contiguous() @ x16 if ctx.needs_input_grad[1] else None  # (out, in) bf16
+        if ctx.needs_input_grad[1]:  # (out, in) bf16, straight into the shadow's gradient buffer
+            _shadow_grad_into(ctx.shadow, g.t().contiguous(), x16)
         gb = g.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
-        return gx, gw, gb
+        return gx, None, gb, None
 
 
 class Bf16Linear(nn.Linear):
@@ -122,16 +144,18 @@ class Bf16Linear(nn.Linear):
         w16 = fresh_bf16_shadow(self.weight)
         if w16 is None:
             return F.linear(x, self.weight, self.bias)
-        return _ShadowLinearFn.apply(x, w16, self.bias)
+        return _ShadowLinearFn.apply(x, w16, self.bias, getattr(self.weight, SHADOW_ATTR))
 
 
 class Bf16Dropout(nn.Dropout):
     """nn.Dropout, with a cheaper mask for bf16 activations under autocast (training fast path).
 
     torch's CPU dropout draws one Bernoulli per element (~10 ns each here: 4M elements, 40-50 ms,
-    per step at B = 128). The fast path draws 64 random bits per 4 elements and keeps an element
-    when its 16 bits clear a threshold, so the drop probability is p rounded to a multiple of
-    2⁻¹⁶ (0.1 → 0.100006) and kept values are scaled by 1/(1 − that p): still unbiased.
+    per step at B = 128). The fast path uses 16 random bits per element and keeps an element when
+    they clear a threshold, so the drop probability is p rounded to a multiple of 2⁻¹⁶
+    (0.1 → 0.100006) and kept values are scaled by 1/(1 − that p): still unbiased. The bits come
+    from `fast_dropout`'s one-pass kernel (a hash of a seed and the element index) or, without a
+    compiler, from torch's generator (64 bits per 4 elements).
     Outside bf16 autocast, or on float32 input, it is exactly nn.Dropout.
     """
 
@@ -140,10 +164,13 @@ class Bf16Dropout(nn.Dropout):
         if not fast or not torch.is_autocast_enabled(x.device.type) or x.numel() % 4:
             return super().forward(x)
         threshold = round(self.p * 65536)  # drop when the 16 random bits, as 0..65535, fall below it
+        scale = 65536 / (65536 - threshold)
+        if fast_dropout.available(x):  # one pass each way, mask recomputed in backward
+            return fast_dropout.HashDropout.apply(x, fast_dropout.draw_seed(), threshold, scale)
         bits = torch.empty(x.numel() // 4, dtype=torch.int64, device=x.device)
         bits = bits.random_(torch.iinfo(torch.int64).min, None).view(torch.int16).view(x.shape)
         keep = bits >= threshold - 32768  # int16 is the 16 bits shifted by -32768
-        return torch.where(keep, x * (65536 / (65536 - threshold)), 0.0)
+        return torch.where(keep, x * scale, 0.0)
 
 
 def expert_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:

@@ -7,8 +7,9 @@ same loaded encoder (efficientnet-lite0 for images, minilm-l6 for text), the sam
   forward  the rows decoded and collated in memory beforehand (same shard/batch plan as the runner);
            only `encoder.encode` is timed, batch after batch
   encode   `m3jepa.encode.runner.encode_store`, what `m3jepa encode` runs per store: a StoreWriter on a
-           fresh directory, decoding in DataLoader workers (or the in-process reader), the forward
-           pass, shard writes and the finalized manifest; only the encoder load is left out (as above)
+           fresh directory, decoding in DataLoader workers (at WORKER_NICENESS, as the encoder is on
+           the CPU; text on the in-process reader), the forward pass, shard writes and the finalized
+           manifest; only the encoder load is left out (as above)
 Rounds alternate (forward, encode, forward, encode, ...) and the ratio encode/forward of rows/s is taken
 per round. Before timing, the store written by `encode` is checked against the forward pass's own
 features, and every round's store against the first one, byte for byte.
@@ -31,7 +32,7 @@ import torch
 from bench import _common as C
 from m3jepa.config import EncodeConfig
 from m3jepa.encode.distributed import DistContext
-from m3jepa.encode.reader import Collate, Items, decode_batch
+from m3jepa.encode.reader import WORKER_NICENESS, Collate, Items, decode_batch
 from m3jepa.encode.runner import StoreJob, _load_encoder, _shard_batches, encode_store, plan_jobs
 from m3jepa.encoders import resolve_device
 from m3jepa.store import open_store
@@ -181,7 +182,7 @@ def main() -> None:
     C.setup(args)
     record = C.header("encode: m3jepa encode (real stage-1 path) vs the encoder forward pass alone")
     keys = ("limit", "rounds", "workers", "batch_size", "shard_size", "min_seconds")
-    record["config"] = {k: getattr(args, k) for k in keys}
+    record["config"] = {k: getattr(args, k) for k in keys} | {"worker_niceness": WORKER_NICENESS}
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
         record["results"] = [run_modality(args, m, Path(tmp) / m) for m in args.modality]
     record["load_1min_after"] = round(C.load_average(), 2)

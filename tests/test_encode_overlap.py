@@ -1,12 +1,13 @@
 """Stage-1 fast paths against their plain references: overlapped reading and background shard writes.
 
-Reading ahead (a thread, or DataLoader workers decoding each batch in pieces) must hand the encoder the
-very batches a synchronous reader makes, and a store committed on a background thread must equal, byte
-for byte, one committed shard by shard in the encoding thread.
+Reading ahead (a thread, or DataLoader workers: the first batch in pieces, the rest whole) must hand the
+encoder the very batches a synchronous reader makes, and a store committed on a background thread must
+equal, byte for byte, one committed shard by shard in the encoding thread.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 from pathlib import Path
@@ -19,7 +20,15 @@ from m3jepa.data.records import BadItemError, Record, membership_fingerprint
 from m3jepa.encode import reader as reader_mod
 from m3jepa.encode import runner as runner_mod
 from m3jepa.encode.distributed import DistContext
-from m3jepa.encode.reader import Collate, Items, ThreadReader, read_batches, split
+from m3jepa.encode.reader import (
+    WORKER_NICENESS,
+    Collate,
+    Items,
+    ThreadReader,
+    decode_batch,
+    read_batches,
+    split,
+)
 from m3jepa.encode.runner import StoreJob, encode_store, reader_workers
 from m3jepa.encoders.base import EncodedBatch, EncoderSpec
 from m3jepa.store import Manifest, store_path
@@ -97,6 +106,46 @@ def test_every_reader_yields_the_reference_batches(workers):
     assert len(reference) == len(plan) and reference[0][0] == [r for r in plan[0] if r != 3]
     got = _as_tuples(read_batches(records, pre, plan, workers=workers))
     assert got == reference
+
+
+@pytest.mark.parametrize(("workers", "first"), [(3, 7), (3, 2), (2, 1), (4, 5)])  # (4, 5): 3 pieces
+def test_worker_layouts_yield_the_reference_batches(workers, first):
+    # The first batch is cut into pieces (fewer than `workers` when it is short), the rest go whole.
+    records = _records(30, bad=(0, 9))
+    pre = _Pre()
+    rest = list(range(first, 30))
+    plan = [list(range(first))] + [rest[k : k + 5] for k in range(0, len(rest), 5)]
+    reference = _as_tuples(ThreadReader(Items(records, pre), Collate(pre), plan, depth=0))
+    assert _as_tuples(read_batches(records, pre, plan, workers=workers)) == reference
+
+
+class _Niceness(_Pre):
+    def __call__(self, payload: str) -> dict[str, torch.Tensor]:
+        return {"x": torch.tensor([float(os.nice(0))])}  # the niceness of the process decoding it
+
+
+@pytest.mark.parametrize(("yield_cpu", "pin", "added"), [(None, False, WORKER_NICENESS), (False, False, 0),
+                                                          (True, False, WORKER_NICENESS)])
+def test_workers_yield_the_cpu_only_when_asked_or_encoding_on_the_cpu(yield_cpu, pin, added):
+    records = _records(6)
+    batches = list(read_batches(records, _Niceness(), [[0, 1], [2, 3], [4, 5]], workers=2, pin=pin,
+                                yield_cpu=yield_cpu))
+    want = min(19, os.nice(0) + added)
+    assert all(b.inputs["x"].flatten().tolist() == [want, want] for b in batches)
+
+
+def test_real_image_batches_from_workers_equal_the_reference_bit_for_bit(tuxpaint_root):
+    from m3jepa.data import get_dataset
+    from m3jepa.encoders.image import ImagePreprocessor
+
+    records = get_dataset("tuxpaint", limit=12).records("train", "image")[:10]
+    pre = ImagePreprocessor()
+    plan = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    got = list(read_batches(records, pre, plan, workers=2))
+    for batch, rows in zip(got, plan, strict=True):
+        want = decode_batch(Items(records, pre), Collate(pre), rows)
+        assert batch.rows == want.rows == rows
+        assert torch.equal(batch.inputs["pixel_values"], want.inputs["pixel_values"])
 
 
 def test_a_batch_of_only_bad_items_passes_through():

@@ -7,12 +7,14 @@ of the plan, so the encoder sees the same tensors whichever reader made them (te
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from m3jepa.data.records import BadItemError, Record
 from m3jepa.prefetch import Prefetcher
@@ -20,6 +22,8 @@ from m3jepa.prefetch import Prefetcher
 log = logging.getLogger(__name__)
 
 THREAD_DEPTH = 2  # batches the reading thread may run ahead of the encoder
+# Niceness added to the decoding worker processes when the encoder computes on the CPU (see read_batches).
+WORKER_NICENESS = 19
 
 
 @dataclass
@@ -36,6 +40,10 @@ class Batch:
     rows: list[int]  # store row ids of the good items, in batch order
     inputs: Any  # the preprocessor's collated batch, or None when every item was bad
     bad: list[tuple[int, str]] = field(default_factory=list)  # (row id, reason)
+
+    def pin_memory(self) -> Batch:
+        """The same batch with its tensors in pinned memory (called by the DataLoader's pinning thread)."""
+        return Batch(self.rows, pin_memory(self.inputs), self.bad)
 
 
 class Items(torch.utils.data.Dataset):
@@ -73,21 +81,46 @@ def decode_batch(items: Items, collate: Collate, rows: Sequence[int]) -> Batch:
     return collate([items[i] for i in rows])
 
 
+class Tasks(torch.utils.data.Dataset):
+    """Task t → a whole batch, collated in the worker (a Batch), or a piece of one: its items (a list)."""
+
+    def __init__(self, items: Items, collate: Collate, tasks: list[tuple[list[int], bool]]):
+        self.items, self.collate, self.tasks = items, collate, tasks
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, t: int) -> Batch | list[tuple[int, Any]]:
+        rows, whole = self.tasks[t]
+        if whole:
+            return decode_batch(self.items, self.collate, rows)
+        return [self.items[i] for i in rows]
+
+
 def read_batches(
-    records: Sequence[Record], preprocessor: Any, plan: list[list[int]], workers: int, pin: bool = False
+    records: Sequence[Record], preprocessor: Any, plan: list[list[int]], workers: int, pin: bool = False,
+    yield_cpu: bool | None = None,
 ) -> Iterator[Batch]:
     """The batches of `plan` in order: decoded by `workers` DataLoader processes, or (0) on a thread here.
 
-    One pool serves the whole plan, so decoding runs ahead across shard ends.
+    One pool serves the whole plan, so decoding runs ahead across shard ends. The first batch, which
+    nothing can overlap, is cut into `workers` pieces decoded at once and collated here; every later
+    batch is decoded and collated by one worker, into shared memory, so it reaches this process without
+    a copy. With `yield_cpu` (default: unless pinning, i.e. when the encoder computes on the CPU) the
+    workers run at WORKER_NICENESS: a forward pass on all cores is a series of multi-threaded ops, each
+    as slow as its slowest thread, so a decoder taking a core from one thread stalls them all; at low
+    priority decoding runs in the gaps the forward pass leaves (measured: docs/benchmarks.md, section 5).
     """
     items, collate = Items(records, preprocessor), Collate(preprocessor)
     if workers == 0:
         return ThreadReader(items, collate, plan, THREAD_DEPTH)
-    # Each batch is decoded in `workers` pieces, one per worker, and collated here: the first batch of
-    # a store, which nothing can overlap, then takes 1/workers of the time a whole-batch task would.
-    pieces = [piece for rows in plan for piece in split(rows, workers)]
-    loader = DataLoader(items, batch_sampler=pieces, num_workers=workers, collate_fn=list, pin_memory=pin)
-    return joined(iter(loader), plan, workers, collate)
+    first_parts = min(workers, len(plan[0])) if plan else 1
+    tasks = [(piece, False) for piece in split(plan[0], first_parts)] if first_parts > 1 else []
+    tasks += [(rows, True) for rows in plan[1 if tasks else 0 :]]
+    nice = WORKER_NICENESS if (not pin if yield_cpu is None else yield_cpu) else 0
+    loader = DataLoader(Tasks(items, collate, tasks), batch_size=None, num_workers=workers, collate_fn=_same,
+                        pin_memory=pin, worker_init_fn=_Nice(nice))
+    return joined(iter(loader), plan, first_parts, collate)
 
 
 def split(rows: list[int], parts: int) -> list[list[int]]:
@@ -96,12 +129,30 @@ def split(rows: list[int], parts: int) -> list[list[int]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def joined(pieces: Iterator[list[tuple[int, Any]]], plan: list[list[int]], parts: int,
+def joined(results: Iterator[Any], plan: list[list[int]], first_parts: int,
            collate: Collate) -> Iterator[Batch]:
-    """Reassemble decoded pieces into the plan's batches (same rows, same order) and collate each."""
-    for rows in plan:
-        items = [item for _ in split(rows, parts) for item in next(pieces)]
-        yield collate(items)
+    """The plan's batches from the tasks' results: the first reassembled from its pieces and collated."""
+    for k, rows in enumerate(plan):
+        if k == 0 and first_parts > 1:
+            pieces = split(rows, first_parts)
+            yield collate([item for _ in pieces for item in next(results)])
+        else:
+            yield next(results)
+
+
+def _same(x: Any) -> Any:
+    return x  # a task's result as it is (the DataLoader's default conversion would walk every item)
+
+
+class _Nice:
+    """worker_init_fn: add `increment` to the worker process's niceness (0: leave it)."""
+
+    def __init__(self, increment: int):
+        self.increment = increment
+
+    def __call__(self, worker_id: int) -> None:
+        if self.increment:
+            os.nice(self.increment)
 
 
 class ThreadReader:

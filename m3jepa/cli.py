@@ -59,6 +59,9 @@ def encode(
     dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
     batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 64,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
+    decode_priority: Annotated[
+        str, typer.Option(help="auto | low | normal: the decoding workers' CPU priority (auto: low on CPU).")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     shard_size: Annotated[int, typer.Option(help="Rows per shard (the unit of resume).")] = 2048,
     limit: Annotated[int | None, typer.Option(help="Keep the first N groups of each split.")] = None,
@@ -88,6 +91,7 @@ def encode(
             dtype=dtype,
             batch_size=batch_size,
             workers=workers,
+            decode_priority=decode_priority,
             device=device,
             shard_size=shard_size,
             limit=limit,

@@ -38,6 +38,9 @@ class EncodeConfig:
     dtype: str = "float16"  # float16 | float32
     batch_size: int = 64
     workers: int = 2
+    # auto | low | normal: the decoding workers' CPU priority. auto: low when the encoder runs on the
+    # CPU, so decoding fills the gaps of the forward pass instead of stalling its threads (docs/encode.md)
+    decode_priority: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     shard_size: int = 2048
     skip_bad: bool = False
@@ -51,6 +54,7 @@ class EncodeConfig:
         _positive("encode.tunable_layers", self.tunable_layers)
         _choice("encode.dtype", self.dtype, ("float16", "float32"))
         _choice("encode.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("encode.decode_priority", self.decode_priority, ("auto", "low", "normal"))
         _positive("encode.batch_size", self.batch_size)
         _positive("encode.shard_size", self.shard_size)
 

@@ -268,8 +268,9 @@ def encode_shards(
     plans = [(index, lo, hi, _shard_batches(job, lo, hi, cfg.batch_size)) for index, lo, hi in shards]
     pin = cfg.device != "cpu" and torch.cuda.is_available()
     plan = [batch for *_, batches in plans for batch in batches]
+    low = {"auto": None, "low": True, "normal": False}[cfg.decode_priority]  # None: low unless pinning
     batches = read_batches(job.records, encoder.preprocessor, plan, reader_workers(job.modality, cfg.workers),
-                           pin)
+                           pin, yield_cpu=low)
     try:
         with BackgroundWrites(depth=1, threaded=BACKGROUND_WRITES) as writes, tqdm(
             total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",

@@ -55,6 +55,7 @@ def test_parse_override_falls_back_to_string():
         ("train.schedule=sometimes", "not one of"),
         ("train.directions=imagetext", "source->target"),
         ("train.bf16=1", "true or false"),
+        ("encode.decode_priority=lazy", "not one of"),
     ],
 )
 def test_bad_config_is_an_error_naming_the_key(override, message):

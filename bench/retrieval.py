@@ -5,8 +5,9 @@
 1. COCO 5K, multi-caption protocol: 25,000 captions × 5,000 images, d = 2048, R@1/5/10 both ways,
    on an easy (cosine 0.55, all recalls 100%) and a hard (R@1 ≈ 9–19%) synthetic set.
    reference  `retrieval_metrics(use_faiss=False)` (float32 matmul top-k) once per direction
-   fast       `cross_retrieval_metrics`: ONE bf16 product for both directions, exact ranks of the
-              correct items (search.exact_ranks); the recalls must be identical
+   fast       `cross_retrieval_metrics`: ONE product for both directions (int8 where it decides,
+              bf16 otherwise), exact ranks of the correct items (search.exact_ranks); the recalls
+              must be identical; also with the int8 stage off (M3JEPA_INT8=0)
    also       the bf16 product alone (the floor of the fast path)
 2. Memory bandwidth; one text query → paper-preset predictor (bf16 / float32) → exact search of a
    100,000-item gallery.
@@ -14,7 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -59,6 +63,11 @@ def _coco_case(args, name: str, captions, images, cap_g, img_g) -> dict:
     def fast() -> None:
         state["fast"] = tuple(r.recalls for r in cross_retrieval_metrics(captions, images, cap_g, img_g))
 
+    def fast_bf16() -> None:
+        # The same with the int8 first stage off: the bf16 product decides every block.
+        with _env("M3JEPA_INT8", "0"):
+            state["bf16"] = tuple(r.recalls for r in cross_retrieval_metrics(captions, images, cap_g, img_g))
+
     def plain_bf16() -> None:
         # As exact_ranks multiplies: (d, C) contiguous, one reused output (fresh pages cost ~1/3 more).
         ct, it = torch.from_numpy(captions).bfloat16(), torch.from_numpy(images).bfloat16().T.contiguous()
@@ -67,12 +76,14 @@ def _coco_case(args, name: str, captions, images, cap_g, img_g) -> dict:
             hi = min(lo + 4096, len(ct))
             torch.matmul(ct[lo:hi], it, out=out[: hi - lo])  # (4096, 5000) bf16
 
-    times = C.interleaved({"reference": reference, "fast": fast, "bf16": plain_bf16}, args.rounds, {})
+    fns = {"reference": reference, "fast": fast, "fast_bf16_only": fast_bf16, "bf16": plain_bf16}
+    times = C.interleaved(fns, args.rounds, {})
     ranks = exact_ranks(captions, images, cap_g, img_g, 10, ks=[1, 5, 10])  # one more run: its phases
     stats, phases = ranks.stats, {k: round(v, 3) for k, v in ranks.seconds.items()}
-    same = state["ref"] == state["fast"]
+    same = state["ref"] == state["fast"] == state["bf16"]
     print(f"  COCO-5K {name}, both directions, s: reference {times['reference']}  fast {times['fast']}")
-    print(f"    bf16 product alone {times['bf16']}; speed-up {C.ratio(times['reference'], times['fast'])}")
+    print(f"    fast with int8 off {times['fast_bf16_only']}; bf16 product alone {times['bf16']}")
+    print(f"    speed-up {C.ratio(times['reference'], times['fast'])}")
     print(f"    recalls identical: {same}; {stats}; t2i {state['fast'][0]} i2t {state['fast'][1]}")
     print(f"    phases of one exact_ranks run, s: {phases}")
     return {
@@ -82,6 +93,19 @@ def _coco_case(args, name: str, captions, images, cap_g, img_g) -> dict:
         "stats": stats,
         "phases_s": phases,
     }
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def bandwidth() -> float:
@@ -139,6 +163,7 @@ def one_query(args, rng: np.random.Generator) -> dict:
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-query", action="store_true", help="skip part 2 (one query + 100k gallery)")
     args = p.parse_args()
     C.setup(args)
     record = C.header("retrieval: COCO-5K exact search and one-query latency", C.measure_peak())
@@ -147,7 +172,8 @@ def main() -> None:
     record["coco5k"] = coco(args, rng)
     record["bandwidth_gbs"] = round(bandwidth(), 1)
     print(f"  read bandwidth {record['bandwidth_gbs']} GB/s")
-    record["one_query"] = one_query(args, rng)
+    if not args.no_query:
+        record["one_query"] = one_query(args, rng)
     record["seconds_total"] = time.perf_counter() - t0
     record["load_1min_after"] = round(C.load_average(), 2)
     print(f"  load after: {record['load_1min_after']}")

@@ -9,7 +9,7 @@ import torch
 from m3jepa.eval import retrieval as rt
 from m3jepa.eval import search as fs
 from m3jepa.eval.retrieval import cross_retrieval_metrics, l2_normalize, retrieval_metrics
-from m3jepa.eval.search import bf16, rows
+from m3jepa.eval.search import bf16, int8, rows, scan
 from m3jepa.eval.search import native as kernels
 
 PATHS = [pytest.param(True, id="native"), pytest.param(False, id="torch")]
@@ -33,8 +33,9 @@ def naive_ranks(q: np.ndarray, g: np.ndarray, q_codes, g_codes, k_max: int) -> n
     return out
 
 
-def coco_like(n_img: int, per: int, d: int, noise: float, seed: int, tie_eps: float = 1e-5):
-    """Images and `per` noisy captions each, with planted exact duplicates and near-ties (`tie_eps`).
+def coco_like(n_img: int, per: int, d: int, noise: float, seed: int, tie_eps: float = 1e-5, every: int = 7):
+    """Images and `per` noisy captions each, with planted exact duplicates and near-ties (`tie_eps`),
+    two pairs of images in every `every`.
 
     Near-ties of 1e-5 lie far below bf16 resolution (~2e-3) but some fall below float32 rounding
     (~1e-7), where float32 kernels disagree with each other: those are checked against float64.
@@ -42,11 +43,11 @@ def coco_like(n_img: int, per: int, d: int, noise: float, seed: int, tie_eps: fl
     """
     rng = np.random.default_rng(seed)
     img = l2_normalize(rng.standard_normal((n_img, d), dtype=np.float32))
-    img[1::7] = img[0::7][: len(img[1::7])]  # exact duplicates: equal scores, the lower index first
+    img[1::every] = img[0::every][: len(img[1::every])]  # exact duplicates: equal scores, lower index first
     cap = np.repeat(img, per, axis=0) + noise * rng.standard_normal((n_img * per, d), dtype=np.float32)
     cap = l2_normalize(cap)
-    near = img[2::7][: len(img[3::7])] + tie_eps * rng.standard_normal((1, d), dtype=np.float32)
-    img[3::7] = l2_normalize(near)
+    near = img[2::every][: len(img[3::every])] + tie_eps * rng.standard_normal((1, d), dtype=np.float32)
+    img[3::every] = l2_normalize(near)
     return img, cap, np.arange(n_img), np.repeat(np.arange(n_img), per)
 
 
@@ -169,3 +170,87 @@ def test_native_rows_and_pair_dots_match_torch():
     np.testing.assert_allclose(got, np.einsum("pd,pd->p", x64[ai], x64[bi]), rtol=0, atol=1e-12)
     ties = rows.pair_dots(nat.x, nat.x, np.array([3, 0, 3]), np.array([0, 5, 7]), kernel)
     assert ties[0] == ties[1] == rows.pair_dots(nat.x, nat.x, np.array([0]), np.array([3]), kernel)[0]
+
+
+# ---------------------------------------------------------------- the int8 first stage
+
+
+def int8_or_skip() -> None:
+    native_or_skip(True)
+    if not int8.available(kernels.load(), 64):
+        pytest.skip("no int8 first stage here (no AMX/VNNI CPU or no oneDNN qlinear op)")
+
+
+def test_int8_stage_matches_float64_reference_with_rescored_rows():
+    # Well separated (caption–image cosine ≈ 0.9) with planted duplicates and 1e-5 near-ties: int8
+    # decides most rows; the tied ones stay open, are scored again in bf16, then exactly.
+    int8_or_skip()
+    img, cap, ig, cg = coco_like(400, 5, 64, noise=0.05, seed=8, every=100)  # 4% of the rows tie
+    got = fs.exact_ranks(cap, img, cg, ig, 10, block=256, int8_first=True)
+    np.testing.assert_array_equal(got.rows, naive_ranks(cap, img, cg, ig, 10))
+    np.testing.assert_array_equal(got.cols, naive_ranks(img, cap, ig, cg, 10))
+    assert got.stats["int8_rows"] == len(cap)
+    assert 0 < got.stats["rescored_rows"] < 0.1 * len(cap) and got.stats["resolved"] > 0
+
+
+def test_int8_stage_hands_over_to_bf16_and_undoes_its_counts(monkeypatch):
+    # Hard data with int8 forced past its sample check: the first int8 blocks pass (their rows are
+    # easy), then a block opens too many rows and it and all later blocks are redone in bf16.
+    int8_or_skip()
+    monkeypatch.setattr(scan.Int8Stage, "pays", lambda *a, **k: True)
+    monkeypatch.setattr(scan, "INT8_BLOCK", 100)
+    rng = np.random.default_rng(9)
+    easy_img = l2_normalize(rng.standard_normal((60, 48), dtype=np.float32))  # no ties: nothing open
+    easy_cap = l2_normalize(np.repeat(easy_img, 5, axis=0) + 0.05 * rng.standard_normal((300, 48)))
+    hard_img, hard_cap, _, _ = coco_like(90, 5, 48, noise=1.2, seed=10)
+    img, cap = np.concatenate([easy_img, hard_img]), np.concatenate([easy_cap, hard_cap])
+    ig, cg = np.arange(150), np.repeat(np.arange(150), 5)
+    got = fs.exact_ranks(cap, img, cg, ig, 10, block=128, int8_first=True)
+    np.testing.assert_array_equal(got.rows, naive_ranks(cap, img, cg, ig, 10))
+    np.testing.assert_array_equal(got.cols, naive_ranks(img, cap, ig, cg, 10))
+    assert 0 < got.stats["int8_rows"] < len(cap)
+
+
+def test_int8_stage_skipped_on_hard_data_and_off_without_native():
+    img, cap, ig, cg = coco_like(150, 5, 48, noise=1.2, seed=0)
+    if kernels.load() is not None and int8.available(kernels.load(), 48):
+        got = fs.exact_ranks(cap, img, cg, ig, 10, int8_first=None)
+        assert got.stats["int8_rows"] == 0  # the sample check saw too many open rows
+    got = fs.exact_ranks(cap, img, cg, ig, 10, native=False)
+    assert got.stats["int8_rows"] == 0 and got.stats["native"] == 0
+    with pytest.raises(RuntimeError, match="int8"):
+        fs.exact_ranks(cap, img, cg, ig, 10, native=False, int8_first=True)
+
+
+def test_cross_retrieval_metrics_int8_path_equals_float32_topk(monkeypatch):
+    int8_or_skip()
+    img, cap, ig, cg = coco_like(400, 5, 64, noise=0.05, seed=11, tie_eps=3e-4, every=100)
+    assert fs.exact_ranks(cap, img, cg, ig, 10, int8_first=None).stats["int8_rows"] == len(cap)
+    monkeypatch.setattr(rt, "RANK_MIN_SCORES", 0)
+    both = cross_retrieval_metrics(cap, img, cg, ig)
+    ref = (
+        retrieval_metrics(cap, img, cg, ig, use_faiss=False).recalls,
+        retrieval_metrics(img, cap, ig, cg, use_faiss=False).recalls,
+    )
+    assert (both[0].recalls, both[1].recalls) == ref
+    assert both[1].recalls["R@1"] < 100  # the duplicates and near-ties cost some hits
+
+
+def test_native_quantize_bounds_and_int8_product():
+    int8_or_skip()
+    kernel = kernels.load()
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((53, 37)).astype(np.float32) * np.float32(0.05)  # d not a multiple of 16
+    x[4] = 0.0  # a zero row: scale 1, q = 0
+    p = rows.prepare(x, kernel, copy=False)
+    np.testing.assert_array_equal(p.amax, np.abs(x).max(1))
+    for q in (int8.quantize(p), int8.quantize_shared(p, 3, 50, torch.empty((53, 37), dtype=torch.int8))):
+        lo = 0 if len(q.scale) == 53 else 3
+        xh = q.scale[:, None].astype(np.float64) * q.q.numpy()  # (n, d)
+        err = np.linalg.norm(x[lo : lo + len(xh)] - xh, axis=1)
+        assert (q.err >= err).all() and np.allclose(q.err, err, rtol=1e-3)
+        assert (q.norm >= np.linalg.norm(xh, axis=1)).all() and np.abs(q.q.numpy()).max() == 127
+    qa, qb = int8.quantize_shared(p, 0, 53, torch.empty((53, 37), dtype=torch.int8)), int8.quantize(p)
+    out = int8.Product(qb, 53)(qa.q, float(qa.scale[0])).double().numpy()  # (53, 53)
+    exact = (qa.q.double() @ qb.q.double().T).numpy() * float(qa.scale[0]) * qb.scale.astype(np.float64)
+    assert (np.abs(out - exact) <= int8.OUT_UNIT * np.abs(exact)).all()

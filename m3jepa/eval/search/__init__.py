@@ -1,7 +1,8 @@
 """Exact retrieval scored in bf16: the same answers as the float32 search, several times faster.
 
 - `topk`: top-k lists, bf16 candidates re-ranked in float32 and certified by an error bound.
-- `ranks`: recall@k from exact ranks of the correct items, both directions from one bf16 product.
+- `ranks`: recall@k from exact ranks of the correct items, both directions from one product.
+- `scan`, `int8`: the block loop of that product, int8 (AMX) where its wider bound decides, else bf16.
 - `count`, `rows`, `native`: the passes of the rank path, each a small C kernel with a torch fallback.
 - `bf16`: unit roundoffs and monotone int16 keys of bf16 values.
 """

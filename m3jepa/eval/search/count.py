@@ -8,7 +8,7 @@ one with key ≥ lo possibly does; entries with lo ≤ key ≤ hi form the "band
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,16 +39,14 @@ class Side:
             first = order[np.r_[True, qi[order][1:] != qi[order][:-1]]]
             t[qi[first]], star[qi[first]] = exact[first], gi[first]
         ok = star >= 0
-        u = BF16_UNIT / (1 - BF16_UNIT)
-        up, down = t + bound, t - bound  # (N,) exact score ± the bf16 error
-        # s_bf − u|s_bf| > up  ⇔  s_bf > up/(1−u) (up ≥ 0) or up/(1+u) (up < 0); likewise for lo.
-        with np.errstate(invalid="ignore"):  # −inf rows (no correct item) are replaced just below
-            hi_val = np.where(up >= 0, up / (1 - u), up / (1 + u))
-            lo_val = np.where(down >= 0, down / (1 + u), down / (1 - u))
-        hi = np.where(ok, keys(np.where(ok, hi_val, 0.0), up=True), KEY_OFF).astype(np.int16)
-        lo = np.where(ok, keys(np.where(ok, lo_val, 0.0), up=False), KEY_OFF).astype(np.int16)
         zeros = np.zeros(n, np.int32)
+        hi, lo = threshold_keys(t, ok, bound, BF16_UNIT)
         return Side(ok, t, star, hi, lo, zeros, zeros.copy())
+
+    def sharing_counts(self) -> Side:
+        """The same queries with their own thresholds (copies) but the SAME count arrays: blocks scored
+        by another product add to the same totals, each entry classified by its own product's bound."""
+        return replace(self, hi=self.hi.copy(), lo=self.lo.copy())
 
     @staticmethod
     def disabled(n: int) -> Side:
@@ -64,6 +62,25 @@ class Side:
         return tuple(np.where(done, KEY_OFF, x).astype(np.int16) for x in (self.hi, self.lo))
 
 
+def padded(bound: np.ndarray) -> np.ndarray:
+    """A bound (float64) with slack for the float64 rounding of the norms, of its sums and of T
+    (≤ 1e-12 relative), and an absolute slack for all-zero inputs."""
+    return bound * (1 + 1e-6) + 1e-9
+
+
+def threshold_keys(t: np.ndarray, ok: np.ndarray, bound: np.ndarray, unit: float) -> tuple[np.ndarray, ...]:
+    """(hi, lo) int16 keys (N,) of T ± bound for scores rounded with relative error ≤ `unit`."""
+    u = unit / (1 - unit)
+    up, down = t + bound, t - bound  # (N,) exact score ± the product's error
+    # s − u|s| > up  ⇔  s > up/(1−u) (up ≥ 0) or up/(1+u) (up < 0); likewise for lo.
+    with np.errstate(invalid="ignore"):  # −inf rows (no correct item) are replaced just below
+        hi_val = np.where(up >= 0, up / (1 - u), up / (1 + u))
+        lo_val = np.where(down >= 0, down / (1 + u), down / (1 - u))
+    hi = np.where(ok, keys(np.where(ok, hi_val, 0.0), up=True), KEY_OFF).astype(np.int16)
+    lo = np.where(ok, keys(np.where(ok, lo_val, 0.0), up=False), KEY_OFF).astype(np.int16)
+    return hi, lo
+
+
 def mask_correct(scores: Tensor, ri: np.ndarray, ci: np.ndarray, lo: int, hi: int) -> None:
     """Set the block's same-group entries (pairs sorted by row) to −inf: a correct item is never
     counted against itself. Written through an int16 view: numpy's scatter is cheaper than index_put_."""
@@ -71,6 +88,18 @@ def mask_correct(scores: Tensor, ri: np.ndarray, ci: np.ndarray, lo: int, hi: in
     if b > a:
         flat = scores.view(torch.int16).numpy().reshape(-1)  # (B·C,) shares memory with scores
         flat[(ri[a:b] - lo) * scores.shape[1] + ci[a:b]] = NEG_INF_BITS
+
+
+def mask_rows(scores: Tensor, ri: np.ndarray, ci: np.ndarray, rows: np.ndarray) -> None:
+    """`mask_correct` for gathered rows: scores (m, C) holds rows `rows` (m,) sorted, of the full matrix."""
+    start, stop = np.searchsorted(ri, rows, "left"), np.searchsorted(ri, rows, "right")  # (m,)
+    counts = stop - start
+    if counts.sum():
+        local = np.repeat(np.arange(len(rows)), counts)  # (n,) row of each pair within the block
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        pair = np.repeat(start, counts) + within  # (n,) index into the sorted pairs
+        flat = scores.view(torch.int16).numpy().reshape(-1)
+        flat[local * scores.shape[1] + ci[pair]] = NEG_INF_BITS
 
 
 def count_block(

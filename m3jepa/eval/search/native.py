@@ -1,8 +1,9 @@
 """The native kernels of the exact-rank path: small C functions built on first use with the system compiler.
 
-Three passes that eager torch runs several times slower (each is memory-bound, torch needs several
-passes and temporaries per result): the bf16 copy of the inputs with their norms, exact (float64)
-scores of scattered pairs, and the counting of each block of bf16 scores against the thresholds.
+Four passes that eager torch runs several times slower (each is memory-bound, torch needs several
+passes and temporaries per result): the bf16 copy of the inputs with their norms, their int8 copy
+with its error norms, exact (float64) scores of scattered pairs, and the counting of each block of
+bf16 scores against the thresholds.
 `load()` returns None without a C compiler (or with M3JEPA_NATIVE=0); every caller has a torch
 fallback with the same results.
 """
@@ -34,20 +35,25 @@ static inline int16_t key16(uint16_t x) { return (int16_t)(x ^ ((uint16_t)((int1
 typedef float f8 __attribute__((vector_size(32)));
 typedef uint32_t u8x __attribute__((vector_size(32)));
 typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16x __attribute__((vector_size(64)));
+typedef int8_t c16 __attribute__((vector_size(16)));
 typedef double d8 __attribute__((vector_size(64)));
 
 static inline double hsum(d8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 /* Rows x (n, d) -> x16 (n, d) bf16 (round to nearest even) and, per row, sq[3i..3i+2] = sum x^2,
-   sum (x - x16)^2, sum x16^2 in float64 (each square is exact in float64, x - x16 exact in float32).
-   Either output may be NULL (norms only, or the bf16 copy of a block only). Non-finite rows give
-   non-finite sums; the caller refuses them. */
+   sum (x - x16)^2, sum x16^2 in float64 (each square is exact in float64, x - x16 exact in float32),
+   and amax[i] = max |x| (the int8 scale). x16 may be NULL (norms only); sq and amax are written only
+   with sq (the bf16 copy of a block only). Non-finite rows give non-finite sums; the caller refuses them. */
 void prepare_rows(const float *restrict x, int64_t n, int64_t d,
-                  uint16_t *restrict x16, double *restrict sq) {
+                  uint16_t *restrict x16, double *restrict sq, float *restrict amax) {
     for (int64_t i = 0; i < n; i++) {
         const float *restrict r = x + i * d;
         d8 s0 = {0}, s1 = {0}, s2 = {0};
+        u8x m = {0};
         double t0 = 0, t1 = 0, t2 = 0;
+        float mt = 0;
         int64_t j = 0;
         for (; j + 8 <= d; j += 8) {
             f8 v; memcpy(&v, r + j, 32);
@@ -59,6 +65,8 @@ void prepare_rows(const float *restrict x, int64_t n, int64_t d,
                 d8 dv = __builtin_convertvector(v, d8), dh = __builtin_convertvector(hv, d8);
                 d8 de = __builtin_convertvector(v - hv, d8);
                 s0 += dv * dv; s1 += de * de; s2 += dh * dh;
+                u8x au = u & 0x7FFFFFFFu, gt = (u8x)(au > m);  /* |x| bits: integer order = float order */
+                m = (m & ~gt) | (au & gt);
             }
         }
         for (; j < d; j++) {
@@ -67,8 +75,53 @@ void prepare_rows(const float *restrict x, int64_t n, int64_t d,
             if (x16) x16[i * d + j] = (uint16_t)(hb >> 16);
             double dv = v, dh = hv, de = (double)(v - hv);
             t0 += dv * dv; t1 += de * de; t2 += dh * dh;
+            float av = v < 0 ? -v : v; mt = mt < av ? av : mt;
         }
-        if (sq) { sq[3 * i] = hsum(s0) + t0; sq[3 * i + 1] = hsum(s1) + t1; sq[3 * i + 2] = hsum(s2) + t2; }
+        if (sq) {
+            sq[3 * i] = hsum(s0) + t0; sq[3 * i + 1] = hsum(s1) + t1; sq[3 * i + 2] = hsum(s2) + t2;
+            uint32_t mb = 0; float mv;
+            for (int l = 0; l < 8; l++) mb = mb < m[l] ? m[l] : mb;
+            memcpy(&mv, &mb, 4);
+            amax[i] = mt < mv ? mv : mt;
+        }
+    }
+}
+
+/* Rows x (n, d) -> q (n, d) int8 with x ~ scale[i] * q, and per row sq[i] = sum (x - scale*q)^2 in float32;
+   the caller inflates it for the rounding of the product (<= 127 u32 relative to |x - scale*q| <= scale/2
+   when it is not fused), of the difference, the square and the sum.
+   Rounding: the float32 magic-number trick, round to nearest even for |x/scale| < 2^22; clamped to
+   [-127, 127]: a poor rounding loosens the bound, never breaks it. */
+void quantize_rows(const float *restrict x, int64_t n, int64_t d, const float *restrict scale,
+                   int8_t *restrict q, float *restrict sq) {
+    const float magic = 12582912.0f;  /* 1.5 * 2^23 */
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict r = x + i * d;
+        int8_t *restrict out = q + i * d;
+        const float inv = 1.0f / scale[i], s = scale[i];
+        f16v e0 = {0};
+        float t0 = 0;
+        int64_t j = 0;
+        for (; j + 16 <= d; j += 16) {
+            f16v v; memcpy(&v, r + j, 64);
+            i16x y = __builtin_convertvector((v * inv + magic) - magic, i16x);
+            i16x hi = y > 127, lo = y < -127;
+            y = (y & ~(hi | lo)) | (127 & hi) | (-127 & lo);
+            c16 y8 = __builtin_convertvector(y, c16); memcpy(out + j, &y8, 16);
+            f16v yf = __builtin_convertvector(y, f16v);
+            f16v e = v - yf * s;
+            e0 += e * e;
+        }
+        for (; j < d; j++) {
+            float y = (r[j] * inv + magic) - magic;
+            y = y > 127.0f ? 127.0f : (y < -127.0f ? -127.0f : y);
+            out[j] = (int8_t)y;
+            float e = r[j] - y * s;
+            t0 += e * e;
+        }
+        float acc = t0;
+        for (int l = 0; l < 16; l++) acc += e0[l];
+        sq[i] = acc;
     }
 }
 
@@ -164,7 +217,9 @@ def _build() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     kernel.prepare_rows.restype = None
-    kernel.prepare_rows.argtypes = [ptr, i64, i64, ptr, ptr]
+    kernel.prepare_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    kernel.quantize_rows.restype = None
+    kernel.quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     kernel.pair_dots.restype = None
     kernel.pair_dots.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr]
     kernel.band_count.restype = i64

@@ -1,11 +1,12 @@
-"""Exact ranks of each query's best correct item, for recall@k, from one bf16 product.
+"""Exact ranks of each query's best correct item, for recall@k, from one bf16 (or int8) product.
 
 Recall@k needs only the RANK of each query's best correct item: the number of other gallery items
 ranked before it (higher score, or an equal score at a lower index). `exact_ranks` scores every pair
 in bf16 and classifies each item against the correct item's exact score T with a rigorous error
 bound E of the bf16 score: s_bf > hi(T + E) is certainly before, s_bf < lo(T − E) certainly after,
 and only the few items in between (the "band") are scored exactly. Ranks at or beyond k_max are
-capped: recall never needs their value.
+capped: recall never needs their value. Where the int8 product's wider bound still decides almost
+every query (well-separated data), blocks are scored in int8 first (`scan`, `int8`).
 
 "Exact" here means exact arithmetic: T and band items are scored in float64 from the float32
 vectors (products of float32 values are exact in float64; the sums err by < 1e-12). A float32
@@ -19,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from m3jepa.eval.retrieval import _as_matrix
-from m3jepa.eval.search import native
+from m3jepa.eval.search import int8, native
 from m3jepa.eval.search.bf16 import FP32_UNIT
-from m3jepa.eval.search.count import Side, count_block, mask_correct
+from m3jepa.eval.search.count import Side, padded
 from m3jepa.eval.search.rows import Prepared, pair_dots, prepare
+from m3jepa.eval.search.scan import Int8Stage, open_queries, scan
 
 NO_RANK = -1  # rank of a query whose group has no item on the other side
 
@@ -51,6 +52,7 @@ def exact_ranks(
     ks: list[int] | None = None,
     block: int | None = None,
     native: bool | None = None,
+    int8_first: bool | None = None,
 ) -> CrossRanks:
     """Exact ranks from ONE bf16 product rows (R, d) @ cols (C, d).T, scored block by block.
 
@@ -60,6 +62,8 @@ def exact_ranks(
     an equal score at a lower gallery index ranks first. With `ks` (all ≤ k_max), a rank is only
     pinned down as far as recall needs: `rank < k` is right for every k in ks, not every k ≤ k_max.
     `native=None` uses the C kernels when they build, False forces torch, True requires them.
+    `int8_first=None` scores in int8 first where it is available (`int8.available`), False never,
+    True requires it.
     """
     a, b = _as_matrix("rows", rows), _as_matrix("cols", cols)
     if a.shape[1] != b.shape[1]:
@@ -70,15 +74,17 @@ def exact_ranks(
     if not (pa.finite and pb.finite):
         raise ValueError("rows or cols contain NaN or inf values (or overflow float32)")
     bnd = _Bounds.of(pa, pb)
+    qb = _int8_cols(pb, kernel, int8_first)  # (C, d) int8, or None: bf16 only
     clock.lap("prepare")
     ri, ci = correct_pairs(np.asarray(row_codes), np.asarray(col_codes))  # (P,) each, sorted by row
     exact = pair_dots(pa.x, pb.x, ri, ci, kernel)  # (P,) float64 scores of the correct pairs
     side_r = Side.make(ri, ci, exact, len(a), bnd.rows)
     side_c = Side.make(ci, ri, exact, len(b), bnd.cols) if both else Side.disabled(len(b))
+    stage8 = Int8Stage(pa, pb, qb, side_r, side_c, both) if qb is not None else None
     clock.lap("correct_pairs")
     ks = sorted(set(ks or range(1, k_max + 1)))
-    band = _scan(pa, pb, (ri, ci), side_r, side_c, ks[-1], kernel, block, clock)  # (n, 3)
-    stats = {"band": len(band), "resolved": 0, "native": int(kernel is not None)}
+    band, scanned = scan(pa, pb, (ri, ci), (side_r, side_c), ks, kernel, block, stage8, clock.lap)
+    stats = {"band": len(band), "resolved": 0, "native": int(kernel is not None), **scanned}
     row_band = band[band[:, 2] & 1 == 1][:, :2]  # (n_r, 2) [caption, image]: [query, gallery item]
     col_band = band[band[:, 2] & 2 == 2][:, 1::-1]  # (n_c, 2) [image, caption]: [query, gallery item]
     ranks_r = resolve(side_r, row_band, pa, pb, ks, stats, kernel)
@@ -103,6 +109,15 @@ def correct_pairs(row_codes: np.ndarray, col_codes: np.ndarray) -> tuple[np.ndar
     ri = np.repeat(np.arange(len(row_codes)), counts)
     within = np.arange(len(ri)) - np.repeat(np.cumsum(counts) - counts, counts)
     return ri.astype(np.int64), order[np.repeat(start, counts) + within].astype(np.int64)
+
+
+def _int8_cols(pb: Prepared, kernel, want: bool | None) -> int8.Quantized | None:
+    """The columns in int8 for the int8 first stage, or None where it is off or unavailable."""
+    if want is False or not int8.available(kernel, pb.x.shape[1]):
+        if want:
+            raise RuntimeError("the int8 first stage is not available here (see search.int8)")
+        return None
+    return int8.quantize(pb)  # None for tiny or huge inputs: scales outside float32's normal range
 
 
 def _kernel(want: bool | None):
@@ -143,31 +158,7 @@ class _Bounds:
         acc = 2 * a.x.shape[1] * FP32_UNIT
         rows = a.err * b.norm.max() + a.norm16 * b.err.max() + acc * a.norm16 * b.norm16.max()
         cols = b.err * a.norm.max() + b.norm16 * a.err.max() + acc * b.norm16 * a.norm16.max()
-        # Relative slack: float64 rounding of the norms, of these sums and of T (≤ 1e-12 relative);
-        # absolute slack for all-zero inputs.
-        slack = 1e-9
-        return _Bounds(rows=rows * (1 + 1e-6) + slack, cols=cols * (1 + 1e-6) + slack)
-
-
-def _scan(
-    pa: Prepared, pb: Prepared, pairs, side_r: Side, side_c: Side, k_max: int, kernel, block, clock: _Clock
-) -> np.ndarray:
-    """Score (rows × cols) in bf16 block by block, count every block into both sides; the band (n, 3)."""
-    n_rows, n_cols = len(pa.x), len(pb.x)
-    n_block = block or max(256, min(4096, 2**25 // max(n_cols, 1)))  # ≤ 64 MiB of bf16 scores
-    b16t = pb.x16.T.contiguous()  # (d, C): oneDNN multiplies a contiguous one ~1.5× faster than a view
-    # Reused buffers: a fresh 40 MB result per block costs its page faults, ~1/3 of the product.
-    a16 = torch.empty((min(n_block, n_rows), pa.x.shape[1]), dtype=torch.bfloat16)  # (B, d)
-    out = torch.empty((min(n_block, n_rows), n_cols), dtype=torch.bfloat16)  # (B, C)
-    bands: list[np.ndarray] = []  # (n, 3) int64 [row, col, flags] per block
-    for lo in range(0, n_rows, n_block):
-        hi = min(lo + n_block, n_rows)
-        scores = torch.matmul(pa.block16(lo, hi, a16), b16t, out=out[: hi - lo])  # (B, C) bf16
-        clock.lap("product")
-        mask_correct(scores, *pairs, lo, hi)
-        bands.append(count_block(kernel, scores, lo, side_r, side_c, k_max))
-        clock.lap("count")
-    return np.concatenate(bands) if bands else np.zeros((0, 3), np.int64)
+        return _Bounds(rows=padded(rows), cols=padded(cols))
 
 
 def resolve(
@@ -181,10 +172,7 @@ def resolve(
     """
     k_max = ks[-1]
     ranks = np.minimum(side.n_hi, k_max).astype(np.int64)  # (N,)
-    open_ = np.zeros(len(ranks), bool)
-    for k in ks:
-        open_ |= (side.n_hi < k) & (k <= side.n_lo)
-    open_ &= side.ok
+    open_ = open_queries(side, ks)
     stats["resolved"] += int(open_.sum())
     sel = band[open_[band[:, 0]]] if len(band) else band  # (m, 2)
     if len(sel):
@@ -194,5 +182,3 @@ def resolve(
         extra = np.bincount(sel[:, 0], weights=before, minlength=len(ranks)).astype(np.int64)
         ranks = np.where(open_, np.minimum(side.n_hi + extra, k_max), ranks)
     return np.where(side.ok, ranks, NO_RANK)
-
-

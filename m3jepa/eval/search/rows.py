@@ -27,6 +27,7 @@ class Prepared:
     err: np.ndarray  # (N,) ≥ ‖x − bf16(x)‖
     norm16: np.ndarray  # (N,) ≥ ‖bf16(x)‖
     kernel: ctypes.CDLL | None = None
+    amax: np.ndarray | None = None  # (N,) float32 max |x| per row (native path only): the int8 scales
 
     @property
     def finite(self) -> bool:
@@ -43,7 +44,7 @@ class Prepared:
         def run(span: tuple[int, int]) -> None:
             a, b = span
             src, dst = native.ptr(self.x) + 4 * (lo + a) * d, native.ptr(out) + 2 * a * d
-            self.kernel.prepare_rows(src, b - a, d, dst, None)
+            self.kernel.prepare_rows(src, b - a, d, dst, None, None)
 
         native.parallel(run, hi - lo)
         return out[: hi - lo]
@@ -61,15 +62,17 @@ def _prepare_native(kernel: ctypes.CDLL, x: Tensor, copy: bool) -> Prepared:
     n, d = x.shape
     x16 = torch.empty((n, d), dtype=torch.bfloat16) if copy else None
     sq = np.empty((n, 3))  # (N, 3) Σx², Σ(x − x16)², Σx16²
+    amax = np.empty(n, np.float32)  # (N,) max |x|
 
     def run(span: tuple[int, int]) -> None:
         lo, hi = span
         rows16 = native.ptr(x16) + 2 * lo * d if x16 is not None else None
-        kernel.prepare_rows(native.ptr(x) + 4 * lo * d, hi - lo, d, rows16, native.ptr(sq[lo:]))
+        out = native.ptr(sq[lo:]), native.ptr(amax[lo:])
+        kernel.prepare_rows(native.ptr(x) + 4 * lo * d, hi - lo, d, rows16, *out)
 
     native.parallel(run, n)
     norms = np.sqrt(sq) * (1 + 1e-12)  # float64 sum of ≤ 2**20 terms and sqrt: far below 1e-12
-    return Prepared(x, x16, norms[:, 0], norms[:, 1], norms[:, 2], kernel)
+    return Prepared(x, x16, norms[:, 0], norms[:, 1], norms[:, 2], kernel, amax)
 
 
 def _prepare_torch(x: Tensor) -> Prepared:

@@ -31,7 +31,7 @@ import torch
 
 from bench import _common as C
 from m3jepa.config import EncodeConfig
-from m3jepa.encode.distributed import DistContext
+from m3jepa.distributed import DistInfo
 from m3jepa.encode.reader import WORKER_NICENESS, Collate, Items, decode_batch
 from m3jepa.encode.runner import StoreJob, _load_encoder, _shard_batches, encode_store, plan_jobs
 from m3jepa.encoders import resolve_device
@@ -105,7 +105,7 @@ class Contenders:
         path = self.tmp / f"store-{self.calls}"
         self.calls += 1
         job = replace(self.job, path=path)
-        self.results.append(encode_store(job, self.encoder, self.cfg, DistContext()))
+        self.results.append(encode_store(job, self.encoder, self.cfg, DistInfo()))
         self.check(path)
         shutil.rmtree(path)
 

@@ -168,8 +168,8 @@ def side_by_side(args, root: Path) -> dict:
 
 def paired_steps(args, root: Path) -> dict:
     """The loop's `_train_step` on one model, feed alternating M S S M per step; ratio per M/S pair."""
+    from m3jepa.distributed import DistInfo
     from m3jepa.train.checkpoint import TrainState
-    from m3jepa.train.distributed import DistInfo
     from m3jepa.train.loop import _train_step
     from m3jepa.train.objective import Objective
     from m3jepa.train.optim import build_optimizer

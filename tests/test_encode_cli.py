@@ -22,7 +22,7 @@ import torch
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, Record, membership_fingerprint
-from m3jepa.encode.distributed import DistContext
+from m3jepa.distributed import DistInfo
 from m3jepa.encode.runner import StoreJob, encode_store, skip_list_path
 from m3jepa.encoders.base import EncodedBatch, EncoderSpec
 from m3jepa.store import Manifest, open_store, store_path
@@ -81,7 +81,7 @@ def test_text_batches_sorted_within_shards_and_rows_restored(tmp_path):
     job = _job(tmp_path, _payloads(37), shard_size=10)
     fake = _Fake(job.spec)
     cfg = EncodeConfig(batch_size=4, workers=0, shard_size=10)
-    result = encode_store(job, fake, cfg, DistContext())
+    result = encode_store(job, fake, cfg, DistInfo())
     assert result.encoded == 37 and result.skipped == 0
     for batch in fake.batches:
         assert len({row // 10 for row, _ in batch}) == 1, "a batch crossed a shard boundary"
@@ -98,12 +98,12 @@ def test_bad_item_stops_before_its_shard_then_skip_bad_resumes(tmp_path):
     job = _job(tmp_path, payloads, shard_size=4)
     strict = EncodeConfig(batch_size=3, workers=0, skip_bad=False)
     with pytest.raises(BadItemError, match=r"s6: .*unreadable on purpose.*--skip-bad"):
-        encode_store(job, _Fake(job.spec), strict, DistContext())
+        encode_store(job, _Fake(job.spec), strict, DistInfo())
     shards = job.path / "shards"
     assert (shards / "00000.json").is_file() and not (shards / "00001.json").exists()
     assert not load_manifest(job.path).complete
     fake = _Fake(job.spec)
-    result = encode_store(job, fake, EncodeConfig(batch_size=3, workers=0, skip_bad=True), DistContext())
+    result = encode_store(job, fake, EncodeConfig(batch_size=3, workers=0, skip_bad=True), DistInfo())
     assert result.encoded == 8  # shard 0 was kept from the failed run
     manifest = load_manifest(job.path)
     assert manifest.complete
@@ -120,7 +120,7 @@ def test_tokens_kind_writes_ragged_rows_in_row_order(tmp_path):
     job = _job(tmp_path, payloads, shard_size=4)
     job.manifest.kind = "tokens"
     cfg = EncodeConfig(batch_size=2, workers=0, kind="tokens", skip_bad=True)
-    encode_store(job, _Fake(job.spec), cfg, DistContext())
+    encode_store(job, _Fake(job.spec), cfg, DistInfo())
     store = open_store(job.path)
     assert store.token_counts().tolist() == [0 if i == 4 else i % 3 + 1 for i in range(9)]
     for i, tokens in enumerate(store.read_tokens(list(range(9)))):

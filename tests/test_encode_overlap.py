@@ -17,9 +17,9 @@ import torch
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, Record, membership_fingerprint
+from m3jepa.distributed import DistInfo
 from m3jepa.encode import reader as reader_mod
 from m3jepa.encode import runner as runner_mod
-from m3jepa.encode.distributed import DistContext
 from m3jepa.encode.reader import (
     WORKER_NICENESS,
     Collate,
@@ -237,11 +237,11 @@ def test_overlapped_store_equals_the_reference_byte_for_byte(tmp_path, monkeypat
     records = _records(45, modality, bad=(7,))
     cfg = EncodeConfig(batch_size=4, workers=workers, shard_size=8, skip_bad=True)
     fast = _job(tmp_path / "fast", records, 8, modality)
-    encode_store(fast, _Fake(fast.spec), cfg, DistContext())
+    encode_store(fast, _Fake(fast.spec), cfg, DistInfo())
     with monkeypatch.context() as m:
         _reference(m)
         ref = _job(tmp_path / "ref", records, 8, modality)
-        encode_store(ref, _Fake(ref.spec), cfg, DistContext())
+        encode_store(ref, _Fake(ref.spec), cfg, DistInfo())
     assert load_manifest(fast.path).complete and len(load_manifest(fast.path).shards) == 6
     assert _tree(fast.path) == _tree(ref.path)
 
@@ -263,9 +263,9 @@ def test_real_image_store_with_workers_equals_the_reference(tmp_path, monkeypatc
         return j
 
     fast = job(tmp_path / "fast")
-    encode_store(fast, encoder, cfg, DistContext())
+    encode_store(fast, encoder, cfg, DistInfo())
     with monkeypatch.context() as m:
         _reference(m)
         ref = job(tmp_path / "ref")
-        encode_store(ref, encoder, cfg, DistContext())
+        encode_store(ref, encoder, cfg, DistInfo())
     assert _tree(fast.path) == _tree(ref.path)

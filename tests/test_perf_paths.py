@@ -471,10 +471,10 @@ def test_store_batches_equal_in_memory_batches_and_prefetch_keeps_order(tmp_path
     from synthetic_stores import make_split, overrides
 
     from m3jepa.config import load_pipeline
+    from m3jepa.distributed import DistInfo
     from m3jepa.prefetch import Prefetcher
     from m3jepa.store import open_store
     from m3jepa.train.data import load_split
-    from m3jepa.train.distributed import DistInfo
     from m3jepa.train.feeder import StorePairs
     from m3jepa.train.loop import _batch
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, DatasetError, Record, encoder_modality, membership_fingerprint
-from m3jepa.encode.distributed import DistContext, process_group
+from m3jepa.distributed import ENCODE_BARRIER_TIMEOUT, DistInfo, process_group
 from m3jepa.encode.plan import batch_order
 from m3jepa.encode.reader import Batch, read_batches
 from m3jepa.encode.summary import EncodeSummary, StoreResult
@@ -62,7 +62,7 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     """Encode every requested (split, modality) store that is not already complete; see docs/encode.md."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # float results depend on the thread count: see docs/encode.md
-    with process_group(cfg.device) as ctx:
+    with process_group(cfg.device, ENCODE_BARRIER_TIMEOUT) as ctx:
         from m3jepa.data import get_dataset
 
         dataset = get_dataset(cfg.dataset, cfg.root, seed=cfg.seed, limit=cfg.limit, skip_bad=cfg.skip_bad)
@@ -200,7 +200,7 @@ def _cached_result(job: StoreJob) -> StoreResult:
 
 
 def _encode_jobs(
-    cfg: EncodeConfig, ctx: DistContext, jobs: list[StoreJob], cached: list[bool]
+    cfg: EncodeConfig, ctx: DistInfo, jobs: list[StoreJob], cached: list[bool]
 ) -> Iterator[StoreResult]:
     from m3jepa.encoders import resolve_device
 
@@ -222,7 +222,7 @@ def _encode_jobs(
             gc.collect()
 
 
-def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistContext) -> StoreResult:
+def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistInfo) -> StoreResult:
     """Write this rank's pending shards of one store; after a barrier rank 0 finalizes it."""
     from m3jepa.store import StoreWriter
 

@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from m3jepa.config import LoraConfig, PipelineConfig
+from m3jepa.distributed import DistInfo
 from m3jepa.lora.tunable import FAMILY_TARGETS, TunableEncoder, encoder_family, resolve_targets, tail_for
 from m3jepa.store import open_store
 from m3jepa.store.reader import pad_rows
 from m3jepa.train.data import PairedSplit, StoreDataError, parse_direction
-from m3jepa.train.distributed import DistInfo
 from m3jepa.train.objective import Objective
 
 log = logging.getLogger(__name__)

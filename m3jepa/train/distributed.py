@@ -1,50 +1,11 @@
-"""torchrun support for stage 2: process group set-up and a gradient-carrying all-gather."""
+"""Stage 2's collectives over m3jepa.distributed's process group: an all-gather with gradients, broadcasts."""
 
 from __future__ import annotations
-
-import logging
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_from_env() -> DistInfo:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
-    log.info("distributed: rank %d of %d", info.rank, info.world_size)
-    return info
-
-
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group if this job joined one."""
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+from m3jepa.distributed import DistInfo
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -92,9 +53,3 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier(info: DistInfo) -> None:
-    """Wait for every rank."""
-    if info.enabled:
-        dist.barrier()

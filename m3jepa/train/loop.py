@@ -14,16 +14,10 @@ import torch
 from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.distributed import DistInfo, process_group
 from m3jepa.train import checkpoint as ckpt
 from m3jepa.train.data import PairedSplit, load_split
-from m3jepa.train.distributed import (
-    DistInfo,
-    barrier,
-    broadcast_float,
-    broadcast_object,
-    init_from_env,
-    shutdown,
-)
+from m3jepa.train.distributed import broadcast_float, broadcast_object
 from m3jepa.train.feeder import read_ahead
 from m3jepa.train.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.train.optim import build_optimizer, optimizer_step
@@ -74,11 +68,8 @@ def total_steps(cfg: PipelineConfig, data: PairedSplit) -> int:
 
 def train(cfg: PipelineConfig, resume: bool = False) -> TrainResult:
     """Train the predictor from the stores the config names; `resume` continues from `latest`."""
-    info = init_from_env()
-    try:
+    with process_group() as info:  # one process: rank 0 of 1, no group
         return _train(cfg, resume, info)
-    finally:
-        shutdown(info)
 
 
 def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
@@ -165,7 +156,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    barrier(info)
+    info.barrier()
     seconds = time.perf_counter() - began
     done = state.step - first_step
     return TrainResult(

@@ -1,4 +1,7 @@
-"""torchrun support: read RANK/WORLD_SIZE from the environment, run a process group, gather objects."""
+"""torchrun support for both stages: this process's rank, the process group, barriers and gathers.
+
+Stage 2's gradient-carrying collectives live in m3jepa.train.distributed, on top of this.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Ranks meet at a barrier after each store; the wait is at most about one shard of encoding (shards
-# are dealt round robin), which for a large encoder on CPU can exceed the default 30 minutes.
-BARRIER_TIMEOUT = timedelta(hours=6)
+# Stage 1's ranks meet at a barrier after each store; the wait is at most about one shard of encoding
+# (shards are dealt round robin), which for a large encoder on CPU can exceed torch's default 30 minutes.
+ENCODE_BARRIER_TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
-class DistContext:
+class DistInfo:
     """This process's place in the run: rank of world_size (1 process: rank 0 of 1, no group)."""
 
     rank: int = 0
@@ -29,30 +32,30 @@ class DistContext:
     local_rank: int = 0
 
     @property
-    def active(self) -> bool:
+    def enabled(self) -> bool:
         """True when a process group is running (more than one process)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 finalizes manifests and prints."""
+        """Rank 0 writes what is written once (manifests, checkpoints) and prints."""
         return self.rank == 0
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op for one process)."""
-        if self.active:
+        if self.enabled:
             dist.barrier()
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order, on every rank (picklable objects; small ones only)."""
-        if not self.active:
+        if not self.enabled:
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
 
-def env_context() -> DistContext:
+def env_info() -> DistInfo:
     """The rank, world size and local rank torchrun put in the environment (defaults: one process)."""
     try:
         rank = int(os.environ.get("RANK", "0"))
@@ -62,14 +65,17 @@ def env_context() -> DistContext:
         raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, as torchrun sets them: {e}") from None
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
-    return DistContext(rank, world_size, local_rank)
+    return DistInfo(rank, world_size, local_rank)
 
 
 @contextmanager
-def process_group(device: str) -> Iterator[DistContext]:
-    """Init a gloo (CPU) or nccl (CUDA) group when launched by torchrun; destroy it on the way out."""
-    ctx = env_context()
-    if not ctx.active:
+def process_group(device: str = "auto", timeout: timedelta | None = None) -> Iterator[DistInfo]:
+    """Init a gloo (CPU) or nccl (CUDA) group when launched by torchrun; destroy it on the way out.
+
+    `timeout` bounds every collective (None: torch's default); one process yields rank 0 of 1.
+    """
+    ctx = env_info()
+    if not ctx.enabled:
         yield ctx
         return
     use_cuda = device != "cpu" and torch.cuda.is_available()
@@ -79,9 +85,8 @@ def process_group(device: str) -> Iterator[DistContext]:
     backend = "nccl" if use_cuda else "gloo"
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group(
-            backend=backend, rank=ctx.rank, world_size=ctx.world_size, timeout=BARRIER_TIMEOUT
-        )
+        kw = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size, **kw)
         log.info("rank %d/%d joined a %s process group", ctx.rank, ctx.world_size, backend)
     try:
         yield ctx

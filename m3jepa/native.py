@@ -18,6 +18,22 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+# bf16 <-> float32 for the C++ kernels that read or write bf16 tensors (prepended to their sources).
+BF16_CXX = r"""
+#include <cstdint>
+#include <cstring>
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as c10::BFloat16
+  uint32_t u; std::memcpy(&u, &f, 4);
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(r);  // NaN stays NaN
+}
+"""
+
+
 def cache_dir() -> Path:
     """Where built libraries live: $M3JEPA_CACHE, else $XDG_CACHE_HOME/m3jepa, else ~/.cache/m3jepa."""
     if os.environ.get("M3JEPA_CACHE"):

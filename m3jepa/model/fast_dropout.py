@@ -18,12 +18,12 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from m3jepa.native import BF16_CXX
+
 # splitmix64's finaliser of (seed + (i // 4 + 1) · golden ratio) gives 64 bits per 4 elements;
-# element i keeps when bits [16 (i % 4), 16 (i % 4) + 16) >= threshold. `dropout_reference` in
-# the tests computes the same mask in numpy.
-_SRC = r"""
-#include <cstdint>
-#include <cstring>
+# element i keeps when bits [16 (i % 4), 16 (i % 4) + 16) >= threshold. `_hash_mask_reference` in
+# tests/test_perf_paths.py computes the same mask in numpy.
+_SRC = BF16_CXX + r"""
 #include <thread>
 #include <vector>
 
@@ -31,12 +31,6 @@ static inline uint64_t mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
-}
-static inline uint16_t scaled_bf16(uint16_t h, float scale) {  // bf16(float(h) * scale), nearest even
-  uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4);
-  f *= scale; std::memcpy(&u, &f, 4);
-  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(r);  // NaN stays NaN
 }
 
 // Blocks of 64 groups: the 64-bit hashes first, then the select over their 256 16-bit words (little
@@ -52,7 +46,7 @@ static void run(const uint16_t* __restrict x, uint16_t* __restrict y, int64_t lo
     const uint16_t* __restrict xs = x + 4 * j0;
     uint16_t* __restrict ys = y + 4 * j0;
     for (int64_t i = 0; i < 4 * len; ++i)
-      ys[i] = bits[i] >= threshold ? scaled_bf16(xs[i], scale) : uint16_t(0);
+      ys[i] = bits[i] >= threshold ? f32_to_bf16(bf16_to_f32(xs[i]) * scale) : uint16_t(0);
   }
 }
 

@@ -24,6 +24,7 @@ from m3jepa.model.moe import (
     refresh_bf16_shadows,
     stale_bf16_shadows,
 )
+from m3jepa.native import BF16_CXX
 
 log = logging.getLogger(__name__)
 
@@ -217,21 +218,10 @@ def _clip_coef(grads: list[Tensor], max_norm: float) -> Tensor:
 # pointers. One pass per weight reads master, bf16 gradient and both moments and writes master,
 # moments and the bf16 shadow: 28 bytes per parameter, against 40 for the eager path (widen the
 # gradient, fused AdamW, refresh the shadow), each of which is a full pass over memory.
-_KERNEL_SRC = r"""
+_KERNEL_SRC = BF16_CXX + r"""
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
-
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as c10::BFloat16
-  uint32_t u; std::memcpy(&u, &f, 4);
-  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(r);  // NaN stays NaN
-}
 
 struct Args {
   int64_t count; float** p; const uint16_t** g; float** m; float** v; uint16_t** s; const int64_t* n;

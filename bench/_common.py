@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from m3jepa.config import ModelConfig, PipelineConfig
-from m3jepa.train.data import ModalityFeatures, PairedSplit
+from m3jepa.core.paired import ModalityFeatures, PairedSplit
 
 REPO = Path(__file__).resolve().parents[1]
 

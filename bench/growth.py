@@ -31,11 +31,11 @@ BASE = {"batch": 128, "num_experts": 12, "top_k": 4, "dim": 2048}
 def measure(point: dict, steps: int) -> dict:
     """Train `steps` steps at one point in this process; samples/s, FLOP rate and peak RSS."""
     from m3jepa.config import LossConfig
+    from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.objective import Objective
     from m3jepa.distributed import DistInfo
     from m3jepa.model.predictor import PAPER_DIMS, count_parameters, paper_preset
-    from m3jepa.train.checkpoint import TrainState
     from m3jepa.train.loop import _train_step
-    from m3jepa.train.objective import Objective
     from m3jepa.train.optim import build_optimizer
 
     model = paper_preset()

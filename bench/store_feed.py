@@ -33,11 +33,11 @@ import numpy as np
 
 from bench import _common as C
 from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.core.feeder import read_ahead
+from m3jepa.core.paired import load_split, resolve_feed
 from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.model.predictor import PAPER_DIMS, paper_preset
 from m3jepa.store import Manifest, StoreWriter, rows_from_records, store_path
-from m3jepa.train.data import load_split, resolve_feed
-from m3jepa.train.feeder import read_ahead
 from m3jepa.train.schedule import directions_at
 
 DATASET = "bench"
@@ -168,10 +168,10 @@ def side_by_side(args, root: Path) -> dict:
 
 def paired_steps(args, root: Path) -> dict:
     """The loop's `_train_step` on one model, feed alternating M S S M per step; ratio per M/S pair."""
+    from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.objective import Objective
     from m3jepa.distributed import DistInfo
-    from m3jepa.train.checkpoint import TrainState
     from m3jepa.train.loop import _train_step
-    from m3jepa.train.objective import Objective
     from m3jepa.train.optim import build_optimizer
 
     cfg = pipeline(root, root / "runs" / "paired", args, args.paired_steps + 2, "memory")

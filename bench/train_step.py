@@ -21,11 +21,11 @@ import torch
 
 from bench import _common as C
 from m3jepa.config import LossConfig
+from m3jepa.core.checkpoint import TrainState
+from m3jepa.core.objective import Objective
 from m3jepa.distributed import DistInfo
 from m3jepa.model.predictor import PAPER_DIMS, paper_preset
-from m3jepa.train.checkpoint import TrainState
 from m3jepa.train.loop import _batch, _train_step
-from m3jepa.train.objective import Objective
 from m3jepa.train.optim import build_optimizer
 
 DIRECTIONS = ["image->text", "text->image"]

@@ -1,6 +1,6 @@
 """torchrun support for both stages: this process's rank, the process group, barriers and gathers.
 
-Stage 2's gradient-carrying collectives live in m3jepa.train.distributed, on top of this.
+Stage 2's gradient-carrying collectives live in m3jepa.core.collectives, on top of this.
 """
 
 from __future__ import annotations

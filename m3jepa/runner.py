@@ -30,7 +30,7 @@ def resolve_paths(cfg: PipelineConfig, workdir: Path | None) -> PipelineConfig:
 
 def encode_config_for_run(cfg: PipelineConfig) -> PipelineConfig:
     """The encode step a pipeline needs: the splits it uses and its directions' modalities."""
-    from m3jepa.train.data import direction_modalities
+    from m3jepa.core.directions import direction_modalities
 
     splits = list(dict.fromkeys([cfg.train.train_split, cfg.train.val_split, cfg.eval.split]))
     modalities = direction_modalities(cfg.train.directions)

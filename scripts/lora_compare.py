@@ -19,10 +19,11 @@ from pathlib import Path
 from _stats import mean_std
 
 from m3jepa.config import load_pipeline
+from m3jepa.core.directions import direction_modalities
+from m3jepa.core.paired import modality_store
 from m3jepa.encode.runner import run_encode
 from m3jepa.eval.evaluate import evaluate_run
 from m3jepa.runner import encode_config_for_run, resolve_paths
-from m3jepa.train.data import direction_modalities, modality_store
 from m3jepa.train.loop import run_dir_of, train
 
 MODES = {"frozen": Path("pipelines/tuxpaint.toml"), "lora3": Path("pipelines/tuxpaint_lora.toml")}

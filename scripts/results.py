@@ -47,8 +47,8 @@ def _trainable_parameters(run: Path) -> int:
     """Trainable parameters of the run's predictor, rebuilt from its checkpoint on the meta device."""
     import torch
 
-    from m3jepa.train.checkpoint import load_checkpoint
-    from m3jepa.train.objective import Objective
+    from m3jepa.core.checkpoint import load_checkpoint
+    from m3jepa.core.objective import Objective
 
     ck = load_checkpoint(run / "checkpoints" / "latest")
     with torch.device("meta"):

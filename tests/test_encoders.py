@@ -14,9 +14,9 @@ from PIL import Image
 
 from m3jepa.data.records import BadItemError
 from m3jepa.encoders import EncoderError, get_encoder_spec, list_encoders, resolve_device
+from m3jepa.encoders.hub import dir_revision
 from m3jepa.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessor, center_crop, resize_shortest
 from m3jepa.encoders.pooling import masked_mean, unpad
-from m3jepa.encoders.registry import dir_revision
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,8 @@ import torch
 
 from m3jepa.eval import retrieval as rt
 from m3jepa.eval import search as fs
-from m3jepa.eval.retrieval import cross_retrieval_metrics, l2_normalize, retrieval_metrics
+from m3jepa.eval.knn import l2_normalize
+from m3jepa.eval.retrieval import cross_retrieval_metrics, retrieval_metrics
 from m3jepa.eval.search import bf16, int8, rows, scan
 from m3jepa.eval.search import native as kernels
 

@@ -15,10 +15,11 @@ from safetensors.numpy import load_file
 from synthetic_stores import DATASET, make_split, make_stores, overrides
 
 from m3jepa.config import ConfigError, load_pipeline
+from m3jepa.core import feeder
+from m3jepa.core import paired as train_data
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.paired import load_split
 from m3jepa.store import open_store, store_path
-from m3jepa.train import data as train_data
-from m3jepa.train import feeder
-from m3jepa.train.data import StoreDataError, load_split
 from m3jepa.train.loop import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
-from m3jepa.eval.retrieval import topk_search
+from m3jepa.core.objective import Objective
+from m3jepa.eval.knn import topk_search
 from m3jepa.eval.search import coco_topk, topk_bf16_exact
 from m3jepa.model import fast_dropout
 from m3jepa.model.moe import (
@@ -27,7 +28,6 @@ from m3jepa.model.moe import (
     stale_bf16_shadows,
 )
 from m3jepa.train import optim
-from m3jepa.train.objective import Objective
 from m3jepa.train.optim import (
     ShadowAdamW,
     adamw_impl,
@@ -471,11 +471,11 @@ def test_store_batches_equal_in_memory_batches_and_prefetch_keeps_order(tmp_path
     from synthetic_stores import make_split, overrides
 
     from m3jepa.config import load_pipeline
+    from m3jepa.core.feeder import StorePairs
+    from m3jepa.core.paired import load_split
     from m3jepa.distributed import DistInfo
     from m3jepa.prefetch import Prefetcher
     from m3jepa.store import open_store
-    from m3jepa.train.data import load_split
-    from m3jepa.train.feeder import StorePairs
     from m3jepa.train.loop import _batch
 
     make_split(tmp_path, "train", 100)
@@ -509,8 +509,8 @@ def test_prefetcher_reraises_errors_in_the_consumer() -> None:
 def test_raw_rows_equal_feature_store_reads(tmp_path) -> None:
     from synthetic_stores import make_split
 
+    from m3jepa.core.feeder import RawRows
     from m3jepa.store import open_store
-    from m3jepa.train.feeder import RawRows
 
     make_split(tmp_path, "train", 150)  # shards of 64 rows: the last one is short
     for store_dir in sorted((tmp_path / "synthetic" / "train").glob("*/*")):
@@ -523,9 +523,9 @@ def test_raw_rows_equal_feature_store_reads(tmp_path) -> None:
 def test_raw_rows_across_several_chunks_per_shard(tmp_path) -> None:
     from synthetic_stores import write_store
 
+    from m3jepa.core.feeder import RawRows
     from m3jepa.data.records import Record
     from m3jepa.store import open_store
-    from m3jepa.train.feeder import RawRows
 
     n = 2600  # shards of 2500 rows hold chunks of 1024, 1024 and a short 452; then a 100-row shard
     feats = np.random.default_rng(1).standard_normal((n, 8)).astype(np.float32)

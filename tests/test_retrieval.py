@@ -7,13 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3jepa.eval.retrieval import (
-    l2_normalize,
-    paired_subset,
-    recall_at_k,
-    retrieval_metrics,
-    topk_search,
-)
+from m3jepa.eval.knn import l2_normalize, topk_search
+from m3jepa.eval.retrieval import paired_subset, recall_at_k, retrieval_metrics
 
 N_IMAGES, PER_IMAGE, DIM = 200, 5, 32
 

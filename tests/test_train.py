@@ -17,11 +17,11 @@ from safetensors.numpy import load_file
 from synthetic_stores import DATASET, make_label_split, make_split, make_stores, overrides, write_store
 
 from m3jepa.config import load_pipeline
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.errors import StoreDataError
 from m3jepa.data.records import Record
 from m3jepa.eval.evaluate import evaluate_run
 from m3jepa.store import store_path
-from m3jepa.train.checkpoint import CheckpointError
-from m3jepa.train.data import StoreDataError
 from m3jepa.train.loop import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from m3jepa.config import load_pipeline
+from m3jepa.core import checkpoint as ckpt
+from m3jepa.core.directions import direction_modalities, parse_direction
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.order import batch_indices
+from m3jepa.core.paired import ModalityFeatures, pair_rows
 from m3jepa.eval.embed import first_per_group
-from m3jepa.train import checkpoint as ckpt
-from m3jepa.train.data import (
-    ModalityFeatures,
-    StoreDataError,
-    batch_indices,
-    direction_modalities,
-    pair_rows,
-    parse_direction,
-)
 
 
 def _mod(modality: str, groups: list[str], valid: list[bool] | None = None) -> ModalityFeatures:

@@ -12,13 +12,15 @@ import torch
 from synthetic_stores import overrides
 
 from m3jepa.config import load_pipeline
+from m3jepa.core.directions import direction_modalities, parse_direction
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.paired import load_split
 from m3jepa.data import DEFAULT_ENCODERS, get_dataset
 from m3jepa.data.records import DatasetError, Record, membership_fingerprint
 from m3jepa.data.vqa import JoinTable, join_path, read_join_table, target_answer, top_answers
 from m3jepa.distributed import DistInfo
 from m3jepa.eval.vqa import vqa_accuracy, vqa_score
 from m3jepa.store import Manifest, StoreWriter, rows_from_records, store_path
-from m3jepa.train.data import StoreDataError, direction_modalities, load_split, parse_direction
 
 STAMPS = Path("/usr/share/tuxpaint/stamps/animals/mammals")
 ENC = {"image": "syn-image", "question": "syn-text", "answer": "syn-text"}

@@ -12,6 +12,7 @@ from typing import Any
 
 from m3jepa.data.records import DatasetError, Record, membership_fingerprint
 from m3jepa.data.splits import SKIP_HINT, assign_clusters, natural_key
+from m3jepa.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,6 @@ def join_path(store_root: str | Path, dataset: str, split: str) -> Path:
 
 def write_join_tables(store_root: str | Path, dataset_name: str, dataset: Any, splits: Sequence[str]) -> None:
     """Write the join table of each split (stage 1, rank 0); rewritten on every encode, it is cheap."""
-    from m3jepa.store.manifest import atomic_write_text
 
     for split in splits:
         path = join_path(store_root, dataset_name, split)

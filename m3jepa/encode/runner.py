@@ -22,11 +22,11 @@ from m3jepa.encode.plan import batch_order
 from m3jepa.encode.reader import Batch, read_batches
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
+from m3jepa.files import atomic_write_text
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
     SHARDS,
     Manifest,
-    atomic_write_text,
     rows_from_records,
     shard_stem,
     store_variant,

@@ -49,7 +49,7 @@ def pooled_only(name: str, kind: str) -> None:
 
 def clap_preset_spec(name: str = "clap-htsat") -> EncoderSpec:
     """`clap-htsat`: laion/clap-htsat-unfused from the local cache; listable (not buildable) when absent."""
-    from m3jepa.encoders.registry import cached_snapshot, offline_error
+    from m3jepa.encoders.hub import cached_snapshot, offline_error
 
     snapshot = cached_snapshot(CLAP_HUB)
     if snapshot is None:
@@ -60,7 +60,7 @@ def clap_preset_spec(name: str = "clap-htsat") -> EncoderSpec:
 
 def clap_dir_spec(name: str, model_dir: Path, revision: str) -> EncoderSpec:
     """A local ClapModel or ClapAudioModelWithProjection directory (what `hf:<dir>` routes here)."""
-    from m3jepa.encoders.registry import read_config
+    from m3jepa.encoders.hub import read_config
 
     config = read_config(model_dir)
     dim = config.get("projection_dim", CLAP_DIM)
@@ -125,7 +125,7 @@ class ClapPreprocessor:
 
 
 def _enable_fusion(model_dir: Path) -> bool:
-    from m3jepa.encoders.registry import read_config
+    from m3jepa.encoders.hub import read_config
 
     config = read_config(model_dir)
     audio_config = config.get("audio_config", config)  # ClapModel nests it; the audio-only model does not
@@ -155,7 +155,7 @@ class ClapAudioEncoder:
 def _load_clap(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import ClapAudioModelWithProjection, ClapModel
 
-    from m3jepa.encoders.registry import read_config
+    from m3jepa.encoders.hub import read_config
 
     kind = read_config(model_dir).get("model_type")
     cls = ClapModel if kind == "clap" else ClapAudioModelWithProjection
@@ -184,7 +184,7 @@ def languagebind_available() -> bool:
 
 def languagebind_preset_spec(name: str = "languagebind-audio") -> EncoderSpec:
     """`languagebind-audio`: listable always; building it needs the package and the cached weights."""
-    from m3jepa.encoders.registry import cached_snapshot
+    from m3jepa.encoders.hub import cached_snapshot
 
     if not languagebind_available():
         error = EncoderError(f"{LANGUAGEBIND_HINT} (the languagebind package is not installed)")

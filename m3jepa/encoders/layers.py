@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from m3jepa.encoders.base import EncodedBatch, EncoderError, EncoderSpec
+from m3jepa.encoders.hub import cached_snapshot, offline_error, read_config
 from m3jepa.encoders.pooling import masked_mean, unpad
 
 log = logging.getLogger(__name__)
@@ -338,8 +339,6 @@ def stack_geometry(spec: EncoderSpec, n_tunable: int) -> StackGeometry:
     """The geometry a prefix store of `spec` will have, from config.json alone (no weights loaded)."""
     if spec.name == "efficientnet-lite0":
         return efficientnet_geometry(n_tunable)
-    from m3jepa.encoders.registry import read_config
-
     config = read_config(_model_dir(spec))
     depth, width = config.get("num_hidden_layers"), config.get("hidden_size")
     if not isinstance(depth, int) or not isinstance(width, int):
@@ -366,9 +365,9 @@ def _model_dir(spec: EncoderSpec) -> Path:
     path = Path(target).expanduser()
     if path.is_dir():
         return path
-    found = registry.cached_snapshot(target)
+    found = cached_snapshot(target)
     if found is None:
-        raise registry.offline_error(target)
+        raise offline_error(target)
     return found
 
 

@@ -33,7 +33,7 @@ def model_dir() -> Path:
 
 def spec() -> EncoderSpec:
     """The registry entry; computing it loads no weights."""
-    from m3jepa.encoders.registry import dir_revision
+    from m3jepa.encoders.hub import dir_revision
 
     path = model_dir()
     return EncoderSpec(name=NAME, modality="text", dim=DIM, pooling=POOLING, revision=dir_revision(path),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -15,6 +13,7 @@ from typing import Any
 import torch
 
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
+from m3jepa.encoders.hub import cached_snapshot, dir_revision, offline_error, read_config
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,6 @@ DINOV2 = {
 # decoder LM presets: hub id and hidden size
 LMS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096)}
 LM_MAX_LENGTH = 512  # longer texts are truncated; captions are far shorter
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # audio presets: name → (module, spec function); see docs/audio.md
 AUDIO_PRESETS = {
     "aisfx": ("m3jepa.encoders.aisfx", "spec"),
@@ -72,37 +70,6 @@ def get_encoder_spec(name: str) -> EncoderSpec:
     raise EncoderError(
         f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}, "
         f"or hf:<local path> for a local transformers model"
-    )
-
-
-# ---------------------------------------------------------------- revisions
-
-
-def dir_revision(path: str | Path) -> str:
-    """sha256 of config.json plus the names and sizes of the weight files: cheap and stable."""
-    path = Path(path)
-    h = hashlib.sha256()
-    h.update((path / "config.json").read_bytes())
-    for f in sorted(path.iterdir()):
-        if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")):
-            h.update(f"\n{f.name}:{f.stat().st_size}".encode())
-    return f"sha256:{h.hexdigest()[:16]}"
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache snapshot of `repo_id` (one with a config.json), or None; no network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json")
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def offline_error(repo_id: str) -> EncoderError:
-    """The error for a hub id that is not cached locally: no network is reachable from here."""
-    return EncoderError(
-        f"{repo_id} is not in the local Hugging Face cache and no network is reachable to download it; "
-        f"download it on a connected machine (huggingface-cli download {repo_id} --local-dir DIR), "
-        f"copy DIR here and pass hf:/path/to/DIR"
     )
 
 
@@ -155,20 +122,6 @@ def _audio_dir_spec(name: str, model_dir: Path, revision: str, model_type: Any) 
     if model_type in audio.LANGUAGEBIND_TYPES:
         return audio.languagebind_dir_spec(name, model_dir, revision)
     return None
-
-
-def read_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a local model directory; EncoderError when missing or unreadable."""
-    cfg_path = model_dir / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise EncoderError(f"{model_dir} has no config.json; is it a transformers model directory?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EncoderError(f"{cfg_path} is unreadable: {e}") from e
-    if not isinstance(config, dict):
-        raise EncoderError(f"{cfg_path} is not a JSON object")
-    return config
 
 
 def _looks_visual(config: dict[str, Any]) -> bool:

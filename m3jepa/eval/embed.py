@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from m3jepa.train.data import PairedSplit, parse_direction
+from m3jepa.core.directions import parse_direction
+from m3jepa.core.paired import PairedSplit
 
 SPACES = ("pred", "cl")
 

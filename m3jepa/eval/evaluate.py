@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
+from m3jepa.core.directions import parse_direction
+from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
-from m3jepa.eval.retrieval import retrieval_metrics, topk_search
-from m3jepa.train.checkpoint import CheckpointError, load_checkpoint
-from m3jepa.train.data import PairedSplit, load_split, parse_direction
+from m3jepa.eval.knn import topk_search
+from m3jepa.eval.retrieval import retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,7 @@ def _apply_lora(cfg, data: PairedSplit, ck_path: Path) -> tuple[PairedSplit, lis
 
 
 def _rebuild(ck) -> nn.Module:
-    from m3jepa.train.objective import Objective
+    from m3jepa.core.objective import Objective
 
     objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
     # a LoRA run's checkpoint also holds its adapters; evaluate loads those from their peft files

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3jepa.core.directions import parse_direction, source_modalities
+from m3jepa.core.paired import PairedSplit, join_rows
 from m3jepa.eval.classification import classify_by_nearest
 from m3jepa.eval.embed import SPACES, source_batch
-from m3jepa.train.data import PairedSplit, join_rows, parse_direction, source_modalities
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from m3jepa.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from m3jepa.lora.objective import ADAPTERS
 from m3jepa.lora.tunable import TunableEncoder, tail_for
-from m3jepa.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 

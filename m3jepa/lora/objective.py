@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from m3jepa.config import LoraConfig, PipelineConfig
+from m3jepa.core.directions import parse_direction
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.objective import Objective
+from m3jepa.core.paired import PairedSplit
 from m3jepa.distributed import DistInfo
 from m3jepa.lora.tunable import FAMILY_TARGETS, TunableEncoder, encoder_family, resolve_targets, tail_for
 from m3jepa.store import open_store
 from m3jepa.store.reader import pad_rows
-from m3jepa.train.data import PairedSplit, StoreDataError, parse_direction
-from m3jepa.train.objective import Objective
 
 log = logging.getLogger(__name__)
 

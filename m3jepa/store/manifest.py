@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from m3jepa.data.records import encoder_modality
+from m3jepa.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -312,13 +312,6 @@ def assign_shards(plan: list[tuple[int, int, int]], rank: int, world_size: int) 
 
 
 # ---------------------------------------------------------------- files
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a pid-unique temporary name and a rename, so readers never see half."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_manifest(store: Path) -> Manifest:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from m3jepa.data.records import membership_fingerprint
+from m3jepa.files import atomic_write_text
 from m3jepa.store.backends import checksum, remove_path, write_shard_file
 from m3jepa.store.lock import StoreLock
 from m3jepa.store.manifest import (
@@ -27,7 +28,6 @@ from m3jepa.store.manifest import (
     StoreError,
     StoreMismatchError,
     assign_shards,
-    atomic_write_text,
     load_manifest,
     mismatches,
     plan_shards,

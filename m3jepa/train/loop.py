@@ -14,12 +14,12 @@ import torch
 from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.core import checkpoint as ckpt
+from m3jepa.core.collectives import broadcast_float, broadcast_object
+from m3jepa.core.feeder import read_ahead
+from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
+from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.distributed import DistInfo, process_group
-from m3jepa.train import checkpoint as ckpt
-from m3jepa.train.data import PairedSplit, load_split
-from m3jepa.train.distributed import broadcast_float, broadcast_object
-from m3jepa.train.feeder import read_ahead
-from m3jepa.train.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from m3jepa.eval.retrieval import _as_matrix
+from m3jepa.eval.knn import as_matrix
 from m3jepa.eval.search import int8, native
 from m3jepa.eval.search.bf16 import FP32_UNIT
 from m3jepa.eval.search.count import Side, padded
@@ -65,7 +65,7 @@ def exact_ranks(
     `int8_first=None` scores in int8 first where it is available (`int8.available`), False never,
     True requires it.
     """
-    a, b = _as_matrix("rows", rows), _as_matrix("cols", cols)
+    a, b = as_matrix("rows", rows), as_matrix("cols", cols)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"rows have dim {a.shape[1]} but cols have dim {b.shape[1]}")
     kernel = _kernel(native)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.retrieval import _as_matrix, topk_search
+from m3jepa.eval.knn import as_matrix, topk_search
 from m3jepa.eval.search.bf16 import BF16_UNIT, FP32_UNIT
 
 
@@ -20,7 +20,7 @@ def topk_bf16_exact(
     certified by an error bound (`_certify`); rows the bound cannot certify are searched again
     exactly (counted in `stats["redone"]`).
     """
-    q, g = _as_matrix("queries", queries), _as_matrix("gallery", gallery)
+    q, g = as_matrix("queries", queries), as_matrix("gallery", gallery)
     if k + extra >= g.shape[0]:
         return topk_search(q, g, k)
     qt, gt = torch.from_numpy(q), torch.from_numpy(g)
@@ -33,7 +33,7 @@ def coco_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(text→image (C, k), image→text (I, k)) top-k from ONE bf16 product: the two directions of the
     multi-caption protocol score the same (C, I) matrix, read by rows and by columns."""
-    c, i = _as_matrix("captions", captions), _as_matrix("images", images)
+    c, i = as_matrix("captions", captions), as_matrix("images", images)
     ct, it = torch.from_numpy(c), torch.from_numpy(i)
     scores = ct.bfloat16() @ it.bfloat16().T  # (C, I) bf16
     t2i = _certified(ct, it, scores, k, extra, stats) if k + extra < len(i) else topk_search(c, i, k)

@@ -7,21 +7,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from m3jepa.config import ConfigError, EncodeConfig, PipelineConfig
+from m3jepa.core.directions import direction_modalities, parse_direction, source_modalities
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.feeder import ReadAhead, RowReader
+from m3jepa.core.order import batch_indices
 from m3jepa.data import DEFAULT_ENCODERS
 from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
-from m3jepa.model.predictor import parse_direction as _parse_direction
 from m3jepa.store import open_store, store_path
 from m3jepa.store.manifest import load_manifest, store_variant
-
-if TYPE_CHECKING:
-    from m3jepa.train.feeder import ReadAhead, RowReader
 
 log = logging.getLogger(__name__)
 
@@ -29,36 +29,6 @@ FEEDS = ("auto", "memory", "store")
 # train.feed = "auto" reads a split into memory when its stores take less than this share of RAM. Loading
 # briefly holds a float32 copy beside the stored one, so the peak is about 3x the float16 size.
 AUTO_MEMORY_FRACTION = 0.25
-
-
-class StoreDataError(ValueError):
-    """Stores that cannot be trained or scored together; the message names the cause and the fix."""
-
-
-def parse_direction(direction: str) -> tuple[str | tuple[str, ...], str]:
-    """'image->text' → ('image', 'text'); a concatenated input 'image+question->answer' →
-    (('image', 'question'), 'answer'), the form the predictor takes (model.parse_direction parses)."""
-    try:
-        parsed = _parse_direction(direction)
-    except ValueError as e:
-        raise StoreDataError(str(e)) from None
-    return parsed.source, parsed.target
-
-
-def source_modalities(source: str | tuple[str, ...]) -> tuple[str, ...]:
-    """The modalities of a parsed source, as a tuple."""
-    return (source,) if isinstance(source, str) else source
-
-
-def direction_modalities(directions: list[str]) -> list[str]:
-    """The modalities a list of directions touches, in first-seen order."""
-    seen: list[str] = []
-    for d in directions:
-        source, target = parse_direction(d)
-        for m in (*source_modalities(source), target):
-            if m not in seen:
-                seen.append(m)
-    return seen
 
 
 def encoder_for(enc: EncodeConfig, modality: str) -> str:
@@ -136,8 +106,6 @@ def load_modality(cfg: PipelineConfig, split: str, modality: str, feed: str = "m
     m = store.manifest
     features, reader = None, None
     if feed == "store":
-        from m3jepa.train.feeder import RowReader  # the feeder imports this module
-
         reader = RowReader(store)
     else:
         features = _read_checked(store)
@@ -407,20 +375,3 @@ def _check_join(join: JoinTable, anchor: ModalityFeatures) -> None:
             f"the join table beside {anchor.store} was written for other {join.anchor} rows "
             "(another --limit or dataset version); re-run `m3jepa encode` for this split"
         )
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """A seeded permutation of n pair indices: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """The pair indices of global batch `step`: pure, so resuming needs no replay.
-
-    Each epoch is a fresh permutation; the incomplete tail batch is dropped so every step has the
-    same size (the contrastive loss depends on the batch size).
-    """
-    per_epoch = max(1, n // batch_size)
-    epoch, b = divmod(step, per_epoch)
-    perm = epoch_permutation(n, seed, epoch)
-    return perm[b * batch_size : (b + 1) * batch_size]

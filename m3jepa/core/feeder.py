@@ -9,17 +9,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
+from m3jepa.core.errors import StoreDataError
+from m3jepa.core.order import batch_indices
 from m3jepa.prefetch import Prefetcher
 from m3jepa.store.reader import FeatureStore
-from m3jepa.train.data import StoreDataError, batch_indices
-
-if TYPE_CHECKING:
-    from m3jepa.train.data import PairedSplit
 
 T = TypeVar("T")
 # (x (b, D_s) or {m: (b, D_m)}, y (b, D_t)), in the stored dtype
@@ -172,6 +170,16 @@ class StorePairs:
         return self._readers[0](self.rows_s[idx]).float(), self._readers[1](self.rows_t[idx]).float()
 
 
+class BatchSource(Protocol):
+    """What the read-ahead reads from (a store-fed `PairedSplit`): batches by (direction, step)."""
+
+    feed: str
+
+    def stored_batch(
+        self, direction: str, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1
+    ) -> Batch: ...
+
+
 class ReadAhead:
     """The batches of a store-fed split, prepared `depth` steps ahead on one thread.
 
@@ -183,7 +191,7 @@ class ReadAhead:
 
     def __init__(
         self,
-        data: PairedSplit,
+        data: BatchSource,
         plan: Callable[[int], list[str]],
         steps: range,
         batch_size: int,
@@ -222,7 +230,7 @@ class ReadAhead:
 
 
 def read_ahead(
-    data: PairedSplit,
+    data: BatchSource,
     plan: Callable[[int], list[str]],
     steps: range,
     batch_size: int,

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from m3jepa.config import LossConfig, ModelConfig
+from m3jepa.core.collectives import gather_with_grad
+from m3jepa.core.directions import parse_direction
 from m3jepa.distributed import DistInfo
 from m3jepa.model import build_predictor
 from m3jepa.model.losses import AlignmentLoss, LossOutput
-from m3jepa.train.data import parse_direction
-from m3jepa.train.distributed import gather_with_grad
 
 log = logging.getLogger(__name__)
 

@@ -222,7 +222,7 @@ def pipeline(model: ModelConfig, batch_size: int, bf16: bool, directions: list[s
     cfg = PipelineConfig()
     cfg.model = model
     cfg.train.batch_size = batch_size
-    cfg.train.bf16 = bf16
+    cfg.runtime.precision = "bf16" if bf16 else "fp32"
     cfg.train.directions = list(directions)
     cfg.train.warmup_frac = 0.0
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -122,7 +123,6 @@ class TrainConfig:
     warmup_frac: float = 0.1
     min_lr_frac: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = False
     seed: int = 0
     eval_every: int = 50  # steps between validation recalls
     patience: int = 10  # evaluations without a better mean R@1 before stopping; 0 = never stop early
@@ -130,13 +130,15 @@ class TrainConfig:
     log_every: int = 10
     num_threads: int | None = None
     # Where training batches come from: "memory" reads the train split's stores into RAM; "store" preads
-    # each batch's rows on a read-ahead thread (bounded memory, same batches); "auto" = memory when the
-    # stores take under 25% of RAM, else store. Validation always reads its split into memory.
-    feed: str = "auto"  # auto | memory | store
+    # each batch's rows on a read-ahead thread (bounded memory, same batches); "device" keeps the split
+    # resident in GPU memory and indexes batches there; "auto" = device on a GPU when the split fits
+    # its share of free GPU memory, else memory when the stores take under 25% of RAM, else store.
+    # Validation always reads its split into memory.
+    feed: str = "auto"  # auto | memory | store | device
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
-        _choice("train.feed", self.feed, ("auto", "memory", "store"))
+        _choice("train.feed", self.feed, ("auto", "memory", "store", "device"))
         if not self.directions:
             raise ConfigError("train.directions is empty; give at least one, e.g. ['image->text']")
         for d in self.directions:
@@ -148,6 +150,27 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where stages 2 and 3 and the LoRA mode run, and in which precision (docs/training.md, Devices).
+
+    `device` is resolved once (m3jepa.core.device.resolve) together with the process-group backend and
+    passed down; `precision` bf16 is bf16 autocast over float32 master weights on any device (on a CPU
+    it also takes the CPU fast path, m3jepa.accel).
+    """
+
+    device: str = "auto"  # auto (cuda when one is visible, else cpu) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        _choice("runtime.precision", self.precision, ("fp32", "bf16"))
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -213,6 +236,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
         lo, enc = self.lora, self.encode
@@ -244,6 +268,20 @@ def _positive(key: str, value: int) -> None:
 
 # ---------------------------------------------------------------- generic loading
 
+# Keys an older m3jepa read, with what to set instead (an old key is an error, never silently ignored).
+MOVED_KEYS = {"train.bf16": 'set runtime.precision = "bf16" (or "fp32") instead of train.bf16'}
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an older m3jepa (a checkpoint's config.toml), in today's keys."""
+    out = _deep_copy(data)
+    train = out.get("train", {})
+    if isinstance(train, dict) and "bf16" in train:
+        bf16 = train.pop("bf16")
+        out.setdefault("runtime", {}).setdefault("precision", "bf16" if bf16 else "fp32")
+    return out
+
+
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
@@ -251,6 +289,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{where or 'config'} must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        moved = MOVED_KEYS.get(f"{where}.{key}" if where else key)
+        if moved:
+            raise ConfigError(f"{where + '.' if where else ''}{key} has moved: {moved}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -343,8 +385,14 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a TOML pipeline (or the defaults when `path` is None) and apply `--set` overrides."""
+def load_pipeline(
+    path: str | Path | None, overrides: list[str] | None = None, *, written_by_m3jepa: bool = False
+) -> PipelineConfig:
+    """Load a TOML pipeline (or the defaults when `path` is None) and apply `--set` overrides.
+
+    `written_by_m3jepa`: the file is a run's or checkpoint's saved config, so keys an older m3jepa wrote
+    are migrated (`migrate`) instead of refused.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -354,6 +402,8 @@ def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    if written_by_m3jepa:
+        data = migrate(data)
     data = apply_overrides(data, overrides or [])
     return from_dict(PipelineConfig, data)
 

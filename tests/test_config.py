@@ -30,9 +30,12 @@ def test_defaults_build():
 
 def test_overrides_are_typed():
     cfg = load_pipeline(
-        None, ["train.lr=1e-3", "model.top_k=2", "train.bf16=true", "name=x", "train.directions=image->text"]
+        None,
+        ["train.lr=1e-3", "model.top_k=2", "runtime.precision=bf16", "name=x",
+         "train.directions=image->text"],
     )
-    assert cfg.train.lr == 1e-3 and cfg.model.top_k == 2 and cfg.train.bf16 is True and cfg.name == "x"
+    assert cfg.train.lr == 1e-3 and cfg.model.top_k == 2 and cfg.name == "x"
+    assert cfg.runtime.precision == "bf16"
     assert cfg.train.directions == ["image->text"]
 
 
@@ -54,7 +57,7 @@ def test_parse_override_falls_back_to_string():
         ("loss.pred=l1", "not one of"),
         ("train.schedule=sometimes", "not one of"),
         ("train.directions=imagetext", "source->target"),
-        ("train.bf16=1", "true or false"),
+        ("train.bf16=true", "runtime.precision"),
         ("encode.decode_priority=lazy", "not one of"),
     ],
 )

@@ -170,7 +170,7 @@ BF16 = torch.bfloat16
 def _cfg(bf16: bool, dropout: float = 0.0) -> PipelineConfig:
     cfg = PipelineConfig()
     cfg.model = ModelConfig(dim=16, hidden=24, num_experts=3, top_k=2, cl_dim=8, dropout=dropout)
-    cfg.train.bf16 = bf16
+    cfg.runtime.precision = "bf16" if bf16 else "fp32"
     cfg.train.lr = 1e-2  # large enough that the updates, not the initial weights, dominate comparisons
     return cfg
 

@@ -76,7 +76,7 @@ def test_training_learns_and_evaluate_scores_it(stores, tmp_path):
         {"train.schedule": "joint"},
         {"model.gates": "shared", "loss.pred": "smooth_l1", "loss.learn_temperature": True},
         {"train.schedule": "dynamic"},
-        {"train.bf16": True},
+        {"runtime.precision": "bf16"},
     ],
 )
 def test_ablations_and_baselines_train(stores, tmp_path, variant):

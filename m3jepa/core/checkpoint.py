@@ -102,7 +102,7 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}; was it written by m3jepa?")
     try:
-        cfg = load_pipeline(directory / CONFIG)
+        cfg = load_pipeline(directory / CONFIG, written_by_m3jepa=True)
         state = TrainState(**json.loads((directory / STATE).read_text()))
         weights = load_file(str(directory / WEIGHTS))
     except (ValueError, TypeError, OSError) as e:

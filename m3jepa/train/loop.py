@@ -26,9 +26,10 @@ from m3jepa.train.schedule import directions_at, lr_at
 log = logging.getLogger(__name__)
 
 # A resumed run must be the same run: these sections have to match the checkpoint's exactly.
-RESUME_SECTIONS = ("encode", "model", "loss", "train")
-# ... except keys that cannot change a result: memory and store feeding give the same batches, bit for bit
-RESUME_IGNORED = frozenset({"train.feed"})
+RESUME_SECTIONS = ("encode", "model", "loss", "train", "runtime")
+# ... except keys that cannot change a result: every feed gives the same batches, bit for bit, and a run
+# may resume on another device (its checkpoint loads with map_location of the new one)
+RESUME_IGNORED = frozenset({"train.feed", "runtime.device"})
 
 
 @dataclass
@@ -218,7 +219,7 @@ def _train_step(
     loss = pred = cl = torch.zeros(())
     for d in directions:
         x, y = _batch(data, d, t.batch_size, t.seed, step, info)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16"):
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
         loss, pred, cl = loss + parts.total, pred + p, cl + c

@@ -1,6 +1,6 @@
 """The stage-2 optimizer: AdamW groups, the fused kernel where torch has one, and the update step.
 
-With `train.bf16` on (and no DDP) the optimizer is `ShadowAdamW`: fused AdamW over the float32
+With `runtime.precision = "bf16"` (and no DDP) the optimizer is `ShadowAdamW`: fused AdamW over the float32
 master weights that also keeps a bf16 shadow of every 2-D weight (`m3jepa.model.moe.Bf16Linear`
 uses it under autocast), and folds gradient clipping into the fused kernel's `grad_scale`.
 With bf16 off it is torch's fused AdamW and `optimizer_step` clips and steps exactly as before.
@@ -40,7 +40,7 @@ def build_optimizer(objective: nn.Module, cfg: PipelineConfig) -> torch.optim.Op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     impl = adamw_impl(decay + no_decay)
-    if cfg.train.bf16 and impl.get("fused") and not _distributed():
+    if cfg.runtime.precision == "bf16" and impl.get("fused") and not _distributed():
         linears = [m for m in objective.modules() if isinstance(m, Bf16Linear)]
         shadowed = [m.weight for m in linears if _shadowable(m.weight)]
         return ShadowAdamW(groups, lr=cfg.train.lr, shadowed=shadowed)

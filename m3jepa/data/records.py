@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,5 +70,43 @@ def membership_fingerprint(records: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
         h.update(r.sample_id.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+CONTENT_HASHES = ("stat", "sha256")  # encode.content_hash: how a media row's file is fingerprinted
+TEXT_MODALITIES = ("text", "label")  # encoder modalities whose payload is the content itself
+
+
+def row_fingerprint(record: Record, content_hash: str = "stat") -> str:
+    """What a row's features were computed from, as a short string that changes when its input does.
+
+    Text and label rows: "text:<16 hex of sha256(payload)>". A row whose payload is a file (an image or
+    a sound): "stat:<size>:<mtime_ns>", or with `content_hash` "sha256" "sha256:<hex of its bytes>".
+    Any other payload: "payload:<16 hex>". A path that no longer exists gives "missing".
+    """
+    payload = record.payload
+    if encoder_modality(record.modality) in TEXT_MODALITIES:
+        return "text:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    try:
+        st = os.stat(payload)
+    except (OSError, ValueError):  # a vanished file, or a payload that is no path: hash the payload
+        if os.sep in payload:
+            return "missing"
+        return "payload:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    if content_hash == "sha256":
+        h = hashlib.sha256()
+        with open(payload, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return "sha256:" + h.hexdigest()
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"
+
+
+def content_digest(fingerprints: Sequence[str]) -> str:
+    """sha256 over the rows' fingerprints in row order: the manifest's `content`."""
+    h = hashlib.sha256()
+    for fp in fingerprints:
+        h.update(fp.encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()

@@ -52,15 +52,18 @@ def little_endian(array: np.ndarray) -> np.ndarray:
 def checksum(arrays: Mapping[str, Any]) -> tuple[str, int]:
     """(sha256 hex, bytes hashed) over the arrays present, in ARRAY_ORDER, read in row blocks."""
     h = hashlib.sha256()
-    nbytes = 0
-    for name in ARRAY_ORDER:
-        if name not in arrays:
-            continue
-        for block in _row_blocks(arrays[name]):
-            data = little_endian(block).tobytes()
-            h.update(data)
-            nbytes += len(data)
+    nbytes = sum(hash_rows(h, arrays[name]) for name in ARRAY_ORDER if name in arrays)
     return h.hexdigest(), nbytes
+
+
+def hash_rows(h: Any, array: Any) -> int:
+    """Feed `array`'s little-endian C-order bytes to hasher `h`, a row block at a time; bytes hashed."""
+    nbytes = 0
+    for block in _row_blocks(array):
+        data = little_endian(block)
+        h.update(data)  # a C-contiguous array is a buffer: no bytes copy
+        nbytes += data.nbytes
+    return nbytes
 
 
 def _row_blocks(array: Any) -> Iterator[np.ndarray]:

@@ -21,6 +21,7 @@ COLUMNS = (
     "format",
     "complete",
     "size",
+    "root",
 )
 
 
@@ -65,6 +66,7 @@ def list_view(root: Path) -> str:
                 m.format,
                 "yes" if m.complete else "NO",
                 human_bytes(disk_size(path)),
+                m.data_root or "",  # folder datasets: which folder (their directory has its hash)
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -81,6 +83,7 @@ def inspect_view(path: Path) -> str:
     lines = [
         f"store      {path}",
         f"data       {m.dataset} / {m.split} / {m.modality}: {m.rows} rows (membership {m.membership[:12]}…)",
+        *([f"root       {m.data_root}"] if m.data_root else []),
         f"encoder    {m.encoder} @ {m.encoder_revision}",
         f"latent     {m.kind}, dim {m.dim}, {m.dtype}, pooling {m.pooling}, layers {m.layers}",
         f"format     {m.format}, {planned} shards of up to {m.shard_size} rows, {committed} committed",

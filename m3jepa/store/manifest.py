@@ -107,6 +107,16 @@ class Manifest:
     state_dim: int | None = None
     state_grid: list[int] | None = None
     shards: list[ShardInfo] = field(default_factory=list)
+    # sha256 of rows.jsonl's bytes, set at finalize and checked whenever the rows are read. None: a store
+    # written before the field existed (still readable; a warning says how to refresh it).
+    rows_sha256: str | None = None
+    # sha256 over every row's content fingerprint (records.row_fingerprint), in row order, and how media
+    # rows were fingerprinted ("stat": size and mtime, or "sha256"): a changed row makes the store stale.
+    # None: not recorded (an older store, or one written without a dataset), so staleness is not checked.
+    content: str | None = None
+    content_hash: str | None = None
+    # The resolved dataset folder, for datasets whose identity is their folder (FOLDER_DATASETS), else None.
+    data_root: str | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {row_id, sample_id, reason}
     # Items the dataset dropped while loading (--skip-bad): they have no row, so no row id.
     dropped: list[dict[str, Any]] = field(default_factory=list)  # {sample_id, reason}
@@ -192,6 +202,7 @@ class RowMeta:
     group_id: str
     text: str | None = None
     valid: bool = True
+    content: str | None = None  # the row's content fingerprint (records.row_fingerprint); None: not recorded
 
     def dumps(self) -> str:
         # An explicit dict: dataclasses.asdict deep-copies and dominates finalize on large splits.
@@ -202,13 +213,22 @@ class RowMeta:
             "text": self.text,
             "valid": self.valid,
         }
+        if self.content is not None:  # rows of stores written without fingerprints keep their old form
+            d["content"] = self.content
         return json.dumps(d, sort_keys=True, ensure_ascii=False)
 
 
 def rows_from_records(
-    records: list[Any], skipped_row_ids: set[int] | frozenset[int] = frozenset()
+    records: list[Any],
+    skipped_row_ids: set[int] | frozenset[int] = frozenset(),
+    content: list[str] | None = None,
 ) -> list[RowMeta]:
-    """RowMeta for each `Record` (text rows keep their caption); rows in `skipped_row_ids` are invalid."""
+    """RowMeta for each `Record` (text rows keep their caption); rows in `skipped_row_ids` are invalid.
+
+    `content` gives each row's content fingerprint (records.row_fingerprint), in row order.
+    """
+    if content is not None and len(content) != len(records):
+        raise ValueError(f"{len(content)} content fingerprints for {len(records)} records")
     return [
         RowMeta(
             row_id=r.row_id,
@@ -217,8 +237,9 @@ def rows_from_records(
             # question and answer rows are text too (encoded by a text encoder; docs/vqa.md)
             text=r.payload if encoder_modality(r.modality) == "text" else None,
             valid=r.row_id not in skipped_row_ids,
+            content=None if content is None else content[i],
         )
-        for r in records
+        for i, r in enumerate(records)
     ]
 
 
@@ -254,17 +275,50 @@ def _component(kind: str, value: str) -> str:
     return value
 
 
-def store_path(
-    store_root: str | Path, dataset: str, split: str, modality: str, encoder: str, variant: str = ""
-) -> Path:
-    """`<store_root>/<dataset>/<split>/<modality>/<encoder-slug>[.<variant>]/`: one store per encoding.
+# Datasets whose identity is their folder (the loader needs --root): two folders are two datasets, so the
+# store path's dataset component carries a short hash of the resolved folder.
+FOLDER_DATASETS = ("jsonl", "imagefolder", "imagenet")
 
-    `variant` keeps other encodings of the same rows apart, e.g. "prefix3" for a prefix store.
+
+def resolved_root(data_root: str | Path) -> Path:
+    """The absolute dataset folder (a file given as the root, like pairs.jsonl, stands for its folder)."""
+    root = Path(data_root).expanduser().resolve()
+    return root.parent if root.is_file() else root
+
+
+def dataset_dir(dataset: str, data_root: str | Path | None = None) -> str:
+    """The dataset component of a store path: `dataset`, or `<dataset>-<8 hex of the folder>` for a
+    folder dataset (FOLDER_DATASETS), so stores of two folders never share a directory."""
+    _component("dataset", dataset)
+    if dataset not in FOLDER_DATASETS:
+        return dataset
+    if data_root is None:
+        raise StoreError(
+            f"dataset {dataset!r} is named by its folder: give its root (--root, encode.root) to find its "
+            "stores"
+        )
+    digest = hashlib.sha256(str(resolved_root(data_root)).encode("utf-8")).hexdigest()[:8]
+    return f"{dataset}-{digest}"
+
+
+def store_path(
+    store_root: str | Path,
+    dataset: str,
+    split: str,
+    modality: str,
+    encoder: str,
+    variant: str = "",
+    data_root: str | Path | None = None,
+) -> Path:
+    """`<store_root>/<dataset-dir>/<split>/<modality>/<encoder-slug>[.<variant>]/`: one store per encoding.
+
+    `variant` keeps other encodings of the same rows apart, e.g. "prefix3" for a prefix store. The
+    dataset directory is `dataset_dir(dataset, data_root)`: a folder dataset needs `data_root`.
     """
     name = encoder_slug(encoder) + (f".{_component('variant', variant)}" if variant else "")
     return (
         Path(store_root)
-        / _component("dataset", dataset)
+        / dataset_dir(dataset, data_root)
         / _component("split", split)
         / _component("modality", modality)
         / name
@@ -331,10 +385,34 @@ def save_manifest(store: Path, manifest: Manifest) -> None:
 
 
 def read_rows(store: Path) -> list[RowMeta]:
-    """The rows.jsonl lines of a store, in row order."""
+    """The rows.jsonl lines of a store, in row order (StoreError naming the line when one is malformed)."""
+    return parse_rows((Path(store) / ROWS).read_bytes(), Path(store) / ROWS)
+
+
+def rows_digest(data: bytes) -> str:
+    """The manifest's rows_sha256 of rows.jsonl's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_rows(data: bytes, where: Path) -> list[RowMeta]:
+    """RowMeta of each line of rows.jsonl bytes; a malformed line is a StoreError naming it."""
     out = []
-    with open(Path(store) / ROWS, encoding="utf-8") as f:
-        for line in f:
+    for n, line in enumerate(data.splitlines(), start=1):
+        try:
             d = json.loads(line)
-            out.append(RowMeta(d["row_id"], d["sample_id"], d["group_id"], d.get("text"), bool(d["valid"])))
+            out.append(
+                RowMeta(
+                    d["row_id"],
+                    d["sample_id"],
+                    d["group_id"],
+                    d.get("text"),
+                    bool(d["valid"]),
+                    d.get("content"),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(
+                f"{where} line {n} is not a row ({type(e).__name__}: {e}); run `m3jepa stores verify "
+                f"{where.parent}`"
+            ) from None
     return out

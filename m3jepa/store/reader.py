@@ -12,22 +12,27 @@ from typing import Any
 
 import numpy as np
 
+from m3jepa.data.records import membership_fingerprint
 from m3jepa.store.backends import ShardHandle, open_shard
+from m3jepa.store.integrity import check_files, check_layout, read_features_checked, verify_hint
 from m3jepa.store.manifest import (
     MANIFEST,
     RAGGED_KINDS,
     ROWS,
     IncompleteStoreError,
     Manifest,
+    RowMeta,
     StoreError,
     load_manifest,
-    read_rows,
+    parse_rows,
+    rows_digest,
     sidecar_file,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 64  # open shard handles kept between reads (an LRU; a handle costs little memory)
+_WARNED_UNHASHED: set[str] = set()  # stores already warned about (once per process) for lacking rows_sha256
 
 
 @dataclass
@@ -70,14 +75,9 @@ class FeatureStore:
 
     @property
     def rows(self) -> RowTable:
-        """The store's row metadata (loaded once, on first use)."""
+        """The store's row metadata (loaded once, on first use), checked against the manifest."""
         if self._rows is None:
-            meta = read_rows(self.path)
-            if len(meta) != self.manifest.rows:
-                raise StoreError(
-                    f"{self.path / ROWS} has {len(meta)} lines, the manifest says "
-                    f"{self.manifest.rows}; run `m3jepa stores verify {self.path}`"
-                )
+            meta = self._checked_rows()
             self._rows = RowTable(
                 sample_ids=[r.sample_id for r in meta],
                 group_ids=[r.group_id for r in meta],
@@ -85,6 +85,42 @@ class FeatureStore:
                 valid=np.array([r.valid for r in meta], dtype=bool),
             )
         return self._rows
+
+    def _checked_rows(self) -> list[RowMeta]:
+        # rows.jsonl joins modalities (group ids) and marks skipped rows: a swapped id would pair wrong rows
+        data = (self.path / ROWS).read_bytes()
+        m, where = self.manifest, self.path / ROWS
+        if m.rows_sha256 is None:
+            _warn_unhashed(self.path)
+        elif rows_digest(data) != m.rows_sha256:
+            raise StoreError(
+                f"store {self.path}: {ROWS} does not match the manifest's rows_sha256 (its ids, group ids, "
+                f"captions or validity changed on disk); {verify_hint(self.path)}"
+            )
+        meta = parse_rows(data, where)
+        if len(meta) != m.rows:
+            raise StoreError(
+                f"{where} has {len(meta)} lines, the manifest says {m.rows}; {verify_hint(self.path)}"
+            )
+        bad = next((i for i, r in enumerate(meta) if r.row_id != i), None)
+        if bad is not None:
+            raise StoreError(f"{where} line {bad + 1} holds row {meta[bad].row_id}; {verify_hint(self.path)}")
+        if membership_fingerprint(meta) != m.membership:  # type: ignore[arg-type]  (reads .sample_id)
+            raise StoreError(
+                f"{where}: the sample ids do not match the manifest's membership; {verify_hint(self.path)}"
+            )
+        return meta
+
+    def check_files(self) -> None:
+        """Every shard file present, with the manifest's arrays, shapes and dtypes and all chunk files at
+        full size (no data read); a StoreError names the store, the shard and its rows."""
+        check_files(self.path, self.manifest)
+
+    def read_checked(self) -> np.ndarray:
+        """Every row's features in the stored dtype, (rows, D), after `check_files`, with each shard's
+        sha256 recomputed over the bytes read (StoreError naming the shard's rows when one differs)."""
+        self.check_files()
+        return read_features_checked(self.path, self.manifest, self._handle)
 
     # ------------------------------------------------------------ features
 
@@ -254,7 +290,20 @@ def open_store(path: str | Path) -> FeatureStore:
         )
     if not (path / ROWS).is_file():
         raise IncompleteStoreError(f"{path} has a complete manifest but no {ROWS}; delete it and re-encode")
+    check_layout(path, manifest)
     return FeatureStore(path, manifest)
+
+
+def _warn_unhashed(path: Path) -> None:
+    if str(path) in _WARNED_UNHASHED:
+        return
+    _WARNED_UNHASHED.add(str(path))
+    log.warning(
+        "store %s was written before rows.jsonl was hashed into its manifest, so edits to its ids, group ids "
+        "or captions cannot be detected; refresh it: rerun the `m3jepa encode` command that wrote it with "
+        "--force",
+        path,
+    )
 
 
 def list_stores(root: str | Path) -> list[tuple[Path, Manifest]]:

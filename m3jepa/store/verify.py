@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 
 from m3jepa.data.records import membership_fingerprint
 from m3jepa.store.backends import checksum, open_shard
+from m3jepa.store.integrity import shard_problems
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
     ROWS,
@@ -19,8 +19,9 @@ from m3jepa.store.manifest import (
     ShardInfo,
     StoreError,
     load_manifest,
+    parse_rows,
     plan_shards,
-    read_rows,
+    rows_digest,
     shard_file,
     shard_stem,
 )
@@ -37,20 +38,29 @@ class VerifyReport:
     shard_problems: dict[int, list[str]] = field(default_factory=dict)
     shards_checked: int = 0
     rows: int = 0
+    stale: str | None = None  # set by a check against the dataset (`m3jepa stores verify --dataset/--root`)
+    notes: list[str] = field(default_factory=list)  # not problems: what could not be checked, and why
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not self.shard_problems
+        return not self.problems and not self.shard_problems and self.stale is None
+
+    @property
+    def status(self) -> str:
+        if self.problems or self.shard_problems:
+            return "CORRUPT"
+        return "STALE" if self.stale else "OK"
 
     def text(self) -> str:
-        lines = [
-            f"{self.path}: {'OK' if self.ok else 'CORRUPT'} ({self.shards_checked} shards, "
-            f"{self.rows} rows checked)"
-        ]
+        lines = [f"{self.path}: {self.status} ({self.shards_checked} shards, {self.rows} rows checked)"]
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  store: {p}" for p in self.problems]
         for index in sorted(self.shard_problems):
             lines += [f"  shard {shard_stem(index)}: {p}" for p in self.shard_problems[index]]
-        if not self.ok:
+        if self.stale:
+            lines.append(f"  stale: {self.stale}")
+            lines.append("  fix: re-encode it: rerun the `m3jepa encode` command that wrote it with --force")
+        if self.problems or self.shard_problems:
             lines.append(
                 "  fix: delete the store directory and rerun `m3jepa encode`, or delete the named "
                 "shards and their .json sidecars, then rerun it to rewrite just those"
@@ -96,16 +106,13 @@ def _check_plan(m: Manifest, report: VerifyReport) -> None:
 def _check_shard(store: Path, m: Manifest, info: ShardInfo) -> list[str]:
     if info.file != shard_file(info.index, m.format):
         return [f"file {info.file!r} is not the expected {shard_file(info.index, m.format)!r}"]
-    path = store / info.file
-    if not path.exists():
-        return [f"{info.file} is missing"]
-    try:
-        handle = open_shard(m.format, path)
-    except Exception as e:  # a corrupt file can raise anything from the backend library
-        return [f"{info.file} cannot be opened: {type(e).__name__}: {e}"]
+    problems = shard_problems(store, m, info)  # presence, arrays, shapes, dtypes, chunk files
+    if problems:
+        return problems
+    handle = open_shard(m.format, store / info.file)
     try:
         return _check_arrays(handle.arrays, m, info)
-    except Exception as e:
+    except Exception as e:  # a damaged chunk can raise anything from the backend library
         return [f"{info.file} cannot be read: {type(e).__name__}: {e}"]
     finally:
         handle.close()
@@ -113,22 +120,10 @@ def _check_shard(store: Path, m: Manifest, info: ShardInfo) -> list[str]:
 
 def _check_arrays(arrays: dict, m: Manifest, info: ShardInfo) -> list[str]:
     problems = []
-    names = {"features", "tokens", "offsets"} if m.kind in RAGGED_KINDS else {"features"}
-    if set(arrays) != names:
-        return [f"holds arrays {sorted(arrays)}, expected {sorted(names)}"]
-    feats = arrays["features"]
-    if tuple(feats.shape) != (info.rows, m.dim):
-        problems.append(f"features shape {tuple(feats.shape)}, expected ({info.rows}, {m.dim})")
-    if np.dtype(feats.dtype) != np.dtype(m.dtype):
-        problems.append(f"features dtype {feats.dtype}, manifest says {m.dtype}")
     if m.kind in RAGGED_KINDS:
-        if tuple(arrays["tokens"].shape[1:]) != (m.token_width,):
-            problems.append(f"tokens shape {tuple(arrays['tokens'].shape)}, expected (T, {m.token_width})")
         offsets = np.asarray(arrays["offsets"][:])
-        if offsets.shape != (info.rows + 1,) or offsets[0] != 0 or offsets[-1] != arrays["tokens"].shape[0]:
-            problems.append(f"offsets {offsets.shape} do not span the {arrays['tokens'].shape[0]} token rows")
-        if info.tokens != arrays["tokens"].shape[0]:
-            problems.append(f"{arrays['tokens'].shape[0]} token rows, sidecar says {info.tokens}")
+        if offsets[0] != 0 or offsets[-1] != arrays["tokens"].shape[0] or np.any(np.diff(offsets) < 0):
+            problems.append(f"offsets do not rise from 0 to the {arrays['tokens'].shape[0]} token rows")
     digest, nbytes = checksum(arrays)
     if digest != info.sha256:
         problems.append(f"sha256 mismatch (manifest {info.sha256[:12]}…, data {digest[:12]}…)")
@@ -142,10 +137,15 @@ def _check_rows(store: Path, m: Manifest, report: VerifyReport) -> None:
         if m.complete:
             report.problems.append(f"{ROWS} is missing")
         return
+    data = (store / ROWS).read_bytes()
+    if m.rows_sha256 is None:
+        report.notes.append(f"{ROWS} is not hashed in the manifest (an older store); re-encode with --force")
+    elif rows_digest(data) != m.rows_sha256:
+        report.problems.append(f"{ROWS} does not match the manifest's rows_sha256 (it changed on disk)")
     try:
-        rows = read_rows(store)
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        report.problems.append(f"{ROWS} is not valid JSON lines ({type(e).__name__}: {e})")
+        rows = parse_rows(data, store / ROWS)
+    except StoreError as e:
+        report.problems.append(str(e))
         return
     if len(rows) != m.rows:
         report.problems.append(f"{ROWS} has {len(rows)} lines, the manifest says {m.rows} rows")

@@ -31,6 +31,7 @@ from m3jepa.store.manifest import (
     load_manifest,
     mismatches,
     plan_shards,
+    rows_digest,
     save_manifest,
     shard_file,
     shard_stem,
@@ -83,6 +84,12 @@ class StoreWriter:
             diffs = mismatches(self.manifest, found)
             if diffs:
                 raise StoreMismatchError(_mismatch_message(self.path, diffs))
+            if None not in (found.content, self.manifest.content) and found.content != self.manifest.content:
+                # the same rows by id, other inputs: resuming would mix features of the old and new inputs
+                raise StoreMismatchError(
+                    f"{self.path} was started from other captions or media files than the dataset holds now "
+                    f"(its content fingerprint differs); re-encode it: rerun `m3jepa encode` with --force"
+                )
             log.info(
                 "resuming %s (%d of %d shards committed)", self.path, len(self.done_shards()), len(self._plan)
             )
@@ -222,8 +229,10 @@ class StoreWriter:
             )
         skipped = sorted(skipped, key=lambda s: int(s["row_id"]))
         self._check_rows(rows, {int(s["row_id"]) for s in skipped})
-        atomic_write_text(self.path / ROWS, "".join(r.dumps() + "\n" for r in rows))
+        text = "".join(r.dumps() + "\n" for r in rows)
+        atomic_write_text(self.path / ROWS, text)
         final = Manifest.from_json(self.manifest.to_json())
+        final.rows_sha256 = rows_digest(text.encode("utf-8"))  # checked whenever the rows are read
         final.shards = [self._read_sidecar(i) for i, _, _ in self._plan]
         final.skipped = [
             {"row_id": int(s["row_id"]), "sample_id": str(s["sample_id"]), "reason": str(s["reason"])}

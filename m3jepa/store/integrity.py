@@ -1,0 +1,202 @@
+"""Checks on read: a store's shard list, shard files, arrays and bytes against what its manifest says."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3jepa.store.backends import ShardHandle, hash_rows, little_endian, open_shard
+from m3jepa.store.manifest import (
+    RAGGED_KINDS,
+    Manifest,
+    ShardInfo,
+    StoreError,
+    plan_shards,
+    shard_file,
+    shard_stem,
+)
+
+
+def verify_hint(path: Path) -> str:
+    return f"run `m3jepa stores verify {path}`"
+
+
+def check_layout(path: Path, m: Manifest) -> None:
+    """The manifest's shard list is the planned one and names only the store's own shard files.
+
+    A `file` that is absolute or climbs out with `..` would read another store's rows: refused.
+    """
+    plan = plan_shards(m.rows, m.shard_size)
+    have = [(s.index, s.row_start, s.row_end) for s in m.shards]
+    if have != plan:
+        raise StoreError(
+            f"store {path}: the manifest lists {len(have)} shards {have[:2]}..., but {m.rows} rows in shards "
+            f"of {m.shard_size} are {len(plan)} shards {plan[:2]}...; {verify_hint(path)}"
+        )
+    for s in m.shards:
+        own = shard_file(s.index, m.format)
+        if s.file != own:
+            raise StoreError(
+                f"store {path}: shard {shard_stem(s.index)} (rows {s.row_start}-{s.row_end - 1}) names file "
+                f"{s.file!r}, not its own {own!r}; a manifest may not point outside its store; "
+                f"{verify_hint(path)}"
+            )
+
+
+def shard_problems(path: Path, m: Manifest, info: ShardInfo) -> list[str]:
+    """What is wrong with one shard's files, found without reading its data (empty: nothing).
+
+    The file exists and opens; its arrays have the manifest's names, shapes and dtypes; every zarr chunk
+    file is present with its full size, and every HDF5 chunk lies inside the file.
+    """
+    file = path / info.file
+    if not file.exists():
+        return [f"{info.file} is missing"]
+    try:
+        handle = open_shard(m.format, file)
+    except Exception as e:  # a damaged file can raise anything from the backend library
+        return [f"{info.file} cannot be opened ({type(e).__name__}: {e})"]
+    try:
+        problems = array_problems(handle.arrays, m, info)
+        if not problems:
+            problems = (_zarr_chunk_problems if m.format == "zarr" else _hdf5_chunk_problems)(
+                file, handle, info
+            )
+        return problems
+    finally:
+        handle.close()
+
+
+def array_problems(arrays: dict[str, Any], m: Manifest, info: ShardInfo) -> list[str]:
+    """Array names, shapes and dtypes against the manifest, each problem naming the manifest field."""
+    names = {"features", "tokens", "offsets"} if m.kind in RAGGED_KINDS else {"features"}
+    if set(arrays) != names:
+        return [
+            f"{info.file} holds arrays {sorted(arrays)}, the manifest's kind {m.kind!r} needs {sorted(names)}"
+        ]
+    problems = []
+    feats = arrays["features"]
+    if tuple(feats.shape) != (info.rows, m.dim):
+        problems.append(
+            f"{info.file} features have shape {tuple(feats.shape)}, the manifest says ({info.rows}, {m.dim}) "
+            f"(rows {info.row_start}-{info.row_end - 1}, dim {m.dim})"
+        )
+    problems += _dtype_problem(info, "features", feats, m.dtype, "dtype")
+    if m.kind in RAGGED_KINDS:
+        tokens, offsets = arrays["tokens"], arrays["offsets"]
+        width_field = "state_dim" if m.kind == "prefix" else "dim"
+        if len(tokens.shape) != 2 or tokens.shape[1] != m.token_width or tokens.shape[0] != info.tokens:
+            problems.append(
+                f"{info.file} tokens have shape {tuple(tokens.shape)}, the manifest says ({info.tokens}, "
+                f"{m.token_width}) (shard tokens, {width_field})"
+            )
+        problems += _dtype_problem(info, "tokens", tokens, m.dtype, "dtype")
+        if tuple(offsets.shape) != (info.rows + 1,):
+            problems.append(
+                f"{info.file} offsets have shape {tuple(offsets.shape)}, the manifest's rows need "
+                f"({info.rows + 1},)"
+            )
+        problems += _dtype_problem(info, "offsets", offsets, "int64", "(offsets are always int64)")
+    return problems
+
+
+def _dtype_problem(info: ShardInfo, name: str, array: Any, want: str, field: str) -> list[str]:
+    if np.dtype(array.dtype) == np.dtype(want):
+        return []
+    return [f"{info.file} {name} are {np.dtype(array.dtype)}, the manifest says {want} ({field})"]
+
+
+def _rows_of(info: ShardInfo, name: str, lo: int, hi: int) -> str:
+    if name == "features":
+        return f"rows {info.row_start + lo}-{info.row_start + min(hi, info.rows) - 1}"
+    return f"the token rows of rows {info.row_start}-{info.row_end - 1}"  # tokens and offsets span the shard
+
+
+def _zarr_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> list[str]:
+    """Each chunk file of each array exists and has the full chunk's bytes (zarr writes every chunk)."""
+    problems = []
+    for name, arr in handle.arrays.items():
+        chunks = tuple(arr.chunks)
+        nbytes = math.prod(chunks) * np.dtype(arr.dtype).itemsize
+        grid = tuple(-(-n // c) for n, c in zip(arr.shape, chunks, strict=True)) if arr.shape[0] else ()
+        for coords in np.ndindex(grid) if grid else ():
+            key = arr.metadata.encode_chunk_key(coords)
+            chunk = file / name / key
+            lo = coords[0] * chunks[0]
+            where = f"{info.file}/{name}/{key} ({_rows_of(info, name, lo, lo + chunks[0])})"
+            if not chunk.is_file():
+                problems.append(f"chunk {where} is missing")
+            elif chunk.stat().st_size != nbytes:
+                problems.append(f"chunk {where} has {chunk.stat().st_size} bytes, a chunk has {nbytes}")
+    return problems
+
+
+def _hdf5_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> list[str]:
+    """Every chunk of each dataset is allocated and lies inside the file (a truncated file fails here)."""
+    size = file.stat().st_size
+    problems = []
+    for name, ds in handle.arrays.items():
+        if not ds.shape[0]:
+            continue
+        if ds.chunks is None:  # contiguous
+            offset = ds.id.get_offset()
+            if offset is None or offset + ds.id.get_storage_size() > size:
+                problems.append(f"{info.file} {name} ({_rows_of(info, name, 0, info.rows)}) lie past its end")
+            continue
+        chunk_rows = ds.chunks[0]
+        expected = -(-ds.shape[0] // chunk_rows)
+        present = set()
+        for i in range(ds.id.get_num_chunks()):
+            c = ds.id.get_chunk_info(i)
+            start = c.chunk_offset[0]
+            present.add(start // chunk_rows)
+            if c.byte_offset + c.size > size:
+                where = _rows_of(info, name, start, start + chunk_rows)
+                problems.append(
+                    f"{info.file} {name} chunk ({where}) lies past the end of the file (truncated)"
+                )
+        for k in sorted(set(range(expected)) - present):
+            where = _rows_of(info, name, k * chunk_rows, (k + 1) * chunk_rows)
+            problems.append(f"{info.file} {name} chunk {k} ({where}) is missing")
+    return problems
+
+
+def check_files(path: Path, m: Manifest) -> None:
+    """Every shard's files as `shard_problems` checks them; the first problem is a StoreError."""
+    for info in m.shards:
+        problems = shard_problems(path, m, info)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems in this shard)" if len(problems) > 1 else ""
+            raise StoreError(
+                f"store {path}: shard {shard_stem(info.index)} (rows {info.row_start}-{info.row_end - 1}): "
+                f"{problems[0]}{more}; {verify_hint(path)}"
+            )
+
+
+def read_features_checked(path: Path, m: Manifest, handle_of: Any) -> np.ndarray:
+    """Every row's features in the stored dtype, (rows, D), each shard's sha256 checked on the bytes read.
+
+    The checksum covers features, then tokens and offsets (ragged kinds), so those are hashed too; the
+    features are read once, into the result, and hashed from there.
+    """
+    out = np.empty((m.rows, m.dim), dtype=np.dtype(m.dtype))  # (N, D)
+    for info in m.shards:
+        handle = handle_of(info.index)
+        h = hashlib.sha256()
+        part = out[info.row_start : info.row_end]  # (n, D), C-contiguous rows of `out`
+        part[...] = handle["features"][:]
+        h.update(little_endian(part))
+        nbytes = part.nbytes
+        for name in ("tokens", "offsets"):
+            if name in handle:
+                nbytes += hash_rows(h, handle[name])
+        if h.hexdigest() != info.sha256 or nbytes != info.nbytes:
+            raise StoreError(
+                f"store {path}: shard {shard_stem(info.index)} (rows {info.row_start}-{info.row_end - 1}) "
+                f"does not match the sha256 in its manifest (its data changed on disk); {verify_hint(path)}"
+            )
+    return out

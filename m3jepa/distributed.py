@@ -69,19 +69,28 @@ def env_info() -> DistInfo:
 
 
 @contextmanager
-def process_group(device: str = "auto", timeout: timedelta | None = None) -> Iterator[DistInfo]:
+def process_group(
+    device: str | torch.device = "auto", timeout: timedelta | None = None
+) -> Iterator[DistInfo]:
     """Init a gloo (CPU) or nccl (CUDA) group when launched by torchrun; destroy it on the way out.
 
-    `timeout` bounds every collective (None: torch's default); one process yields rank 0 of 1.
+    `device` is a resolved torch.device (stages 2 and 3: m3jepa.core.device.resolve chose it and its
+    backend together) or stage 1's "auto" | "cpu" | "cuda". `timeout` bounds every collective (None:
+    torch's default); one process yields rank 0 of 1.
     """
     ctx = env_info()
     if not ctx.enabled:
         yield ctx
         return
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        # Each rank owns one GPU; "auto"/"cuda" then resolve to it.
-        torch.cuda.set_device(ctx.local_rank)
+    if isinstance(device, torch.device):
+        use_cuda = device.type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            # Each rank owns one GPU; "auto"/"cuda" then resolve to it.
+            torch.cuda.set_device(ctx.local_rank)
     backend = "nccl" if use_cuda else "gloo"
     started = not dist.is_initialized()
     if started:

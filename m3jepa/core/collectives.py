@@ -37,11 +37,14 @@ def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def broadcast_float(value: float, info: DistInfo) -> float:
-    """Rank 0's value on every rank (validation metrics decide early stopping everywhere)."""
+def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float:
+    """Rank 0's value on every rank (validation metrics decide early stopping everywhere).
+
+    `device` is the group's device: nccl moves only CUDA tensors, gloo only CPU ones.
+    """
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return float(t[0])
 

@@ -60,7 +60,7 @@ class Objective(nn.Module):
 
 def loss_scalars(parts: LossOutput) -> tuple[Tensor, Tensor]:
     """(L_pred, L_CL) detached for logging; L_pred is 0 for the linear baseline."""
-    pred = parts.pred.detach() if parts.pred is not None else torch.zeros(())
+    pred = parts.pred.detach() if parts.pred is not None else torch.zeros((), device=parts.cl.device)
     return pred, parts.cl.detach()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from m3jepa.config import ConfigError, EncodeConfig, PipelineConfig
+from m3jepa.core.device import CPU_DEVICE, pin, to_device
 from m3jepa.core.directions import direction_modalities, parse_direction, source_modalities
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.feeder import ReadAhead, RowReader
 from m3jepa.core.order import batch_indices
-from m3jepa.data import DEFAULT_ENCODERS
+from m3jepa.data import DEFAULT_ENCODERS, check_dataset_name
 from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
 from m3jepa.store import open_store, store_path
@@ -25,10 +26,14 @@ from m3jepa.store.manifest import load_manifest, store_variant
 
 log = logging.getLogger(__name__)
 
-FEEDS = ("auto", "memory", "store")
+FEEDS = ("auto", "memory", "store", "device")
 # train.feed = "auto" reads a split into memory when its stores take less than this share of RAM. Loading
 # briefly holds a float32 copy beside the stored one, so the peak is about 3x the float16 size.
 AUTO_MEMORY_FRACTION = 0.25
+# ... and on a GPU keeps it resident there (feed "device") when its stored bytes take less than this share
+# of the GPU's free memory: the rest is for the model, the optimizer state and the activations (the paper
+# preset at B = 4,096 needs about 6 GB), and a float32 batch is cast on the device.
+AUTO_DEVICE_FRACTION = 0.5
 
 
 def encoder_for(enc: EncodeConfig, modality: str) -> str:
@@ -38,6 +43,7 @@ def encoder_for(enc: EncodeConfig, modality: str) -> str:
     name = name or getattr(enc, f"{encoder_modality(modality)}_encoder", None)
     if name:
         return name
+    check_dataset_name(enc.dataset)  # a misspelt name is unknown, not a dataset without defaults
     defaults = DEFAULT_ENCODERS.get(enc.dataset, {})
     if modality not in defaults:
         raise StoreDataError(
@@ -67,11 +73,15 @@ class ModalityFeatures:
         return int(self.features.shape[1]) if self.features is not None else int(self.reader.dim)
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
-        """(b, D) features of `rows` (b,) in the stored dtype, in the order given, from memory or store."""
+        """(b, D) features of `rows` (b,) in the stored dtype, in the order given, from memory or store.
+
+        Features resident on a device (feed "device") are indexed there: only the (b,) row ids move.
+        """
         if self.prefix is not None:
             return self.prefix(rows)
         if self.features is not None:
-            return self.features[torch.from_numpy(rows)]
+            index = torch.from_numpy(rows).to(self.features.device, non_blocking=True)  # (b,)
+            return self.features[index]
         return self.reader(rows)
 
     def close(self) -> None:
@@ -84,7 +94,9 @@ def modality_store(cfg: PipelineConfig, split: str, modality: str) -> Path:
     enc = cfg.encode
     # encode.kind = "prefix": the prefix stores (their `features` column is the pooled latent, bit for bit)
     variant = store_variant(enc.kind, enc.tunable_layers)
-    path = store_path(enc.store_root, enc.dataset, split, modality, encoder_for(enc, modality), variant)
+    # the one path rule of stage 1: a folder dataset (jsonl, ...) is found by its root's hash
+    encoder = encoder_for(enc, modality)
+    path = store_path(enc.store_root, enc.dataset, split, modality, encoder, variant, enc.root)
     if not (path / "manifest.json").is_file():
         raise StoreDataError(
             f"no {modality} store for split {split!r} at {path}; run "
@@ -123,8 +135,12 @@ def load_modality(cfg: PipelineConfig, split: str, modality: str, feed: str = "m
 
 
 def _read_checked(store) -> torch.Tensor:
-    """Every row of `store` as an (N, D) tensor in the stored dtype; a NaN or inf row is an error."""
-    feats = store.read_all()  # (N, D) float32
+    """Every row of `store` as an (N, D) tensor in the stored dtype; a NaN or inf row is an error.
+
+    The shard files are checked first and each shard's sha256 on the bytes read (`read_checked`), so a
+    missing chunk, a changed byte or a wrong shape is an error naming the store, never zeros or numpy's.
+    """
+    feats = store.read_checked()  # (N, D) stored dtype
     bad = ~np.isfinite(feats).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -132,23 +148,43 @@ def _read_checked(store) -> torch.Tensor:
             f"store {store.path} has {int(bad.sum())} rows with NaN or infinite features "
             f"(first: row {row}, sample {store.rows.sample_ids[row]}); re-encode it"
         )
-    return torch.from_numpy(feats.astype(np.float16 if store.manifest.dtype == "float16" else np.float32))
+    return torch.from_numpy(feats)
 
 
-def resolve_feed(cfg: PipelineConfig, split: str, directions: list[str], feed: str) -> str:
-    """The feed ("memory" or "store") that train.feed = `feed` means for `split`.
+def resolve_feed(
+    cfg: PipelineConfig,
+    split: str,
+    directions: list[str],
+    feed: str,
+    device: torch.device = CPU_DEVICE,
+    free_device_bytes: int | None = None,
+) -> str:
+    """The feed ("memory", "store" or "device") that train.feed = `feed` means for `split` on `device`.
 
-    "auto" is memory when the split's stores, one copy per process on this host, take under
-    AUTO_MEMORY_FRACTION of RAM, else store.
+    "auto" on a GPU is device when the split's stored bytes take under AUTO_DEVICE_FRACTION of the GPU's
+    free memory (`free_device_bytes`, measured when None); otherwise memory when the stores, one copy per
+    process on this host, take under AUTO_MEMORY_FRACTION of RAM, else store. "device" on a CPU device is
+    an error: there is no device memory apart from RAM (use "memory").
     """
     if feed not in FEEDS:
         raise ConfigError(f"train.feed={feed!r} is not one of {', '.join(FEEDS)}")
+    if feed == "device" and device.type == "cpu":
+        raise ConfigError(
+            'train.feed="device" keeps the split in GPU memory, but runtime.device is the CPU; '
+            'set train.feed = "memory" (or "auto"), or runtime.device = "cuda"'
+        )
     if feed != "auto":
         return feed
     stored = 0
     for m in direction_modalities(directions):
         man = load_manifest(modality_store(cfg, split, m))
         stored += man.rows * man.dim * np.dtype(man.dtype).itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] if free_device_bytes is None else free_device_bytes
+        if stored < AUTO_DEVICE_FRACTION * free:
+            log.info("train.feed=auto: device (stores %.2f GB, %s free %.1f GB)", stored / 1e9, device,
+                     free / 1e9)
+            return "device"
     # every DDP process on this host loads its own copy
     need = stored * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     ram = ram_bytes()
@@ -286,8 +322,15 @@ class PairedSplit:
     modalities: dict[str, ModalityFeatures]
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # direction → (source rows, target rows)
     join: JoinTable | None = None  # VQA datasets: question → image and answer links (docs/vqa.md)
-    feed: str = "memory"  # "store": features are read per batch (ModalityFeatures.reader)
+    feed: str = "memory"  # "store": read per batch (ModalityFeatures.reader); "device": resident on `device`
     readahead: ReadAhead | None = None  # store feeding: batches a thread prepared (set by the loop)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where batches are returned
+
+    def rows(self, modality: str, rows: np.ndarray) -> torch.Tensor:
+        """(b, D) float32 features of `rows` (b,) of an in-memory modality, on this split's device."""
+        feats = self.modalities[modality].features  # (N, D) stored dtype, in RAM or on the device
+        index = torch.from_numpy(rows).to(feats.device)  # (b,)
+        return to_device(feats[index], self.device).float()
 
     def num_pairs(self, direction: str) -> int:
         return len(self.pairs[direction][0])
@@ -308,6 +351,8 @@ class PairedSplit:
         if self.readahead is not None:
             got = self.readahead.take(direction, batch_size, seed, step, rank, world)
         x, y = got if got is not None else self.stored_batch(direction, batch_size, seed, step, rank, world)
+        # Moved in the stored dtype (half the bytes of float32), then cast where the model is.
+        x, y = to_device(x, self.device), to_device(y, self.device)
         x = {m: v.float() for m, v in x.items()} if isinstance(x, dict) else x.float()
         return x, y.float()
 
@@ -324,7 +369,10 @@ class PairedSplit:
             x = self.modalities[src].take(rows_s[idx])
         else:  # rows_s is (P, S): column j holds the rows of store src[j]
             x = {m: self.modalities[m].take(rows_s[idx, j]) for j, m in enumerate(src)}  # m -> (b, D_m)
-        return x, self.modalities[tgt].take(rows_t[idx])
+        y = self.modalities[tgt].take(rows_t[idx])
+        if self.device.type == "cuda":  # pinned here, on the read-ahead thread, so the copy can overlap
+            x, y = pin(x), pin(y)
+        return x, y
 
     def close(self) -> None:
         """Stop the read-ahead thread and close the stores' open files."""
@@ -335,14 +383,24 @@ class PairedSplit:
             m.close()
 
 
-def load_split(cfg: PipelineConfig, split: str, directions: list[str], feed: str = "memory") -> PairedSplit:
+def load_split(
+    cfg: PipelineConfig,
+    split: str,
+    directions: list[str],
+    feed: str = "memory",
+    device: torch.device = CPU_DEVICE,
+) -> PairedSplit:
     """Load every modality the directions need for `split`, and pair them per direction.
 
-    `feed` is train.feed: "memory" loads the features, "store" only the row metadata the pairing needs
-    (features are then read per batch), "auto" picks one by size (`resolve_feed`).
+    `feed` is train.feed: "memory" loads the features into RAM, "store" only the row metadata the pairing
+    needs (features are then read per batch), "device" loads them into `device`'s memory, "auto" picks one
+    by size (`resolve_feed`). Batches come back on `device` whatever the feed.
     """
-    feed = resolve_feed(cfg, split, directions, feed)
+    feed = resolve_feed(cfg, split, directions, feed, device)
     mods = {m: load_modality(cfg, split, m, feed) for m in direction_modalities(directions)}
+    if feed == "device":
+        for f in mods.values():  # (N, D) stored dtype, resident on the GPU; batches are indexed there
+            f.features = f.features.to(device)
     join = read_join_table(cfg.encode.store_root, cfg.encode.dataset, split)
     if join is not None and join.anchor in mods:
         _check_join(join, mods[join.anchor])
@@ -366,7 +424,7 @@ def load_split(cfg: PipelineConfig, split: str, directions: list[str], feed: str
         ", ".join(f"{m} {len(f.group_ids)} rows x {f.dim}" for m, f in mods.items()),
         ", ".join(f"{d} {len(p[0])}" for d, p in pairs.items()),
     )
-    return PairedSplit(split=split, modalities=mods, pairs=pairs, join=join, feed=feed)
+    return PairedSplit(split=split, modalities=mods, pairs=pairs, join=join, feed=feed, device=device)
 
 
 def _check_join(join: JoinTable, anchor: ModalityFeatures) -> None:

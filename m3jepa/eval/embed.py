@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3jepa.core.device import CPU, Runtime
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.paired import PairedSplit
 
@@ -16,16 +17,24 @@ SPACES = ("pred", "cl")
 
 @dataclass
 class DirectionEmbeddings:
-    """L2-normalised queries and gallery of one direction, with the group of every row."""
+    """L2-normalised queries and gallery of one direction, with the group of every row.
+
+    The latents stay where they were computed (`queries_t`, `gallery_t` on the run's device, for the
+    device search); `queries`/`gallery` are their host copies (the same memory on a CPU).
+    """
 
     direction: str
     space: str
-    queries: np.ndarray  # (Q, d) float32
-    gallery: np.ndarray  # (G, d) float32
+    queries_t: torch.Tensor  # (Q, d) float32, on the predictor's device
+    gallery_t: torch.Tensor  # (G, d) float32, on the predictor's device
     query_groups: np.ndarray  # (Q,)
     gallery_groups: np.ndarray  # (G,)
     query_rows: np.ndarray  # (Q,) row ids in the source store; (Q, S) for a concatenated input
     gallery_rows: np.ndarray  # (G,) row ids in the target store
+
+    def __post_init__(self) -> None:
+        self.queries = self.queries_t.cpu().numpy()  # (Q, d) float32
+        self.gallery = self.gallery_t.cpu().numpy()  # (G, d) float32
 
 
 def first_per_group(rows: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -56,27 +65,34 @@ def embed_direction(
     space: str,
     protocol: str = "multi",
     batch_size: int = 2048,
+    runtime: Runtime = CPU,
 ) -> DirectionEmbeddings:
-    """Run the predictor over a split's rows for one direction and one space."""
+    """Run the predictor over a split's rows for one direction and one space, on the predictor's device
+    (`runtime.device`) and in its precision."""
     if space not in SPACES:
         raise ValueError(f"space {space!r} is not one of {SPACES}")
     src, tgt = parse_direction(direction)
     q_rows, g_rows = retrieval_rows(data, direction, protocol)
-    ys = data.modalities[tgt].features
     queries, gallery = [], []
     for i in range(0, len(q_rows), batch_size):
-        out = predictor(src, source_batch(data, src, q_rows[i : i + batch_size]), tgt)
+        x = source_batch(data, src, q_rows[i : i + batch_size])  # on data.device, the predictor's
+        with runtime.autocast():
+            out = predictor(src, x, tgt)
         if space == "pred" and out.pred is None:
             raise ValueError("this predictor has no prediction head; score it in the 'cl' space")
         queries.append(out.pred if space == "pred" else out.cl_query)
     for i in range(0, len(g_rows), batch_size):
-        y = ys[torch.from_numpy(g_rows[i : i + batch_size])].float()  # (b, D_tgt)
-        gallery.append(y if space == "pred" else predictor.encode_target(tgt, y))
+        y = data.rows(tgt, g_rows[i : i + batch_size])  # (b, D_tgt)
+        if space == "pred":
+            gallery.append(y)
+            continue
+        with runtime.autocast():
+            gallery.append(predictor.encode_target(tgt, y))
     return DirectionEmbeddings(
         direction=direction,
         space=space,
-        queries=_normalise(torch.cat(queries)),
-        gallery=_normalise(torch.cat(gallery)),
+        queries_t=_normalise(torch.cat(queries)),
+        gallery_t=_normalise(torch.cat(gallery)),
         query_groups=query_groups(data, direction, q_rows),
         gallery_groups=data.modalities[tgt].group_ids[g_rows],
         query_rows=q_rows,
@@ -87,8 +103,8 @@ def embed_direction(
 def source_batch(data: PairedSplit, src: str | tuple[str, ...], rows: np.ndarray):
     """Source latents of `rows`: (b, D_src), or {modality: (b, D_m)} when rows is (b, S)."""
     if isinstance(src, str):
-        return data.modalities[src].features[torch.from_numpy(rows)].float()  # (b, D_src)
-    return {m: data.modalities[m].features[torch.from_numpy(rows[:, j])].float() for j, m in enumerate(src)}
+        return data.rows(src, rows)  # (b, D_src)
+    return {m: data.rows(m, rows[:, j]) for j, m in enumerate(src)}  # m -> (b, D_m)
 
 
 def query_groups(data: PairedSplit, direction: str, q_rows: np.ndarray) -> np.ndarray:
@@ -103,5 +119,5 @@ def query_groups(data: PairedSplit, direction: str, q_rows: np.ndarray) -> np.nd
     return data.modalities[tgt].group_ids[rows_t]
 
 
-def _normalise(t: torch.Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(t.float(), dim=-1).numpy().astype(np.float32, copy=False)
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(t.float(), dim=-1)  # (N, d) float32, where t is

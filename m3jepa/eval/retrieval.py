@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jepa.eval.knn import l2_normalize, topk_search, wants_faiss
+from m3jepa.knn import l2_normalize, topk_search, wants_faiss
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def missing_queries(query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.nd
     return ~np.isin(query_codes, gallery_codes)
 
 
-def _missing_error(query_groups: Sequence[Any], missing: np.ndarray) -> ValueError:
+def missing_error(query_groups: Sequence[Any], missing: np.ndarray) -> ValueError:
     example = np.asarray(query_groups)[np.flatnonzero(missing)[0]]
     return ValueError(
         f"{int(missing.sum())} of {len(missing)} queries have a group with no item in the gallery "
@@ -90,10 +90,10 @@ def recall_at_k(
     query_codes, gallery_codes = group_codes(query_groups, gallery_groups)
     if topk_idx.ndim != 2 or topk_idx.shape[0] != len(query_codes):
         raise ValueError(f"topk_idx must be (Q={len(query_codes)}, K), got shape {topk_idx.shape}")
-    ks = _check_ks(ks, topk_idx.shape[1])
+    ks = check_ks(ks, topk_idx.shape[1])
     missing = missing_queries(query_codes, gallery_codes)
     if missing.any():
-        raise _missing_error(query_groups, missing)
+        raise missing_error(query_groups, missing)
     hits = gallery_codes[topk_idx] == query_codes[:, None]  # (Q, K)
     # Rank of the first correct item, K when there is none within the top K.
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), topk_idx.shape[1])  # (Q,)
@@ -101,7 +101,7 @@ def recall_at_k(
     return {f"R@{k}": 100.0 * float((first_hit < k).sum()) / n for k in ks}
 
 
-def _check_ks(ks: Sequence[int], width: int) -> list[int]:
+def check_ks(ks: Sequence[int], width: int) -> list[int]:
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -152,7 +152,7 @@ def retrieval_metrics(
     query_codes, gallery_codes = group_codes(query_groups, gallery_groups)
     missing = missing_queries(query_codes, gallery_codes)
     if missing.any() and not allow_missing:
-        raise _missing_error(query_groups, missing)
+        raise missing_error(query_groups, missing)
     keep = np.flatnonzero(~missing)
     if missing.any():
         log.warning("dropping %d queries whose group is not in the gallery", int(missing.sum()))
@@ -161,7 +161,7 @@ def retrieval_metrics(
     queries = queries[keep]
     if normalize:
         queries, gallery = l2_normalize(queries), l2_normalize(gallery)
-    ks = _check_ks(ks, max(int(k) for k in ks) if ks else 0)
+    ks = check_ks(ks, max(int(k) for k in ks) if ks else 0)
     # A gallery smaller than k (10 classes, say) is searched whole: R@k for k >= G is R@G.
     k_max = min(max(ks), len(gallery))
     if use_faiss is None and wants_ranks(query_codes[keep], gallery_codes):
@@ -204,7 +204,7 @@ def _rank_metrics(
     ks: list[int],
     n_dropped: int,
 ) -> RetrievalResult:
-    from m3jepa.eval.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
+    from m3jepa.accel.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
     ranks = exact_ranks(queries, gallery, query_codes, gallery_codes, max(ks), both=False, ks=ks).rows
@@ -252,11 +252,11 @@ def cross_retrieval_metrics(
         if miss.all():
             raise ValueError("no query has a group in the gallery; nothing to score")
         if miss.any() and not allow_missing:
-            raise _missing_error(groups, miss)
+            raise missing_error(groups, miss)
     if normalize:
         a, b = l2_normalize(a), l2_normalize(b)
-    ks = _check_ks(ks, max(int(k) for k in ks) if ks else 0)
-    from m3jepa.eval.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
+    ks = check_ks(ks, max(int(k) for k in ks) if ks else 0)
+    from m3jepa.accel.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
     ranks = exact_ranks(a, b, a_codes, b_codes, max(ks), ks=ks)  # missing queries get NO_RANK

@@ -88,9 +88,10 @@ def evaluate_vqa(
     for i in range(0, len(rows_s), batch_size):
         out = predictor(src, source_batch(data, src, rows_s[i : i + batch_size]), tgt)
         queries.append(out.pred if space == "pred" else out.cl_query)
-    y = answers.features[torch.from_numpy(gallery_rows)].float()  # (K, D_answer)
+    y = data.rows(tgt, gallery_rows)  # (K, D_answer)
     gallery = y if space == "pred" else predictor.encode_target(tgt, y)
-    nearest = classify_by_nearest(torch.cat(queries).float().numpy(), gallery.float().numpy())  # (Q,)
+    q = torch.cat(queries).float().cpu().numpy()  # (Q, d)
+    nearest = classify_by_nearest(q, gallery.float().cpu().numpy())  # (Q,)
     predicted = [str(answers.group_ids[gallery_rows[k]]) for k in nearest]
     anchor = data.modalities[data.join.anchor]
     column = source_modalities(src).index(data.join.anchor) if rows_s.ndim == 2 else 0

@@ -15,10 +15,13 @@ from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.core import checkpoint as ckpt
+from m3jepa.core import runstores
 from m3jepa.core.collectives import broadcast_float, broadcast_object
+from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.core.paired import PairedSplit, load_split
+from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
@@ -69,11 +72,14 @@ def total_steps(cfg: PipelineConfig, data: PairedSplit) -> int:
 
 def train(cfg: PipelineConfig, resume: bool = False) -> TrainResult:
     """Train the predictor from the stores the config names; `resume` continues from `latest`."""
-    with process_group() as info:  # one process: rank 0 of 1, no group
-        return _train(cfg, resume, info)
+    runtime = resolve(cfg.runtime)  # the device and its process-group backend, decided once
+    # one process: rank 0 of 1, no group; rank 0 locks the run dir, so a second run into it fails at once
+    with process_group(runtime.device) as info, hold_run(run_dir_of(cfg), info.is_main):
+        log.info("training on %s (%s, process group %s)", runtime.device, runtime.precision, runtime.backend)
+        return _train(cfg, resume, info, runtime)
 
 
-def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
+def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) -> TrainResult:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -81,28 +87,34 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
         raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {info.world_size} ranks")
     run_dir = run_dir_of(cfg)
     ck_dir = run_dir / "checkpoints"
-    start = _load_resume(cfg, ck_dir, resume)
+    start = _load_resume(cfg, ck_dir, resume, runtime.device)
 
-    train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed)  # memory or store-fed
-    val_data = load_split(cfg, t.val_split, t.directions)
+    device = runtime.device
+    train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
+    val_data = load_split(cfg, t.val_split, t.directions, device=device)
+    runstores.start_run(cfg, run_dir, train_data, info.is_main)  # batch vs pairs; stores.json
     torch.manual_seed(t.seed)
-    objective = Objective(cfg.model, cfg.loss, train_data.dims())
+    with device:  # parameters are created where they train
+        objective = Objective(cfg.model, cfg.loss, train_data.dims())
     if cfg.lora.enabled:  # encoder tails with LoRA adapters before the predictor (docs/lora.md)
         from m3jepa.lora.objective import attach_lora
 
-        objective = attach_lora(cfg, objective, train_data, val_data)
-    optimizer = build_optimizer(objective, cfg)
+        objective = attach_lora(cfg, objective, train_data, val_data, device)
+    optimizer = build_optimizer(objective, cfg, runtime)
     state = ckpt.TrainState(
         dims=train_data.dims(),
         directions=list(t.directions),
         stores={m: {"encoder": f.encoder, "revision": f.revision} for m, f in train_data.modalities.items()},
     )
     if start is not None:
-        _restore(start, objective, optimizer)
+        _restore(start, objective, optimizer, device)
         state = start.state
     model = objective
     if info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=ids, find_unused_parameters=True
+        )
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -137,7 +149,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
         for step in range(state.step, n_steps):
             if state.stopped_early:
                 break
-            parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info)
+            parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info, runtime)
             state.step = step + 1
             state.samples_seen += t.batch_size * len(parts["directions"])
             last = state.step == n_steps
@@ -148,7 +160,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
                     loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}"
                 )
             if state.step % t.eval_every == 0 or last:
-                _validate(objective, cfg, val_data, state, metrics_file, run_dir, optimizer, info)
+                _validate(objective, cfg, val_data, state, metrics_file, run_dir, info, runtime)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
                 ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
             bar.update(1)
@@ -172,7 +184,9 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo) -> TrainResult:
     )
 
 
-def _load_resume(cfg: PipelineConfig, ck_dir: Path, resume: bool) -> ckpt.Checkpoint | None:
+def _load_resume(
+    cfg: PipelineConfig, ck_dir: Path, resume: bool, device: torch.device
+) -> ckpt.Checkpoint | None:
     latest = ck_dir / "latest"
     ckpt.recover_interrupted(latest)
     if not resume:
@@ -183,7 +197,7 @@ def _load_resume(cfg: PipelineConfig, ck_dir: Path, resume: bool) -> ckpt.Checkp
         return None
     if not latest.exists():
         raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
-    start = ckpt.load_checkpoint(latest, with_optimizer=True)
+    start = ckpt.load_checkpoint(latest, with_optimizer=True, map_location=device)
     diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS, RESUME_IGNORED)
     if diff:
         raise ckpt.CheckpointError(
@@ -194,17 +208,27 @@ def _load_resume(cfg: PipelineConfig, ck_dir: Path, resume: bool) -> ckpt.Checkp
     return start
 
 
-def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer) -> None:
+def _restore(
+    start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device
+) -> None:
     try:
         objective.load_state_dict(start.weights, strict=True)
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"checkpoint {start.path} does not fit this model: {e}") from e
     optimizer.load_state_dict(start.optimizer["optimizer"])
-    torch.set_rng_state(start.optimizer["rng"])
+    ckpt.restore_rng(start.optimizer, device)
 
 
 def _train_step(
-    model, optimizer, cfg: PipelineConfig, data: PairedSplit, state, step: int, n_steps: int, info: DistInfo
+    model,
+    optimizer,
+    cfg: PipelineConfig,
+    data: PairedSplit,
+    state,
+    step: int,
+    n_steps: int,
+    info: DistInfo,
+    runtime: Runtime,
 ) -> dict:
     """One AGD step: the step's direction(s), their losses summed, one optimizer update."""
     t = cfg.train
@@ -216,10 +240,10 @@ def _train_step(
     )
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = pred = cl = torch.zeros(())
+    loss = pred = cl = torch.zeros((), device=runtime.device)
     for d in directions:
-        x, y = _batch(data, d, t.batch_size, t.seed, step, info)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16"):
+        x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
+        with runtime.autocast():
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
         loss, pred, cl = loss + parts.total, pred + p, cl + c
@@ -254,8 +278,8 @@ def _validate(
     state,
     metrics_file,
     run_dir: Path,
-    optimizer,
     info: DistInfo,
+    runtime: Runtime,
 ) -> None:
     """Validation recall on rank 0; early stopping and the `best` checkpoint follow mean R@1."""
     from m3jepa.eval.evaluate import direction_recalls
@@ -265,12 +289,13 @@ def _validate(
         objective.eval()
         # the LoRA mode scores the tails' current latents of the tuned modalities
         data = objective.view(val_data) if hasattr(objective, "view") else val_data
-        recalls = direction_recalls(objective.predictor, data, cfg.train.directions, cfg.eval.headline)
+        recalls = direction_recalls(objective.predictor, data, cfg.train.directions, cfg.eval.headline,
+                                    runtime=runtime)
         # Recall is reported in percent; the dynamic AGD schedule takes fractions.
         state.last_recalls = {d: r["R@1"] / 100.0 for d, r in recalls.items()}
         mean_r1 = float(np.mean([r["R@1"] for r in recalls.values()]))
         _log_line(metrics_file, {"step": state.step, "val": recalls, "mean_r1": mean_r1})
-    mean_r1 = broadcast_float(mean_r1, info)
+    mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.
     state.last_recalls = broadcast_object(state.last_recalls, info)
     if mean_r1 > state.best_metric:

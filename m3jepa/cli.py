@@ -68,6 +68,12 @@ def encode(
     seed: Annotated[int, typer.Option(help="Seed of the dataset's split.")] = 0,
     skip_bad: Annotated[bool, typer.Option(help="Skip bad items and list them in the manifest.")] = False,
     threads: Annotated[int | None, typer.Option(help="Torch threads per process (default: torch's).")] = None,
+    content_hash: Annotated[
+        str, typer.Option(help="stat | sha256: how media files are fingerprinted to find stale stores.")
+    ] = "stat",
+    force: Annotated[
+        bool, typer.Option(help="Re-encode the requested stores from scratch (stale ones too).")
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Run the frozen encoders once and write feature stores (resumable; torchrun shares shards)."""
@@ -98,6 +104,8 @@ def encode(
             seed=seed,
             skip_bad=skip_bad,
             threads=threads,
+            content_hash=content_hash,
+            force=force,
         )
         from m3jepa.encode.runner import run_encode
 
@@ -129,13 +137,31 @@ def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory."
 
 
 @stores_app.command("verify")
-def stores_verify(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
-    """Check a store's checksums and row counts; exit status 1 on a corrupt store."""
+def stores_verify(
+    path: Annotated[str, typer.Argument(help="A store directory.")],
+    dataset: Annotated[
+        str | None, typer.Option(help="Also check staleness against this dataset (default: the store's).")
+    ] = None,
+    root: Annotated[
+        str | None, typer.Option(help="Also check staleness against the dataset in this folder.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="With --dataset/--root: the split seed it was encoded with.")] = 0,
+    limit: Annotated[
+        int | None, typer.Option(help="With --dataset/--root: the --limit it was encoded with.")
+    ] = None,
+    verbose: Verbose = False,
+):
+    """Check a store's checksums and row counts, and with --dataset/--root whether it is stale; exit status 1
+    on a corrupt or stale store."""
     _setup_logging(verbose)
     from m3jepa.store.verify import verify_store
 
     with _errors():
         report = verify_store(Path(path))
+        if (dataset or root) and report.ok:  # a corrupt store is not judged against its dataset
+            from m3jepa.encode.source import check_source
+
+            check_source(report, dataset, root, seed, limit)
         typer.echo(report.text())
         if not report.ok:
             raise typer.Exit(1)

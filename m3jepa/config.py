@@ -48,9 +48,14 @@ class EncodeConfig:
     limit: int | None = None  # keep the first N groups of each split (subsets for tests and smoke runs)
     seed: int = 0  # the dataset split seed
     threads: int | None = None  # torch threads per process (float results depend on it); None: default
+    # How a media row's file is fingerprinted for staleness (docs/encode.md): "stat" (size and mtime, no
+    # read) or "sha256" (its bytes: survives copies that change mtimes, costs a read of every file).
+    content_hash: str = "stat"
+    force: bool = False  # re-encode the requested stores from scratch, even cached or stale ones
 
     def __post_init__(self) -> None:
         _choice("encode.format", self.format, ("zarr", "hdf5"))
+        _choice("encode.content_hash", self.content_hash, ("stat", "sha256"))
         _choice("encode.kind", self.kind, ("pooled", "tokens", "prefix"))
         _positive("encode.tunable_layers", self.tunable_layers)
         _choice("encode.dtype", self.dtype, ("float16", "float32"))

@@ -286,7 +286,7 @@ def test_bad_inputs_through_the_cli(tmp_path, copy_png, bad):
     ok = _m3jepa(*args, "--skip-bad")
     assert ok.returncode == 0, ok.stderr[-3000:]
     encoder = "minilm-l6" if modality == "text" else "efficientnet-lite0"
-    store = store_path(stores, "jsonl", "train", modality, encoder)
+    store = store_path(stores, "jsonl", "train", modality, encoder, data_root=root)
     assert _m3jepa("stores", "verify", str(store)).returncode == 0
     rows = read_rows(store)
     if bad in ("corrupt", "truncated"):  # found while decoding: a zero row, valid = false, listed

@@ -78,7 +78,16 @@ class RawRows:
             return fd
         if len(self._fds) >= MAX_OPEN_CHUNKS:
             os.close(self._fds.popitem(last=False)[1])
-        fd = self._fds[key] = os.open(self._dirs[shard] / "c" / str(chunk) / "0", os.O_RDONLY)
+        path = self._dirs[shard] / "c" / str(chunk) / "0"
+        try:
+            fd = self._fds[key] = os.open(path, os.O_RDONLY)
+        except OSError as e:  # checked at open, so the store changed while training
+            rows = f"{shard * self.shard_size + chunk * self._chunk_rows[shard]}.."
+            store = self._dirs[shard].parents[2]
+            raise StoreDataError(
+                f"store {store}: cannot open chunk {chunk} of shard {shard:05d} (rows {rows}): {e.strerror}; "
+                f"run `m3jepa stores verify {store}`"
+            ) from None
         return fd
 
     def close(self) -> None:
@@ -114,6 +123,9 @@ class RowReader:
     """
 
     def __init__(self, store: FeatureStore) -> None:
+        # shard files, shapes, dtypes and every chunk file's size, before any batch: a missing chunk would
+        # otherwise read as zeros (zarr's fill value) or fail mid-run with a raw OSError
+        store.check_files()
         self.store, self.dim = store, store.dim
         # pread per row where the layout allows it, zarr/hdf5 chunk decoding otherwise.
         raw = RawRows(store) if RawRows.supports(store) else None

@@ -32,6 +32,7 @@ def measure(point: dict, steps: int) -> dict:
     """Train `steps` steps at one point in this process; samples/s, FLOP rate and peak RSS."""
     from m3jepa.config import LossConfig
     from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.device import Runtime
     from m3jepa.core.objective import Objective
     from m3jepa.distributed import DistInfo
     from m3jepa.model.predictor import PAPER_DIMS, count_parameters, paper_preset
@@ -46,13 +47,14 @@ def measure(point: dict, steps: int) -> dict:
     data = C.memory_split(PAPER_DIMS, max(2048, 2 * point["batch"]))
     torch.manual_seed(0)
     objective = Objective(model, LossConfig(), PAPER_DIMS)
-    optimizer = build_optimizer(objective, cfg)
+    runtime = Runtime(torch.device("cpu"), "bf16")  # the CPU fast path (m3jepa.accel)
+    optimizer = build_optimizer(objective, cfg, runtime)
     state = TrainState(dims=data.dims(), directions=directions, stores={})
     for step in range(2):  # warm-up: optimizer state, allocator
-        _train_step(objective, optimizer, cfg, data, state, step, 10**9, DistInfo())
+        _train_step(objective, optimizer, cfg, data, state, step, 10**9, DistInfo(), runtime)
     t0 = time.perf_counter()
     for step in range(2, 2 + steps):
-        _train_step(objective, optimizer, cfg, data, state, step, 10**9, DistInfo())
+        _train_step(objective, optimizer, cfg, data, state, step, 10**9, DistInfo(), runtime)
     seconds = (time.perf_counter() - t0) / steps
     flops = sum(C.train_flops_per_sample(model, PAPER_DIMS, d) for d in directions) / 2
     sps = point["batch"] / seconds

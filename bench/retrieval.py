@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from bench import _common as C
+from m3jepa.accel.search import exact_ranks
 from m3jepa.eval.retrieval import cross_retrieval_metrics, retrieval_metrics
-from m3jepa.eval.search import exact_ranks
 from m3jepa.model.predictor import PAPER_DIMS, M3JepaPredictor, paper_preset
 
 

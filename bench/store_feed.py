@@ -168,7 +168,10 @@ def side_by_side(args, root: Path) -> dict:
 
 def paired_steps(args, root: Path) -> dict:
     """The loop's `_train_step` on one model, feed alternating M S S M per step; ratio per M/S pair."""
+    import torch
+
     from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.device import Runtime
     from m3jepa.core.objective import Objective
     from m3jepa.distributed import DistInfo
     from m3jepa.train.loop import _train_step
@@ -177,12 +180,11 @@ def paired_steps(args, root: Path) -> dict:
     cfg = pipeline(root, root / "runs" / "paired", args, args.paired_steps + 2, "memory")
     t = cfg.train
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     feeds = {f: load_split(cfg, "train", DIRECTIONS, f) for f in ("memory", "store")}
     objective = Objective(cfg.model, cfg.loss, feeds["memory"].dims())
-    optimizer = build_optimizer(objective, cfg)
+    runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
+    optimizer = build_optimizer(objective, cfg, runtime)
     state, info, n = TrainState(dims=feeds["memory"].dims(), directions=DIRECTIONS), DistInfo(), t.max_steps
     is_store = lambda s: s % 4 in (1, 2)  # noqa: E731  (M S S M: neither feed always goes first)
     feeds["store"].readahead = read_ahead(
@@ -196,7 +198,7 @@ def paired_steps(args, root: Path) -> dict:
     for step in range(n):
         feed = "store" if is_store(step) else "memory"
         t0 = time.perf_counter()
-        _train_step(objective, optimizer, cfg, feeds[feed], state, step, n, info)
+        _train_step(objective, optimizer, cfg, feeds[feed], state, step, n, info, runtime)
         if step >= 2:  # warm-up
             seconds[feed].append(time.perf_counter() - t0)
     feeds["store"].close()

@@ -5,10 +5,11 @@
 Both contenders run the real `m3jepa.train.loop._train_step` (AGD: image->text, then text->image) on
 in-memory float16 features of the paper's dims (DINOv2-L 1024, Llama-3-8B 4096) with the paper preset:
   reference  every expert on every row (dense), float32, default AdamW (for-loop on CPU)
-  fast       the real training path with train.bf16 = true: sparse dispatch of both tasks at once
-             (MultiGateMoE.forward_tasks), bf16 autocast over float32 master weights with the
-             optimizer's bf16 weight shadows (Bf16Linear), float32 routing, fused AdamW with the
-             gradient clipping folded in (`build_optimizer` -> ShadowAdamW)
+  fast       the real training path with runtime.precision = "bf16" on the CPU, i.e. the m3jepa.accel
+             fast path: sparse dispatch of both tasks at once (MultiGateMoE.forward_tasks), bf16
+             autocast over float32 master weights with the optimizer's bf16 weight shadows
+             (accel.install -> Bf16Linear, Bf16Dropout, 16-row expert buckets), float32 routing,
+             fused AdamW with the gradient clipping folded in (`build_optimizer` -> accel.ShadowAdamW)
 Before timing, both start from the same weights and are compared in eval mode on the same batch:
 routing decisions, losses and outputs.
 """
@@ -22,6 +23,7 @@ import torch
 from bench import _common as C
 from m3jepa.config import LossConfig
 from m3jepa.core.checkpoint import TrainState
+from m3jepa.core.device import Runtime
 from m3jepa.core.objective import Objective
 from m3jepa.distributed import DistInfo
 from m3jepa.model.predictor import PAPER_DIMS, paper_preset
@@ -29,6 +31,7 @@ from m3jepa.train.loop import _batch, _train_step
 from m3jepa.train.optim import build_optimizer
 
 DIRECTIONS = ["image->text", "text->image"]
+FAST = Runtime(torch.device("cpu"), "bf16")  # the CPU fast path (m3jepa.accel)
 
 
 def default_adamw(objective: Objective, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -44,12 +47,14 @@ class Contender:
 
     def __init__(self, name: str, objective: Objective, optimizer, cfg, data) -> None:
         self.name, self.objective, self.optimizer, self.cfg, self.data = name, objective, optimizer, cfg, data
+        self.runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
         self.state = TrainState(dims=data.dims(), directions=list(cfg.train.directions), stores={})
         self.step_no = 0
 
     def step(self) -> None:
         _train_step(
-            self.objective, self.optimizer, self.cfg, self.data, self.state, self.step_no, 10**9, DistInfo()
+            self.objective, self.optimizer, self.cfg, self.data, self.state, self.step_no, 10**9, DistInfo(),
+            self.runtime,
         )
         self.step_no += 1
 
@@ -66,7 +71,7 @@ def build(batch: int, rows: int) -> tuple[Contender, Contender]:
     t = ref_cfg.train
     return (
         Contender("reference", ref, default_adamw(ref, t.lr, t.weight_decay), ref_cfg, data),
-        Contender("fast", fast, build_optimizer(fast, fast_cfg), fast_cfg, data),
+        Contender("fast", fast, build_optimizer(fast, fast_cfg, FAST), fast_cfg, data),
     )
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from m3jepa.accel import search as fs
+from m3jepa.accel.search import bf16, int8, rows, scan
+from m3jepa.accel.search import native as kernels
 from m3jepa.eval import retrieval as rt
-from m3jepa.eval import search as fs
-from m3jepa.eval.knn import l2_normalize
 from m3jepa.eval.retrieval import cross_retrieval_metrics, retrieval_metrics
-from m3jepa.eval.search import bf16, int8, rows, scan
-from m3jepa.eval.search import native as kernels
+from m3jepa.knn import l2_normalize
 
 PATHS = [pytest.param(True, id="native"), pytest.param(False, id="torch")]
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "m3jepa"
 # functions count too: a lazy import is still a dependency.
 LAYERS: dict[str, int] = {
     "files": 0,
-    "native": 0,
+    "knn": 0,  # the plain exact search: eval scores with it, accel.search certifies against it
     "config": 0,
     "data": 1,
     "prefetch": 1,

@@ -286,3 +286,14 @@ def test_bad_inputs_fail_loudly() -> None:
 def test_training_path_does_not_import_transformers() -> None:
     code = "import sys, m3jepa.model, m3jepa.train.schedule; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("predictor", ["moe", "mlp", "linear"])
+def test_the_plain_model_is_made_of_torch_layers_only(predictor: str) -> None:
+    """No fast-path module in the model itself: m3jepa.accel.install puts them in from outside."""
+    model = build_predictor(small_cfg(predictor=predictor, dropout=0.1), DIMS)
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Dropout)):
+            assert type(m) in (torch.nn.Linear, torch.nn.Dropout), f"{name} is a {type(m).__name__}"
+        assert not type(m).__module__.startswith("m3jepa.accel"), name
+    assert all(m.row_bucket == 1 for m in model.modules() if isinstance(m, MultiGateMoE))  # no padding

@@ -1,5 +1,5 @@
-"""Fast paths against their plain references: fused-task dispatch, f32 routing, fused AdamW, bf16 weight
-shadows and their one-pass AdamW kernel, folded clipping, bf16 search."""
+"""Fast paths against their plain references: fused-task dispatch, f32 routing, fused AdamW, and the CPU
+fast path of m3jepa.accel (bf16 weight shadows, one-pass AdamW kernel, folded clipping, dropout, search)."""
 
 from __future__ import annotations
 
@@ -10,31 +10,28 @@ import pytest
 import torch
 from torch import nn
 
-from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
-from m3jepa.core.objective import Objective
-from m3jepa.eval.knn import topk_search
-from m3jepa.eval.search import coco_topk, topk_bf16_exact
-from m3jepa.model import fast_dropout
-from m3jepa.model.moe import (
+from m3jepa import accel
+from m3jepa.accel import adamw
+from m3jepa.accel import dropout as fast_dropout
+from m3jepa.accel.adamw import ShadowAdamW, fused_adamw_bf16_shadow_
+from m3jepa.accel.dropout import Bf16Dropout
+from m3jepa.accel.search import coco_topk, topk_bf16_exact
+from m3jepa.accel.shadows import (
     SHADOW_ATTR,
-    Bf16Dropout,
     Bf16Linear,
-    DenseMixer,
-    MultiGateMoE,
     attach_bf16_shadow,
     fresh_bf16_shadow,
     refresh_bf16_shadows,
-    route,
     stale_bf16_shadows,
 )
-from m3jepa.train import optim
-from m3jepa.train.optim import (
-    ShadowAdamW,
-    adamw_impl,
-    build_optimizer,
-    fused_adamw_bf16_shadow_,
-    optimizer_step,
-)
+from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
+from m3jepa.core.device import CPU, Runtime
+from m3jepa.core.objective import Objective
+from m3jepa.knn import topk_search
+from m3jepa.model.moe import DenseMixer, MultiGateMoE, route
+from m3jepa.train.optim import adamw_impl, build_optimizer, optimizer_step
+
+CPU_BF16 = Runtime(torch.device("cpu"), "bf16")  # the CPU fast path
 
 DIMS = {"image": 24, "text": 40}
 
@@ -141,7 +138,7 @@ def test_build_optimizer_is_fused_on_cpu_and_matches_foreach() -> None:
     a = Objective(cfg.model, LossConfig(), DIMS)
     b = Objective(cfg.model, LossConfig(), DIMS)
     b.load_state_dict(a.state_dict())
-    opt_a = build_optimizer(a, cfg)
+    opt_a = build_optimizer(a, cfg, CPU)
     assert opt_a.defaults["fused"] is True
     assert adamw_impl([torch.zeros(1, dtype=torch.float64)]) == {"fused": True}
     opt_b = torch.optim.AdamW(
@@ -238,9 +235,47 @@ def test_a_stale_shadow_is_never_used() -> None:
 
 def test_bf16_off_builds_torch_fused_adamw_and_no_shadows() -> None:
     obj = _objective(_cfg(bf16=False))
-    opt = build_optimizer(obj, _cfg(bf16=False))
+    opt = build_optimizer(obj, _cfg(bf16=False), CPU)
     assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
     assert not any(hasattr(p, SHADOW_ATTR) for p in obj.parameters())
+
+
+def test_install_swaps_the_predictor_layers_in_place_and_keeps_the_state_dict() -> None:
+    cfg = _cfg(bf16=True, dropout=0.1)
+    obj = _objective(cfg)
+    before = dict(obj.state_dict(keep_vars=True))
+    x, y = torch.randn(6, 24), torch.randn(6, 40)
+    obj.eval()
+    ref = obj("image->text", x, y).total
+    accel.install(obj)
+    accel.install(obj)  # a second install changes nothing
+    after = dict(obj.state_dict(keep_vars=True))
+    assert list(after) == list(before)  # same keys, same order: checkpoints load either way
+    assert all(after[k] is before[k] for k in before)  # the very same Parameter objects
+    mixer = obj.predictor.mixer
+    assert all(type(g) is nn.Linear for g in mixer.gates.values())  # the gates route in float32
+    expert = mixer.experts[0]
+    assert [type(m) for m in expert] == [Bf16Linear, nn.GELU, Bf16Dropout, Bf16Linear, Bf16Dropout]
+    assert expert[2].p == 0.1 and not expert[2].training
+    assert all(type(m) is Bf16Linear for m in obj.predictor.in_proj.values())
+    assert mixer.row_bucket == accel.ROW_BUCKET
+    assert torch.equal(obj("image->text", x, y).total, ref)  # no shadow, no autocast: nn.Linear exactly
+
+
+def test_build_optimizer_installs_the_fast_path_only_for_bf16_on_a_cpu() -> None:
+    cfg = _cfg(bf16=True)
+    for runtime in (CPU, Runtime(torch.device("cuda"), "bf16"), Runtime(torch.device("cuda"), "fp32")):
+        obj = _objective(cfg)
+        opt = build_optimizer(obj, cfg, runtime)  # a cuda Runtime with CPU parameters: only the choice
+        assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True, runtime
+        assert not any(isinstance(m, (Bf16Linear, Bf16Dropout)) for m in obj.modules()), runtime
+        assert obj.predictor.mixer.row_bucket == 1
+    obj = _objective(cfg)
+    opt = build_optimizer(obj, cfg, CPU_BF16)
+    assert isinstance(opt, ShadowAdamW) and obj.predictor.mixer.row_bucket == accel.ROW_BUCKET
+    assert {id(p) for p in opt.shadowed} == {
+        id(m.weight) for m in obj.modules() if isinstance(m, Bf16Linear)
+    }
 
 
 def test_one_pass_kernel_matches_torch_fused_adamw() -> None:
@@ -270,7 +305,7 @@ def test_shadow_adamw_folds_clipping_like_clip_grad_norm() -> None:
     # with the clip factor as grad_scale; the reference clips with clip_grad_norm_ first.
     cfg = _cfg(bf16=True)
     a, b = _objective(cfg), _objective(cfg)
-    opt_a, opt_b = build_optimizer(a, cfg), _plain_fused_adamw(b, cfg)
+    opt_a, opt_b = build_optimizer(a, cfg, CPU_BF16), _plain_fused_adamw(b, cfg)
     assert isinstance(opt_a, ShadowAdamW)
     _train(a, opt_a, range(3), clip=0.05, bf16=False)
     _train(b, opt_b, range(3), clip=0.05, bf16=False)
@@ -284,8 +319,8 @@ def test_shadow_adamw_tracks_autocast_with_fused_adamw(kernel: bool, monkeypatch
     a, b = _objective(cfg), _objective(cfg)
     start = [p.detach().clone() for p in a.parameters()]
     if not kernel:  # the eager fallback (no C++ compiler): widen, torch's fused AdamW, refresh
-        monkeypatch.setattr(optim, "fused_adamw_bf16_shadow_", lambda *args, **kw: False)
-    opt_a, opt_b = build_optimizer(a, cfg), _plain_fused_adamw(b, cfg)
+        monkeypatch.setattr(adamw, "fused_adamw_bf16_shadow_", lambda *args, **kw: False)
+    opt_a, opt_b = build_optimizer(a, cfg, CPU_BF16), _plain_fused_adamw(b, cfg)
     _train(a, opt_a, range(4), clip=0.5)
     _train(b, opt_b, range(4), clip=0.5)
     for p0, pa, pb in zip(start, a.parameters(), b.parameters(), strict=True):
@@ -299,11 +334,11 @@ def test_shadow_adamw_tracks_autocast_with_fused_adamw(kernel: bool, monkeypatch
 def test_shadow_adamw_resume_is_bit_exact_and_state_dict_is_torch_adamw() -> None:
     cfg = _cfg(bf16=True, dropout=0.1)
     whole = _objective(cfg)
-    opt = build_optimizer(whole, cfg)
+    opt = build_optimizer(whole, cfg, CPU_BF16)
     _train(whole, opt, range(4), clip=0.5)
 
     first = _objective(cfg)
-    opt1 = build_optimizer(first, cfg)
+    opt1 = build_optimizer(first, cfg, CPU_BF16)
     _train(first, opt1, range(2), clip=0.5)
     weights = {k: v.clone() for k, v in first.state_dict().items()}
     opt_state = copy.deepcopy(opt1.state_dict())
@@ -311,7 +346,7 @@ def test_shadow_adamw_resume_is_bit_exact_and_state_dict_is_torch_adamw() -> Non
     plain.load_state_dict(copy.deepcopy(opt_state))  # the checkpoint format is torch's AdamW
 
     resumed = _objective(cfg, seed=7)  # different initial weights: everything must come from the state
-    opt2 = build_optimizer(resumed, cfg)
+    opt2 = build_optimizer(resumed, cfg, CPU_BF16)
     resumed.load_state_dict(weights)  # the loop's order: weights, then optimizer
     opt2.load_state_dict(opt_state)
     _train(resumed, opt2, range(2, 4), clip=0.5)
@@ -395,7 +430,7 @@ def test_bf16_dropout_draws_its_seed_from_torch_generator() -> None:
 
 def test_native_bf16_sum_of_squares_matches_float64() -> None:
     grads = [torch.randn(s).to(BF16) * 3 for s in [(2048, 33), (7,), (16,), (1,), (100_001,)]]
-    got = optim.sumsq_bf16(grads)
+    got = adamw.sumsq_bf16(grads)
     if got is None:
         pytest.skip("no C++ compiler: the clip norm takes torch's norms")
     want = sum(float(g.double().square().sum()) for g in grads)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3jepa.eval.knn import l2_normalize, topk_search
 from m3jepa.eval.retrieval import paired_subset, recall_at_k, retrieval_metrics
+from m3jepa.knn import l2_normalize, topk_search
 
 N_IMAGES, PER_IMAGE, DIM = 200, 5, 32
 

@@ -1,22 +1,26 @@
-"""Small C/C++ kernels built on first use with the system compiler and cached per source, flags and CPU.
+"""Small C/C++ kernels built on first use with the system compiler, cached per source, flags and CPU.
 
 Every kernel has an eager torch path that computes the same result; `build` returns None (and the
-caller takes that path) when no compiler is found, the build fails, or M3JEPA_NATIVE=0.
+caller takes that path) when no compiler is found, the build fails, M3JEPA_NATIVE=0, or the cache is not
+safe to load code from. ctypes runs whatever library it loads, so the cache folder must be the current
+user's and writable by no one else (it is created 0700), each library must be the user's, not writable by
+group or others, and match the sha256 recorded beside it (`NAME.so.sha256`) when it was built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
 
 # bf16 <-> float32 for the C++ kernels that read or write bf16 tensors (prepended to their sources).
 BF16_CXX = r"""
@@ -55,22 +59,90 @@ def _cpu_flags() -> str:
     return next((ln for ln in info.splitlines() if ln.startswith("flags")), info[:4096])
 
 
+def library_path(name: str, source: str, flags: list[str], lang: str = "c") -> Path:
+    """Where `build` keeps this kernel: keyed on source, language, flags and the CPU's flags."""
+    key = hashlib.sha256("\n".join([source, lang, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    return cache_dir() / f"{name}-{key}.so"
+
+
 def build(name: str, source: str, flags: list[str], lang: str = "c") -> ctypes.CDLL | None:
     """Compile `source` into a shared library once and load it; None when unavailable (callers fall back)."""
     if not enabled():
         return None
-    key = hashlib.sha256("\n".join([source, lang, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"{name}-{key}.so"
+    lib = library_path(name, source, flags, lang)
     try:
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            compiler = os.environ.get("CXX", "c++") if lang == "c++" else os.environ.get("CC", "cc")
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                out = Path(tmp) / f"{name}.so"
-                cmd = [compiler, *flags, "-x", lang, "-", "-o", str(out)]
-                subprocess.run(cmd, input=source.encode(), check=True, capture_output=True, timeout=300)
-                os.replace(out, lib)  # atomic: a concurrent builder never loads a half-written file
+        _make_private_dir(lib.parent)
+        if (why := _untrusted(lib.parent, "folder")) is not None:
+            return _refuse(name, why)
+        if not (lib.exists() or lib.is_symlink()):
+            _compile(lib, source, flags, lang)
+        elif (why := _untrusted(lib, "library")) is not None:
+            return _refuse(name, why)
+        elif not _hash_matches(lib):
+            record = _sidecar(lib)
+            why = f"does not match the sha256 in {record}" if record.exists() else "has no sha256 record"
+            log.warning("native kernel %s refused: it %s; rebuilding it", lib, why)
+            _compile(lib, source, flags, lang)
+        # No check between here and the load can be raced: the folder is ours and no one else can write it.
         return ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("native kernel %s unavailable (%s); using the torch path (slower)", name, e)
         return None
+
+
+def _make_private_dir(path: Path) -> None:
+    # Parents get the usual mode; the cache folder itself is private (an existing one is checked, not changed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+
+
+def _untrusted(path: Path, what: str) -> str | None:
+    """Why `path` must not be trusted (one line naming it and the fix), or None when it is safe."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return f"the kernel {what} {path} is a symbolic link; remove it (rm {path})"
+    if st.st_uid != os.getuid():
+        fix = f"remove it (rm -r {path}) or set M3JEPA_CACHE to a folder of yours" if what == "folder" else (
+            f"remove it (rm {path}) to rebuild"
+        )
+        return f"the kernel {what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); {fix}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        fix = f"run chmod 700 {path}" if what == "folder" else f"remove it (rm {path}) to rebuild"
+        return f"the kernel {what} {path} is writable by group or others (mode {st.st_mode & 0o777:o}); {fix}"
+    return None
+
+
+def _refuse(name: str, why: str) -> None:
+    log.warning("native kernel %s refused: %s; using the torch path (slower)", name, why)
+    return None
+
+
+def _sidecar(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hash_matches(lib: Path) -> bool:
+    """Whether lib's bytes hash to the sha256 recorded at build time (a missing record does not match)."""
+    side = _sidecar(lib)
+    if not side.is_file() or _untrusted(side, "record") is not None:
+        return False
+    return side.read_text().strip() == _sha256(lib)
+
+
+def _compile(lib: Path, source: str, flags: list[str], lang: str) -> None:
+    """Build `lib` and its sha256 record, each moved into place whole (no one loads half a file)."""
+    compiler = os.environ.get("CXX", "c++") if lang == "c++" else os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # 0700, inside the checked folder
+        out = Path(tmp) / lib.name
+        cmd = [compiler, *flags, "-x", lang, "-", "-o", str(out)]
+        subprocess.run(cmd, input=source.encode(), check=True, capture_output=True, timeout=300)
+        os.chmod(out, 0o700)
+        record = Path(tmp) / "sha256"
+        record.write_text(_sha256(out) + "\n")
+        os.replace(record, _sidecar(lib))  # the record first: a reader between the two sees a mismatch
+        os.replace(out, lib)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jepa.eval.knn import l2_normalize, topk_search
+from m3jepa.knn import l2_normalize, topk_search
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
-from m3jepa.eval.knn import topk_search
 from m3jepa.eval.retrieval import retrieval_metrics
+from m3jepa.knn import topk_search
 
 log = logging.getLogger(__name__)
 

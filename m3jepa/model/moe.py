@@ -1,8 +1,4 @@
-"""Multi-gate mixture of experts: shared expert MLPs, one top-k gate per task, sparse dispatch.
-
-Also the bf16 weight shadows of the training fast path (`Bf16Linear`): the optimizer keeps a bf16
-copy of each 2-D weight next to its float32 master, so bf16 autocast needs no per-step casts.
-"""
+"""Multi-gate mixture of experts: shared expert MLPs, one top-k gate per task, sparse dispatch."""
 
 from __future__ import annotations
 
@@ -12,8 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from m3jepa.model import fast_dropout
 
 SHARED = "shared"  # the gate key when every task routes through one gate (the official release)
 
@@ -36,151 +30,14 @@ class Routing:
     probs: Tensor  # (T, N) softmax over all N logits (for the load-balancing term)
 
 
-SHADOW_ATTR = "_m3jepa_bf16_shadow"  # the attribute of a float32 master Parameter that holds its shadow
-
-
-@dataclass
-class Bf16Shadow:
-    """A bf16 copy of a float32 master weight, valid while the master's `_version` is `version`.
-
-    `weight` is a leaf that requires grad: under autocast the forward uses it instead of casting the
-    master, so backward leaves the weight gradient in `weight.grad` (bf16) for the optimizer.
-    """
-
-    weight: Tensor  # same shape as the master, bfloat16
-    version: int  # master._version when `weight` was last copied from it
-    grad_buffer: Tensor | None = None  # same shape, bf16: the memory `weight.grad` is written into
-
-
-def _shadow_grad_into(shadow: Bf16Shadow, gt: Tensor, x16: Tensor) -> None:
-    """shadow.weight.grad += gt @ x16, written into one buffer kept across steps.
-
-    A fresh (out, in) gradient each step costs more than the product itself here: at 2048² and
-    T = 96 rows, 7 ms into new memory against 2.2 ms into memory already touched (page faults of
-    the 8 MB result; docs/benchmarks.md). zero_grad sets `weight.grad` to None, and the next
-    backward overwrites the same buffer.
-    """
-    w = shadow.weight
-    if w.grad is not None:  # a second use in this backward: accumulate, as autograd would
-        w.grad.addmm_(gt, x16)
-        return
-    if shadow.grad_buffer is None or shadow.grad_buffer.shape != w.shape:
-        shadow.grad_buffer = torch.empty_like(w, memory_format=torch.contiguous_format)
-    torch.mm(gt, x16, out=shadow.grad_buffer)
-    w.grad = shadow.grad_buffer
-
-
-def attach_bf16_shadow(master: nn.Parameter) -> Bf16Shadow:
-    """Give `master` (float32) a bf16 shadow, filled now; the optimizer refreshes it after each update."""
-    shadow = Bf16Shadow(weight=torch.empty_like(master, dtype=torch.bfloat16, requires_grad=True), version=-1)
-    setattr(master, SHADOW_ATTR, shadow)
-    refresh_bf16_shadows([master])
-    return shadow
-
-
-@torch.no_grad()
-def refresh_bf16_shadows(masters: Sequence[Tensor]) -> None:
-    """Copy each master into its shadow (round to nearest even, as autocast's cast) and mark it fresh."""
-    pairs = [(m, getattr(m, SHADOW_ATTR)) for m in masters]
-    if pairs:
-        torch._foreach_copy_([s.weight for _, s in pairs], [m for m, _ in pairs])
-    for m, s in pairs:
-        s.version = m._version
-
-
-def stale_bf16_shadows(masters: Sequence[Tensor]) -> list[Tensor]:
-    """The masters whose shadow no longer matches them (changed in place, e.g. by load_state_dict)."""
-    return [m for m in masters if (s := getattr(m, SHADOW_ATTR, None)) and s.version != m._version]
-
-
-def fresh_bf16_shadow(master: Tensor) -> Tensor | None:
-    """The bf16 shadow of `master` if it is fresh and bf16 autocast is on, else None (plain path).
-
-    A stale shadow is never used: the version counter catches in-place changes such as
-    load_state_dict. (The fused AdamW kernel does not bump it; the optimizer that owns the shadows
-    refreshes them itself after every update.)
-    """
-    s = getattr(master, SHADOW_ATTR, None)
-    if s is None or s.version != master._version or master.dtype != torch.float32:
-        return None
-    dev = master.device.type
-    if not torch.is_autocast_enabled(dev) or torch.get_autocast_dtype(dev) != s.weight.dtype:
-        return None
-    return s.weight
-
-
-class _ShadowLinearFn(torch.autograd.Function):
-    """y = x W16ᵀ + b in bf16, with the weight gradient taken from a contiguous gᵀ.
-
-    On CPU (oneDNN, AMX) gᵀ·x with gᵀ a transposed view runs 2-2.5x slower than with gᵀ made
-    contiguous first (measured at T = 85..1024 rows, 2048²): the copy costs far less than it saves.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w16: Tensor, bias: Tensor | None, shadow: Bf16Shadow) -> Tensor:
-        x16 = x.to(w16.dtype)  # (T, in); a no-op for bf16 rows
-        ctx.save_for_backward(x16, w16)
-        ctx.has_bias, ctx.shadow = bias is not None, shadow
-        return F.linear(x16, w16, None if bias is None else bias.to(w16.dtype))  # (T, out)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
-        x16, w16 = ctx.saved_tensors
-        g = g.to(w16.dtype)  # (T, out)
-        gx = g @ w16 if ctx.needs_input_grad[0] else None  # (T, in); autograd casts it to x's dtype
-        if ctx.needs_input_grad[1]:  # (out, in) bf16, straight into the shadow's gradient buffer
-            _shadow_grad_into(ctx.shadow, g.t().contiguous(), x16)
-        gb = g.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
-        return gx, None, gb, None
-
-
-class Bf16Linear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict) that uses its weight's bf16 shadow when fresh.
-
-    Without a shadow, or outside bf16 autocast, it is exactly nn.Linear.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        w16 = fresh_bf16_shadow(self.weight)
-        if w16 is None:
-            return F.linear(x, self.weight, self.bias)
-        return _ShadowLinearFn.apply(x, w16, self.bias, getattr(self.weight, SHADOW_ATTR))
-
-
-class Bf16Dropout(nn.Dropout):
-    """nn.Dropout, with a cheaper mask for bf16 activations under autocast (training fast path).
-
-    torch's CPU dropout draws one Bernoulli per element (~10 ns each here: 4M elements, 40-50 ms,
-    per step at B = 128). The fast path uses 16 random bits per element and keeps an element when
-    they clear a threshold, so the drop probability is p rounded to a multiple of 2⁻¹⁶
-    (0.1 → 0.100006) and kept values are scaled by 1/(1 − that p): still unbiased. The bits come
-    from `fast_dropout`'s one-pass kernel (a hash of a seed and the element index) or, without a
-    compiler, from torch's generator (64 bits per 4 elements).
-    Outside bf16 autocast, or on float32 input, it is exactly nn.Dropout.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        fast = self.training and 0.0 < self.p < 1.0 and x.dtype == torch.bfloat16 and not self.inplace
-        if not fast or not torch.is_autocast_enabled(x.device.type) or x.numel() % 4:
-            return super().forward(x)
-        threshold = round(self.p * 65536)  # drop when the 16 random bits, as 0..65535, fall below it
-        scale = 65536 / (65536 - threshold)
-        if fast_dropout.available(x):  # one pass each way, mask recomputed in backward
-            return fast_dropout.HashDropout.apply(x, fast_dropout.draw_seed(), threshold, scale)
-        bits = torch.empty(x.numel() // 4, dtype=torch.int64, device=x.device)
-        bits = bits.random_(torch.iinfo(torch.int64).min, None).view(torch.int16).view(x.shape)
-        keep = bits >= threshold - 32768  # int16 is the 16 bits shifted by -32768
-        return torch.where(keep, x * scale, 0.0)
-
-
 def expert_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
     """One expert: d → h → d with GELU and dropout (the official release drops after both layers)."""
     return nn.Sequential(
-        Bf16Linear(dim, hidden),
+        nn.Linear(dim, hidden),
         nn.GELU(),
-        Bf16Dropout(dropout),
-        Bf16Linear(hidden, dim),
-        Bf16Dropout(dropout),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, dim),
+        nn.Dropout(dropout),
     )
 
 
@@ -240,7 +97,9 @@ class MultiGateMoE(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
-        self.row_bucket = 16  # bf16 path: expert groups padded to multiples of this (_experts_bucketed)
+        # > 1: under autocast, expert groups are padded to multiples of it (_experts_bucketed); 1 (the
+        # plain path) pads nothing. The CPU fast path (m3jepa.accel.install) sets 16.
+        self.row_bucket = 1
         self.tasks = tuple(tasks)
         self.experts = nn.ModuleList(expert_mlp(dim, hidden, dropout) for _ in range(num_experts))
         gate_keys = self.tasks if gates == "multi" else (SHARED,)
@@ -307,9 +166,10 @@ class MultiGateMoE(nn.Module):
         weights = r.weights.flatten()[order]  # (T·k,)
         # The one host sync of sparse dispatch: group sizes must be Python ints to slice.
         sizes = counts.tolist()
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            # Cast the T rows once rather than each expert's T·k/N gathered copy.
+        autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
+        if autocast:  # cast the T rows once rather than each expert's T·k/N gathered copy
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if autocast and self.row_bucket > 1:
             ys = self._experts_bucketed(x, rows, sizes)  # (T·k, d)
         else:
             xs = x.index_select(0, rows)  # (T·k, d) rows in expert order
@@ -332,9 +192,9 @@ class MultiGateMoE(nn.Module):
         start = 0
         pos = []  # where each real row sits in the padded layout
         for n, m in zip(sizes, padded, strict=True):
-            pos.append(torch.arange(start, start + n))
+            pos.append(torch.arange(start, start + n, device=x.device))
             start += m
-        pos_t = torch.cat(pos).to(x.device)  # (T·k,)
+        pos_t = torch.cat(pos)  # (T·k,)
         x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])  # (T + 1, d): row T is the pad row
         idx = torch.full((start,), x.shape[0], dtype=rows.dtype, device=x.device)
         idx[pos_t] = rows  # (Σ padded,)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3jepa.config import ModelConfig
-from m3jepa.model.moe import Bf16Linear, DenseMixer, MultiGateMoE
+from m3jepa.model.moe import DenseMixer, MultiGateMoE
 
 TASKS = ("pred", "cl")  # the two tasks of the multi-gate MoE: latent prediction and contrastive
 PAPER_DIMS = {"image": 1024, "text": 4096}  # DINOv2-Large, Llama-3-8B
@@ -90,8 +90,7 @@ class M3JepaPredictor(nn.Module):
             raise ValueError(f"M3JepaPredictor builds moe or mlp, not {cfg.predictor!r}")
         self.dims = dict(dims)
         d = cfg.dim
-        # Bf16Linear is nn.Linear (same parameters) that can use the optimizer's bf16 weight shadows.
-        self.in_proj = nn.ModuleDict({m: Bf16Linear(dm, d) for m, dm in self.dims.items()})
+        self.in_proj = nn.ModuleDict({m: nn.Linear(dm, d) for m, dm in self.dims.items()})
         self.modality_emb = nn.ParameterDict({m: _embedding(d) for m in self.dims})
         self.task_emb = nn.ParameterDict({t: _embedding(d) for t in TASKS})
         if cfg.predictor == "moe":
@@ -101,9 +100,9 @@ class M3JepaPredictor(nn.Module):
         else:
             self.mixer = DenseMixer(d, cfg.hidden, cfg.dropout, TASKS)
         self.norms = nn.ModuleDict({t: nn.LayerNorm(d) for t in TASKS})
-        self.pred_head = nn.ModuleDict({m: Bf16Linear(d, dm) for m, dm in self.dims.items()})
-        self.cl_head = nn.ModuleDict({m: Bf16Linear(d, cfg.cl_dim) for m in self.dims})
-        self.cl_target = nn.ModuleDict({m: Bf16Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
+        self.pred_head = nn.ModuleDict({m: nn.Linear(d, dm) for m, dm in self.dims.items()})
+        self.cl_head = nn.ModuleDict({m: nn.Linear(d, cfg.cl_dim) for m in self.dims})
+        self.cl_target = nn.ModuleDict({m: nn.Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
 
     def embed(self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Project each source modality into d and SUM them (a concatenated input adds its parts).

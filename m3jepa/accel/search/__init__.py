@@ -7,8 +7,8 @@
 - `bf16`: unit roundoffs and monotone int16 keys of bf16 values.
 """
 
-from m3jepa.eval.search.ranks import NO_RANK, CrossRanks, exact_ranks, recalls_from_ranks
-from m3jepa.eval.search.topk import coco_topk, top_m, topk_bf16_exact
+from m3jepa.accel.search.ranks import NO_RANK, CrossRanks, exact_ranks, recalls_from_ranks
+from m3jepa.accel.search.topk import coco_topk, top_m, topk_bf16_exact
 
 __all__ = [
     "NO_RANK",

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.search import native
-from m3jepa.eval.search.bf16 import BF16_UNIT, KEY_OFF, NEG_INF_BITS, key_values, keys
+from m3jepa.accel.search import native
+from m3jepa.accel.search.bf16 import BF16_UNIT, KEY_OFF, NEG_INF_BITS, key_values, keys
 
 
 @dataclass

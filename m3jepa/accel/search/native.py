@@ -210,7 +210,7 @@ def load() -> ctypes.CDLL | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    from m3jepa.native import build
+    from m3jepa.accel.native import build
 
     kernel = build("search_kernels", C_SOURCE, FLAGS, lang="c")
     if kernel is None:

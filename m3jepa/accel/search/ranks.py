@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from m3jepa.eval.knn import as_matrix
-from m3jepa.eval.search import int8, native
-from m3jepa.eval.search.bf16 import FP32_UNIT
-from m3jepa.eval.search.count import Side, padded
-from m3jepa.eval.search.rows import Prepared, pair_dots, prepare
-from m3jepa.eval.search.scan import Int8Stage, open_queries, scan
+from m3jepa.accel.search import int8, native
+from m3jepa.accel.search.bf16 import FP32_UNIT
+from m3jepa.accel.search.count import Side, padded
+from m3jepa.accel.search.rows import Prepared, pair_dots, prepare
+from m3jepa.accel.search.scan import Int8Stage, open_queries, scan
+from m3jepa.knn import as_matrix
 
 NO_RANK = -1  # rank of a query whose group has no item on the other side
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.search import native
-from m3jepa.eval.search.bf16 import FP32_UNIT
+from m3jepa.accel.search import native
+from m3jepa.accel.search.bf16 import FP32_UNIT
 
 
 @dataclass

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.search import int8, native
-from m3jepa.eval.search.count import Side, count_block, mask_correct, mask_rows, padded, threshold_keys
-from m3jepa.eval.search.rows import Prepared
+from m3jepa.accel.search import int8, native
+from m3jepa.accel.search.count import Side, count_block, mask_correct, mask_rows, padded, threshold_keys
+from m3jepa.accel.search.rows import Prepared
 
 Lap = Callable[[str], None]
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.knn import as_matrix, topk_search
-from m3jepa.eval.search.bf16 import BF16_UNIT, FP32_UNIT
+from m3jepa.accel.search.bf16 import BF16_UNIT, FP32_UNIT
+from m3jepa.knn import as_matrix, topk_search
 
 
 def topk_bf16_exact(

@@ -1,0 +1,16 @@
+"""The CPU fast path, taken only on a CPU device when runtime.precision = "bf16".
+
+Everything here is a faster way to compute what the plain model and torch's AdamW compute (tests compare
+each against its plain reference), and everything that uses private torch API or run-time compiled C
+lives here:
+- `install(objective)`: the predictor's nn.Linear/nn.Dropout become `Bf16Linear`/`Bf16Dropout` (same
+  parameters and state_dict) and MoE expert groups are padded to oneDNN-friendly buckets.
+- `ShadowAdamW`: fused AdamW that keeps bf16 weight shadows and folds clipping into the update.
+- `native`: builds, caches and safely loads the C/C++ kernels; `search`: exact-rank retrieval kernels.
+`m3jepa.train.optim.build_optimizer` is the one caller of `install`/`ShadowAdamW`.
+"""
+
+from m3jepa.accel.adamw import ShadowAdamW
+from m3jepa.accel.install import ROW_BUCKET, install, shadowable_weights
+
+__all__ = ["ROW_BUCKET", "ShadowAdamW", "install", "shadowable_weights"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,15 @@ import torch
 from tqdm import tqdm
 
 from m3jepa.config import EncodeConfig
-from m3jepa.data.records import BadItemError, DatasetError, Record, encoder_modality, membership_fingerprint
+from m3jepa.data.records import (
+    BadItemError,
+    DatasetError,
+    Record,
+    content_digest,
+    encoder_modality,
+    membership_fingerprint,
+    row_fingerprint,
+)
 from m3jepa.distributed import ENCODE_BARRIER_TIMEOUT, DistInfo, process_group
 from m3jepa.encode.plan import batch_order
 from m3jepa.encode.reader import Batch, read_batches
@@ -24,9 +33,12 @@ from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
 from m3jepa.files import atomic_write_text
 from m3jepa.store.manifest import (
+    FOLDER_DATASETS,
     RAGGED_KINDS,
     SHARDS,
     Manifest,
+    StoreMismatchError,
+    resolved_root,
     rows_from_records,
     shard_stem,
     store_variant,
@@ -56,6 +68,7 @@ class StoreJob:
     path: Path
     manifest: Manifest
     dropped: list[tuple[str, str]] = field(default_factory=list)  # dataset-level drops (--skip-bad)
+    content: list[str] | None = None  # each row's content fingerprint (records.row_fingerprint)
 
 
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
@@ -76,7 +89,14 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
             splits = list(dict.fromkeys(j.split for j in jobs))
             write_join_tables(cfg.store_root, cfg.dataset, dataset, splits)
         # Rank 0's view decides, so all ranks agree on which stores to enter (each store has barriers).
-        cached = ctx.gather([_is_complete(job) for job in jobs])[0]
+        states = ctx.gather([_cache_state(job, cfg) for job in jobs])[0]
+        stale = [s for s in states if isinstance(s, str)]
+        if stale and not cfg.force:
+            more = f" (and {len(stale) - 1} more stale stores)" if len(stale) > 1 else ""
+            raise StoreMismatchError(
+                f"{stale[0]}{more}; re-encode: rerun this `m3jepa encode` command with --force"
+            )
+        cached = [s is True and not cfg.force for s in states]
         summary = EncodeSummary(world_size=ctx.world_size)
         if dropped:
             _note(summary, f"{len(dropped)} item(s) dropped while loading the dataset (named in the log)")
@@ -94,22 +114,26 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
     from m3jepa.store import store_path
 
     splits = dataset.splits() if cfg.splits == ["all"] else list(cfg.splits)
+    # a folder dataset is named by its folder (store_path), and the manifest says which folder it was
+    data_root = str(resolved_root(cfg.root)) if cfg.dataset in FOLDER_DATASETS and cfg.root else None
     jobs = []
     for modality in _modalities(cfg, dataset):
         spec = _spec(cfg, modality, dataset)
         prefix = _prefix_fields(cfg, spec)
         for split in splits:
             records = dataset.records(split, modality)
+            content = [row_fingerprint(r, cfg.content_hash) for r in records]
             manifest = Manifest(
                 dataset=cfg.dataset, split=split, modality=modality,
                 membership=membership_fingerprint(records), rows=len(records), encoder=spec.name,
                 encoder_revision=spec.revision, pooling=spec.pooling, layers=spec.layers, dim=spec.dim,
                 dtype=cfg.dtype, kind=cfg.kind, format=cfg.format, shard_size=cfg.shard_size, **prefix,
+                content=content_digest(content), content_hash=cfg.content_hash, data_root=data_root,
             )
             variant = store_variant(cfg.kind, cfg.tunable_layers)
-            path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name, variant)
+            path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name, variant, cfg.root)
             dropped = list(getattr(dataset, "skipped", []))
-            jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped))
+            jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped, content=content))
     return jobs
 
 
@@ -181,10 +205,22 @@ def _spec(cfg: EncodeConfig, modality: str, dataset: Any) -> EncoderSpec:
     return spec
 
 
-def _is_complete(job: StoreJob) -> bool:
+def _cache_state(job: StoreJob, cfg: EncodeConfig) -> bool | str:
+    """True: complete and current (cached); False: to encode (absent, unfinished or --force); a str: the
+    line saying why a complete store is stale (its rows' captions or media files changed)."""
     from m3jepa.store import is_complete
+    from m3jepa.store.manifest import load_manifest
+    from m3jepa.store.staleness import stale_reason
 
-    return is_complete(job.path, job.manifest)
+    if not is_complete(job.path, job.manifest):
+        return False
+    found = load_manifest(job.path)
+    if found.content is None:
+        log.warning("%s was written without content fingerprints, so edited captions or replaced media "
+                    "files are not detected; rerun with --force to re-encode it and record them", job.path)
+        return True
+    rows = rows_from_records(job.records, content=job.content)
+    return stale_reason(job.path, found, rows, cfg.content_hash) or True
 
 
 def _note(summary: EncodeSummary, text: str) -> None:
@@ -228,6 +264,11 @@ def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistIn
 
     result = StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows)
     start = time.perf_counter()
+    if cfg.force:
+        if ctx.is_main and (job.path / "manifest.json").is_file():
+            log.info("--force: removing %s to re-encode it", job.path)
+            shutil.rmtree(job.path)
+        ctx.barrier()  # no rank opens the store before it is gone
     with StoreWriter(job.path, job.manifest, rank=ctx.rank, world_size=ctx.world_size) as writer:
         done = writer.done_shards()
         pending = [s for s in writer.my_shards() if s[0] not in done]
@@ -239,7 +280,7 @@ def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistIn
         ctx.barrier()  # every rank's shards are committed
         if ctx.is_main:
             skipped = read_skip_lists(job.path, len(writer.planned_shards()))
-            rows = rows_from_records(job.records, {s["row_id"] for s in skipped})
+            rows = rows_from_records(job.records, {s["row_id"] for s in skipped}, job.content)
             result.skipped = len(writer.finalize(rows, skipped, job.dropped).skipped)
         ctx.barrier()  # nobody moves on (or exits) before the manifest is complete
     result.seconds = time.perf_counter() - start

@@ -199,6 +199,8 @@ def evaluate(
     """Score a trained run: retrieval R@1/5/10 both ways, gallery sizes, query latency."""
     _setup_logging(verbose)
     with _errors():
+        _check_options("eval", {"split": split, "protocol": protocol})
+        _check_checkpoint(checkpoint)
         from m3jepa.eval.evaluate import evaluate_run
 
         metrics = evaluate_run(Path(run), split=split, protocol=protocol, checkpoint=checkpoint)
@@ -218,6 +220,7 @@ def lora_export(
     """Export a LoRA run's adapters (peft format), or the tail layers with the adapters merged in."""
     _setup_logging(verbose)
     with _errors():
+        _check_checkpoint(checkpoint)
         from m3jepa.lora.export import export_lora
 
         for path in export_lora(Path(run), Path(out), checkpoint=checkpoint, merge=merge):
@@ -277,6 +280,24 @@ def _pipeline(path, overrides, store_root=None, dataset=None, run=None):
     if run:
         extra.append(f"run_dir={json.dumps(run)}")
     return load_pipeline(path, extra)
+
+
+def _check_options(section: str, options: dict[str, object]) -> None:
+    """Run CLI options that set `section.key` through that config section's own checks, before any work."""
+    import m3jepa.config as config
+
+    cls = {"eval": config.EvalConfig}[section]
+    for key, value in options.items():
+        if value is not None:
+            try:
+                config.from_dict(cls, {key: value}, section)
+            except ConfigError as e:
+                raise ConfigError(f"--{key.replace('_', '-')} {value}: {e}") from None
+
+
+def _check_checkpoint(name: str) -> None:
+    if name not in ("best", "latest"):
+        raise ConfigError(f"--checkpoint {name!r} is not one of best, latest")
 
 
 class _errors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -92,6 +93,33 @@ class ModelConfig:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        n = core_parameters(self)
+        if n > MAX_PREDICTOR_PARAMETERS:
+            raise ConfigError(
+                f"model.dim={self.dim}, model.hidden={self.hidden} and model.num_experts={self.num_experts} "
+                f"give at least {n:.3g} predictor parameters, over the limit of "
+                f"{MAX_PREDICTOR_PARAMETERS:.0e} (160 GB of training state); make them smaller "
+                "(the paper's predictor has 140.6M)"
+            )
+
+
+# Training holds >= 16 bytes per parameter (float32 weights, gradients and AdamW's two moments), so 1e10
+# parameters need 160 GB: more than the largest single accelerator m3jepa runs on (H200, 141 GB) and more
+# than its 128 GiB hosts. The paper's predictor (140.6M) is 70x below the limit.
+MAX_PREDICTOR_PARAMETERS = 10**10
+
+
+def core_parameters(model: ModelConfig) -> int:
+    """A lower bound on the predictor's parameters: its mixer, gates and one contrastive head.
+
+    The input and output projections are left out because they depend on the stores' dims.
+    """
+    if model.predictor == "linear":  # LinearAligner: latents straight into cl_dim; dim/hidden unused
+        return 0
+    expert = 2 * model.dim * model.hidden
+    experts = expert * (model.num_experts if model.predictor == "moe" else 1)
+    gates = 2 * model.dim * model.num_experts if model.predictor == "moe" else 0
+    return experts + gates + model.dim * model.cl_dim
 
 
 @dataclass
@@ -144,17 +172,48 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
         _choice("train.feed", self.feed, ("auto", "memory", "store", "device"))
+        self._check_directions()
+        self._check_probs()
+        self._check_counts()
+        self._check_rates()
+
+    def _check_directions(self) -> None:
         if not self.directions:
             raise ConfigError("train.directions is empty; give at least one, e.g. ['image->text']")
         for d in self.directions:
             if "->" not in d:
                 raise ConfigError(f"train.directions: {d!r} is not of the form 'source->target'")
-        if self.direction_probs is not None and len(self.direction_probs) != len(self.directions):
-            raise ConfigError("train.direction_probs must have one probability per direction")
+        twice = sorted({d for d in self.directions if self.directions.count(d) > 1})
+        if twice:  # a repeated direction would silently get twice the steps of the others
+            raise ConfigError(f"train.directions lists {', '.join(twice)} more than once; list each once")
+
+    def _check_counts(self) -> None:
         for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "num_threads"):  # None: the epochs decide / torch's default threads
+            value = getattr(self, name)
+            if value is not None:
+                _positive(f"train.{name}", value, hint=f"leave train.{name} unset for the default")
+        _non_negative("train.patience", self.patience, hint="0 never stops early")
+
+    def _check_rates(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr={self.lr} must be a finite number > 0, e.g. 3e-4")
+        _non_negative("train.weight_decay", self.weight_decay)
+        _non_negative("train.grad_clip", self.grad_clip, hint="0 turns clipping off")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"train.warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise ConfigError(f"train.min_lr_frac={self.min_lr_frac} must be in [0, 1]")
+
+    def _check_probs(self) -> None:
+        probs = self.direction_probs
+        if probs is None:
+            return
+        if len(probs) != len(self.directions):
+            raise ConfigError("train.direction_probs must have one probability per direction")
+        if not all(math.isfinite(p) and p >= 0 for p in probs) or sum(probs) <= 0:
+            raise ConfigError(f"train.direction_probs={probs} must be finite, >= 0 and not all 0")
 
 
 @dataclass
@@ -266,9 +325,15 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
-def _positive(key: str, value: int) -> None:
+def _positive(key: str, value: int, hint: str = "") -> None:
     if value <= 0:
-        raise ConfigError(f"{key}={value} must be positive")
+        raise ConfigError(f"{key}={value} must be positive" + (f"; {hint}" if hint else ""))
+
+
+def _non_negative(key: str, value: float, hint: str = "") -> None:
+    # `not >=` also refuses NaN, which every comparison answers False
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{key}={value} must be a finite number >= 0" + (f" ({hint})" if hint else ""))
 
 
 # ---------------------------------------------------------------- generic loading

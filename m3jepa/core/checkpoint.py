@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from m3jepa.config import PipelineConfig, dump_toml, load_pipeline
@@ -21,6 +23,7 @@ WEIGHTS = "model.safetensors"
 STATE = "state.json"
 CONFIG = "config.toml"
 OPTIMIZER = "optimizer.pt"
+CHECKSUMS = "checksums.json"  # sha256 and size of every other file in the checkpoint directory
 
 
 class CheckpointError(ValueError):
@@ -64,9 +67,10 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
     (tmp / CONFIG).write_text(dump_toml(cfg))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / OPTIMIZER)
+        torch.save({"optimizer": optimizer.state_dict(), **rng_state(model)}, tmp / OPTIMIZER)
     if extra is not None:
         extra(tmp)
+    write_checksums(tmp)  # last, so it covers the adapters `extra` wrote too
     old = directory.with_name(directory.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -75,6 +79,69 @@ def save_checkpoint(
     tmp.rename(directory)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file under `directory` but the checksums file, as sorted '/'-separated relative paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
+                  and p.relative_to(directory).as_posix() != CHECKSUMS)
+
+
+def write_checksums(directory: Path) -> None:
+    """Write `checksums.json`: {"sha256": {file: hex}, "bytes": {file: size}} for every file in the dir."""
+    names = _files(directory)
+    data = {
+        "sha256": {n: _sha256(directory / n) for n in names},
+        "bytes": {n: (directory / n).stat().st_size for n in names},
+    }
+    (directory / CHECKSUMS).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def verify_checksums(directory: Path) -> bool:
+    """Check every file against `checksums.json`; False when the checkpoint predates checksums.
+
+    A missing, extra, resized or changed file is a CheckpointError naming it.
+    """
+    path = directory / CHECKSUMS
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+        want, sizes = dict(data["sha256"]), dict(data["bytes"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"checkpoint {directory}: {CHECKSUMS} is unreadable ({e}); the checkpoint "
+                              "cannot be trusted: use another checkpoint (--checkpoint best|latest)") from e
+    extra = sorted(set(_files(directory)) - set(want))
+    if extra:
+        raise CheckpointError(f"checkpoint {directory}: {extra[0]} is not listed in {CHECKSUMS}; it was "
+                              "added after the checkpoint was written: remove it")
+    for name in sorted(want):
+        _verify_file(directory, name, want[name], sizes.get(name))
+    return True
+
+
+def _verify_file(directory: Path, name: str, sha256: str, size: int | None) -> None:
+    file = directory / name
+    fix = "the file is damaged; restore it from a copy or use another checkpoint (--checkpoint best|latest)"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {name} is missing ({CHECKSUMS} lists it); {fix}")
+    got = file.stat().st_size
+    if size is not None and got != size:
+        raise CheckpointError(
+            f"checkpoint {directory}: {name} has {got} bytes, {CHECKSUMS} says {size} (truncated?); {fix}"
+        )
+    if _sha256(file) != sha256:
+        raise CheckpointError(
+            f"checkpoint {directory}: {name} does not match its sha256 in {CHECKSUMS}; {fix}"
+        )
 
 
 def recover_interrupted(directory: Path) -> None:
@@ -95,25 +162,59 @@ class Checkpoint:
     optimizer: dict[str, Any] | None
 
 
-def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint:
-    """Read a checkpoint written by save_checkpoint; errors name the missing or bad file."""
+def rng_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The generators a resumed run needs: the CPU's, and the GPU's the model trains on (dropout there)."""
+    out = {"rng": torch.get_rng_state()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(saved: dict[str, Any], device: torch.device) -> None:
+    """Put back what rng_state saved; a run resumed on another kind of device keeps a fresh GPU generator."""
+    torch.set_rng_state(saved["rng"])
+    if device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    elif device.type == "cuda":
+        log.warning("the checkpoint was written on the CPU: GPU dropout masks start from a fresh generator")
+
+
+def load_checkpoint(
+    directory: Path, with_optimizer: bool = False, map_location: torch.device | str = "cpu"
+) -> Checkpoint:
+    """Read a checkpoint written by save_checkpoint; errors name the missing or bad file.
+
+    The weights load onto `map_location` (the run's device: a run may resume on another device); the
+    optimizer state stays on the CPU, and the optimizer's load_state_dict moves it beside each parameter.
+    """
     recover_interrupted(directory)
     for name in (WEIGHTS, STATE, CONFIG):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}; was it written by m3jepa?")
+    if not verify_checksums(directory):
+        log.warning("checkpoint %s has no %s (written before m3jepa checked checkpoints): its files are "
+                    "not verified; the next checkpoint the run writes will have one", directory, CHECKSUMS)
     try:
         cfg = load_pipeline(directory / CONFIG, written_by_m3jepa=True)
         state = TrainState(**json.loads((directory / STATE).read_text()))
-        weights = load_file(str(directory / WEIGHTS))
-    except (ValueError, TypeError, OSError) as e:
+        weights = load_file(str(directory / WEIGHTS), device=str(map_location))
+    except (ValueError, TypeError, OSError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint {directory} cannot be read: {e}") from e
-    opt = None
-    if with_optimizer:
-        if not (directory / OPTIMIZER).is_file():
-            raise CheckpointError(f"checkpoint {directory} has no {OPTIMIZER}; it cannot be resumed")
-        # weights_only: a checkpoint is data, never code.
-        opt = torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+    opt = _load_optimizer(directory) if with_optimizer else None
     return Checkpoint(path=directory, cfg=cfg, state=state, weights=weights, optimizer=opt)
+
+
+def _load_optimizer(directory: Path) -> dict[str, Any]:
+    if not (directory / OPTIMIZER).is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {OPTIMIZER}; it cannot be resumed")
+    try:
+        # weights_only: a checkpoint is data, never code.
+        return torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a damaged file of a pre-checksums checkpoint
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {directory}: {OPTIMIZER} cannot be read ({first}); "
+                              "the run cannot be resumed from it") from e
 
 
 def config_differences(

@@ -15,6 +15,7 @@ from torch import nn
 from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.paired import PairedSplit, load_split
+from m3jepa.core.runstores import check_eval_stores, eval_config
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
 from m3jepa.eval.retrieval import retrieval_metrics
 from m3jepa.knn import topk_search
@@ -89,11 +90,11 @@ def evaluate_run(
     ck_path = run_dir / "checkpoints" / checkpoint
     if not ck_path.exists():
         raise CheckpointError(f"{ck_path} does not exist; is {run_dir} a run written by train-predictor?")
-    ck = load_checkpoint(ck_path)
-    cfg = ck.cfg
-    split = split or cfg.eval.split
-    protocol = protocol or cfg.eval.protocol
+    ck = load_checkpoint(ck_path)  # verifies checksums.json
+    cfg = eval_config(run_dir, ck.cfg, split, protocol)  # validated options; the run's absolute store root
+    split, protocol = cfg.eval.split, cfg.eval.protocol
     predictor = _rebuild(ck)
+    check_eval_stores(run_dir, cfg, split)  # the stores the run recorded in stores.json, not re-encoded ones
     data = load_split(cfg, split, cfg.train.directions)
     _check_stores(ck.state.stores, data)
     tuned: list[str] = []

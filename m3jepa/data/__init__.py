@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from m3jepa.data.records import Dataset, DatasetError
@@ -60,14 +61,30 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
+def closest(name: str, choices: list[str]) -> str:
+    """" (did you mean 'x'?)" for the choice nearest to a misspelt `name` (difflib), or ""."""
+    near = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def check_dataset_name(name: str) -> None:
+    """DatasetError for a name no dataset is registered under: lists the known ones, suggests the closest."""
+    if name not in _LOADERS:
+        known = list_datasets()
+        hint = closest(name, known)
+        raise DatasetError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(known)}")
+
+
 def get_dataset(
     name: str, root: str | None = None, *, seed: int = 0, limit: int | None = None, skip_bad: bool = False
 ) -> Dataset:
     """Load dataset `name` from `root` (None: its default); `limit` keeps the first N groups per split."""
-    if name not in _LOADERS:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    check_dataset_name(name)
     module, loader = _LOADERS[name]
     return getattr(importlib.import_module(module), loader)(root, seed=seed, limit=limit, skip_bad=skip_bad)
 
 
-__all__ = ["DEFAULT_ENCODERS", "Dataset", "DatasetError", "get_dataset", "list_datasets"]
+__all__ = [
+    "DEFAULT_ENCODERS", "Dataset", "DatasetError", "check_dataset_name", "closest", "get_dataset",
+    "list_datasets",
+]

@@ -64,8 +64,9 @@ def _captions(value: Any, where: str) -> tuple[str, ...]:
 def read_pairs(path: Path) -> list[Pair]:
     """Every non-blank line of a pairs.jsonl file, validated; ids must be unique."""
     pairs, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is named by its number, not a traceback
+        for n, raw in enumerate(f, start=1):
+            text = _decoded(raw, path, n)
             if not text.strip():
                 continue
             pair = parse_line(text, f"{path}:{n}", n)
@@ -76,6 +77,16 @@ def read_pairs(path: Path) -> list[Pair]:
             seen[pair.pair_id] = n
             pairs.append(pair)
     return pairs
+
+
+def _decoded(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a BOM on line 1 is harmless
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+            f"save {FILE_NAME} as UTF-8"
+        ) from None
 
 
 def load_jsonl(

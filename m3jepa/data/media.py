@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from m3jepa.data.records import BadItemError, DatasetError
 
@@ -29,9 +29,11 @@ def safe_join(root: str | Path, relative: str, item: str) -> Path:
 
 
 def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
-    """Decode an image fully as RGB, transparent pixels composited on white; BadItemError if unusable.
+    """Decode an image fully as a person sees it, as RGB; BadItemError if unusable.
 
-    With `keep_gray`, a grey image (mode L or LA) comes back as L: its RGB would be three copies of it.
+    The EXIF orientation is applied, transparent pixels are composited on white, and 16- or 32-bit grey
+    is scaled to 8 bits (`to_8bit`). With `keep_gray`, a grey image comes back as L: its RGB would be
+    three copies of it.
     """
     item = item or str(path)
     try:
@@ -42,7 +44,7 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
                 if w * h > MAX_IMAGE_PIXELS:
                     raise BadItemError(item, f"image of {w}x{h} pixels exceeds {MAX_IMAGE_PIXELS} (bomb?)")
                 im.load()  # forces a full decode, so truncated files fail here, not later
-                return _on_white(im, keep_gray)
+                return _on_white(to_8bit(upright(im), item), keep_gray)
     except BadItemError:
         raise
     except FileNotFoundError:
@@ -51,6 +53,48 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
         raise BadItemError(item, f"decompression bomb refused: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadItemError(item, f"image {path} is corrupt or truncated: {e}") from None
+
+
+# EXIF tag 0x0112: how the camera held the sensor; 1 (or no tag) means the pixels are already upright.
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """`im` rotated / mirrored as its EXIF orientation tag says (a phone photo stored sideways)."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return im  # the common case: no copy, so untagged images decode to the very same bytes
+    return ImageOps.exif_transpose(im)
+
+
+WIDE_GREY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey, e.g. a 16-bit PNG or TIFF
+
+
+def to_8bit(im: Image.Image, item: str = "image") -> Image.Image:
+    """16- and 32-bit grey (modes I;16*, I, F) as 8-bit grey (L) by their real range; others unchanged.
+
+    Pillow's own conversion clips at 255, so any 16-bit pixel above 255 turned white. The rule:
+    - I;16*: v / 257, rounded: the format's own scale (0 black, 65535 white), as a viewer shows it.
+    - F whose values all lie in [0, 1]: v * 255, rounded (the usual scale of float images).
+    - I or F whose values all lie in 0..255: rounded, unchanged (8-bit data in a wide container).
+    - any other I or F: the image's own range stretched, (v - min) * 255 / (max - min), rounded: a 32-bit
+      image has no white point of its own (depth maps, raw sensor counts). A flat one is clipped to 0..255.
+    Rounding is to the nearest integer (numpy's rint: halves to even).
+    NaN or infinite pixels are a BadItemError naming `item`.
+    """
+    if im.mode in WIDE_GREY_16:
+        v = np.asarray(im).astype(np.uint32)  # (H, W)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8), "L")  # == round(v / 257); no ties
+    if im.mode not in ("I", "F"):
+        return im
+    v = np.asarray(im).astype(np.float64)  # (H, W)
+    if not np.isfinite(v).all():
+        raise BadItemError(item, f"{im.mode} image holds NaN or infinite pixels; save it with finite values")
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if im.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        v = v * 255.0
+    elif lo < 0.0 or hi > 255.0:
+        v = (v - lo) * (255.0 / (hi - lo)) if hi > lo else np.clip(v, 0.0, 255.0)
+    return Image.fromarray(np.rint(v).astype(np.uint8), "L")
 
 
 def _on_white(im: Image.Image, keep_gray: bool = False) -> Image.Image:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,16 +47,23 @@ class Batch:
 
 
 class Items(torch.utils.data.Dataset):
-    """Row i → (i, tensors) or (i, Bad); runs in the DataLoader workers, so bad items become markers."""
+    """Row i → (i, tensors) or (i, Bad); runs in the DataLoader workers, so bad items become markers.
 
-    def __init__(self, records: Sequence[Record], preprocessor: Any):
+    Rows in `refused` (row → reason, found before reading) are Bad without reaching the preprocessor.
+    """
+
+    def __init__(self, records: Sequence[Record], preprocessor: Any,
+                 refused: Mapping[int, str] | None = None):
         self.records = records
         self.preprocessor = preprocessor
+        self.refused = dict(refused or {})
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
+        if i in self.refused:
+            return i, Bad(self.refused[i])
         try:
             return i, self.preprocessor(self.records[i].payload)
         except BadItemError as e:
@@ -99,7 +106,7 @@ class Tasks(torch.utils.data.Dataset):
 
 def read_batches(
     records: Sequence[Record], preprocessor: Any, plan: list[list[int]], workers: int, pin: bool = False,
-    yield_cpu: bool | None = None,
+    yield_cpu: bool | None = None, refused: Mapping[int, str] | None = None,
 ) -> Iterator[Batch]:
     """The batches of `plan` in order: decoded by `workers` DataLoader processes, or (0) on a thread here.
 
@@ -110,8 +117,9 @@ def read_batches(
     workers run at WORKER_NICENESS: a forward pass on all cores is a series of multi-threaded ops, each
     as slow as its slowest thread, so a decoder taking a core from one thread stalls them all; at low
     priority decoding runs in the gaps the forward pass leaves (measured: docs/benchmarks.md, section 5).
+    Rows in `refused` come back as bad rows with their reason, never preprocessed.
     """
-    items, collate = Items(records, preprocessor), Collate(preprocessor)
+    items, collate = Items(records, preprocessor, refused), Collate(preprocessor)
     if workers == 0:
         return ThreadReader(items, collate, plan, THREAD_DEPTH)
     first_parts = min(workers, len(plan[0])) if plan else 1

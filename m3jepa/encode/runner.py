@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from m3jepa.store.manifest import (
     RAGGED_KINDS,
     SHARDS,
     Manifest,
+    StoreError,
     StoreMismatchError,
     resolved_root,
     rows_from_records,
@@ -68,6 +70,7 @@ class StoreJob:
     path: Path
     manifest: Manifest
     dropped: list[tuple[str, str]] = field(default_factory=list)  # dataset-level drops (--skip-bad)
+    refused: dict[int, str] = field(default_factory=dict)  # row -> reason: rows refused before reading
     content: list[str] | None = None  # each row's content fingerprint (records.row_fingerprint)
 
 
@@ -121,7 +124,7 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
         spec = _spec(cfg, modality, dataset)
         prefix = _prefix_fields(cfg, spec)
         for split in splits:
-            records = dataset.records(split, modality)
+            records, refused = screen_text(cfg, split, modality, dataset.records(split, modality))
             content = [row_fingerprint(r, cfg.content_hash) for r in records]
             manifest = Manifest(
                 dataset=cfg.dataset, split=split, modality=modality,
@@ -133,8 +136,43 @@ def plan_jobs(cfg: EncodeConfig, dataset: Any) -> list[StoreJob]:
             variant = store_variant(cfg.kind, cfg.tunable_layers)
             path = store_path(cfg.store_root, cfg.dataset, split, modality, spec.name, variant, cfg.root)
             dropped = list(getattr(dataset, "skipped", []))
-            jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped, content=content))
+            jobs.append(StoreJob(split, modality, records, spec, path, manifest, dropped, refused, content))
     return jobs
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be tokenized, or None: a lone surrogate (U+D800..U+DFFF) is no character."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        # ascii() so the message itself can be printed: a lone surrogate cannot be written to a terminal
+        return (f"text holds a lone surrogate {ascii(text[e.start])} at character {e.start}, which is not a "
+                f"character (an undecodable byte read with errors='surrogateescape', or a JSON \\u escape)")
+
+
+def screen_text(
+    cfg: EncodeConfig, split: str, modality: str, records: list[Record]
+) -> tuple[list[Record], dict[int, str]]:
+    """Check every text row once, before anything tokenizes it; (records, {row: reason} of refused rows).
+
+    Without --skip-bad a bad row is a BadItemError naming the dataset, split and sample id. With it, the
+    row stays (row ids and membership unchanged) with its text escaped (so rows.jsonl can be written) and
+    is refused by the reader: a zero row, valid = false, listed in the manifest's skipped.
+    """
+    if encoder_modality(modality) != "text":
+        return records, {}
+    refused = {r.row_id: why for r in records if (why := text_problem(r.payload)) is not None}
+    if refused and not cfg.skip_bad:
+        row = min(refused)
+        raise BadItemError(f"{cfg.dataset} {split}/{modality} {records[row].sample_id}",
+                           f"{refused[row]}; fix the text in the dataset, or {SKIP_HINT} "
+                           f"({len(refused)} such row(s) in {split}/{modality})")
+
+    def escaped(r: Record) -> Record:
+        return replace(r, payload=r.payload.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+    return [escaped(r) if r.row_id in refused else r for r in records], refused
 
 
 def _prefix_fields(cfg: EncodeConfig, spec: EncoderSpec) -> dict[str, Any]:
@@ -167,6 +205,13 @@ def _load_encoder(job: StoreJob, cfg: EncodeConfig, device: torch.device, dtype:
 
 def _modalities(cfg: EncodeConfig, dataset: Any) -> list[str]:
     if cfg.modalities != ["all"]:
+        from m3jepa.data import closest
+
+        has = dataset.modalities()
+        for m in cfg.modalities:
+            if m not in has:
+                raise DatasetError(f"{cfg.dataset} has no modality {m!r}{closest(m, has)}; "
+                                   f"pass --modality with some of {', '.join(has)} (comma-separated), or all")
         return list(cfg.modalities)
     # "all" means every modality the dataset has and an encoder exists for (tuxpaint's sounds need
     # --audio-encoder; there is no default audio encoder offline).
@@ -258,8 +303,39 @@ def _encode_jobs(
             gc.collect()
 
 
+# A write that fails with one of these is the disk's or the folder's fault, not the data's: one line.
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the folder is read-only", errno.EACCES: "the folder is not writable",
+               errno.EPERM: "the folder is not writable"}
+
+
 def encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistInfo) -> StoreResult:
-    """Write this rank's pending shards of one store; after a barrier rank 0 finalizes it."""
+    """Write this rank's pending shards of one store; after a barrier rank 0 finalizes it.
+
+    A full disk or a read-only folder is a StoreError naming the path and what was kept.
+    """
+    try:
+        return _encode_store(job, encoder, cfg, ctx)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise StoreError(disk_error_message(job, e)) from None
+
+
+def disk_error_message(job: StoreJob, e: OSError) -> str:
+    """One line for a failed store write: the path, the cause, the shards kept and how to go on."""
+    from m3jepa.store.manifest import plan_shards, shard_file, sidecar_file
+
+    plan, fmt = plan_shards(job.manifest.rows, job.manifest.shard_size), job.manifest.format
+    kept = sum((job.path / sidecar_file(i)).is_file() and (job.path / shard_file(i, fmt)).exists()
+               for i, _, _ in plan)
+    fix = "free space on it" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return (f"cannot write {e.filename or job.path}: {DISK_ERRNOS[e.errno]} ({e.strerror}); kept: {kept} of "
+            f"{len(plan)} finished shards of {job.path} and every store finished before it; {fix}, then "
+            f"rerun the same command: it resumes from the finished shards")
+
+
+def _encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistInfo) -> StoreResult:
     from m3jepa.store import StoreWriter
 
     result = StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows)
@@ -311,7 +387,7 @@ def encode_shards(
     plan = [batch for *_, batches in plans for batch in batches]
     low = {"auto": None, "low": True, "normal": False}[cfg.decode_priority]  # None: low unless pinning
     batches = read_batches(job.records, encoder.preprocessor, plan, reader_workers(job.modality, cfg.workers),
-                           pin, yield_cpu=low)
+                           pin, yield_cpu=low, refused=job.refused)
     try:
         with BackgroundWrites(depth=1, threaded=BACKGROUND_WRITES) as writes, tqdm(
             total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",

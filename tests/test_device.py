@@ -186,3 +186,27 @@ def test_train_and_evaluate_name_their_device(stores, tmp_path, meta_default, pr
     assert result.steps == 4
     metrics = evaluate_run(run, device="cpu").to_json()
     assert 0 <= metrics["directions"]["image->text"]["R@1"] <= 100
+
+
+# ---------------------------------------------------------------- DDP's gather with gradients
+
+
+@pytest.mark.slow
+def test_public_all_gather_gradients_are_exact_on_gloo():
+    """The reason gather_with_grad takes torch's public collective on gloo: if torch breaks it, this fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gather_check.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+           str(script)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["public"] < 1e-12 and row["own"] < 1e-12, row

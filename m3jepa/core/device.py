@@ -7,8 +7,10 @@ picks a device of its own (as in open_clip's init_distributed_device and nanoGPT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -94,17 +96,17 @@ def resolve(
     return Runtime(torch.device("cuda", index), cfg.precision, "nccl")
 
 
-Tensors = torch.Tensor | dict[str, torch.Tensor]
-
-
-def to_device(x: Tensors, device: torch.device) -> Tensors:
-    """x (a tensor, or {name: tensor}) on `device`; a copy from pinned host memory does not block.
+def to_device(x: Any, device: torch.device) -> Any:
+    """x on `device`: a tensor, a {name: value} dict, or a dataclass of tensors (the LoRA mode's
+    PrefixBatch); a copy from pinned host memory does not block.
 
     Host tensors bound for a GPU are pinned first (the store feed pins on its read-ahead thread already),
     so the copy is asynchronous and overlaps the compute queued before it.
     """
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in fields(x)})
     if x.device == device:
         return x
     if device.type == "cuda":
@@ -112,8 +114,11 @@ def to_device(x: Tensors, device: torch.device) -> Tensors:
     return x.to(device)
 
 
-def pin(x: Tensors) -> Tensors:
-    """x in page-locked host memory (a no-op for tensors already pinned or not on the CPU)."""
+def pin(x: Any) -> Any:
+    """x (as to_device takes it) in page-locked host memory (a no-op for tensors already pinned or not on
+    the CPU)."""
     if isinstance(x, dict):
         return {k: pin(v) for k, v in x.items()}
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: pin(getattr(x, f.name)) for f in fields(x)})
     return x.pin_memory() if x.device.type == "cpu" and not x.is_pinned() else x

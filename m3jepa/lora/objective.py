@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from m3jepa.config import LoraConfig, PipelineConfig
+from m3jepa.core.device import to_device
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.objective import Objective
@@ -95,12 +96,12 @@ class LoraObjective(Objective):
 
 
 def attach_lora(
-    cfg: PipelineConfig, objective: Objective, train: PairedSplit, val: PairedSplit
+    cfg: PipelineConfig, objective: Objective, train: PairedSplit, val: PairedSplit, device: torch.device
 ) -> LoraObjective:
-    """Wrap `objective` with the tuned modalities' tails; the training split's batches of those modalities
-    become PrefixBatch (ModalityFeatures.prefix), and validation re-encodes through the tails."""
+    """Wrap `objective` with the tuned modalities' tails on `device`; the training split's batches of those
+    modalities become PrefixBatch (ModalityFeatures.prefix), and validation re-encodes through the tails."""
     log.info("%s", lora_settings(cfg.lora))
-    lora = LoraObjective(objective, build_tails(cfg, train), cfg.lora.stop_grad_target)
+    lora = LoraObjective(objective, build_tails(cfg, train, device), cfg.lora.stop_grad_target)
     for split in (train, val):
         lora.sources[split.split] = row_sources(cfg, split, dict(lora.encoders.items()))
     for m, source in lora.sources[train.split].items():
@@ -143,8 +144,8 @@ def tuned_modalities(cfg: PipelineConfig, data: PairedSplit) -> dict[str, str]:
     return chosen
 
 
-def build_tails(cfg: PipelineConfig, data: PairedSplit) -> dict[str, TunableEncoder]:
-    """The LoRA-wrapped tails of the tuned modalities, checked against their stores' manifests."""
+def build_tails(cfg: PipelineConfig, data: PairedSplit, device: torch.device) -> dict[str, TunableEncoder]:
+    """The LoRA-wrapped tails of the tuned modalities on `device`, checked against their stores' manifests."""
     from m3jepa.encoders import get_encoder_spec
     from m3jepa.store.manifest import load_manifest
 
@@ -157,7 +158,7 @@ def build_tails(cfg: PipelineConfig, data: PairedSplit) -> dict[str, TunableEnco
                 f"{data.modalities[m].store} was encoded with {name} revision {manifest.encoder_revision}, "
                 f"but the installed encoder is {spec.revision}: re-encode, or install the encoder it used"
             )
-        tails[m] = tail_for(spec, m, cfg.lora)
+        tails[m] = tail_for(spec, m, cfg.lora, device)
         if cfg.lora.layers != "all":  # the tail must start where the store's states were cut
             _check_geometry(tails[m], manifest, data.modalities[m].store)
     return tails
@@ -196,14 +197,15 @@ def tuned_split(data: PairedSplit, tails: Any, sources: dict[str, Any], batch_ro
 
 def _latents(data: PairedSplit, m: str, tail: TunableEncoder, source: Any, batch_rows: int) -> Tensor:
     feats = data.modalities[m]
-    # (N, D); rows skipped at encode time stay 0, as they are never scored
-    out = torch.zeros((len(feats.valid), feats.dim), dtype=torch.float32)
+    device = tail.stack.device  # the tail's (materialised) layers: the run's device
+    # (N, D) on the tail's device; rows skipped at encode time stay 0, as they are never scored
+    out = torch.zeros((len(feats.valid), feats.dim), dtype=torch.float32, device=device)
     rows = np.flatnonzero(feats.valid)
     for lo in range(0, len(rows), batch_rows):
         ids = rows[lo: lo + batch_rows]
-        batch = source(ids)
+        batch = to_device(source(ids), device)
         with torch.no_grad():
-            out[torch.from_numpy(ids)] = tail(batch.states, batch.mask)
+            out[torch.from_numpy(ids).to(device)] = tail(batch.states, batch.mask)
     return out
 
 
@@ -214,10 +216,10 @@ def prefix_tensors(store: Any, row_ids: np.ndarray) -> tuple[Tensor, Tensor]:
 
 
 def lora_from_checkpoint(
-    cfg: PipelineConfig, data: PairedSplit, checkpoint: Path
+    cfg: PipelineConfig, data: PairedSplit, checkpoint: Path, device: torch.device
 ) -> dict[str, TunableEncoder]:
-    """Rebuild the tails of a checkpoint's run and load its adapters (peft format) into them."""
-    tails = build_tails(cfg, data)
+    """Rebuild the tails of a checkpoint's run on `device` and load its adapters (peft format) into them."""
+    tails = build_tails(cfg, data, device)
     for m, tail in tails.items():
         tail.load_adapters(checkpoint / ADAPTERS / m)
     return tails
@@ -296,22 +298,3 @@ def _records(cfg: PipelineConfig, data: PairedSplit, modality: str) -> list[Any]
         raise StoreDataError(f"{store} holds other rows than dataset {enc.dataset!r} split {data.split!r} "
                              f"now gives; re-encode the split")
     return records
-
-
-def lora_batch(
-    data: PairedSplit, sources: dict[str, Any], direction: str, idx: np.ndarray
-) -> tuple[Any, Any]:
-    """(x, y) of pair indices `idx`: PrefixBatch for tuned modalities, float32 features for the others."""
-    rows_s, rows_t = data.pairs[direction]
-    src, tgt = parse_direction(direction)
-
-    def take(m: str, rows: np.ndarray) -> Any:
-        if m in sources:
-            return sources[m](rows)
-        return data.modalities[m].features[torch.from_numpy(rows)].float()  # (b, D_m)
-
-    if isinstance(src, str):
-        x = take(src, rows_s[idx])
-    else:  # rows_s is (P, S): column j holds the rows of store src[j]
-        x = {m: take(m, rows_s[idx, j]) for j, m in enumerate(src)}
-    return x, take(tgt, rows_t[idx])

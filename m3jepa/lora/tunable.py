@@ -27,6 +27,8 @@ from m3jepa.encoders.layers import (
 
 log = logging.getLogger(__name__)
 
+CPU = torch.device("cpu")
+
 # Abstract target names → the module-name suffixes peft matches, per encoder family. A target that is
 # not one of these names is passed to peft as a module name as it is.
 FAMILY_TARGETS: dict[str, dict[str, list[str]]] = {
@@ -74,20 +76,21 @@ def supports(family: str, targets: list[str]) -> bool:
 # ---------------------------------------------------------------- loading only the tail
 
 
-def load_tail(spec: EncoderSpec, n_tunable: int) -> LayerStack:
+def load_tail(spec: EncoderSpec, n_tunable: int, device: torch.device = CPU) -> LayerStack:
     """The layer stack of `spec` with ONLY its last n layers and head in memory, read from its weights.
 
     The model is built on the meta device (no memory, no init), the modules `finish` needs are
-    materialised on the CPU, and just their keys are read from the weight file: an 8B decoder tuned on
-    its last 3 of 32 layers holds ~3/32 of its weights.
+    materialised on `device` (the run's), and just their keys are read from the weight file: an 8B
+    decoder tuned on its last 3 of 32 layers holds ~3/32 of its weights.
     """
     stack, weights = _meta_stack(spec, n_tunable)
     model = stack.model
     prefixes = stack.weight_prefixes()
     for p in prefixes:
-        model.get_submodule(p.rstrip(".")).to_empty(device="cpu")
+        model.get_submodule(p.rstrip(".")).to_empty(device=device)
     if hasattr(model, "rotary_emb"):  # its inv_freq is a non-persistent buffer: rebuild it for real
-        model.rotary_emb = type(model.rotary_emb)(config=model.config)
+        with device:
+            model.rotary_emb = type(model.rotary_emb)(config=model.config)
     _load_keys(model, weights, prefixes, _key_renamer(model))
     model.requires_grad_(False)
     model.eval()
@@ -323,10 +326,16 @@ class TunableEncoder(nn.Module):
 
 
 def build_tunable(
-    spec: EncoderSpec, modality: str, lora: LoraConfig, n_tunable: int | None, full_encoder: Any = None
+    spec: EncoderSpec,
+    modality: str,
+    lora: LoraConfig,
+    n_tunable: int | None,
+    full_encoder: Any = None,
+    device: torch.device = CPU,
 ) -> TunableEncoder:
-    """A LoRA-wrapped tail of `spec`: the last n layers loaded alone, or (n None) the whole loaded encoder."""
-    stack = load_tail(spec, n_tunable) if n_tunable is not None else _full_stack(full_encoder)
+    """A LoRA-wrapped tail of `spec` on `device`: the last n layers loaded alone, or (n None) the whole
+    loaded encoder (built on its device already). peft puts each adapter beside its base layer."""
+    stack = load_tail(spec, n_tunable, device) if n_tunable is not None else _full_stack(full_encoder)
     family = family_of(stack)
     targets = resolve_targets(family, lora.targets)
     if not targets:
@@ -339,12 +348,15 @@ def build_tunable(
     return TunableEncoder(stack, info, lora, layers)
 
 
-def tail_for(spec: EncoderSpec, modality: str, lora: LoraConfig) -> TunableEncoder:
-    """The tail `lora.layers` asks for: the last N layers loaded alone, or ("all") the whole encoder."""
+def tail_for(
+    spec: EncoderSpec, modality: str, lora: LoraConfig, device: torch.device = CPU
+) -> TunableEncoder:
+    """The tail `lora.layers` asks for on `device`: the last N layers loaded alone, or ("all") the whole
+    encoder. Weights stay float32 (the master copy); runtime.precision = "bf16" runs them under autocast."""
     if lora.layers == "all":
-        full = spec.factory(torch.device("cpu"), torch.float32)  # the slow path: the whole encoder
-        return build_tunable(spec, modality, lora, None, full)
-    return build_tunable(spec, modality, lora, int(lora.layers))
+        full = spec.factory(device, torch.float32)  # the slow path: the whole encoder
+        return build_tunable(spec, modality, lora, None, full, device)
+    return build_tunable(spec, modality, lora, int(lora.layers), device=device)
 
 
 def _full_stack(encoder: Any) -> LayerStack:

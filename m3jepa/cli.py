@@ -38,6 +38,12 @@ def _csv(value: str | None) -> list[str] | None:
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
+Device = Annotated[
+    str | None, typer.Option(help="runtime.device: auto | cpu | cuda | cuda:N (default: the config's).")
+]
+Precision = Annotated[
+    str | None, typer.Option(help="runtime.precision: fp32 | bf16 (float32 master weights; bf16 autocast).")
+]
 
 
 @app.command()
@@ -174,13 +180,16 @@ def train_predictor(
     dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
     run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    device: Device = None,
+    precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
     """Train the predictor from cached feature stores (never runs an encoder)."""
     _setup_logging(verbose)
     with _errors():
-        cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run)
+        cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run, device=device,
+                        precision=precision)
         from m3jepa.train.loop import train
 
         result = train(cfg, resume=resume)
@@ -194,16 +203,22 @@ def evaluate(
     protocol: Annotated[str | None, typer.Option(help="multi | paired")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     json_: Annotated[bool, typer.Option("--json", help="Print the metrics JSON on stdout.")] = False,
+    device: Device = None,
+    precision: Precision = None,
     verbose: Verbose = False,
 ) -> None:
     """Score a trained run: retrieval R@1/5/10 both ways, gallery sizes, query latency."""
     _setup_logging(verbose)
     with _errors():
         _check_options("eval", {"split": split, "protocol": protocol})
+        _check_options("runtime", {"device": device, "precision": precision})
         _check_checkpoint(checkpoint)
         from m3jepa.eval.evaluate import evaluate_run
 
-        metrics = evaluate_run(Path(run), split=split, protocol=protocol, checkpoint=checkpoint)
+        metrics = evaluate_run(
+            Path(run), split=split, protocol=protocol, checkpoint=checkpoint, device=device,
+            precision=precision,
+        )
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
 
 
@@ -257,22 +272,28 @@ def model_info(
 def run_pipeline(
     pipeline: Annotated[str, typer.Argument(help="A TOML pipeline, e.g. pipelines/tuxpaint.toml")],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
+    device: Device = None,
+    precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
     """Encode (reusing cached stores), train, evaluate, and print the metrics table."""
     _setup_logging(verbose)
     with _errors():
-        cfg = _pipeline(pipeline, set_)
+        cfg = _pipeline(pipeline, set_, device=device, precision=precision)
         from m3jepa.runner import run_all
 
         typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))
 
 
-def _pipeline(path, overrides, store_root=None, dataset=None, run=None):
+def _pipeline(path, overrides, store_root=None, dataset=None, run=None, device=None, precision=None):
     from m3jepa.config import load_pipeline
 
     extra = list(overrides or [])
+    if device:
+        extra.append(f"runtime.device={json.dumps(device)}")
+    if precision:
+        extra.append(f"runtime.precision={json.dumps(precision)}")
     if store_root:
         extra.append(f"encode.store_root={json.dumps(store_root)}")
     if dataset:
@@ -286,7 +307,7 @@ def _check_options(section: str, options: dict[str, object]) -> None:
     """Run CLI options that set `section.key` through that config section's own checks, before any work."""
     import m3jepa.config as config
 
-    cls = {"eval": config.EvalConfig}[section]
+    cls = {"eval": config.EvalConfig, "runtime": config.RuntimeConfig}[section]
     for key, value in options.items():
         if value is not None:
             try:

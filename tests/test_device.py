@@ -210,3 +210,30 @@ def test_public_all_gather_gradients_are_exact_on_gloo():
     assert len(rows) == 2
     for row in rows:
         assert row["public"] < 1e-12 and row["own"] < 1e-12, row
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "gpu"], "runtime.device='gpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["--precision", "fp16"], "runtime.precision='fp16' is not one of fp32, bf16"),
+        (["--device", "cuda"], 'set runtime.device = "cpu" or "auto"'),  # no GPU on this machine
+    ],
+)
+def test_cli_device_flags_are_checked(stores, tmp_path, args, message):
+    import os
+    import subprocess
+    import sys
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    cmd = [sys.executable, "-m", "m3jepa", "train-predictor", *args]
+    for s in overrides(stores, tmp_path / "run", **{"train.max_steps": 2}):
+        cmd += ["--set", s]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3jepa.config import RuntimeConfig
 from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
+from m3jepa.core.device import CPU, Runtime, resolve
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.core.runstores import check_eval_stores, eval_config
+from m3jepa.eval.device_ranks import device_retrieval_metrics
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
-from m3jepa.eval.retrieval import retrieval_metrics
+from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
 from m3jepa.knn import topk_search
 
 log = logging.getLogger(__name__)
@@ -26,15 +29,31 @@ KS = (1, 5, 10)
 
 
 def direction_recalls(
-    predictor: nn.Module, data: PairedSplit, directions: list[str], space: str, protocol: str = "multi"
+    predictor: nn.Module,
+    data: PairedSplit,
+    directions: list[str],
+    space: str,
+    protocol: str = "multi",
+    runtime: Runtime = CPU,
 ) -> dict[str, dict[str, float]]:
     """R@1/5/10 of each direction in one space (validation uses this with the headline space)."""
     out = {}
     for d in directions:
-        emb = embed_direction(predictor, data, d, space, protocol)
-        res = retrieval_metrics(emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS)
-        out[d] = res.recalls
+        emb = embed_direction(predictor, data, d, space, protocol, runtime=runtime)
+        out[d] = score(emb, runtime).recalls
     return out
+
+
+def score(emb: DirectionEmbeddings, runtime: Runtime, faiss_threshold: int = 20000) -> RetrievalResult:
+    """Exact recall of one direction's embeddings: on a GPU as blocked products where the latents are
+    (eval.device_ranks); on a CPU with the exact-rank engine or top-k search (eval.retrieval)."""
+    if runtime.device.type != "cpu":
+        return device_retrieval_metrics(
+            emb.queries_t, emb.gallery_t, emb.query_groups, emb.gallery_groups, ks=KS
+        )
+    return retrieval_metrics(
+        emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS, faiss_threshold=faiss_threshold
+    )
 
 
 @dataclass
@@ -84,22 +103,33 @@ def _classification_tables(metrics: dict[str, Any]) -> str:
 
 
 def evaluate_run(
-    run_dir: Path, split: str | None = None, protocol: str | None = None, checkpoint: str = "best"
+    run_dir: Path,
+    split: str | None = None,
+    protocol: str | None = None,
+    checkpoint: str = "best",
+    device: str | None = None,
+    precision: str | None = None,
 ) -> EvalMetrics:
-    """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots."""
+    """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots.
+
+    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host).
+    """
     ck_path = run_dir / "checkpoints" / checkpoint
     if not ck_path.exists():
         raise CheckpointError(f"{ck_path} does not exist; is {run_dir} a run written by train-predictor?")
     ck = load_checkpoint(ck_path)  # verifies checksums.json
+    # the run's device and precision unless the command line overrides them, checked as the config is
+    rc = ck.cfg.runtime
+    runtime = resolve(RuntimeConfig(device=device or rc.device, precision=precision or rc.precision))
     cfg = eval_config(run_dir, ck.cfg, split, protocol)  # validated options; the run's absolute store root
     split, protocol = cfg.eval.split, cfg.eval.protocol
-    predictor = _rebuild(ck)
+    predictor = _rebuild(ck, runtime.device)
     check_eval_stores(run_dir, cfg, split)  # the stores the run recorded in stores.json, not re-encoded ones
-    data = load_split(cfg, split, cfg.train.directions)
+    data = load_split(cfg, split, cfg.train.directions, device=runtime.device)
     _check_stores(ck.state.stores, data)
     tuned: list[str] = []
     if cfg.lora.enabled:  # the tuned modalities' latents come from their tails with the run's adapters
-        data, tuned = _apply_lora(cfg, data, ck_path)
+        data, tuned = _apply_lora(cfg, data, ck_path, runtime.device)
 
     directions: dict[str, dict[str, dict[str, float]]] = {}
     gallery: dict[str, dict[str, int]] = {}
@@ -108,15 +138,8 @@ def evaluate_run(
     for d in cfg.train.directions:
         directions[d] = {}
         for space in spaces:
-            emb = embed_direction(predictor, data, d, space, protocol)
-            res = retrieval_metrics(
-                emb.queries,
-                emb.gallery,
-                emb.query_groups,
-                emb.gallery_groups,
-                ks=KS,
-                faiss_threshold=cfg.eval.faiss_threshold,
-            )
+            emb = embed_direction(predictor, data, d, space, protocol, runtime=runtime)
+            res = score(emb, runtime, cfg.eval.faiss_threshold)
             directions[d][space] = res.recalls
             embeddings[(d, space)] = emb
             gallery[d] = {"queries": res.n_queries, "gallery": res.n_gallery}
@@ -145,18 +168,22 @@ def evaluate_run(
     return EvalMetrics(metrics)
 
 
-def _apply_lora(cfg, data: PairedSplit, ck_path: Path) -> tuple[PairedSplit, list[str]]:
-    """Rebuild the run's LoRA tails, load its adapters (peft format), and re-encode the tuned modalities."""
+def _apply_lora(
+    cfg, data: PairedSplit, ck_path: Path, device: torch.device
+) -> tuple[PairedSplit, list[str]]:
+    """Rebuild the run's LoRA tails on `device`, load its adapters (peft format), and re-encode the tuned
+    modalities there."""
     from m3jepa.lora.objective import lora_from_checkpoint, row_sources, tuned_split
 
-    tails = lora_from_checkpoint(cfg, data, ck_path)
+    tails = lora_from_checkpoint(cfg, data, ck_path, device)
     return tuned_split(data, tails, row_sources(cfg, data, tails)), sorted(tails)
 
 
-def _rebuild(ck) -> nn.Module:
+def _rebuild(ck, device: torch.device) -> nn.Module:
     from m3jepa.core.objective import Objective
 
-    objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
+    with device:
+        objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
     # a LoRA run's checkpoint also holds its adapters; evaluate loads those from their peft files
     weights = {k: v for k, v in ck.weights.items() if not k.startswith("encoders.")}
     try:
@@ -197,8 +224,12 @@ def _latency_ms(
         t0 = time.perf_counter()
         out = predictor(src, source_batch(data, src, rows), tgt)
         q = torch.nn.functional.normalize((out.pred if space == "pred" else out.cl_query).float(), dim=-1)
-        # One query never pays for building a faiss index: the matmul path is the exact search here.
-        topk_search(q.numpy(), emb.gallery, min(10, len(emb.gallery)), use_faiss=False)
+        # One query never pays for building a faiss index: the matmul path is the exact search here,
+        # where the latents are (a GPU scores the gallery it holds; a CPU the host copy).
+        if q.device.type == "cpu":
+            topk_search(q.numpy(), emb.gallery, min(10, len(emb.gallery)), use_faiss=False)
+        else:
+            (q @ emb.gallery_t.T).topk(min(10, len(emb.gallery)), dim=1).indices.cpu()  # (1, 10), synced
         times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times))
 

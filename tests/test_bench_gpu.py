@@ -1,0 +1,133 @@
+"""bench/gpu.py runs end to end on a CPU with --quick, and refuses a full run there in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every figure the GPU run reports, as a path into the JSON; each must be a finite positive number.
+POSITIVE = [
+    "peak.bf16_tflops",
+    "peak.fp32_tflops",
+    "train.params",
+    "train.gflop_per_sample",
+    "train.projection.steps",
+    "train.projection.seconds_20_epochs",
+    "train.projection.seconds_20_epochs_cached_order",
+    "retrieval.ms_both.median",
+    "retrieval.ms_t2i",
+    "retrieval.ms_i2t",
+    "stage1.dinov2.rows_per_s.median",
+    "stage1.dinov2.params",
+    "stage1.llama.rows_per_s.median",
+    "stage1.llama.params",
+    "seconds_total",
+]
+PER_BATCH = [
+    "samples_per_s.fast.median",
+    "samples_per_s.reference.median",
+    "samples_per_s.fast_cached_order.median",
+    "speedup.median",
+    "mfu_bf16",
+    "mfu_bf16_with_logits",
+    "host_batch_order_ms",
+    "step_ms.fast",
+    "step_ms.reference",
+]
+TARGETS = ["mfu_bf16_at_target_batch", "speedup_at_target_batch", "seconds_20_epochs", "coco5k_both_ways_ms"]
+
+
+def _get(record: dict, path: str):
+    for key in path.split("."):
+        record = record[key]
+    return record
+
+
+def _positive(record: dict, path: str) -> None:
+    value = _get(record, path)
+    assert isinstance(value, int | float) and not isinstance(value, bool), f"{path} = {value!r}"
+    assert math.isfinite(value) and value > 0, f"{path} = {value!r}"
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.gpu", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_quick_run_on_cpu_reports_every_figure():
+    # ~30 s on 2 shared cores (most of it importing transformers and building the tiny models)
+    proc = _run("--device", "cpu", "--quick", "--threads", "2", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)  # stdout is the JSON alone; progress went to stderr
+    assert "train: done" in proc.stderr and "done in" in proc.stderr
+    assert record["errors"] == [] and record["quick"] is True and record["device_type"] == "cpu"
+    assert record["torch"] and record["device"]
+    for path in POSITIVE:
+        _positive(record, path)
+    results = record["train"]["results"]
+    assert [r["batch"] for r in results] == [64, 256]
+    for r in results:
+        for path in PER_BATCH:
+            _positive(r, path)
+        assert r["losses_finite"] is True and r["rounds"] >= 1
+    assert record["train"]["projection"]["epochs"] == 20
+    assert record["retrieval"]["exact"] is True
+    for direction in ("t2i", "i2t"):
+        check = record["retrieval"]["checks"][direction]
+        assert check["ranks_equal"] and check["recalls_equal"]
+    for key in TARGETS:
+        t = record["targets"][key]
+        _positive(t, "target")
+        _positive(t, "measured")
+        assert isinstance(t["met"], bool) and t["at_issue_shapes"] is False
+
+
+def test_full_run_on_cpu_is_refused_in_one_line():
+    proc = _run("--device", "cpu", timeout=60)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPU benchmark" in lines[0], proc.stderr
+
+
+def test_synthetic_coco_has_cocos_pairs_and_groups():
+    import torch
+
+    from bench import gpu
+
+    images, captions = gpu.coco_groups(113_287, 566_747)
+    assert len(images) == 113_287 and len(captions) == 566_747
+    assert np.bincount(captions).min() == 5 and np.bincount(captions).max() == 6
+    sh = gpu.QUICK
+    data = gpu.coco_split(sh, torch.device("cpu"))
+    rows_img, rows_txt = data.pairs["image->text"]
+    assert data.num_pairs("image->text") == data.num_pairs("text->image") == sh.captions
+    img_groups = data.modalities["image"].group_ids
+    txt_groups = data.modalities["text"].group_ids
+    assert (img_groups[rows_img] == txt_groups[rows_txt]).all()  # joined by group id
+
+
+def test_cached_batch_order_is_the_real_order():
+    from bench import gpu
+    from m3jepa.core.order import batch_indices
+
+    for step in (0, 1, 7, 8, 9):  # across an epoch boundary (8 batches of 512 in 4,100 pairs)
+        assert np.array_equal(gpu.cached_batch_indices(4100, 512, 3, step), batch_indices(4100, 512, 3, step))
+
+
+def test_cpu_reference_ranks_break_ties_towards_the_lower_index():
+    from bench import gpu
+
+    g = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # rows 0 and 1 tie for the query below
+    q = np.array([[1.0, 0.0]])
+    assert gpu.cpu_reference_ranks(q, g, np.array([7]), np.array([3, 7, 7]))[0] == 1
+    assert gpu.cpu_reference_ranks(q, g, np.array([7]), np.array([7, 3, 3]))[0] == 0

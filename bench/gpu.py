@@ -13,9 +13,6 @@ ids linking each caption to its image; 4.9 GB on the GPU, none of it in host RAM
                 (`build_optimizer`), clipping 1.0, dropout 0.1
      reference  the official release's style: every expert on every row (`_common.make_dense`), float32,
                 torch.optim.AdamW with no implementation flags (`train_step.default_adamw`)
-     fast_cached_order  (diagnostic) the fast step with the epoch permutation of the batch order cached,
-                to show what `m3jepa.core.order.batch_indices` (a fresh 566,747-row permutation on the
-                host every step) costs; the headline figures are the real path's
    Timed in alternating rounds, torch.cuda.synchronize() around a fixed number of steps; medians of rounds.
    Model FLOPs per sample: the exact sparse count of `_common.train_flops_per_sample` (top-k experts,
    forward + backward, inputs' gradients skipped; the same count as bench/train_step.py), averaged over
@@ -44,10 +41,9 @@ import math
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -56,11 +52,10 @@ import torch.nn.functional as F
 from bench import _common as C
 from bench.train_step import default_adamw
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
-from m3jepa.core import paired
 from m3jepa.core.checkpoint import TrainState
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.objective import Objective
-from m3jepa.core.order import batch_indices, epoch_permutation
+from m3jepa.core.order import batch_indices
 from m3jepa.core.paired import ModalityFeatures, PairedSplit, pair_rows
 from m3jepa.distributed import DistInfo
 from m3jepa.eval.device_ranks import best_correct_ranks, device_retrieval_metrics
@@ -336,31 +331,15 @@ def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) 
     return out
 
 
-_cached_permutation = functools.lru_cache(maxsize=4)(epoch_permutation)
-
-
-def cached_batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """`batch_indices` with the epoch's permutation computed once per epoch instead of once per step."""
-    per_epoch = max(1, n // batch_size)
-    epoch, b = divmod(step, per_epoch)
-    return _cached_permutation(n, seed, epoch)[b * batch_size : (b + 1) * batch_size]
-
-
-@contextlib.contextmanager
-def cached_order() -> Iterator[None]:
-    with mock.patch.object(paired, "batch_indices", cached_batch_indices):
-        yield
-
-
 def host_order_ms(n_pairs: int, batch: int, steps: int = 5) -> float:
-    """Median ms of the real `batch_indices` on the host (it draws a fresh epoch permutation each call)."""
+    """Median ms of the real `batch_indices` on the host over the steps after the epoch's first (the
+    epoch permutation is drawn once, then cached: m3jepa.core.order)."""
+    batch_indices(n_pairs, batch, 0, 0)
     times = []
-    for s in range(steps):
+    for s in range(1, steps + 1):
         t0 = time.perf_counter()
-        got = batch_indices(n_pairs, batch, 0, s)
+        batch_indices(n_pairs, batch, 0, s)
         times.append(1000 * (time.perf_counter() - t0))
-        if not np.array_equal(got, cached_batch_indices(n_pairs, batch, 0, s)):
-            raise AssertionError("cached_batch_indices differs from m3jepa.core.order.batch_indices")
     return float(np.median(times))
 
 
@@ -376,14 +355,10 @@ def logits_flops_per_sample(model: ModelConfig, batch: int) -> float:
 
 def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, device: torch.device,
                 budget: Budget) -> dict:
-    """Samples/s of fast, reference and fast_cached_order at one batch size, in alternating rounds."""
+    """Samples/s of fast and reference at one batch size, in alternating rounds."""
     sync = synchronizer(device)
     c = contenders(sh, data, batch, device)
     fast, ref = c["fast"], c["reference"]
-
-    def fast_cached() -> None:
-        with cached_order():
-            fast.step()
 
     for trainer in (fast, ref):
         for _ in range(sh.warmup_steps):  # allocations, cuBLAS handles, optimizer state
@@ -392,8 +367,7 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, d
     log(f"B={batch}: warmed up; timing up to {sh.rounds} rounds ({budget.left():.0f}s left)")
     m = sh.fast_steps
     times = timed_rounds(
-        {"reference": ref.step, "fast": fast.step, "fast_cached_order": fast_cached},
-        {"reference": 2, "fast": 2 * m, "fast_cached_order": 2 * m}, sh.rounds, budget, sync,
+        {"reference": ref.step, "fast": fast.step}, {"reference": 2, "fast": 2 * m}, sh.rounds, budget, sync,
     )
     sps = {k: C.Spread([batch / s for s in v.values]) for k, v in times.items()}
     speedup = C.ratio(times["reference"], times["fast"])
@@ -401,8 +375,8 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, d
     with_logits = flops + logits_flops_per_sample(sh.model, batch)
     mfu = sps["fast"].median * flops / (peak_tflops * 1e12)
     losses_finite = all(bool(torch.isfinite(t.last_loss)) for t in (fast, ref))
-    log(f"B={batch}: samples/s fast {sps['fast']}  reference {sps['reference']}  "
-        f"fast+cached order {sps['fast_cached_order']}; speed-up {speedup}; MFU {100 * mfu:.1f}%")
+    log(f"B={batch}: samples/s fast {sps['fast']}  reference {sps['reference']}; speed-up {speedup}; "
+        f"MFU {100 * mfu:.1f}%")
     return {
         "batch": batch,
         "samples_per_s": {k: v.to_json() for k, v in sps.items()},
@@ -455,8 +429,6 @@ def train_part(sh: Shapes, device: torch.device, peak: dict, budget: Budget) -> 
         free_device_memory(device)
     last = out["results"][-1]
     out["projection"] = projection(sh, data, last["batch"], last["samples_per_s"]["fast"]["median"])
-    cached = projection(sh, data, last["batch"], last["samples_per_s"]["fast_cached_order"]["median"])
-    out["projection"]["seconds_20_epochs_cached_order"] = cached["seconds_20_epochs"]
     log(f"20 epochs at B={last['batch']}: {out['projection']['steps']} steps, "
         f"{out['projection']['seconds_20_epochs']:.0f}s")
     return out

@@ -171,10 +171,11 @@ def test_nan_row_is_named_when_its_batch_is_read(tmp_path):
 
     bad = tmp_path / "bad"
     for split in ("train", "val", "test"):
-        make_split(bad, split, 10)
+        make_split(bad, split, 16)
     shard = store_path(bad, DATASET, "train", "image", "syn-image") / "shards" / "00000.zarr"
     zarr.open_group(str(shard), mode="r+")["features"][3, 0] = np.inf
-    # 20 pairs, batch 32: the one batch holds every row, so step 0 meets row 3
+    # 32 pairs, batch 32: the one batch holds every row, so step 0 meets row 3 (the store feed checks
+    # file sizes at open, not every byte: the value check of each batch is what catches it)
     with pytest.raises(StoreDataError, match=r"syn-image.*NaN or infinite.*row 3 \(sample train-g0003\)"):
         train(_cfg(bad, tmp_path / "run", **{"train.feed": "store"}))
 

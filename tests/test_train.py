@@ -21,7 +21,7 @@ from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.errors import StoreDataError
 from m3jepa.data.records import Record
 from m3jepa.eval.evaluate import evaluate_run
-from m3jepa.store import store_path
+from m3jepa.store import StoreError, store_path
 from m3jepa.train.loop import train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -244,10 +244,21 @@ def test_nan_features_and_an_empty_split_are_named(stores, tmp_path):
     bad = tmp_path / "bad"
     for split in ("train", "val", "test"):
         make_split(bad, split, 10)
-    # The writer refuses NaN, so corrupt a finished shard behind its back, as a damaged disk would.
-    shard = store_path(bad, DATASET, "train", "image", "syn-image") / "shards" / "00000.zarr"
+    # The writer refuses NaN, so corrupt a finished shard behind its back, as a damaged disk would:
+    # the shard's checksum catches it when the split is read into memory...
+    path = store_path(bad, DATASET, "train", "image", "syn-image")
+    shard = path / "shards" / "00000.zarr"
     feats = zarr.open_group(str(shard), mode="r+")["features"]
     feats[3, 0] = np.nan
+    with pytest.raises(StoreError, match=r"sha256.*stores verify"):
+        train(_cfg(bad, tmp_path / "run"))
+    # ... and a NaN that came with a matching checksum (a faulty writer) is still named by its row
+    from m3jepa.store.backends import checksum
+    from m3jepa.store.manifest import load_manifest, save_manifest
+
+    man = load_manifest(path)
+    man.shards[0].sha256 = checksum({"features": feats[:]})[0]
+    save_manifest(path, man)
     with pytest.raises(StoreDataError, match=r"NaN or infinite.*row 3"):
         train(_cfg(bad, tmp_path / "run"))
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
+@lru_cache(maxsize=8)
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """A seeded permutation of n pair indices: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """A seeded permutation of n pair indices: a pure function of (seed, epoch), read-only.
+
+    Cached: drawing a permutation of COCO's 566,747 pairs took 13-52 ms here, more than a whole GPU
+    step at B = 4,096, and every step of an epoch slices the same one. A few entries cover the
+    directions of one run (each direction has its own n) and the read-ahead thread's next epoch.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False  # shared by every step of the epoch: nobody may change it
+    return perm
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -237,3 +237,25 @@ def test_cli_device_flags_are_checked(stores, tmp_path, args, message):
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_lora_step_names_its_device(meta_default):
+    """A LoRA tail (the real MiniLM, last 3 layers) built, run and trained with an explicit CPU device."""
+    from m3jepa.config import LoraConfig
+    from m3jepa.encoders import get_encoder_spec
+    from m3jepa.lora.tunable import build_tunable
+
+    cpu = torch.device("cpu")
+    tail = build_tunable(get_encoder_spec("minilm-l6"), "text", LoraConfig(), 3, device=cpu)
+    assert {p.device.type for p in tail.parameters() if p.requires_grad} == {"cpu"}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    states = torch.randn(3, 7, 384, generator=gen, device=cpu)  # (B, T, D_state) prefix states
+    mask = torch.ones(3, 7, dtype=torch.bool, device=cpu)
+    mask[1, 5:] = False  # a padded row
+    tail.train(True)
+    with Runtime(cpu, "bf16").autocast():
+        out = tail(states, mask)  # (B, 384)
+    assert out.shape == (3, 384) and out.device == cpu and torch.isfinite(out).all()
+    out.float().sum().backward()
+    grads = [p.grad for n, p in tail.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.device == cpu and g.abs().sum() > 0 for g in grads)

@@ -256,8 +256,10 @@ class TunableEncoder(nn.Module):
             layers_pattern=LAYERS_PATTERN[info.family] if layers is not None else None,
             bias="none",
         )
-        # peft injects the adapters into stack.model in place, so the stack's modules now carry them
-        self.peft = get_peft_model(stack.model, self.peft_config, adapter_name=ADAPTER_NAME)
+        # peft injects the adapters into stack.model in place, so the stack's modules now carry them;
+        # they are created on the tail's device (peft makes them on the default device, then moves them)
+        with stack.device:
+            self.peft = get_peft_model(stack.model, self.peft_config, adapter_name=ADAPTER_NAME)
         self.peft.base_model.model.requires_grad_(False)
         for name, p in self.peft.named_parameters():
             p.requires_grad_("lora_" in name)

@@ -286,6 +286,26 @@ def run_pipeline(
         typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))
 
 
+@app.command("export")
+def export(
+    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    out: Annotated[str, typer.Option(help="The folder to write: config.json, model.safetensors, README.md.")],
+    checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export a run as a self-contained model folder (Hugging Face layout) that m3jepa.load reads.
+
+    Example: m3jepa export --run runs/tuxpaint --out models/tuxpaint
+    """
+    _setup_logging(verbose)
+    with _errors():
+        _check_checkpoint(checkpoint)
+        from m3jepa.api.export import export_run
+
+        typer.echo(str(export_run(Path(run), Path(out), checkpoint=checkpoint, force=force)))
+
+
 def _pipeline(path, overrides, store_root=None, dataset=None, run=None, device=None, precision=None):
     from m3jepa.config import load_pipeline
 

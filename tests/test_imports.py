@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "eval": 6,
     "train": 7,
     "runner": 8,
+    "api": 8,  # m3jepa.load: the model object over core, eval and (lazily) encoders and lora
     "cli": 9,
     "__main__": 10,
     "__init__": 10,

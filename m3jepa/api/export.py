@@ -1,0 +1,151 @@
+"""`m3jepa export`: a run's checkpoint as a self-contained folder in the Hugging Face layout.
+
+    DIR/config.json         the model: format, dims, directions, encoders (name, revision), vocabularies,
+                            the resolved pipeline config, where it came from and its metrics
+    DIR/model.safetensors   the predictor and loss weights (no encoder weights: those are the encoders')
+    DIR/adapters/<m>/       a LoRA run's adapters in peft's format (adapter_config.json + safetensors)
+    DIR/README.md           a model card: what it is, how it was trained, its metrics, how to load it
+
+`m3jepa.load(DIR)` rebuilds the same model: its outputs equal the run's, bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from m3jepa import __version__
+from m3jepa.api.model import EXPORT_FORMAT, EXPORT_VERSION, VOCABULARY_MODALITIES, run_vocabulary
+from m3jepa.api.raw import ApiError
+from m3jepa.config import to_dict
+from m3jepa.files import atomic_write_text
+
+WEIGHTS = "model.safetensors"
+
+
+def export_run(run: Path, out: Path, checkpoint: str = "best", force: bool = False) -> Path:
+    """Write `run`'s `checkpoint` to `out` (refused when `out` holds files, unless `force`)."""
+    from m3jepa.core.checkpoint import load_checkpoint
+    from m3jepa.core.runstores import eval_config
+
+    ck_path = run / "checkpoints" / checkpoint
+    if not ck_path.is_dir():
+        raise ApiError(f"{ck_path} does not exist; is {run} a run written by train-predictor?")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ApiError(f"{out} is not empty; choose another --out or pass --force")
+    ck = load_checkpoint(ck_path)  # every file verified against checksums.json
+    cfg = eval_config(run, ck.cfg, None, None)
+    tmp = out.with_name(out.name + ".tmp-export")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weights = {k: v.contiguous() for k, v in ck.weights.items() if not k.startswith("encoders.")}
+    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "m3jepa": __version__})
+    if (ck_path / "adapters").is_dir():
+        shutil.copytree(ck_path / "adapters", tmp / "adapters")
+    metrics = _metrics(run)
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "m3jepa_version": __version__,
+        "architecture": f"M3JepaPredictor ({cfg.model.predictor}, gates={cfg.model.gates})",
+        "dims": dict(ck.state.dims),
+        "directions": list(ck.state.directions),
+        "encoders": _encoders(ck.state.stores, ck.state.dims, cfg.encode.dtype),
+        "vocabularies": {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims},
+        "pipeline": to_dict(cfg),
+        "trained": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": ck.state.step,
+                    "best_step": ck.state.best_step, "best_val_mean_r1": ck.state.best_metric},
+        "metrics": metrics,
+    }
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(tmp / "README.md", model_card(meta, run, checkpoint))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _encoders(stores: dict[str, dict[str, str]], dims: dict[str, int], dtype: str) -> dict[str, Any]:
+    return {m: {"encoder": s["encoder"], "revision": s["revision"], "dim": dims[m], "store_dtype": dtype}
+            for m, s in stores.items()}
+
+
+def _metrics(run: Path) -> dict[str, Any] | None:
+    """The run's metrics.json (what `m3jepa evaluate` wrote), when it has been evaluated."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def model_card(meta: dict[str, Any], run: Path, checkpoint: str) -> str:
+    """README.md of an export: the model, its training, its metrics and how to use it."""
+    p = meta["pipeline"]
+    lines = [
+        "---",
+        "library_name: m3jepa",
+        "tags: [m3-jepa, multimodal, retrieval, mixture-of-experts]",
+        "---",
+        "",
+        f"# M3-JEPA predictor: {p.get('name', 'run')}",
+        "",
+        f"A multi-gate mixture-of-experts predictor ({meta['architecture']}) that aligns frozen encoders'",
+        "latents in a shared space (M3-JEPA, ICML 2025). It holds only the predictor: the encoders below",
+        "are loaded by name when raw inputs are embedded.",
+        "",
+        "| modality | encoder | revision | latent dim |",
+        "|---|---|---|---|",
+        *[f"| {m} | {e['encoder']} | {e['revision']} | {e['dim']} |"
+          for m, e in sorted(meta["encoders"].items())],
+        "",
+        f"Directions: {', '.join(meta['directions'])}. Dataset: `{p['encode']['dataset']}`.",
+        "",
+        "## Training",
+        "",
+        f"Trained with `m3jepa train-predictor` on the stores of `{p['encode']['dataset']}` (the resolved",
+        "config is `pipeline` in config.json); exported from checkpoint "
+        f"`{checkpoint}` (step {meta['trained']['step']}) of `{run}` with",
+        "",
+        f"    m3jepa export --run {run} --out DIR --checkpoint {checkpoint}",
+        "",
+    ]
+    lines += _metrics_section(meta.get("metrics"), run)
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import m3jepa",
+        "",
+        'model = m3jepa.load("DIR", device="auto")',
+        f"print(model.directions)  # {meta['directions']}",
+        "```",
+        "",
+        "See m3jepa's docs/api.md for embedding, search, classification and VQA.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metrics_section(metrics: dict[str, Any] | None, run: Path) -> list[str]:
+    if not metrics:
+        return ["## Metrics", "", f"Not evaluated: run `m3jepa evaluate --run {run}` before exporting.", ""]
+    out = [
+        "## Metrics",
+        "",
+        f"Measured by `m3jepa evaluate --run {run}` on split `{metrics.get('split')}` "
+        f"(protocol `{metrics.get('protocol')}`, space `{metrics.get('headline_space')}`):",
+        "",
+        "| direction | R@1 | R@5 | R@10 |",
+        "|---|---|---|---|",
+    ]
+    for d, r in metrics.get("directions", {}).items():
+        out.append(f"| {d} | {r.get('R@1', 0):.2f} | {r.get('R@5', 0):.2f} | {r.get('R@10', 0):.2f} |")
+    return [*out, ""]

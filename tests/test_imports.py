@@ -28,9 +28,11 @@ LAYERS: dict[str, int] = {
     "train": 7,
     "runner": 8,
     "api": 8,  # m3jepa.load: the model object over core, eval and (lazily) encoders and lora
-    "cli": 9,
-    "__main__": 10,
-    "__init__": 10,
+    "search": 9,  # embed / index / search over a loaded model
+    "serve": 10,  # the HTTP service and its page, over search
+    "cli": 11,
+    "__main__": 12,
+    "__init__": 12,
 }
 
 

@@ -1,4 +1,4 @@
-"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run, lora-export.
+"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run, pipelines, lora-export.
 
 Every command imports its stage lazily, so `m3jepa evaluate` never loads encoder code, and
 logging is configured here only.
@@ -6,6 +6,7 @@ logging is configured here only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,11 +16,14 @@ from typing import Annotated
 
 import typer
 
-from m3jepa.config import ConfigError
+from m3jepa.config import ConfigError, EncodeConfig
+from m3jepa.data import list_datasets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.")
 app.add_typer(stores_app, name="stores")
+pipelines_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped pipelines.")
+app.add_typer(pipelines_app, name="pipelines")
 
 log = logging.getLogger("m3jepa")
 
@@ -36,6 +40,24 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from m3jepa import __version__
+
+        typer.echo(f"m3jepa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    # the callback exists for --version; the app's help text is the module docstring's first line
+    pass
+
+
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
 Device = Annotated[
@@ -44,75 +66,86 @@ Device = Annotated[
 Precision = Annotated[
     str | None, typer.Option(help="runtime.precision: fp32 | bf16 (float32 master weights; bf16 autocast).")
 ]
+Pipeline = Annotated[
+    str | None, typer.Option(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
+]
+
+
+# The defaults every `encode` option shows; EncodeConfig is the one place they are set.
+_ENCODE_DEFAULTS = {f.name: getattr(EncodeConfig(), f.name) for f in dataclasses.fields(EncodeConfig)}
+
+
+def _enc(key: str, text: str, *flags: str) -> typer.models.OptionInfo:
+    """An `encode` option that sets encode.KEY: unset (None) leaves the pipeline's value or the default."""
+    default = _ENCODE_DEFAULTS[key]
+    if isinstance(default, list):
+        shown = ",".join(default)
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = "the dataset's" if default is None else default
+    return typer.Option(*flags, help=f"{text} (encode.{key}, default: {shown})", show_default=False)
 
 
 @app.command()
 def encode(
-    dataset: Annotated[str, typer.Option(help="tuxpaint | coco | flickr30k | jsonl")] = "tuxpaint",
-    root: Annotated[str | None, typer.Option(help="Dataset root (default: the dataset's own).")] = None,
-    split: Annotated[str, typer.Option(help="Comma-separated splits, or 'all'.")] = "all",
-    modality: Annotated[str, typer.Option(help="Comma-separated modalities, or 'all'.")] = "image,text",
-    image_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
-    text_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
-    audio_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
-    label_encoder: Annotated[str | None, typer.Option(help="Registry name (default per dataset).")] = None,
-    store_root: Annotated[str, typer.Option(help="Where stores are written.")] = "stores",
-    format: Annotated[str, typer.Option("--format", help="zarr | hdf5")] = "zarr",
-    kind: Annotated[str, typer.Option(help="pooled | tokens | prefix (see docs/lora.md)")] = "pooled",
+    pipeline: Pipeline = None,
+    dataset: Annotated[str | None, _enc("dataset", f"One of {', '.join(list_datasets())}.")] = None,
+    root: Annotated[str | None, _enc("root", "Dataset folder.")] = None,
+    split: Annotated[str | None, _enc("splits", "Comma-separated splits, or all.")] = None,
+    modality: Annotated[
+        str | None, _enc("modalities", "Comma-separated modalities, or all (those with an encoder).")
+    ] = None,
+    image_encoder: Annotated[str | None, _enc("image_encoder", "Registry name or hf:<local dir>.")] = None,
+    text_encoder: Annotated[str | None, _enc("text_encoder", "Registry name or hf:<local dir>.")] = None,
+    audio_encoder: Annotated[str | None, _enc("audio_encoder", "Registry name or hf:<local dir>.")] = None,
+    store_root: Annotated[str | None, _enc("store_root", "Where stores are written.")] = None,
+    format: Annotated[str | None, _enc("format", "zarr | hdf5.", "--format")] = None,
+    kind: Annotated[str | None, _enc("kind", "pooled | tokens | prefix (docs/lora.md).")] = None,
     tunable_layers: Annotated[
-        int, typer.Option(help="--kind prefix: store the states entering the last N encoder layers.")
-    ] = 3,
-    dtype: Annotated[str, typer.Option(help="float16 | float32")] = "float16",
-    batch_size: Annotated[int, typer.Option(help="Rows per encoder batch.")] = 64,
-    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
+        int | None, _enc("tunable_layers", "--kind prefix: the states entering the last N encoder layers.")
+    ] = None,
+    workers: Annotated[int | None, _enc("workers", "Decoding worker processes.")] = None,
     decode_priority: Annotated[
-        str, typer.Option(help="auto | low | normal: the decoding workers' CPU priority (auto: low on CPU).")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    shard_size: Annotated[int, typer.Option(help="Rows per shard (the unit of resume).")] = 2048,
-    limit: Annotated[int | None, typer.Option(help="Keep the first N groups of each split.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the dataset's split.")] = 0,
-    skip_bad: Annotated[bool, typer.Option(help="Skip bad items and list them in the manifest.")] = False,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per process (default: torch's).")] = None,
+        str | None, _enc("decode_priority", "auto | low | normal: the decoding workers' CPU priority.")
+    ] = None,
+    device: Annotated[str | None, _enc("device", "auto | cpu | cuda.")] = None,
+    shard_size: Annotated[int | None, _enc("shard_size", "Rows per shard (the unit of resume).")] = None,
+    limit: Annotated[int | None, _enc("limit", "Keep the first N groups of each split.")] = None,
+    seed: Annotated[int | None, _enc("seed", "Seed of the dataset's split.")] = None,
+    skip_bad: Annotated[
+        bool | None, _enc("skip_bad", "Skip bad items; the manifest lists them.", "--skip-bad/--no-skip-bad")
+    ] = None,
+    threads: Annotated[int | None, _enc("threads", "Torch threads per process (unset: torch's).")] = None,
     content_hash: Annotated[
-        str, typer.Option(help="stat | sha256: how media files are fingerprinted to find stale stores.")
-    ] = "stat",
+        str | None, _enc("content_hash", "stat | sha256: how media files are fingerprinted.")
+    ] = None,
     force: Annotated[
-        bool, typer.Option(help="Re-encode the requested stores from scratch (stale ones too).")
-    ] = False,
+        bool | None, _enc("force", "Re-encode the requested stores from scratch.", "--force/--no-force")
+    ] = None,
+    set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run the frozen encoders once and write feature stores (resumable; torchrun shares shards)."""
-    _setup_logging(verbose)
-    from m3jepa.config import EncodeConfig
+    """Run the frozen encoders once and write feature stores (resumable; torchrun shares shards).
 
+    Settings come from the defaults (m3jepa.config.EncodeConfig), then the encode section of --pipeline,
+    then --set encode.KEY=VALUE, then these options.
+
+    Example: m3jepa encode --dataset tuxpaint --limit 40 --split val
+    """
+    _setup_logging(verbose)
+    options = {
+        "dataset": dataset, "root": root, "splits": _csv(split) or None,
+        "modalities": _csv(modality) or None,
+        "image_encoder": image_encoder, "text_encoder": text_encoder, "audio_encoder": audio_encoder,
+        "store_root": store_root, "format": format, "kind": kind, "tunable_layers": tunable_layers,
+        "workers": workers, "decode_priority": decode_priority, "device": device, "shard_size": shard_size,
+        "limit": limit, "seed": seed, "skip_bad": skip_bad, "threads": threads,
+        "content_hash": content_hash, "force": force,
+    }
     with _errors():
-        cfg = EncodeConfig(
-            dataset=dataset,
-            root=root,
-            splits=_csv(split) or ["all"],
-            modalities=_csv(modality) or ["all"],
-            image_encoder=image_encoder,
-            text_encoder=text_encoder,
-            audio_encoder=audio_encoder,
-            label_encoder=label_encoder,
-            store_root=store_root,
-            format=format,
-            kind=kind,
-            tunable_layers=tunable_layers,
-            dtype=dtype,
-            batch_size=batch_size,
-            workers=workers,
-            decode_priority=decode_priority,
-            device=device,
-            shard_size=shard_size,
-            limit=limit,
-            seed=seed,
-            skip_bad=skip_bad,
-            threads=threads,
-            content_hash=content_hash,
-            force=force,
-        )
+        values = {f"encode.{key}": v for key, v in options.items() if v is not None}
+        cfg = _load(pipeline, set_, values).encode
         from m3jepa.encode.runner import run_encode
 
         summary = run_encode(cfg)
@@ -124,7 +157,10 @@ def stores_list(
     store_root: Annotated[str, typer.Argument(help="Store root to scan.")] = "stores",
     verbose: Verbose = False,
 ) -> None:
-    """List the stores under a root with their row counts and encoders."""
+    """List the stores under a root with their row counts and encoders.
+
+    Example: m3jepa stores list stores
+    """
     _setup_logging(verbose)
     from m3jepa.store.cli_views import list_view
 
@@ -134,7 +170,10 @@ def stores_list(
 
 @stores_app.command("inspect")
 def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
-    """Print a store's manifest summary."""
+    """Print a store's manifest summary.
+
+    Example: m3jepa stores inspect stores/tuxpaint/val/image/efficientnet-lite0
+    """
     _setup_logging(verbose)
     from m3jepa.store.cli_views import inspect_view
 
@@ -158,7 +197,10 @@ def stores_verify(
     verbose: Verbose = False,
 ):
     """Check a store's checksums and row counts, and with --dataset/--root whether it is stale; exit status 1
-    on a corrupt or stale store."""
+    on a corrupt or stale store.
+
+    Example: m3jepa stores verify stores/tuxpaint/val/image/efficientnet-lite0 --dataset tuxpaint
+    """
     _setup_logging(verbose)
     from m3jepa.store.verify import verify_store
 
@@ -173,9 +215,51 @@ def stores_verify(
             raise typer.Exit(1)
 
 
+@pipelines_app.command("list")
+def pipelines_list() -> None:
+    """List the shipped pipelines: the name `m3jepa run NAME` takes and a one-line description.
+
+    Example: m3jepa pipelines list
+    """
+    from m3jepa.pipelines import shipped, summary
+
+    files = shipped()
+    width = max(map(len, files))
+    for name, path in files.items():
+        typer.echo(f"{name:<{width}}  {summary(path)}")
+
+
+@pipelines_app.command("show")
+def pipelines_show(name: Annotated[str, typer.Argument(help="A shipped pipeline's name.")]) -> None:
+    """Print a shipped pipeline's TOML.
+
+    Example: m3jepa pipelines show tuxpaint
+    """
+    from m3jepa.pipelines import shipped_file
+
+    with _errors():
+        typer.echo(shipped_file(name).read_text(), nl=False)
+
+
+@pipelines_app.command("copy")
+def pipelines_copy(
+    name: Annotated[str, typer.Argument(help="A shipped pipeline's name.")],
+    dest: Annotated[str, typer.Argument(help="The file to write, or a folder to write NAME.toml in.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a shipped pipeline to a file to edit (`m3jepa run FILE` runs the copy).
+
+    Example: m3jepa pipelines copy tuxpaint my_tuxpaint.toml
+    """
+    from m3jepa.pipelines import copy
+
+    with _errors():
+        typer.echo(str(copy(name, dest, force=force)))
+
+
 @app.command("train-predictor")
 def train_predictor(
-    pipeline: Annotated[str | None, typer.Option(help="A TOML pipeline file.")] = None,
+    pipeline: Pipeline = None,
     store_root: Annotated[str | None, typer.Option(help="Overrides encode.store_root.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
     run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
@@ -185,7 +269,10 @@ def train_predictor(
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Train the predictor from cached feature stores (never runs an encoder)."""
+    """Train the predictor from cached feature stores (never runs an encoder).
+
+    Example: m3jepa train-predictor --pipeline tuxpaint --run runs/tp --set train.lr=1e-3
+    """
     _setup_logging(verbose)
     with _errors():
         cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run, device=device,
@@ -207,7 +294,10 @@ def evaluate(
     precision: Precision = None,
     verbose: Verbose = False,
 ) -> None:
-    """Score a trained run: retrieval R@1/5/10 both ways, gallery sizes, query latency."""
+    """Score a trained run: retrieval R@1/5/10 both ways, gallery sizes, query latency.
+
+    Example: m3jepa evaluate --run runs/tp --split test --json
+    """
     _setup_logging(verbose)
     with _errors():
         _check_options("eval", {"split": split, "protocol": protocol})
@@ -232,7 +322,10 @@ def lora_export(
     ] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Export a LoRA run's adapters (peft format), or the tail layers with the adapters merged in."""
+    """Export a LoRA run's adapters (peft format), or the tail layers with the adapters merged in.
+
+    Example: m3jepa lora-export --run runs/tuxpaint_lora --out exported --merge
+    """
     _setup_logging(verbose)
     with _errors():
         _check_checkpoint(checkpoint)
@@ -244,13 +337,18 @@ def lora_export(
 
 @app.command("model-info")
 def model_info(
-    pipeline: Annotated[str | None, typer.Option(help="A TOML pipeline (default: the paper preset).")] = None,
+    pipeline: Annotated[
+        str | None, typer.Option(help="A shipped pipeline's name or a TOML file (default: the paper preset).")
+    ] = None,
     dims: Annotated[
         str, typer.Option(help="Latent dims, e.g. image=1024,text=4096.")
     ] = "image=1024,text=4096",
     set_: Sets = None,
 ) -> None:
-    """Print the predictor's parameter count per part (the paper preset by default: 140.6M)."""
+    """Print the predictor's parameter count per part (the paper preset by default: 140.6M).
+
+    Example: m3jepa model-info --pipeline tuxpaint --dims image=1280,text=384
+    """
     with _errors():
         import torch
 
@@ -270,14 +368,19 @@ def model_info(
 
 @app.command("run")
 def run_pipeline(
-    pipeline: Annotated[str, typer.Argument(help="A TOML pipeline, e.g. pipelines/tuxpaint.toml")],
+    pipeline: Annotated[
+        str, typer.Argument(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
+    ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Encode (reusing cached stores), train, evaluate, and print the metrics table."""
+    """Encode (reusing cached stores), train, evaluate, and print the metrics table.
+
+    Example: m3jepa run tuxpaint --workdir /tmp/m3jepa --set train.epochs=5
+    """
     _setup_logging(verbose)
     with _errors():
         cfg = _pipeline(pipeline, set_, device=device, precision=precision)
@@ -306,21 +409,22 @@ def export(
         typer.echo(str(export_run(Path(run), Path(out), checkpoint=checkpoint, force=force)))
 
 
-def _pipeline(path, overrides, store_root=None, dataset=None, run=None, device=None, precision=None):
-    from m3jepa.config import load_pipeline
+# The config key each shared command option sets (after --set, so the option wins).
+_OPTION_KEYS = {"device": "runtime.device", "precision": "runtime.precision",
+                "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir"}
 
-    extra = list(overrides or [])
-    if device:
-        extra.append(f"runtime.device={json.dumps(device)}")
-    if precision:
-        extra.append(f"runtime.precision={json.dumps(precision)}")
-    if store_root:
-        extra.append(f"encode.store_root={json.dumps(store_root)}")
-    if dataset:
-        extra.append(f"encode.dataset={json.dumps(dataset)}")
-    if run:
-        extra.append(f"run_dir={json.dumps(run)}")
-    return load_pipeline(path, extra)
+
+def _pipeline(path: str | None, overrides: list[str] | None, **options: str | None):
+    values = {_OPTION_KEYS[name]: value for name, value in options.items() if value}
+    return _load(path, overrides, values)
+
+
+def _load(path: str | None, overrides: list[str] | None, values: dict[str, object]):
+    """The pipeline named or at `path` (None: the defaults), with --set overrides, then option values."""
+    from m3jepa.config import load_pipeline
+    from m3jepa.pipelines import resolve
+
+    return load_pipeline(resolve(path) if path is not None else None, overrides, values=values)
 
 
 def _check_options(section: str, options: dict[str, object]) -> None:

@@ -27,8 +27,10 @@ class EncodeConfig:
 
     dataset: str = "tuxpaint"
     root: str | None = None  # None: the dataset's default root
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
-    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    # ["all"]: every split of the dataset / every modality it has that an encoder exists for (by default
+    # or named below), so `m3jepa encode --dataset asterisk` encodes its audio and text
+    splits: list[str] = field(default_factory=lambda: ["all"])
+    modalities: list[str] = field(default_factory=lambda: ["all"])
     image_encoder: str | None = None  # None: the dataset's default
     text_encoder: str | None = None
     audio_encoder: str | None = None
@@ -442,13 +444,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     out = _deep_copy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a table")
-        node[path[-1]] = value
+        _set_key(out, path, value, f"--set {item!r}")
     return out
+
+
+def _set_key(data: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part} is not a table")
+    node[path[-1]] = value
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
@@ -456,12 +462,17 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_pipeline(
-    path: str | Path | None, overrides: list[str] | None = None, *, written_by_m3jepa: bool = False
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    values: dict[str, Any] | None = None,
+    written_by_m3jepa: bool = False,
 ) -> PipelineConfig:
     """Load a TOML pipeline (or the defaults when `path` is None) and apply `--set` overrides.
 
-    `written_by_m3jepa`: the file is a run's or checkpoint's saved config, so keys an older m3jepa wrote
-    are migrated (`migrate`) instead of refused.
+    `values`: dotted key -> value, set after the overrides as given (a command's own options, such as
+    `--store-root`: a path is kept as it is, never read as TOML). `written_by_m3jepa`: the file is a run's
+    or checkpoint's saved config, so keys an older m3jepa wrote are migrated (`migrate`) instead of refused.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -475,6 +486,8 @@ def load_pipeline(
     if written_by_m3jepa:
         data = migrate(data)
     data = apply_overrides(data, overrides or [])
+    for key, value in (values or {}).items():
+        _set_key(data, key.split("."), value, key)
     return from_dict(PipelineConfig, data)
 
 

@@ -340,7 +340,7 @@ def test_shipped_audio_pipelines_load():
     root = Path(__file__).resolve().parents[1] / "pipelines"
     for name in ("tuxpaint_audio", "clotho_languagebind", "audiocaps_languagebind"):
         path = root / f"{name}.toml"
-        assert path.read_text().splitlines()[0].startswith(f"# m3jepa run pipelines/{name}.toml")
+        assert path.read_text().splitlines()[0].startswith(f"# m3jepa run {name}")
         cfg = load_pipeline(path)
         assert cfg.encode.modalities == ["audio", "text"]
         assert cfg.train.directions == ["audio->text", "text->audio"]

@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "data": 1,
     "prefetch": 1,
+    "pipelines": 1,  # the shipped pipeline files and name resolution (raises config's ConfigError)
     "distributed": 1,
     "store": 2,
     "encoders": 2,

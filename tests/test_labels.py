@@ -308,7 +308,7 @@ def test_classification_pipelines_load(name):
     from m3jepa.config import load_pipeline
 
     text = (ROOT / "pipelines" / name).read_text()
-    assert text.splitlines()[0].startswith(f"# m3jepa run pipelines/{name}")
+    assert text.splitlines()[0].startswith(f"# m3jepa run {name.removesuffix('.toml')}")
     cfg = load_pipeline(ROOT / "pipelines" / name)
     assert cfg.encode.modalities == ["image", "label"]
     assert cfg.train.directions == ["image->label", "label->image"]

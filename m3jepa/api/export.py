@@ -4,6 +4,7 @@
                             the resolved pipeline config, where it came from and its metrics
     DIR/model.safetensors   the predictor and loss weights (no encoder weights: those are the encoders')
     DIR/adapters/<m>/       a LoRA run's adapters in peft's format (adapter_config.json + safetensors)
+    DIR/vocabularies.safetensors  the stage-1 latents of a class list or candidate answers, if any
     DIR/README.md           a model card: what it is, how it was trained, its metrics, how to load it
 
 `m3jepa.load(DIR)` rebuilds the same model: its outputs equal the run's, bit for bit (tested).
@@ -16,10 +17,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from m3jepa import __version__
-from m3jepa.api.model import EXPORT_FORMAT, EXPORT_VERSION, VOCABULARY_MODALITIES, run_vocabulary
+from m3jepa.api.model import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    VOCABULARY_MODALITIES,
+    VOCABULARY_WEIGHTS,
+    run_vocabulary,
+)
 from m3jepa.api.raw import ApiError
 from m3jepa.config import to_dict
 from m3jepa.files import atomic_write_text
@@ -47,6 +55,9 @@ def export_run(run: Path, out: Path, checkpoint: str = "best", force: bool = Fal
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "m3jepa": __version__})
     if (ck_path / "adapters").is_dir():
         shutil.copytree(ck_path / "adapters", tmp / "adapters")
+    vocab = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
+    if vocab:
+        save_file({m: torch.from_numpy(v[1]) for m, v in vocab.items()}, str(tmp / VOCABULARY_WEIGHTS))
     metrics = _metrics(run)
     meta = {
         "format": EXPORT_FORMAT,
@@ -56,7 +67,7 @@ def export_run(run: Path, out: Path, checkpoint: str = "best", force: bool = Fal
         "dims": dict(ck.state.dims),
         "directions": list(ck.state.directions),
         "encoders": _encoders(ck.state.stores, ck.state.dims, cfg.encode.dtype),
-        "vocabularies": {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims},
+        "vocabularies": {m: v[0] for m, v in vocab.items()},
         "pipeline": to_dict(cfg),
         "trained": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": ck.state.step,
                     "best_step": ck.state.best_step, "best_val_mean_r1": ck.state.best_metric},

@@ -26,6 +26,7 @@ EXPORT_VERSION = 1
 SPACES = ("cl", "pred")
 # modalities whose rows are a fixed vocabulary (classes, candidate answers): a model keeps the list
 VOCABULARY_MODALITIES = ("label", "answer")
+VOCABULARY_WEIGHTS = "vocabularies.safetensors"  # an export's (K, D_m) latents of each vocabulary
 
 Inputs = Sequence[str | Path] | Mapping[str, Sequence[str | Path]]
 Latents = np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor]
@@ -59,12 +60,15 @@ class M3Model:
         vocabularies: dict[str, list[str]],
         source: ModelSource,
         tails: dict[str, Any] | None = None,
+        vocabulary_latents: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.cfg = cfg
         self.objective = objective.eval()
         self.runtime = runtime
         self.encoders = encoders  # modality -> {"encoder": name, "revision": rev}
         self.vocabularies = vocabularies  # "label"/"answer" -> the trained list
+        # "label"/"answer" -> (K, D_m) stage-1 latents of that list, as the train store holds them
+        self.vocabulary_latents = vocabulary_latents or {}
         self.source = source
         self.tails = tails or {}
         self.raw = RawEncoders(encoders, runtime.device, cfg.encode.dtype, vocabularies, self.tails,
@@ -157,9 +161,8 @@ class M3Model:
         latents: np.ndarray | torch.Tensor | None = None,
         labels: Sequence[str] | None = None,
     ) -> list[str]:
-        """The nearest class of each input among `labels` (default: the trained class list), in the
+        """The nearest class of each input among `labels` (default: every trained class), in the
         headline space: a direction `source->label` scored as `m3jepa evaluate` scores it."""
-        labels = list(labels) if labels is not None else self.vocabulary("label")
         return self._nearest(source, "label", labels, inputs, latents)
 
     def answer(
@@ -170,24 +173,32 @@ class M3Model:
         latents: Mapping[str, np.ndarray | torch.Tensor] | None = None,
         candidates: Sequence[str] | None = None,
     ) -> list[str]:
-        """The answer to each (image, question) pair among `candidates` (default: the trained answers),
+        """The answer to each (image, question) pair among `candidates` (default: every trained answer),
         through the direction image+question->answer."""
-        candidates = list(candidates) if candidates is not None else self.vocabulary("answer")
         inputs = None if latents is not None else {"image": images or [], "question": questions or []}
         if inputs is not None and len(inputs["image"]) != len(inputs["question"]):
             raise ApiError(f"{len(inputs['image'])} images but {len(inputs['question'])} questions; "
                            "give one question per image")
         return self._nearest("image+question", "answer", candidates, inputs, latents)
 
-    def _nearest(self, source: str, target: str, vocab: list[str], inputs: Any, latents: Any) -> list[str]:
-        if not vocab:
-            raise ApiError(f"no {target} candidates to choose from")
+    def _nearest(
+        self, source: str, target: str, among: Sequence[str] | None, inputs: Any, latents: Any
+    ) -> list[str]:
+        """The nearest of the trained `target` vocabulary (or its subset `among`) to each query."""
+        vocab = self.vocabulary(target)
+        chosen = list(among) if among is not None else vocab
+        position = {v: i for i, v in enumerate(vocab)}
+        unknown = [v for v in chosen if v not in position]
+        if unknown or not chosen:
+            raise ApiError(f"{unknown[:3] or 'nothing'}: choose among the trained {target}s "
+                           f"({', '.join(vocab[:8])}{', ...' if len(vocab) > 8 else ''})")
+        rows = self.vocabulary_latents[target][[position[v] for v in chosen]]  # (K, D_target)
         space = self.cfg.eval.headline if self.cfg.model.predictor != "linear" else "cl"
         queries = self.embed_query(inputs, source=source, target=target, latents=latents, space=space)
-        gallery = self.embed_target(vocab, modality=target, space=space)
+        gallery = self.embed_target(modality=target, latents=rows, space=space)
         from m3jepa.eval.classification import classify_by_nearest
 
-        return [vocab[i] for i in classify_by_nearest(queries, gallery)]
+        return [chosen[i] for i in classify_by_nearest(queries, gallery)]
 
     # ------------------------------------------------------------ helpers
 
@@ -280,19 +291,22 @@ def _load_run(run: Path, checkpoint: str, device: str, precision: str | None) ->
     cfg = eval_config(run, ck.cfg, None, None)  # the run's absolute store root
     runtime = _runtime(cfg, device, precision)
     objective = _objective(cfg, ck.state.dims, ck.weights, runtime, ck_path)
-    vocab = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
+    found = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
     tails = _tails(cfg, ck.state.stores, ck_path / "adapters", runtime.device)
-    return M3Model(cfg, objective, runtime, dict(ck.state.stores), vocab,
-                   ModelSource(run, "run", checkpoint), tails)
+    return M3Model(cfg, objective, runtime, dict(ck.state.stores), {m: v[0] for m, v in found.items()},
+                   ModelSource(run, "run", checkpoint), tails, {m: v[1] for m, v in found.items()})
 
 
-def run_vocabulary(cfg: PipelineConfig, modality: str) -> list[str]:
-    """The group ids (class names, answers) of a vocabulary modality's train store, in row order."""
+def run_vocabulary(cfg: PipelineConfig, modality: str) -> tuple[list[str], np.ndarray]:
+    """(the group ids, i.e. class names or answers, of a vocabulary modality's train store in row order,
+    their (K, D) stage-1 latents), valid rows only."""
     from m3jepa.core.paired import modality_store
     from m3jepa.store import open_store
 
     store = open_store(modality_store(cfg, cfg.train.train_split, modality))
-    return [g for g, ok in zip(store.rows.group_ids, store.rows.valid, strict=True) if ok]
+    valid = np.asarray(store.rows.valid, dtype=bool)
+    names = [g for g, ok in zip(store.rows.group_ids, valid, strict=True) if ok]
+    return names, store.read(np.flatnonzero(valid))  # (K, D) float32
 
 
 def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: Path,
@@ -322,8 +336,11 @@ def _load_export(folder: Path, device: str, precision: str | None) -> M3Model:
     objective = _objective(cfg, {m: int(d) for m, d in meta["dims"].items()}, weights, runtime, folder)
     encoders = {m: {"encoder": e["encoder"], "revision": e["revision"]} for m, e in meta["encoders"].items()}
     tails = _tails(cfg, encoders, folder / "adapters", runtime.device)
+    vocab_latents = {}
+    if (folder / VOCABULARY_WEIGHTS).is_file():
+        vocab_latents = {m: t.numpy() for m, t in load_file(str(folder / VOCABULARY_WEIGHTS)).items()}
     return M3Model(cfg, objective, runtime, encoders, meta.get("vocabularies", {}),
-                   ModelSource(folder, "export"), tails)
+                   ModelSource(folder, "export"), tails, vocab_latents)
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:

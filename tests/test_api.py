@@ -1,0 +1,145 @@
+"""The Python API: m3jepa.load of runs and exports, embeddings equal to evaluate's, refusals, and every
+example of docs/api.md run on real small runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_stores import make_label_split, make_stores, overrides
+
+import m3jepa
+from m3jepa.api import ApiError
+from m3jepa.api.export import export_run
+from m3jepa.config import load_pipeline
+from m3jepa.core.paired import load_split, modality_store
+from m3jepa.eval.embed import embed_direction
+from m3jepa.eval.evaluate import evaluate_run
+from m3jepa.store import open_store
+from m3jepa.train.loop import train
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("api")
+    stores = make_stores(root / "stores", n_train=96, n_val=24, n_test=24)
+    run = root / "run"
+    train(load_pipeline(None, overrides(stores, run, **{"train.max_steps": 20, "train.eval_every": 10})))
+    evaluate_run(run)
+    return run
+
+
+def _store_rows(model, split: str, modality: str) -> np.ndarray:
+    return open_store(modality_store(model.cfg, split, modality)).read_all()  # (N, D) float32
+
+
+def test_embeddings_equal_what_evaluate_scores(run):
+    model = m3jepa.load(run)
+    assert model.directions == ["image->text", "text->image"] and model.modalities == ["image", "text"]
+    data = load_split(model.cfg, "test", model.directions)
+    for direction, (src, tgt) in {"image->text": ("image", "text"), "text->image": ("text", "image")}.items():
+        for space in ("cl", "pred"):
+            emb = embed_direction(model.objective.predictor, data, direction, space)
+            x = _store_rows(model, "test", src)
+            q = model.embed_query(source=src, target=tgt, latents=x, space=space)
+            g = model.embed_target(modality=tgt, latents=_store_rows(model, "test", tgt), space=space)
+            np.testing.assert_array_equal(q[emb.query_rows], emb.queries)
+            np.testing.assert_array_equal(g[emb.gallery_rows], emb.gallery)
+
+
+def test_an_export_loads_to_the_same_outputs_bit_for_bit(run, tmp_path):
+    out = export_run(run, tmp_path / "model")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    card = (out / "README.md").read_text()
+    assert "| image->text |" in card and f"m3jepa export --run {run}" in card
+    a, b = m3jepa.load(run), m3jepa.load(out)
+    assert b.source.kind == "export" and b.directions == a.directions
+    x = _store_rows(a, "test", "image")
+    for space in ("cl", "pred"):
+        assert np.array_equal(a.embed_query(source="image", target="text", latents=x, space=space),
+                              b.embed_query(source="image", target="text", latents=x, space=space))
+    t = _store_rows(a, "test", "text")
+    assert np.array_equal(a.embed_target(modality="text", latents=t),
+                          b.embed_target(modality="text", latents=t))
+    with pytest.raises(ApiError, match="not empty; choose another --out or pass --force"):
+        export_run(run, out)
+
+
+def test_refusals_are_one_line_naming_the_fix(run, tmp_path):
+    model = m3jepa.load(run)
+    x = _store_rows(model, "test", "image")
+    cases = [
+        (lambda: model.embed_query(source="text", target="audio", latents=x), "not trained for text->audio"),
+        (lambda: model.embed_query(source="image", target="text", latents=x[:, :5]), r"must be \(N, 48\)"),
+        (lambda: model.embed_query(source="image", target="text"), "either image inputs or image latents"),
+        (lambda: model.embed_query(source="image", target="text", latents=x * np.nan), "NaN or infinite"),
+        (lambda: model.embed_target(modality="text", latents=x, space="both"), "space='both'"),
+        (lambda: model.vocabulary("label"), "no label vocabulary"),
+        (lambda: m3jepa.load(tmp_path), "neither a run directory"),
+        (lambda: m3jepa.load(run, checkpoint="newest"), "not one of best, latest"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ApiError, match=message):
+            call()
+
+
+def test_classify_equals_the_nearest_class_evaluate_uses(tmp_path):
+    stores = tmp_path / "stores"
+    for split in ("train", "val", "test"):
+        make_label_split(stores, split)
+    run = tmp_path / "run"
+    sets = {"train.directions": ["image->label"], "train.max_steps": 30, "train.batch_size": 20,
+            "encode.label_encoder": "syn-label", "train.eval_every": 10}
+    train(load_pipeline(None, overrides(stores, run, **sets)))
+    model = m3jepa.load(run)
+    assert model.vocabulary("label") == [f"class{c}" for c in range(5)]
+    x = _store_rows(model, "test", "image")
+    got = model.classify(latents=x)
+    q = model.embed_query(source="image", target="label", latents=x)
+    g = model.embed_target(modality="label", latents=_store_rows(model, "train", "label"))
+    want = [f"class{c}" for c in (q @ g.T).argmax(axis=1)]
+    assert got == want
+    truth = [r.split("/")[1] for r in open_store(modality_store(model.cfg, "test", "image")).rows.sample_ids]
+    assert np.mean([a == b for a, b in zip(got, truth, strict=True)]) > 0.6  # 5 classes: chance is 0.2
+    assert set(model.classify(latents=x, labels=["class1", "class3"])) <= {"class1", "class3"}
+    with pytest.raises(ApiError, match="choose among the trained labels"):
+        model.classify(latents=x, labels=["class9"])
+    exported = m3jepa.load(export_run(run, tmp_path / "model"))  # the vocabulary's latents travel along
+    assert exported.classify(latents=x) == got
+
+
+# ---------------------------------------------------------------- docs/api.md, run for real
+
+
+def _m3jepa(*args: str, cwd: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "m3jepa", *args], cwd=cwd, env=ENV, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_every_example_in_docs_api_runs(tmp_path, tuxpaint_root, monkeypatch):
+    pytest.importorskip("easy_vqa", reason="needs easy-vqa (pip install '.[offline]')")
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs `apt-get install dataset-fashion-mnist`")
+    small = ["--set", "train.max_steps=40", "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
+    _m3jepa("run", "tuxpaint", "--set", "encode.limit=200", *small, cwd=tmp_path)
+    _m3jepa("run", "fashion_mnist", "--set", "encode.limit=200", *small, cwd=tmp_path)
+    _m3jepa("run", "easy_vqa", "--set", "encode.limit=60", *small, cwd=tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert len(blocks) >= 7
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"docs/api.md block {i + 1}", "exec"), scope)  # noqa: S102
+        except Exception as e:  # name the block that failed
+            raise AssertionError(f"docs/api.md python block {i + 1} failed: {e!r}\n{block}") from e

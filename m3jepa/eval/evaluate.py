@@ -52,7 +52,8 @@ def score(emb: DirectionEmbeddings, runtime: Runtime, faiss_threshold: int = 200
             emb.queries_t, emb.gallery_t, emb.query_groups, emb.gallery_groups, ks=KS
         )
     return retrieval_metrics(
-        emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS, faiss_threshold=faiss_threshold
+        emb.queries, emb.gallery, emb.query_groups, emb.gallery_groups, ks=KS,
+        faiss_threshold=faiss_threshold, fast_path=runtime.cpu_fast_path,
     )
 
 

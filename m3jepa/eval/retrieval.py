@@ -137,8 +137,13 @@ def retrieval_metrics(
     use_faiss: bool | None = None,
     faiss_threshold: int = 20000,
     block: int = 4096,
+    fast_path: bool = False,
 ) -> RetrievalResult:
     """Recall@k (percent) of `queries` (Q, d) against `gallery` (G, d), cosine when `normalize`.
+
+    `fast_path` (the CPU fast path, runtime.cpu_fast_path) lets the exact-rank engine score in int8
+    first, through oneDNN's private quantised op; off, it scores in bf16 only. The recalls are exact
+    either way.
 
     Queries whose group has no gallery item raise ValueError, or with `allow_missing=True` are
     dropped before the search and counted in `n_dropped`.
@@ -165,7 +170,8 @@ def retrieval_metrics(
     # A gallery smaller than k (10 classes, say) is searched whole: R@k for k >= G is R@G.
     k_max = min(max(ks), len(gallery))
     if use_faiss is None and wants_ranks(query_codes[keep], gallery_codes):
-        return _rank_metrics(queries, gallery, query_codes[keep], gallery_codes, ks, int(missing.sum()))
+        return _rank_metrics(queries, gallery, query_codes[keep], gallery_codes, ks, int(missing.sum()),
+                             fast_path)
     backend = "faiss" if wants_faiss(len(queries), len(gallery), use_faiss, faiss_threshold) else "matmul"
     t0 = time.perf_counter()
     top = topk_search(queries, gallery, k_max, use_faiss=backend == "faiss", block=block)
@@ -203,11 +209,13 @@ def _rank_metrics(
     gallery_codes: np.ndarray,
     ks: list[int],
     n_dropped: int,
+    fast_path: bool,
 ) -> RetrievalResult:
     from m3jepa.accel.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
-    ranks = exact_ranks(queries, gallery, query_codes, gallery_codes, max(ks), both=False, ks=ks).rows
+    ranks = exact_ranks(queries, gallery, query_codes, gallery_codes, max(ks), both=False, ks=ks,
+                        int8_first=None if fast_path else False).rows
     return RetrievalResult(
         recalls=recalls_from_ranks(ranks, ks),
         n_queries=len(queries),
@@ -227,6 +235,7 @@ def cross_retrieval_metrics(
     *,
     normalize: bool = True,
     allow_missing: bool = False,
+    fast_path: bool = False,
 ) -> tuple[RetrievalResult, RetrievalResult]:
     """(a→b, b→a) recall@k of both directions, from ONE score matrix when it is large.
 
@@ -242,7 +251,7 @@ def cross_retrieval_metrics(
         )
     a_codes, b_codes = group_codes(a_groups, b_groups)
     if not (wants_ranks(a_codes, b_codes) and wants_ranks(b_codes, a_codes)):
-        kw = {"normalize": normalize, "allow_missing": allow_missing}
+        kw = {"normalize": normalize, "allow_missing": allow_missing, "fast_path": fast_path}
         return (
             retrieval_metrics(a, b, a_groups, b_groups, ks, **kw),
             retrieval_metrics(b, a, b_groups, a_groups, ks, **kw),
@@ -259,7 +268,8 @@ def cross_retrieval_metrics(
     from m3jepa.accel.search import exact_ranks, recalls_from_ranks  # lazy: imports torch
 
     t0 = time.perf_counter()
-    ranks = exact_ranks(a, b, a_codes, b_codes, max(ks), ks=ks)  # missing queries get NO_RANK
+    # missing queries get NO_RANK; int8 first only on the CPU fast path (retrieval_metrics)
+    ranks = exact_ranks(a, b, a_codes, b_codes, max(ks), ks=ks, int8_first=None if fast_path else False)
     ms = 1000.0 * (time.perf_counter() - t0)
 
     def result(r: np.ndarray, gallery: int, miss: np.ndarray) -> RetrievalResult:

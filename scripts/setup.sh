@@ -15,11 +15,35 @@ need_apt=()
 [ -d /usr/share/asterisk/sounds/en_US_f_Allison/digits ] || need_apt+=(asterisk-core-sounds-en-wav)
 # Fashion-MNIST (class labels as a modality; the `fashion-mnist` dataset, docs/classification.md).
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+# rsvg-convert renders SVG images (OpenMoji, Tux Paint's SVG-only stamps); npm fetches the emoji packages.
+command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# The emoji dataset (docs/datasets.md, emoji): four npm packages, unpacked with only the files the loader
+# reads (64 px PNGs, OpenMoji's colour SVGs, the English emojibase data, licences), never committed.
+EMOJI_DATA=/usr/local/share/m3jepa-data/emoji
+npm_data() {  # npm_data NAME VERSION MEMBER...: unpack NAME@VERSION's MEMBERs into $EMOJI_DATA/NAME once
+  local name=$1 version=$2 dest="$EMOJI_DATA/$1" tmp
+  shift 2
+  [ "$(cat "$dest/.version" 2>/dev/null)" = "$version" ] && return 0
+  echo "setup: npm pack $name@$version"
+  $SUDO mkdir -p "$EMOJI_DATA" && $SUDO chown "$(id -u):$(id -g)" "$EMOJI_DATA"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$name@$version" >/dev/null)
+  rm -rf "$dest.part" && mkdir -p "$dest.part"
+  tar xzf "$tmp/$name-$version.tgz" -C "$dest.part" --strip-components=1 --wildcards "${@/#/package/}"
+  echo "$version" >"$dest.part/.version"  # written last: a half-unpacked folder is never taken as done
+  rm -rf "$dest" "$tmp" && mv "$dest.part" "$dest"
+}
+npm_data emoji-datasource-google 16.0.0 LICENSE emoji.json 'img/google/64/*'
+npm_data emoji-datasource-twitter 16.0.0 LICENSE emoji.json 'img/twitter/64/*'
+npm_data openmoji 17.0.0 LICENSE.txt 'color/svg/*'
+npm_data emojibase-data 17.0.0 LICENSE en/data.json
 
 PY="${PYTHON:-python3}"
 # torch first, pinned to the CPU build on this machine's disk; a bare 'torch' would pull a CUDA build.
@@ -41,6 +65,8 @@ if ! "$PY" -c 'import aisfx.models.cnn2d' 2>/dev/null; then
   echo "setup: pip install --no-deps aisfx==0.1.2"
   "$PY" -m pip install -q --no-deps aisfx==0.1.2
 fi
+# OpenMoji's SVGs rendered to 64 px PNGs once, into the cache the emoji loader reads (a rerun renders none).
+"$PY" -c 'from m3jepa.data import get_dataset; get_dataset("emoji")'
 # Never let torchvision/timm/torchaudio from PyPI in beside the CPU torch: they break it.
 if "$PY" -c 'import importlib.util as u, sys; sys.exit(0 if any(u.find_spec(m) for m in ("torchvision","timm","torchaudio")) else 1)'; then
   echo "setup: warning: torchvision/timm/torchaudio are installed; m3jepa does not use them" >&2

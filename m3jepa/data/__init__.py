@@ -10,6 +10,11 @@ from m3jepa.data.records import Dataset, DatasetError
 # name → (module, loader); modules are imported only when their dataset is asked for.
 _LOADERS = {
     "tuxpaint": ("m3jepa.data.tuxpaint", "load_tuxpaint"),
+    "tuxpaint-all": ("m3jepa.data.tuxpaint", "load_tuxpaint_all"),
+    "emoji": ("m3jepa.data.emoji", "load_emoji"),
+    "emoji-style-google": ("m3jepa.data.emoji", "load_emoji_style_google"),
+    "emoji-style-twitter": ("m3jepa.data.emoji", "load_emoji_style_twitter"),
+    "emoji-style-openmoji": ("m3jepa.data.emoji", "load_emoji_style_openmoji"),
     "coco": ("m3jepa.data.coco", "load_coco"),
     "flickr30k": ("m3jepa.data.flickr30k", "load_flickr30k"),
     "jsonl": ("m3jepa.data.jsonl", "load_jsonl"),
@@ -36,6 +41,13 @@ DEFAULT_ENCODERS: dict[str, dict[str, str]] = {
     # image and text only: Tux Paint's sounds pair with captions through "tuxpaint-audio" (only the
     # stamps that have a sound), since a 785-caption text store cannot pair with 131 sounds.
     "tuxpaint": {"image": "efficientnet-lite0", "text": "minilm-l6"},
+    # the same with the 165 SVG-only stamps rendered (opt-in: the default's splits and numbers stay)
+    "tuxpaint-all": {"image": "efficientnet-lite0", "text": "minilm-l6"},
+    # emoji: by concept (emoji) or leaving one drawing style out for test (emoji-style-<style>)
+    "emoji": {"image": "efficientnet-lite0", "text": "minilm-l6"},
+    "emoji-style-google": {"image": "efficientnet-lite0", "text": "minilm-l6"},
+    "emoji-style-twitter": {"image": "efficientnet-lite0", "text": "minilm-l6"},
+    "emoji-style-openmoji": {"image": "efficientnet-lite0", "text": "minilm-l6"},
     "coco": dict(_PAPER_ENCODERS),
     "flickr30k": dict(_PAPER_ENCODERS),
     "jsonl": dict(_SMALL_ENCODERS),

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "m3jepa"
 LAYERS: dict[str, int] = {
     "files": 0,
     "knn": 0,  # the plain exact search: eval scores with it, accel.search certifies against it
+    "progress": 0,  # encode's and train's progress: a tqdm bar on a terminal, summary lines elsewhere
     "config": 0,
     "data": 1,
     "prefetch": 1,

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import (
@@ -33,6 +32,7 @@ from m3jepa.encode.reader import Batch, read_batches
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
 from m3jepa.files import atomic_write_text
+from m3jepa.progress import progress
 from m3jepa.store.manifest import (
     FOLDER_DATASETS,
     RAGGED_KINDS,
@@ -389,9 +389,9 @@ def encode_shards(
     batches = read_batches(job.records, encoder.preprocessor, plan, reader_workers(job.modality, cfg.workers),
                            pin, yield_cpu=low, refused=job.refused)
     try:
-        with BackgroundWrites(depth=1, threaded=BACKGROUND_WRITES) as writes, tqdm(
-            total=sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",
-            disable=not show, dynamic_ncols=True,
+        with BackgroundWrites(depth=1, threaded=BACKGROUND_WRITES) as writes, progress(
+            sum(hi - lo for _, lo, hi, _ in plans), unit="row", desc=f"{job.split}/{job.modality}",
+            disable=not show,
         ) as bar:
             for index, lo, hi, shard_batches in plans:
                 features, tokens, skipped = _encode_shard(job, encoder, cfg, batches, lo, hi, shard_batches,
@@ -420,7 +420,7 @@ def reader_workers(modality: str, workers: int) -> int:
 
 def _encode_shard(
     job: StoreJob, encoder: Encoder, cfg: EncodeConfig, batches: Iterator[Batch], lo: int, hi: int,
-    shard_batches: list[list[int]], result: StoreResult, bar: tqdm,
+    shard_batches: list[list[int]], result: StoreResult, bar: Any,
 ) -> tuple[np.ndarray, list[np.ndarray | None], list[dict[str, Any]]]:
     """Features (n, D), per-row tokens and skipped rows of one shard, from its planned batches."""
     features = np.zeros((hi - lo, job.spec.dim), dtype=np.float32)  # (n, D); bad rows stay zero

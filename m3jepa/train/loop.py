@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from m3jepa.config import PipelineConfig, save_toml
 from m3jepa.core import checkpoint as ckpt
@@ -23,6 +22,7 @@ from m3jepa.core.objective import Objective, loss_scalars, write_parameter_repor
 from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
+from m3jepa.progress import progress
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
 
@@ -131,7 +131,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
         )
 
     began, first_step = time.perf_counter(), state.step
-    bar = tqdm(total=n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
+    bar = progress(n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
     metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
     # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
     train_data.readahead = read_ahead(

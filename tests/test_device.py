@@ -259,3 +259,19 @@ def test_a_lora_step_names_its_device(meta_default):
     out.float().sum().backward()
     grads = [p.grad for n, p in tail.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.device == cpu and g.abs().sum() > 0 for g in grads)
+
+
+def test_fp32_evaluation_never_asks_for_the_int8_stage(monkeypatch):
+    """oneDNN's private int8 op is the CPU fast path's: the default (fp32) search never checks for it."""
+    from m3jepa.accel.search import int8
+
+    asked = []
+    monkeypatch.setattr(int8, "available", lambda *a, **k: asked.append(1) or False)
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((1100, 16)).astype(np.float32)
+    captions = np.repeat(images, 4, axis=0) + rng.standard_normal((4400, 16)).astype(np.float32)
+    groups_i, groups_c = np.arange(1100), np.repeat(np.arange(1100), 4)  # 4.84M scores: the rank engine
+    plain = retrieval_metrics(captions, images, groups_c, groups_i)
+    assert plain.backend == "bf16-rank" and not asked
+    fast = retrieval_metrics(captions, images, groups_c, groups_i, fast_path=True)
+    assert asked and fast.recalls == plain.recalls

@@ -409,6 +409,152 @@ def export(
         typer.echo(str(export_run(Path(run), Path(out), checkpoint=checkpoint, force=force)))
 
 
+SearchDevice = Annotated[str, typer.Option(help="Where the model runs: auto | cpu | cuda | cuda:N.")]
+
+
+@app.command()
+def embed(
+    run: Annotated[str, typer.Option(help="A run directory (or an m3jepa export folder).")],
+    split: Annotated[str, typer.Option(help="The split whose store to embed, e.g. test.")],
+    modality: Annotated[str, typer.Option(help="A modality the model targets (the gallery), e.g. image.")],
+    out: Annotated[str | None, typer.Option(help="Default: RUN/embedded/SPLIT/MODALITY.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
+    device: SearchDevice = "auto",
+    force: Annotated[bool, typer.Option(help="Rewrite an --out embedded with another model/store.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write a run's store in the model's aligned (cl) space as a new feature store (the gallery rows).
+
+    Example: m3jepa embed --run runs/tuxpaint --split test --modality image
+    """
+    _setup_logging(verbose)
+    with _errors():
+        _check_checkpoint(checkpoint)
+        from m3jepa.api import load
+        from m3jepa.search import embed_run
+
+        done = embed_run(load(Path(run), checkpoint=checkpoint, device=device), split, modality,
+                         Path(out) if out else None, force=force)
+        typer.echo(f"{done.path}{' (cached)' if done.cached else ''}")
+
+
+@app.command()
+def index(
+    store: Annotated[str | None, typer.Option(help="An embedded store (written by m3jepa embed).")] = None,
+    run: Annotated[str | None, typer.Option(help="Or: a run to embed first (+ --split, --modality).")] = None,
+    split: Annotated[str | None, typer.Option(help="With --run: the split.")] = None,
+    modality: Annotated[str | None, typer.Option(help="With --run: the gallery modality.")] = None,
+    out: Annotated[str | None, typer.Option(help="The index folder (default: STORE.index).")] = None,
+    kind: Annotated[str, typer.Option(help="auto | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw")] = "auto",
+    memory_budget: Annotated[str, typer.Option(help="The most the index may hold in memory, e.g. 4GB.")] = (
+        "4GB"),
+    checkpoint: Annotated[str, typer.Option(help="With --run: best | latest")] = "best",
+    device: SearchDevice = "auto",
+    force: Annotated[bool, typer.Option(help="Rebuild an existing --out.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Build a faiss index over an embedded gallery, with each row's ids, caption and media path.
+
+    Example: m3jepa index --run runs/tuxpaint --split test --modality image
+    """
+    _setup_logging(verbose)
+    with _errors():
+        _check_checkpoint(checkpoint)
+        from m3jepa.api import load
+        from m3jepa.search import embed_run, index_store
+        from m3jepa.search.embed import read_sidecar
+        from m3jepa.search.gallery import default_out
+        from m3jepa.search.identity import ModelRef, load_model
+
+        if (store is None) == (run is None) or (run is not None and not (split and modality)):
+            raise ConfigError("give --store EMBEDDED, or --run R with --split and --modality")
+        if run is not None:
+            model = load(Path(run), checkpoint=checkpoint, device=device)
+            embedded = embed_run(model, split, modality).path
+        else:
+            embedded = Path(store)
+            ref = ModelRef.from_json(read_sidecar(embedded)["model"], embedded)
+            model = load_model(ref, device, embedded)
+        path, cached = index_store(embedded, Path(out) if out else default_out(embedded), model, kind=kind,
+                                   memory_budget=memory_budget, force=force)
+        m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        typer.echo(f"{path}{' (cached)' if cached else ''}: {m['kind']} ({m['factory']}) over {m['rows']} "
+                   f"rows x {m['dim']}, {m['search_params'] or 'exact'}, recall@10 {m['recall@10']:.4f} on "
+                   f"{m['recall']['queries']} queries, built in {m['build_seconds']} s")
+
+
+@app.command()
+def search(
+    index: Annotated[str, typer.Option("--index", help="An index folder written by m3jepa index.")],
+    text: Annotated[str | None, typer.Option(help="A caption to search with.")] = None,
+    image: Annotated[str | None, typer.Option(help="An image file to search with.")] = None,
+    audio: Annotated[str | None, typer.Option(help="An audio file to search with.")] = None,
+    k: Annotated[int, typer.Option("--k", help="How many results.")] = 10,
+    json_: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
+    device: SearchDevice = "auto",
+    verbose: Verbose = False,
+) -> None:
+    """Search an index with a caption, an image or a sound, through the model the index names.
+
+    Example: m3jepa search --index runs/tuxpaint/embedded/test/image.index --text "a red flower"
+    """
+    _setup_logging(verbose)
+    with _errors():
+        given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
+        if len(given) != 1:
+            raise ConfigError("give exactly one of --text, --image, --audio")
+        from m3jepa.search import Searcher
+        from m3jepa.search.searcher import hits_table
+
+        (modality, value), = given.items()
+        hits = Searcher.open(index, device=device).query(modality, value, k=k)
+        if json_:
+            typer.echo(json.dumps({"index": index, "query": {modality: value}, "k": k,
+                                   "hits": [h.to_json() for h in hits]}, indent=2, ensure_ascii=False))
+        else:
+            typer.echo(hits_table(hits))
+
+
+def _encode_config(params: dict[str, object]) -> EncodeConfig:
+    """`encode`'s config from its parameters: defaults < --pipeline < --set < the options given.
+
+    Each option sets the EncodeConfig field of its name (--split and --modality: splits, modalities).
+    """
+    values: dict[str, object] = {}
+    for name, value in params.items():
+        key = {"split": "splits", "modality": "modalities"}.get(name, name)
+        if key in ("splits", "modalities"):
+            value = _csv(value) or None  # type: ignore[arg-type]
+        if key in _ENCODE_DEFAULTS and value is not None:
+            values[f"encode.{key}"] = value
+    return _load(params.get("pipeline"), params.get("set_"), values).encode  # type: ignore[arg-type]
+
+
+@app.command()
+def serve(
+    index: Annotated[
+        list[str], typer.Option("--index", help="An index folder (or NAME=FOLDER); repeat for each gallery.")
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; the default is loopback only (docs/serve.md).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: SearchDevice = "auto",
+    verbose: Verbose = False,
+) -> None:
+    """Serve search indexes of one model over HTTP: a web page, a JSON API and the indexed media.
+
+    Example: m3jepa serve --index runs/tp/embedded/test/image.index --index runs/tp/embedded/test/text.index
+    """
+    _setup_logging(verbose)
+    with _errors():
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port {port} is not a TCP port (1 to 65535)")
+        from m3jepa.serve import serve as run_server
+
+        run_server(index, host=host, port=port, device=device)
+
+
 # The config key each shared command option sets (after --set, so the option wins).
 _OPTION_KEYS = {"device": "runtime.device", "precision": "runtime.precision",
                 "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir"}

@@ -1,0 +1,311 @@
+"""m3jepa.search: embed a gallery store, index it, search it (Python API and CLI), checked against numpy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_stores import DATASET, overrides
+from typer.testing import CliRunner
+
+from m3jepa.api import load
+from m3jepa.config import load_pipeline
+from m3jepa.data.records import Record, membership_fingerprint
+from m3jepa.search import Searcher, SearchError, SearchIndex, choose, embed_run, embed_store, index_store
+from m3jepa.search.build import build, perturbed_queries
+from m3jepa.search.index import write_index
+from m3jepa.search.plan import parse_bytes
+from m3jepa.store import Manifest, StoreWriter, open_store, rows_from_records, store_path
+from m3jepa.train.loop import train
+
+IMAGE_DIM, TEXT_DIM = 48, 384
+
+
+def _write(root: Path, split: str, modality: str, encoder: str, revision: str, records: list[Record],
+           feats: np.ndarray, skipped: set[int] = frozenset()) -> Path:
+    path = store_path(root, DATASET, split, modality, encoder)
+    manifest = Manifest(dataset=DATASET, split=split, modality=modality,
+                        membership=membership_fingerprint(records), rows=len(records), encoder=encoder,
+                        encoder_revision=revision, pooling="none",
+                        layers="none", dim=feats.shape[1], dtype="float32", format="zarr", shard_size=16)
+    feats = feats.copy()
+    feats[sorted(skipped)] = 0  # a skipped row's features are zeros, as encode writes them
+    with StoreWriter(path, manifest) as w:
+        for index, start, end in w.planned_shards():
+            w.write_shard(index, feats[start:end])
+        w.finalize(rows_from_records(records, skipped), [
+            {"row_id": i, "sample_id": records[i].sample_id, "reason": "unreadable"} for i in skipped])
+    return path
+
+
+def _stores(root: Path) -> Path:
+    """Random image latents; text rows in MiniLM's width under MiniLM's name, so a raw caption query runs
+    the real MiniLM encoder (the latents themselves are a linear map of the image plus noise)."""
+    from m3jepa.encoders import get_encoder_spec
+
+    revision = get_encoder_spec("minilm-l6").revision
+    mapping = np.random.default_rng(1).standard_normal((IMAGE_DIM, TEXT_DIM)).astype(np.float32) / 6
+    for split, n in (("train", 96), ("val", 24), ("test", 24)):
+        rng = np.random.default_rng(zlib.crc32(split.encode()))
+        images = rng.standard_normal((n, IMAGE_DIM)).astype(np.float32)
+        groups = [f"{split}-g{i:03d}" for i in range(n)]
+        _write(root, split, "image", "syn-image", "r1",
+               [Record(i, g, g, "image", f"/media/{g}.png") for i, g in enumerate(groups)], images)
+        texts = images @ mapping + 0.3 * rng.standard_normal((n, TEXT_DIM)).astype(np.float32)
+        _write(root, split, "text", "minilm-l6", revision,
+               [Record(i, g, g, "text", f"a picture of thing {i} in {split}") for i, g in enumerate(groups)],
+               texts)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = _stores(tmp_path_factory.mktemp("stores"))
+    path = tmp_path_factory.mktemp("runs") / "run"
+    sets = {"runtime.device": "cpu", "train.max_steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+            "encode.text_encoder": "minilm-l6"}
+    train(load_pipeline(None, overrides(root, path, **sets)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return load(run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_index(run, model, tmp_path_factory) -> Path:
+    embedded = embed_run(model, "test", "image").path
+    out, cached = index_store(embedded, tmp_path_factory.mktemp("idx") / "image.index", model)
+    assert not cached
+    return out
+
+
+def _source(model, split: str, modality: str):
+    from m3jepa.core.paired import modality_store
+
+    return open_store(modality_store(model.cfg, split, modality))
+
+
+def _exact(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) positions of the k largest inner products, by a float64 numpy sort."""
+    scores = queries.astype(np.float64) @ gallery.astype(np.float64).T  # (Q, G)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+# ---------------------------------------------------------------- embed
+
+
+def test_embed_writes_embed_target_with_the_source_rows(run, model):
+    done = embed_run(model, "test", "image")
+    assert done.path == run / "embedded" / "test" / "image" and not done.cached
+    src, out = _source(model, "test", "image"), open_store(done.path)
+    assert np.array_equal(out.read_all(), model.embed_target(modality="image", latents=src.read_all()))
+    assert (out.rows.sample_ids, out.rows.group_ids, out.rows.texts) == (
+        src.rows.sample_ids, src.rows.group_ids, src.rows.texts)
+    m = out.manifest
+    assert m.encoder == f"m3jepa:{run.resolve()}@best" and m.dim == 32 and m.dtype == "float32"
+    assert m.encoder_revision == __import__("hashlib").sha256(
+        (run / "checkpoints" / "best" / "model.safetensors").read_bytes()).hexdigest()
+    assert [s.sha256 for s in m.shards] and m.membership == src.manifest.membership
+    sidecar = json.loads((done.path / "embedding.json").read_text())
+    assert sidecar["source"]["path"] == str(src.path.resolve())
+    assert embed_run(model, "test", "image").cached  # the same model and store: a no-op
+
+
+def test_embed_with_another_model_is_refused_unless_forced(run, model, tmp_path):
+    out = tmp_path / "emb"
+    embed_store(model, _source(model, "test", "image").path, out)
+    other = load(run, checkpoint="latest", device="cpu")
+    with pytest.raises(SearchError, match=r"embedded from another model; pass --force"):
+        embed_store(other, _source(model, "test", "image").path, out)
+    assert not embed_store(other, _source(model, "test", "image").path, out, force=True).cached
+    assert open_store(out).manifest.encoder.endswith("@latest")
+
+
+def test_invalid_rows_stay_invalid_and_zero(model, tmp_path):
+    src = _source(model, "test", "image")
+    records = [Record(i, s, g, "image", "x.png") for i, (s, g) in
+               enumerate(zip(src.rows.sample_ids, src.rows.group_ids, strict=True))]
+    path = _write(tmp_path / "stores", "test", "image", "syn-image", "r1", records, src.read_all(), {3, 17})
+    out = open_store(embed_store(model, path, tmp_path / "emb").path)
+    got, valid = out.read_all(), out.rows.valid
+    assert valid.tolist() == [i not in (3, 17) for i in range(len(records))]
+    assert not got[~valid].any()
+    assert np.array_equal(got[valid], model.embed_target(modality="image", latents=src.read_all()[valid]))
+
+
+def test_embedding_a_source_only_modality_names_the_directions(tmp_path):
+    root = _stores(tmp_path / "stores")
+    run = tmp_path / "one-way"
+    sets = {"runtime.device": "cpu", "train.max_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
+            "encode.text_encoder": "minilm-l6", "train.directions": ["image->text"]}
+    train(load_pipeline(None, overrides(root, run, **sets)))
+    with pytest.raises(SearchError, match=r"^the model only uses image as a source \(its directions are "
+                                          r"image->text\); embed a modality it targets$"):
+        embed_run(load(run, device="cpu"), "test", "image")
+
+
+# ---------------------------------------------------------------- index
+
+
+def test_flat_index_returns_the_exact_top_k(model, image_index):
+    index = SearchIndex.open(image_index)
+    assert (index.modality, index.dim, index.rows, index.manifest["kind"]) == ("image", 32, 24, "flat")
+    gallery = open_store(index.manifest["store"]["path"]).read_all()  # (24, 32)
+    text = _source(model, "test", "text").read_all()  # (24, 384)
+    queries = model.embed_query(source="text", target="image", latents=text)  # (24, 32)
+    hits = index.search(queries, k=5)
+    assert [[h.row_id for h in q] for q in hits] == _exact(queries, gallery, 5).tolist()
+    first = hits[0][0]
+    assert first.rank == 1
+    assert first.score == pytest.approx(float(queries[0] @ gallery[first.row_id]), abs=1e-5)
+    row = index.row(first.row_id)
+    assert row["media"] is None  # the synthetic dataset has no records to join
+    assert row["caption"] == f"a picture of thing {first.row_id} in test"  # its group's caption
+    assert index.manifest["recall"]["query_source"].startswith("24 text->image embed_query rows")
+
+
+def test_index_is_cached_then_refused_without_force(model, image_index):
+    embedded = Path(SearchIndex.open(image_index).manifest["store"]["path"])
+    assert index_store(embedded, image_index, model) == (image_index, True)
+    with pytest.raises(SearchError, match=r"exists and holds another index .*pass --force"):
+        index_store(embedded, image_index, model, kind="flat")
+
+
+def _clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.7 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)  # (n, d) unit rows
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "hnsw"])
+def test_approximate_recall_is_recomputed_independently(kind, tmp_path):
+    vectors = _clustered(6000, 32, 50)
+    queries = perturbed_queries(vectors, 300, seed=1)
+    plan = choose(len(vectors), 32, kind)
+    built = build(vectors, plan, queries, "perturbed")
+    rows = [{"row_id": i, "sample_id": str(i), "group_id": str(i), "caption": None, "media": None}
+            for i in range(len(vectors))]
+    index = SearchIndex.open(write_index(tmp_path / "idx", built, rows, {"modality": "image"}))
+    found = np.array([[h.row_id for h in q] for q in index.search(queries, 10)])  # (300, 10)
+    exact = _exact(queries, vectors, 10)
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+    assert index.manifest["recall@10"] == pytest.approx(recall, abs=1e-9)
+    assert recall >= 0.95
+    (name, chosen), = index.manifest["search_params"].items()
+    tried = dict(map(tuple, index.manifest["recall"]["tuning"]))
+    assert tried[chosen] >= 0.95 and all(r < 0.95 for p, r in tried.items() if p < chosen)
+
+
+def test_the_choice_rule():
+    assert choose(20_000, 512).kind == "flat"
+    assert choose(1_000_000, 512, budget=parse_bytes("4GB")).factory == "IVF4096,Flat"
+    assert choose(1_000_000, 512, budget=parse_bytes("1GB")).factory == "IVF4096,SQ8"
+    assert choose(1_000_000, 512, budget=parse_bytes("200MB")).factory == "IVF4096,PQ64x8"
+    with pytest.raises(SearchError, match=r"no index of 1000000 x 512 fits a memory budget of 10,000,000 "):
+        choose(1_000_000, 512, budget=parse_bytes("10MB"))
+    assert parse_bytes("2GiB") == 2 * 2**30
+    with pytest.raises(SearchError, match="is not a size"):
+        parse_bytes("lots")
+
+
+# ---------------------------------------------------------------- damaged indexes
+
+
+def test_a_corrupt_manifest_is_one_line_naming_it(image_index, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(image_index, bad)
+    (bad / "manifest.json").write_text("{ not json")
+    with pytest.raises(SearchError) as e:
+        SearchIndex.open(bad)
+    assert str(e.value) == f"{bad / 'manifest.json'} is corrupt (JSONDecodeError); rebuild with " \
+                           "`m3jepa index --force`"
+    with pytest.raises(SearchError, match=r"is not an index folder"):
+        SearchIndex.open(tmp_path / "nowhere")
+
+
+def test_a_row_count_mismatch_is_one_line(image_index, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(image_index, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["rows"] = 23
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SearchError) as e:
+        SearchIndex.open(bad)
+    assert str(e.value) == (f"{bad}: the index holds 24 vectors, rows.jsonl 24 lines, the manifest says 23; "
+                            "rebuild with `m3jepa index --force`")
+
+
+def test_edited_rows_are_refused(image_index, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(image_index, bad)
+    (bad / "rows.jsonl").write_text((bad / "rows.jsonl").read_text().replace("test-g000", "test-g999"))
+    with pytest.raises(SearchError, match=r"rows.jsonl does not match its sha256 in the manifest"):
+        SearchIndex.open(bad)
+
+
+# ---------------------------------------------------------------- search
+
+
+def test_searcher_and_cli_print_the_exact_hits(model, image_index):
+    caption = "a picture of thing 3 in test"
+    searcher = Searcher(SearchIndex.open(image_index), model)
+    assert searcher.sources == ["text"]
+    query = model.embed_query([caption], source="text", target="image")  # (1, 32), through MiniLM
+    gallery = open_store(searcher.index.manifest["store"]["path"]).read_all()
+    want = _exact(query, gallery, 4)[0].tolist()
+    assert [h.row_id for h in searcher.query("text", caption, k=4)] == want
+
+    from m3jepa.cli import app
+
+    res = CliRunner().invoke(app, ["search", "--index", str(image_index), "--text", caption, "--k", "4",
+                                   "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert [h["row_id"] for h in out["hits"]] == want and [h["rank"] for h in out["hits"]] == [1, 2, 3, 4]
+    res = CliRunner().invoke(app, ["search", "--index", str(image_index), "--text", caption, "--k", "2",
+                                   "--device", "cpu"])
+    table = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [(int(t[0]), int(t[2])) for t in table] == [(1, want[0]), (2, want[1])]
+
+
+def test_an_untrained_direction_is_one_line(model, image_index, tmp_path):
+    from m3jepa.cli import app
+
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(b"RIFF")
+    res = CliRunner().invoke(app, ["search", "--index", str(image_index), "--audio", str(wav),
+                                   "--device", "cpu"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: the model was not trained for audio->image; its directions are image->text, text->image"]
+    res = CliRunner().invoke(app, ["search", "--index", str(tmp_path / "missing"), "--text", "x"])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"error: {tmp_path / 'missing'} is not an index folder; build one with `m3jepa index`")
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_tuxpaint_images_are_found_by_caption(tmp_path):
+    if not Path("/usr/share/tuxpaint/stamps").is_dir():
+        pytest.skip("tuxpaint-stamps-default is not installed")
+    from m3jepa.pipelines import resolve
+    from m3jepa.runner import run_all
+
+    cfg = load_pipeline(resolve("tuxpaint"), ["train.epochs=5"])
+    run_all(cfg, workdir=tmp_path)
+    run = next((tmp_path / "runs").iterdir())
+    model = load(run, device="cpu")
+    idx, _ = index_store(embed_run(model, "test", "image").path, tmp_path / "img.index", model)
+    searcher = Searcher(SearchIndex.open(idx), model)
+    hits = searcher.query("text", "Tux—the Linux mascot!", k=10)
+    assert all(h.media and Path(h.media).is_file() for h in hits)
+    assert len(hits) == 10 and [h.rank for h in hits] == list(range(1, 11))

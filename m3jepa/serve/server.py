@@ -1,0 +1,85 @@
+"""Open the indexes named on the command line with one model, warm it up, and run uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from m3jepa.serve.engine import Engine
+from m3jepa.serve.errors import RequestError
+from m3jepa.serve.limits import Limits
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def index_specs(specs: list[str]) -> dict[str, Path]:
+    """name -> folder from `--index` values: NAME=PATH, or PATH (named after its folder)."""
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).resolve().name, spec
+        if not NAME.match(name):
+            raise ValueError(f"--index {spec}: the name {name!r} must be 1-64 letters, digits, '_', '.' or "
+                             "'-'; give one as NAME=PATH")
+        if name in named:
+            raise ValueError(f"--index {spec}: two indexes are named {name!r}; name them as NAME=PATH")
+        named[name] = Path(path)
+    if not named:
+        raise ValueError("give at least one --index")
+    return named
+
+
+def open_engine(specs: list[str], device: str = "auto") -> Engine:
+    """The engine over the indexes of `specs`, which must all come from one model (loaded once)."""
+    from m3jepa.search import Searcher, SearchIndex
+
+    named = index_specs(specs)
+    first_name, first_path = next(iter(named.items()))
+    first = Searcher.open(first_path, device=device)
+    searchers: dict[str, Any] = {first_name: first}
+    for name, path in list(named.items())[1:]:  # Searcher refuses an index built with other weights
+        searchers[name] = Searcher(SearchIndex.open(path), first.model)
+    engine = Engine(searchers, first.model)
+    warm_up(engine)
+    return engine
+
+
+def warm_up(engine: Engine) -> None:
+    """Run one text query per index that takes text, so the encoder is built before the first request."""
+    for name in engine.searchers:
+        if "text" in engine.sources(name):
+            try:
+                engine.search(name, "text", "warm up", 1)
+            except RequestError as e:  # pragma: no cover - a served index always answers text here
+                log.warning("warm-up of %s failed: %s", name, e.message)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          limits: Limits | None = None) -> None:
+    """Serve the indexes on host:port until interrupted."""
+    import uvicorn
+
+    from m3jepa.serve.app import create_app
+
+    engine = open_engine(specs, device)
+    app = create_app(engine, limits, loopback_only=is_loopback(host))
+    if not is_loopback(host):
+        log.warning("serving on %s: anyone who can reach it can query the model and read the indexed media",
+                    host)
+    log.info("serving %s on http://%s:%d", ", ".join(engine.searchers), host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

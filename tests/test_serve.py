@@ -1,0 +1,575 @@
+"""`m3jepa serve`: every bad request answered 4xx with its message while the server keeps serving (fast, a
+fake searcher), the page in a real headless browser, and the real server over a real index (slow)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="m3jepa serve needs fastapi (pip install -e .)")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from m3jepa.serve import Engine, Limits, create_app  # noqa: E402
+from m3jepa.serve.uploads import checked_suffix  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+NO_BROWSER = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+INJECTION = '<img src=x onerror="document.title=\'pwned\'"> & <b>bold</b>'
+
+
+# ---------------------------------------------------------------- a fake search index and searcher
+
+
+@dataclass(frozen=True)
+class FakeHit:
+    rank: int
+    score: float
+    row_id: int
+    sample_id: str
+    group_id: str
+    caption: str | None
+    media: str | None
+
+
+class FakeIndex:
+    def __init__(self, modality: str, rows: list[dict[str, Any]]) -> None:
+        self.modality, self._rows, self.dim = modality, rows, 4
+        self.manifest = {"modality": modality}
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return dict(self._rows[i])
+
+
+class FakeModel:
+    directions = ["image->text", "text->image"]
+    device = "cpu"
+
+    class source:  # noqa: N801 - mimics M3Model.source
+        path, kind = "runs/fake", "run"
+
+
+class FakeSearcher:
+    """Text queries rank rows by words shared with the caption; image queries by the colour named in the
+    caption that matches the image's first pixel (red, green or blue). Records every file it was given."""
+
+    def __init__(self, index: FakeIndex, model: FakeModel) -> None:
+        self.index, self.model, self.files = index, model, []
+
+    @property
+    def sources(self) -> list[str]:
+        return [d.split("->")[0] for d in self.model.directions if d.endswith("->" + self.index.modality)]
+
+    def query(self, modality: str, value: str, k: int = 10) -> list[FakeHit]:
+        assert modality in self.sources
+        if modality == "image":
+            path = Path(value)
+            self.files.append((path, stat.S_IMODE(path.parent.stat().st_mode), path.read_bytes()))
+            r, g, b = Image.open(path).convert("RGB").getpixel((0, 0))
+            words = {max((r, "red"), (g, "green"), (b, "blue"))[1]}
+        else:
+            words = set(value.lower().split())
+        scored = [(len(words & set((row["caption"] or "").split())) / max(len(words), 1), i)
+                  for i, row in enumerate(self.index._rows)]
+        scored.sort(key=lambda t: (-t[0], t[1]))
+        return [FakeHit(rank, score, **self.index.row(i)) for rank, (score, i) in enumerate(scored[:k], 1)]
+
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> dict[str, FakeSearcher]:
+    """Image rows (row ids 10.., a position map the media route must use) and their caption rows."""
+    image_rows, text_rows = [], []
+    for i, (name, colour) in enumerate(COLOURS.items()):
+        (tmp_path / f"{name}.png").write_bytes(_png(colour))
+        caption = f"a {name} square"
+        image_rows.append({"row_id": 10 + i, "sample_id": f"s{i}", "group_id": name, "caption": caption,
+                           "media": str(tmp_path / f"{name}.png")})
+        text_rows.append({"row_id": 20 + i, "sample_id": f"t{i}", "group_id": name, "caption": caption,
+                          "media": None})
+    (tmp_path / "notes.txt").write_text("not media")
+    image_rows += [
+        {"row_id": 13, "sample_id": "s3", "group_id": "x", "caption": INJECTION, "media": None},
+        {"row_id": 14, "sample_id": "s4", "group_id": "y", "caption": "a text file", "media":
+         str(tmp_path / "notes.txt")},
+        {"row_id": 15, "sample_id": "s5", "group_id": "z", "caption": "gone",
+         "media": str(tmp_path / "no.png")},
+    ]
+    model = FakeModel()
+    return {"image": FakeSearcher(FakeIndex("image", image_rows), model),
+            "text": FakeSearcher(FakeIndex("text", text_rows), model)}
+
+
+@pytest.fixture
+def client(gallery) -> TestClient:
+    app = create_app(Engine(gallery, FakeModel()))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def _search_ok(client: TestClient) -> None:
+    """The server still answers a good query after whatever came before."""
+    r = client.post("/api/search", json={"text": "green", "k": 1, "index": "image"})
+    assert r.status_code == 200 and r.json()["hits"][0]["caption"] == "a green square"
+
+
+# ---------------------------------------------------------------- what works
+
+
+def test_health_names_the_indexes_the_model_and_its_directions(client):
+    body = client.get("/health").json()
+    assert body == {
+        "ok": True,
+        "indexes": [{"name": "image", "modality": "image", "rows": 6, "dim": 4, "sources": ["text"]},
+                    {"name": "text", "modality": "text", "rows": 3, "dim": 4, "sources": ["image"]}],
+        "model": {"path": "runs/fake", "kind": "run", "directions": ["image->text", "text->image"],
+                  "device": "cpu"},
+        "limits": Limits().as_json(),
+    }
+
+
+def test_a_text_query_returns_ranked_hits_with_media_urls(client, gallery):
+    r = client.post("/api/search", json={"text": "a blue thing", "k": 2})
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["index"], body["gallery"], body["direction"], body["k"]) == ("image", "image", "text->image",
+                                                                              2)
+    assert body["hits"] == [
+        {"rank": 1, "score": 2 / 3, "row_id": 12, "id": "s2", "group_id": "blue", "caption": "a blue square",
+         "media": "/media/image/12"},
+        {"rank": 2, "score": 1 / 3, "row_id": 10, "id": "s0", "group_id": "red", "caption": "a red square",
+         "media": "/media/image/10"},
+    ]
+    # the same query as {"modality", "value"}; k above the gallery's size gives every row
+    r = client.post("/api/search", json={"modality": "text", "value": "a blue thing", "k": 100})
+    assert [h["row_id"] for h in r.json()["hits"]] == [12, 10, 11, 14, 13, 15]
+
+
+def test_media_serves_the_file_a_row_records_with_security_headers(client, tmp_path):
+    r = client.get("/media/image/12")  # row id 12 is index position 2
+    assert r.status_code == 200 and r.content == (tmp_path / "blue.png").read_bytes()
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_an_uploaded_image_finds_its_captions_and_is_removed_after(client, gallery):
+    r = client.post("/api/search/image", files={"file": ("q.png", _png(COLOURS["green"]), "image/png")},
+                    data={"k": "2"})
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["index"], body["direction"]) == ("text", "image->text")
+    assert [(h["caption"], h["media"]) for h in body["hits"]] == [("a green square", None),
+                                                                 ("a red square", None)]
+    (path, folder_mode, data), = gallery["text"].files
+    assert data == _png(COLOURS["green"]) and path.suffix == ".png"
+    assert folder_mode == 0o700 and not path.exists()  # private while held, gone once answered
+
+
+def test_the_page_and_its_assets_are_served_without_inline_script(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<script src="/static/app.js" defer></script>' in page.text and "<script>" not in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: the page works offline
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "textContent" in js.text and "innerHTML" not in js.text
+    assert client.get("/static/style.css").status_code == 200
+
+
+# ---------------------------------------------------------------- bad requests: 4xx, a message, still serving
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with no pixel data behind it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _upload(data: bytes, name: str = "q.png", **form: str) -> dict[str, Any]:
+    return {"files": {"file": (name, data, "application/octet-stream")}, "data": form}
+
+
+NO_AUDIO = ("no served index answers audio queries: the model's directions are image->text, text->image "
+            "and the served indexes are image (image), text (text)")
+BAD_JSON = [
+    ({"text": ""}, 400, "the query is empty; give some text"),
+    ({"text": "   \n"}, 400, "the query is empty; give some text"),
+    ({"text": "x" * 2000}, 400, "the query is 2,000 characters; the limit is 1,000"),
+    ({"text": "x" * 1_000_000}, 413, "the request body is 1,000,011 bytes; the limit here is 16,384 bytes"),
+    ({"text": 5}, 400, "the query must be a string; got int"),
+    ({"modality": "text", "value": None}, 400, "the query must be a string; got NoneType"),
+    ({}, 400, 'no query: give {"text": "..."} (or modality and value)'),
+    ({"text": "red", "modality": "text"}, 400, "give either text, or modality and value, not both"),
+    ({"text": "red", "limit": 3}, 400, "unknown field(s) limit; a search takes text, modality, value, k, "
+                                        "index"),
+    ({"text": "red", "k": 0}, 400, "k must be a whole number from 1 to 100; got 0"),
+    ({"text": "red", "k": 101}, 400, "k must be a whole number from 1 to 100; got 101"),
+    ({"text": "red", "k": "ten"}, 400, "k must be a whole number from 1 to 100; got 'ten'"),
+    ({"text": "red", "k": True}, 400, "k must be a whole number from 1 to 100; got True"),
+    ({"text": "red", "k": 2.5}, 400, "k must be a whole number from 1 to 100; got 2.5"),
+    ({"modality": "audio", "value": "x.wav"}, 400, NO_AUDIO),
+    ({"text": "red", "index": "text"}, 400, "index 'text' (text) does not answer text queries; the model's "
+                                             "directions are image->text, text->image"),
+    ({"text": "red", "index": "nope"}, 404, "no index named 'nope'; served: image, text"),
+    ({"text": "red", "index": 3}, 400, "index must be the name of a served index; got 3"),
+    ({"modality": "image", "value": "/etc/passwd"}, 400, "image queries are file uploads: POST "
+                                                         "/api/search/image with the file in a multipart "
+                                                         "field named file"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_JSON, ids=range(len(BAD_JSON)))
+def test_a_bad_json_search_is_refused_with_its_message(client, body, status, message):
+    r = client.post("/api/search", json=body)
+    assert (r.status_code, r.json()) == (status, {"error": message})
+    _search_ok(client)
+
+
+BAD_RAW = [
+    (b"not json", "application/json", 400,
+     "the body is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+    (b'["red"]', "application/json", 400,
+     'the body must be a JSON object, e.g. {"text": "a red apple", "k": 10}'),
+    (b'{"text": "red"}', "text/plain", 415, "send the search as JSON (Content-Type: application/json)"),
+]
+
+
+@pytest.mark.parametrize(("raw", "kind", "status", "message"), BAD_RAW, ids=range(len(BAD_RAW)))
+def test_a_body_that_is_not_a_json_object_is_refused(client, raw, kind, status, message):
+    r = client.post("/api/search", content=raw, headers={"content-type": kind})
+    assert (r.status_code, r.json()) == (status, {"error": message})
+    _search_ok(client)
+
+
+BAD_UPLOADS = [
+    ("image", _upload(b"GIF89a but not really"), 415,
+     "the uploaded file is not an image of a served format (PNG, JPEG, GIF, WEBP, BMP)"),
+    ("image", _upload(b"%PDF-1.4 hello", "q.pdf"), 415,
+     "the uploaded file is not an image of a served format (PNG, JPEG, GIF, WEBP, BMP)"),
+    ("image", _upload(_bomb_png(100_000, 100_000)), 413,
+     "the image header claims more than 25,000,000 pixels (a decompression bomb?); refused before decoding"),
+    ("image", _upload(_bomb_png(6_000, 6_000)), 413, "the image is 6,000 x 6,000 pixels; the limit is "
+                                                      "25,000,000 pixels"),
+    ("image", _upload(_png((1, 2, 3))[:60]), 400,
+     "the image is corrupt or truncated: image file is truncated"),
+    ("image", _upload(b""), 400, "the uploaded file is empty"),
+    ("image", {"data": {"k": "3"}}, 400, "no file: send the query file in a multipart field named file"),
+    ("image", _upload(_png((1, 2, 3)), k="0"), 400, "k must be a whole number from 1 to 100; got 0"),
+    ("image", _upload(_png((1, 2, 3)), k="-4"), 400, "k must be a whole number from 1 to 100; got -4"),
+    ("image", _upload(_png((1, 2, 3)), index="image"), 400,
+     "index 'image' (image) does not answer image queries; the model's directions are image->text, "
+     "text->image"),
+    ("image", _upload(b"x" * (10 * 1024 * 1024 + 1)), 413, None),
+    ("audio", _upload(b"RIFF....WAVE", "q.wav"), 400, NO_AUDIO),
+    ("text", _upload(b"red"), 404, "no upload search for 'text': uploads are image, audio; text goes to POST "
+                                   "/api/search as JSON"),
+]
+
+
+@pytest.mark.parametrize(("modality", "request_", "status", "message"), BAD_UPLOADS,
+                         ids=range(len(BAD_UPLOADS)))
+def test_a_bad_upload_is_refused_with_its_message(client, gallery, modality, request_, status, message):
+    r = client.post(f"/api/search/{modality}", **request_)
+    assert r.status_code == status
+    if message is None:  # the body size in the message depends on the multipart boundary
+        error = r.json()["error"]
+        assert error.startswith("the request body is 10,485,9")
+        assert error.endswith("bytes; the limit here is 10,485,760 bytes")
+    else:
+        assert r.json() == {"error": message}
+    assert gallery["text"].files == []  # nothing reached the model
+    _search_ok(client)
+
+
+BAD_MEDIA = [
+    ("/media/nope/10", "no index named 'nope'"),
+    ("/media/image/99", "index 'image' has no row '99'"),
+    ("/media/image/2", "index 'image' has no row '2'"),  # a position, not a row id
+    ("/media/image/-1", "index 'image' has no row '-1'"),
+    ("/media/image/..%2F..%2Fetc%2Fpasswd", "Not Found"),  # no route takes a path: the row id is one segment
+    ("/media/image/%2e%2e", "index 'image' has no row '..'"),
+    ("/media/image/13", "row 13 of 'image' has no media file"),
+    ("/media/image/14", "row 14 of 'image': .txt files are not served"),
+    ("/media/image/15", "the media file of row 15 of 'image' is missing"),
+    ("/media/text/20", "row 20 of 'text' has no media file"),
+    ("/nothing/here", "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_MEDIA, ids=range(len(BAD_MEDIA)))
+def test_media_serves_only_files_the_index_records(client, url, message):
+    r = client.get(url)
+    assert (r.status_code, r.json()) == (404, {"error": message})
+    _search_ok(client)
+
+
+def test_a_foreign_host_header_is_refused_against_dns_rebinding(client):
+    r = client.get("/health", headers={"host": "evil.example:8000"})
+    assert (r.status_code, r.json()) == (400, {"error": "Host 'evil.example:8000' is not served: this server "
+                                                        "answers 127.0.0.1, [::1], localhost only (a guard "
+                                                        "against DNS rebinding)"})
+    assert client.get("/health", headers={"host": "localhost:8000"}).status_code == 200
+    _search_ok(client)
+
+
+def test_a_chunked_body_is_cut_at_the_limit(client):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 1024
+
+    r = client.post("/api/search", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers  # sent chunked: only the running count can stop it
+    assert (r.status_code, r.json()) == (413, {"error": "the request body passed the limit here of 16,384 "
+                                                        "bytes"})
+    _search_ok(client)
+
+
+def test_an_upload_folder_is_private_and_each_file_goes_after_its_query(tmp_path):
+    from m3jepa.serve.uploads import UploadFolder
+
+    folder = UploadFolder()
+    try:
+        assert stat.S_IMODE(folder.path.stat().st_mode) == 0o700
+        with pytest.raises(RuntimeError), folder.holding(b"abc", ".png") as path:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"abc"
+            raise RuntimeError("the query failed")
+        assert list(folder.path.iterdir()) == []  # removed even when the query raised
+    finally:
+        folder.close()
+    assert not folder.path.exists()
+
+
+def test_sound_uploads_are_checked_from_their_header(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    out = io.BytesIO()
+    sf.write(out, np.zeros(16000 * 61, np.float32), 16000, format="WAV")
+    from m3jepa.serve.errors import RequestError
+
+    with pytest.raises(RequestError, match=r"^the sound lasts 61\.0 s; the limit is 60 s$"):
+        checked_suffix("audio", out.getvalue(), Limits())
+    short = io.BytesIO()
+    sf.write(short, np.zeros(1600, np.float32), 16000, format="FLAC")
+    assert checked_suffix("audio", short.getvalue(), Limits()) == ".flac"
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer /health within {timeout} s")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(NO_BROWSER)
+    pytest.importorskip("selenium", reason="needs selenium (pip install -e '.[dev]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,900", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _search_text(driver, url: str, query: str, index: str) -> list[tuple[int, str, str]]:
+    """Type `query` into the page, submit, and read the grid: (row id, caption, image src) per figure."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    wait = WebDriverWait(driver, 120)
+    wait.until(lambda d: d.find_element(By.ID, "text-form").is_displayed())
+    Select(driver.find_element(By.ID, "text-index")).select_by_value(index)
+    box = driver.find_element(By.ID, "text-query")
+    box.clear()
+    box.send_keys(query)
+    driver.find_element(By.ID, "text-submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results figure.hit"))
+    wait.until(lambda d: d.execute_script(FIRST_IMAGE_DECODED))
+    return [(int(f.get_attribute("data-row-id")), f.find_element(By.CSS_SELECTOR, ".caption").text,
+             (f.find_elements(By.TAG_NAME, "img") or [None])[0] and
+             f.find_element(By.TAG_NAME, "img").get_attribute("src"))
+            for f in driver.find_elements(By.CSS_SELECTOR, "#results figure.hit")]
+
+
+# a broken media URL leaves naturalWidth at 0
+FIRST_IMAGE_DECODED = ("const i = document.querySelector('#results img'); "
+                       "return i.complete && i.naturalWidth > 0")
+ALL_IMAGES_DECODED = ("return [...document.querySelectorAll('#results img')]"
+                      ".every(i => i.complete && i.naturalWidth > 0)")
+
+
+def _search_file(driver, path: Path, index: str) -> list[tuple[int, str]]:
+    """Upload `path` on the page and read the caption list: (row id, caption) per item."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    Select(driver.find_element(By.ID, "file-index")).select_by_value(f"image:{index}")
+    driver.find_element(By.ID, "file-query").send_keys(str(path))
+    driver.find_element(By.ID, "file-submit").click()
+    WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results li.hit-caption"))
+    return [(int(li.get_attribute("data-row-id")), li.find_element(By.CSS_SELECTOR, ".caption").text)
+            for li in driver.find_elements(By.CSS_SELECTOR, "#results li.hit-caption")]
+
+
+@pytest.fixture
+def threaded_server(gallery):
+    """The app over the fake searchers, served by uvicorn on a free loopback port in this process."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Engine(gallery, FakeModel())), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, timeout=30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_page_shows_the_grid_and_escapes_every_caption(browser, threaded_server, tmp_path):
+    grid = _search_text(browser, threaded_server, "red square", "image")
+    assert [(row, caption) for row, caption, _ in grid] == [
+        (10, "a red square"), (11, "a green square"), (12, "a blue square"), (13, INJECTION),
+        (14, "a text file"), (15, "gone")][: len(grid)]
+    assert grid[0][2] == f"{threaded_server}/media/image/10"
+    assert len(grid) == 6  # k = 12 on the page, 6 rows
+    # the injected caption is text on the page, not markup: no image with src x ran its handler
+    assert browser.title == "m3jepa search"
+    markup = "return document.querySelectorAll('img[src=\"x\"], #results b').length"
+    assert browser.execute_script(markup) == 0
+    (tmp_path / "q.png").write_bytes(_png(COLOURS["blue"]))
+    assert _search_file(browser, tmp_path / "q.png", "text")[0] == (22, "a blue square")
+
+
+def test_the_page_shows_a_refusal_as_an_error_line(browser, threaded_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(threaded_server)
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "text-form").is_displayed())
+    browser.execute_script("document.getElementById('text-query').value = 'x'.repeat(1500)")
+    browser.find_element(By.ID, "text-submit").click()
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: "error" in status.get_attribute("class"))
+    assert status.text == "error 400: the query is 1,500 characters; the limit is 1,000"
+
+
+# ---------------------------------------------------------------- the real server over a real index
+
+
+def _m3jepa(*args: str, cwd: Path, timeout: float = 900) -> str:
+    res = subprocess.run([sys.executable, "-m", "m3jepa", *args], cwd=cwd, env=ENV, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tmp_path, tuxpaint_root):
+    """Train a small Tux Paint run, index its test images and captions with `m3jepa index`, start
+    `m3jepa serve` on a free loopback port, and check the page against `m3jepa search` (the oracle)."""
+    small = ["--set", "encode.limit=100", "--set", "train.batch_size=64", "--set", "train.max_steps=40",
+             "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
+    _m3jepa("run", "tuxpaint", *small, cwd=tmp_path)
+    run = tmp_path / "runs" / "tuxpaint"
+    indexes = {}
+    for modality in ("image", "text"):
+        _m3jepa("index", "--run", str(run), "--split", "test", "--modality", modality, "--device", "cpu",
+                cwd=tmp_path)
+        indexes[modality] = run / "embedded" / "test" / f"{modality}.index"
+    rows = [json.loads(line) for line in (indexes["text"] / "rows.jsonl").read_text().splitlines()]
+    query = rows[0]["caption"]  # a test caption: its own image is among the answers to find
+    want = json.loads(_m3jepa("search", "--index", str(indexes["image"]), "--text", query, "--k", "12",
+                              "--json", "--device", "cpu", cwd=tmp_path))["hits"]
+    port, log = _free_port(), (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", "serve", "--index", str(indexes["image"]),
+                             "--index", str(indexes["text"]), "--port", str(port), "--device", "cpu"],
+                            cwd=tmp_path, env=ENV, stdout=log, stderr=log, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        grid = _search_text(browser, url, query, "image.index")
+        assert [(row, caption) for row, caption, _ in grid] == [(h["row_id"], h["caption"]) for h in want]
+        assert all(src == f"{url}/media/image.index/{row}" for row, _, src in grid)
+        assert browser.execute_script(ALL_IMAGES_DECODED)
+        if os.environ.get("M3JEPA_SERVE_SCREENSHOT"):  # docs/img/serve.png is taken here
+            browser.save_screenshot(os.environ["M3JEPA_SERVE_SCREENSHOT"])
+        image = Path(want[0]["media"])  # the top image file of the text query
+        want_captions = json.loads(_m3jepa("search", "--index", str(indexes["text"]), "--image", str(image),
+                                           "--k", "10", "--json", "--device", "cpu", cwd=tmp_path))["hits"]
+        got = _search_file(browser, image, "text.index")
+        assert got == [(h["row_id"], h["caption"]) for h in want_captions]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.seek(0)
+        print(log.read()[-3000:])  # shown by pytest when the test failed
+        log.close()

@@ -298,3 +298,16 @@ def test_encode_cli_on_real_emoji(tmp_path, monkeypatch):
             assert load_manifest(store).complete and load_manifest(store).rows == len(records)
             assert [r.sample_id for r in read_rows(store)] == [r.sample_id for r in records]
     assert len(ds.records("train", "image")) == 8
+
+
+@needs_rsvg
+def test_real_tuxpaint_all_adds_the_165_svg_stamps_and_tuxpaint_keeps_785(tuxpaint_root, monkeypatch):
+    _user_cache(monkeypatch)
+    plain, everything = get_dataset("tuxpaint", seed=0), get_dataset("tuxpaint-all", seed=0)
+    assert [len(plain.records(s, "image")) for s in plain.splits()] == [628, 78, 79]  # the README's numbers
+    assert [len(everything.records(s, "image")) for s in everything.splits()] == [760, 95, 95]
+    assert [len(everything.records(s, "audio")) for s in everything.splits()] == [104, 18, 12]
+    swallow = next(r for s in everything.splits() for r in everything.records(s, "image")
+                   if r.sample_id == "animals/birds/swallow")  # an SVG-only stamp
+    with Image.open(swallow.payload) as im:
+        assert max(im.size) == 256

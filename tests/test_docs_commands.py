@@ -89,6 +89,10 @@ def _quoted_in(path: Path) -> list[tuple[int, str, bool]]:
 def _expand(text: str) -> list[list[str]]:
     """A quoted command as argument lists: optional [parts] kept, `a | b` alternatives split, samples in."""
     text = re.sub(r"\s+#.*$", "", text)  # a trailing comment
+    group = re.search(r"(?<!\S)\(([^()]*\|[^()]*)\)", text)
+    if group:  # `(--text T | --image PATH)`: one command per choice
+        return [args for choice in group.group(1).split(" | ")
+                for args in _expand(text[: group.start()] + choice.strip() + text[group.end():])]
     while re.search(r"(?<!\S)\[([^\[\]]*)\]", text):
         text = re.sub(r"(?<!\S)\[([^\[\]]*)\]", r"\1", text)
     first, *others = [part.strip() for part in text.split(" | ")]

@@ -170,10 +170,14 @@ class TrainConfig:
     # its share of free GPU memory, else memory when the stores take under 25% of RAM, else store.
     # Validation always reads its split into memory.
     feed: str = "auto"  # auto | memory | store | device
+    # TensorBoard scalars in <run>/tensorboard: "auto" when the tensorboard package is installed, "on"
+    # (an error without it), "off". metrics.jsonl and metrics.csv are written either way.
+    tensorboard: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
         _choice("train.feed", self.feed, ("auto", "memory", "store", "device"))
+        _choice("train.tensorboard", self.tensorboard, ("auto", "on", "off"))
         self._check_directions()
         self._check_probs()
         self._check_counts()

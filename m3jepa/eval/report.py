@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,76 @@ def _footer_lines(metrics: dict[str, Any], ks: list[str]) -> list[str]:
         )
     if metrics.get("latency_ms") is not None:
         lines.append(f"- query latency: {float(metrics['latency_ms']):.3f} ms")
+    if isinstance(metrics.get("provenance"), dict):
+        lines.extend(_provenance_lines(metrics["provenance"]))
     return lines
+
+
+def _provenance_lines(p: dict[str, Any]) -> list[str]:
+    lines = [f"- dataset {p.get('dataset')}, seed {p.get('seed')}, config sha256 {p.get('config_sha256')}"]
+    if p.get("code"):
+        lines.append(f"- trained by m3jepa {code_label(p['code'])} at {p.get('trained_at')} "
+                     f"({float(p.get('training_seconds') or 0):.1f} s of training); evaluated at "
+                     f"{p.get('evaluated_at')}")
+    return lines
+
+
+def code_label(code: dict[str, Any]) -> str:
+    """'<commit>' (+ ' (dirty)'), or 'version <v>' when the source was not a git checkout."""
+    if code.get("commit"):
+        return code["commit"] + (" (dirty)" if code.get("dirty") else "")
+    return f"version {code.get('version')}"
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to one level with dotted keys ({"val": {"a->b": {"R@1": 1}}} -> {"val.a->b.R@1": 1});
+    the CSV columns, TensorBoard tags and the config keys `m3jepa compare` lists."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_provenance(run_dir: str | Path) -> dict[str, Any]:
+    """What metrics.json records about the run it scores: dataset, seed, the sha256 of its saved
+    config.toml, the stores it recorded (stores.json), the code and times of training, and now."""
+    from m3jepa.core import provenance, runstores
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.toml"
+    text = path.read_bytes() if path.is_file() else None  # None: a run dir someone took config.toml from
+    cfg = tomllib.loads(text.decode("utf-8")) if text is not None else {}
+    out: dict[str, Any] = {
+        "dataset": cfg.get("encode", {}).get("dataset"),
+        "seed": cfg.get("train", {}).get("seed"),
+        "config_sha256": hashlib.sha256(text).hexdigest() if text is not None else None,
+        "stores": _stores(runstores.read_record(run_dir)),
+        "evaluated_at": provenance.now_iso(),
+    }
+    out.update(provenance.summary(run_dir) or {"code": None, "trained_at": None, "training_seconds": None})
+    return out
+
+
+def _stores(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """stores.json per split and modality: the store's path, encoder, revision and manifest identity."""
+    if record is None:
+        return None
+    return {
+        split: {
+            modality: {
+                "store": entry["store"],
+                "encoder": entry["identity"].get("encoder"),
+                "revision": entry["identity"].get("encoder_revision"),
+                "identity": entry["identity"],
+            }
+            for modality, entry in rec.get("stores", {}).items()
+        }
+        for split, rec in record["splits"].items()
+    }
 
 
 def write_metrics(run_dir: str | Path, metrics: dict[str, Any], *, stem: str = "metrics") -> MetricsFiles:

@@ -23,6 +23,7 @@ from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.progress import progress
+from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.schedule import directions_at, lr_at
 
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 # A resumed run must be the same run: these sections have to match the checkpoint's exactly.
 RESUME_SECTIONS = ("encode", "model", "loss", "train", "runtime")
 # ... except keys that cannot change a result: every feed gives the same batches, bit for bit, and a run
-# may resume on another device (its checkpoint loads with map_location of the new one)
-RESUME_IGNORED = frozenset({"train.feed", "runtime.device"})
+# may resume on another device (its checkpoint loads with map_location of the new one); TensorBoard only
+# mirrors metrics.jsonl
+RESUME_IGNORED = frozenset({"train.feed", "runtime.device", "train.tensorboard"})
 
 
 @dataclass
@@ -85,6 +87,7 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
         torch.set_num_threads(t.num_threads)
     if t.batch_size % info.world_size:
         raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {info.world_size} ranks")
+    tensorboard = tracking.use_tensorboard(t.tensorboard)  # "on" without the package fails before any work
     run_dir = run_dir_of(cfg)
     ck_dir = run_dir / "checkpoints"
     start = _load_resume(cfg, ck_dir, resume, runtime.device)
@@ -132,7 +135,9 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
 
     began, first_step = time.perf_counter(), state.step
     bar = progress(n_steps, initial=state.step, disable=not info.is_main, desc="train", unit="step")
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
+    # metrics.jsonl, metrics.csv, TensorBoard, provenance.json (train/tracking.py)
+    tracker = tracking.Tracker(run_dir, state.step, tensorboard) if info.is_main else None
+    window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
     # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
     train_data.readahead = read_ahead(
         train_data,
@@ -150,25 +155,27 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
             if state.stopped_early:
                 break
             parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info, runtime)
+            _accumulate(window, parts["by_direction"])
             state.step = step + 1
             state.samples_seen += t.batch_size * len(parts["directions"])
             last = state.step == n_steps
             if info.is_main and (state.step % t.log_every == 0 or last):
                 rate = (state.step - first_step) * t.batch_size / max(1e-9, time.perf_counter() - began)
-                _log_line(metrics_file, {"step": state.step, **_scalars(parts), "samples_per_s": rate})
+                tracker.log({"step": state.step, **_scalars(parts), "loss_by_direction": _drain(window),
+                             "samples_per_s": rate})
                 bar.set_postfix(
                     loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}"
                 )
             if state.step % t.eval_every == 0 or last:
-                _validate(objective, cfg, val_data, state, metrics_file, run_dir, info, runtime)
+                _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
                 ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
             bar.update(1)
     finally:
         train_data.close()
         bar.close()
-        if metrics_file:
-            metrics_file.close()
+        if tracker:
+            tracker.close()
     info.barrier()
     seconds = time.perf_counter() - began
     done = state.step - first_step
@@ -241,15 +248,18 @@ def _train_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss = pred = cl = torch.zeros((), device=runtime.device)
+    by_direction = {}  # each direction's own loss (a joint step sums several)
     for d in directions:
         x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         with runtime.autocast():
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
         loss, pred, cl = loss + parts.total, pred + p, cl + c
+        by_direction[d] = parts.total.detach()
     loss.backward()
     optimizer_step(optimizer, model, t.grad_clip)
-    return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions}
+    return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions,
+            "by_direction": by_direction}
 
 
 def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: int, info: DistInfo):
@@ -276,7 +286,7 @@ def _validate(
     cfg,
     val_data: PairedSplit,
     state,
-    metrics_file,
+    tracker,
     run_dir: Path,
     info: DistInfo,
     runtime: Runtime,
@@ -294,7 +304,7 @@ def _validate(
         # Recall is reported in percent; the dynamic AGD schedule takes fractions.
         state.last_recalls = {d: r["R@1"] / 100.0 for d, r in recalls.items()}
         mean_r1 = float(np.mean([r["R@1"] for r in recalls.values()]))
-        _log_line(metrics_file, {"step": state.step, "val": recalls, "mean_r1": mean_r1})
+        tracker.log({"step": state.step, "val": recalls, "mean_r1": mean_r1})
     mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.
     state.last_recalls = broadcast_object(state.last_recalls, info)
@@ -319,9 +329,19 @@ def _extra(objective) -> Callable[[Path], None] | None:
     return getattr(objective, "save_adapters", None)
 
 
-def _log_line(f, record: dict) -> None:
-    f.write(json.dumps(record, sort_keys=True) + "\n")
-    f.flush()
+def _accumulate(window: dict[str, list], by_direction: dict[str, torch.Tensor]) -> None:
+    # tensors, so a step never waits for the device; _drain reads them once per log line
+    for d, value in by_direction.items():
+        total, n = window.get(d, (0.0, 0))
+        window[d] = [total + value, n + 1]
+
+
+def _drain(window: dict[str, list]) -> dict[str, float]:
+    """Each direction's mean loss over the steps since the last log line that trained it (under AGD a
+    log line's own step trained one direction only), then an empty window."""
+    out = {d: float(total) / n for d, (total, n) in sorted(window.items())}
+    window.clear()
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

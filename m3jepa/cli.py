@@ -303,6 +303,24 @@ def evaluate(
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run directories written by train-predictor.")],
+    split: Annotated[str, typer.Option(help="The split whose metrics to show (evaluate --split).")] = "test",
+    json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Show runs side by side: the config keys that differ, steps, best validation R@1, test recalls.
+
+    Example: m3jepa compare runs/tp runs/tp_mlp
+    """
+    with _errors():
+        _check_options("eval", {"split": split})
+        from m3jepa.eval.compare import compare_runs, markdown
+
+        result = compare_runs([Path(r) for r in runs], split=split)
+        typer.echo(json.dumps(result, indent=2) if json_ else markdown(result), nl=json_)
+
+
 @app.command("lora-export")
 def lora_export(
     run: Annotated[str, typer.Option(help="A LoRA run directory written by train-predictor.")],

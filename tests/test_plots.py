@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m3jepa.eval.plots import plot_similarity_matrix, plot_training_curves, read_training_log
+from m3jepa.eval.plots import (
+    plot_similarity_matrix,
+    plot_training_curves,
+    read_training_log,
+    training_figure,
+)
 from m3jepa.eval.report import metrics_table, write_metrics
 
 DIRECTIONS = ("image->text", "text->image")
@@ -172,3 +177,56 @@ def test_similarity_matrix_bad_input(tmp_path):
         plot_similarity_matrix(np.zeros(10), ["r"] * 10, ["c"] * 10, tmp_path / "s.png")
     with pytest.raises(ValueError, match="NaN"):
         plot_similarity_matrix(np.full((2, 2), np.nan), ["a", "b"], ["c", "d"], tmp_path / "s.png")
+
+
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_loss_panel_draws_one_line_per_direction(tmp_path):
+    # alternate AGD with an even log_every: every line's own step trained text->image, so each direction's
+    # loss comes from loss_by_direction (its mean over the steps since the previous line)
+    records = [{"step": s, "loss": 1.0 / s, "loss_pred": 0.1, "loss_cl": 2.0, "direction": "text->image",
+                "loss_by_direction": {"image->text": 3.0 / s, "text->image": 2.0 / s}} for s in (10, 20, 30)]
+    log_path = tmp_path / "metrics.jsonl"
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ax = training_figure(read_training_log(log_path)).axes[0]
+    lines = _lines(ax)
+    assert list(lines) == ["loss image->text", "loss text->image", "loss_cl", "loss_pred"]
+    assert lines["loss image->text"] == ([10, 20, 30], [0.3, 0.15, 0.1])
+    assert lines["loss text->image"] == ([10, 20, 30], [0.2, 0.1, 2.0 / 30])
+    # a joint log written before loss_by_direction: one line, labelled as the sum it is
+    joint = {"step": 5, "loss": 4.0, "direction": "image->text,text->image"}
+    log_path.write_text(json.dumps(joint) + "\n" + json.dumps({**joint, "step": 10, "loss": 3.0}) + "\n")
+    lines = _lines(training_figure(read_training_log(log_path)).axes[0])
+    assert lines == {"loss image->text + text->image": ([5, 10], [4.0, 3.0])}
+
+
+def test_a_one_point_curve_has_a_visible_marker(tmp_path):
+    log_path = tmp_path / "metrics.jsonl"
+    val = {"step": 10, "val": {"image->text": {"R@1": 3.0}, "text->image": {"R@1": 5.0}}, "mean_r1": 4.0}
+    train = {"step": 10, "loss": 2.0, "direction": "image->text", "loss_by_direction": {"image->text": 2.0}}
+    log_path.write_text(json.dumps(train) + "\n" + json.dumps(val) + "\n")
+    loss_ax, val_ax = training_figure(read_training_log(log_path)).axes
+    for ax in (loss_ax, val_ax):
+        for line in ax.get_lines():
+            assert len(line.get_xdata()) == 1
+            assert line.get_marker() not in (None, "None", "", " ") and line.get_markersize() >= 3
+    assert sorted(_lines(val_ax)) == ["image->text", "mean R@1", "text->image"]
+
+
+def test_similarity_matrix_marks_true_pairs_and_names_its_space(tmp_path):
+    sim = np.arange(9, dtype=float).reshape(3, 3)
+    long_id = "x" * 50
+    fig = plot_similarity_matrix(sim, ["a", "b", long_id], ["c", "d  e", "f"], tmp_path / "s.png",
+                                 space="pred", axis_names=("query (image)", "gallery (text)"),
+                                 true_pairs=[(0, 0), (2, 1)])
+    ax = fig.axes[0]
+    boxes = [(p.get_x(), p.get_y()) for p in ax.patches if p.get_gid() == "true pair"]
+    assert boxes == [(-0.5, -0.5), (0.5, 1.5)]  # (column - 0.5, row - 0.5) of each true pair
+    assert ax.get_title() == "image-text similarity, pred space (boxes: true pairs)"
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("query (image)", "gallery (text)")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "x" * 31 + "…"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c", "d e", "f"]
+    with pytest.raises(ValueError, match="outside the 3x3"):
+        plot_similarity_matrix(sim, ["a"] * 3, ["c"] * 3, tmp_path / "s.png", true_pairs=[(3, 0)])

@@ -20,6 +20,7 @@ from m3jepa.core.paired import PairedSplit, load_split
 from m3jepa.core.runstores import check_eval_stores, eval_config
 from m3jepa.eval.device_ranks import device_retrieval_metrics
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
+from m3jepa.eval.report import run_provenance
 from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
 from m3jepa.knn import topk_search
 
@@ -156,6 +157,8 @@ def evaluate_run(
         "spaces": directions,
         "gallery": gallery,
         "latency_ms": _latency_ms(predictor, data, cfg.train.directions[0], headline, embeddings),
+        # dataset, seed, config hash, stores, the code and times of training, and when this ran
+        "provenance": run_provenance(run_dir),
     }
     if tuned:
         metrics["lora"] = {"modalities": tuned, "adapters": str(ck_path / "adapters")}
@@ -250,13 +253,17 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
     image_text = "image->text" if "image->text" in directions else directions[0]
     emb = embeddings[(image_text, headline)]
-    sim, rows, cols = _similarity_10x10(emb, data, image_text)
+    sim, rows, cols, pairs = _similarity_10x10(emb, data, image_text)
     if len(rows) >= 2:
-        plot_similarity_matrix(sim, rows, cols, run_dir / f"similarity_{split}.png")
+        src, tgt = image_text.split("->")
+        plot_similarity_matrix(sim, rows, cols, run_dir / f"similarity_{split}.png",
+                               title=f"{image_text} similarity", space=headline,
+                               axis_names=(f"query ({src})", f"gallery ({tgt})"), true_pairs=pairs)
 
 
 def _similarity_10x10(emb: DirectionEmbeddings, data: PairedSplit, direction: str):
-    """The first 10 queries against the first gallery row of each of their groups (paper appendix)."""
+    """The first 10 queries against the first gallery row of each of their groups (paper appendix), and
+    the (row, column) cells where query and gallery item share a group (the true pairs)."""
     src, tgt = parse_direction(direction)
     first_of_group: dict[Any, int] = {}
     for i, g in enumerate(emb.gallery_groups):
@@ -269,7 +276,9 @@ def _similarity_10x10(emb: DirectionEmbeddings, data: PairedSplit, direction: st
     else:  # a concatenated input is labelled by its last part (the question)
         labels = [_label(data, src[-1], int(emb.query_rows[i][-1])) for i in q_idx]
     cols = [_label(data, tgt, int(emb.gallery_rows[j])) for j in g_idx]
-    return sim, labels, cols
+    pairs = [(a, b) for a, i in enumerate(q_idx) for b, j in enumerate(g_idx)
+             if emb.query_groups[i] == emb.gallery_groups[j]]
+    return sim, labels, cols, pairs
 
 
 def _label(data: PairedSplit, modality: str, row: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ LOSS_PARTS = ("loss_pred", "loss_cl")
 class TrainingLog:
     """The records of a run's metrics.jsonl, split into training and validation series."""
 
-    # direction -> (steps, losses); "all" when lines carry no direction
+    # direction -> (steps, losses): each direction's loss_by_direction, else the line's own direction;
+    # "all" when lines carry no direction, "a,b" for an older joint line (the sum of both)
     loss: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     parts: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # loss_pred / loss_cl
     val_r1: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # direction -> R@1
@@ -70,7 +70,12 @@ def _add_record(record: dict[str, Any], series: dict, out: TrainingLog) -> None:
     step = int(record["step"])
     if "loss" in record:
         out.n_train += 1
-        _append(series["loss"][str(record.get("direction", "all"))], step, record["loss"])
+        by_direction = record.get("loss_by_direction")
+        if isinstance(by_direction, dict) and by_direction:
+            for direction, value in by_direction.items():
+                _append(series["loss"][direction], step, value)
+        else:  # a log written before loss_by_direction: the line's step trained `direction`
+            _append(series["loss"][str(record.get("direction", "all"))], step, record["loss"])
         for part in LOSS_PARTS:
             if record.get(part) is not None:
                 _append(series["parts"][part], step, record[part])
@@ -91,13 +96,18 @@ def _append(xy: tuple[list, list], step: int, value: Any) -> None:
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path) -> TrainingLog:
     """Two panels: training loss (per direction, and its pred/CL parts) and validation R@1, vs step."""
     history = read_training_log(metrics_jsonl)
+    _save(training_figure(history), out_png)
+    return history
+
+
+def training_figure(history: TrainingLog) -> Any:
+    """The training-curves figure (axes: loss, validation R@1), not yet saved."""
     fig = _figure(figsize=(11, 4.2))
     ax_loss, ax_val = fig.subplots(1, 2)
     _loss_panel(ax_loss, history)
     _val_panel(ax_val, history)
     fig.tight_layout()
-    _save(fig, out_png)
-    return history
+    return fig
 
 
 def _loss_panel(ax: Any, history: TrainingLog) -> None:
@@ -107,9 +117,9 @@ def _loss_panel(ax: Any, history: TrainingLog) -> None:
         _empty(ax, "no training records yet")
         return
     for direction, (steps, values) in sorted(history.loss.items()):
-        ax.plot(steps, values, lw=1.2, label=f"loss {direction}" if direction != "all" else "loss")
+        ax.plot(steps, values, marker=_marker(steps), ms=4, lw=1.2, label=_loss_label(direction))
     for (part, (steps, values)), style in zip(sorted(history.parts.items()), ("--", ":"), strict=False):
-        ax.plot(steps, values, style, lw=1.0, alpha=0.8, label=part)
+        ax.plot(steps, values, style, marker=_marker(steps), ms=3, lw=1.0, alpha=0.8, label=part)
     values = np.concatenate([v for _, v in [*history.loss.values(), *history.parts.values()]])
     # Prediction and contrastive losses differ by orders of magnitude; a log axis shows both.
     if np.all(values > 0) and values.max() / values.min() > 50:
@@ -125,12 +135,25 @@ def _val_panel(ax: Any, history: TrainingLog) -> None:
         _empty(ax, "no validation records yet")
         return
     for direction, (steps, values) in sorted(history.val_r1.items()):
-        ax.plot(steps, values, marker="o", ms=3, lw=1.2, label=direction)
+        ax.plot(steps, values, marker="o", ms=4, lw=1.2, label=direction)
     steps, values = history.mean_r1
     if steps:
-        ax.plot(steps, values, "k--", lw=1.0, label="mean R@1")
+        ax.plot(steps, values, "k--", marker="s", ms=4, lw=1.0, label="mean R@1")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _marker(steps: list[int]) -> str | None:
+    # a line through one point draws nothing: a lone point gets a marker
+    return "o" if len(steps) == 1 else None
+
+
+def _loss_label(direction: str) -> str:
+    if direction == "all":
+        return "loss"
+    if "," in direction:  # an older joint line: one loss summed over its directions
+        return "loss " + " + ".join(direction.split(","))
+    return f"loss {direction}"
 
 
 def _empty(ax: Any, message: str) -> None:
@@ -146,9 +169,16 @@ def plot_similarity_matrix(
     out_png: str | Path,
     *,
     title: str = "image-text similarity",
-    max_label_chars: int = 40,
-) -> None:
-    """Heatmap of `sim` (R, C), e.g. 10 images x 10 captions, each cell annotated with its value."""
+    space: str | None = None,
+    axis_names: tuple[str, str] = ("query", "gallery"),
+    true_pairs: Sequence[tuple[int, int]] = (),
+    max_label_chars: int = 32,
+) -> Any:
+    """Heatmap of `sim` (R, C), e.g. 10 images x 10 captions, each cell annotated with its value.
+
+    `space` ("cl" or "pred") is named in the title; `axis_names` label the rows and the columns;
+    each (row, column) of `true_pairs` gets a box. Returns the saved figure.
+    """
     sim = np.asarray(sim, dtype=np.float64)
     if sim.ndim != 2 or sim.size == 0:
         raise ValueError(f"sim must be a non-empty 2-D matrix, got shape {sim.shape}")
@@ -159,18 +189,35 @@ def plot_similarity_matrix(
         )
     if not np.isfinite(sim).all():
         raise ValueError("sim contains NaN or inf values")
+    bad = [p for p in true_pairs if not (0 <= p[0] < sim.shape[0] and 0 <= p[1] < sim.shape[1])]
+    if bad:
+        raise ValueError(f"true_pairs {bad} fall outside the {sim.shape[0]}x{sim.shape[1]} matrix")
     n_rows, n_cols = sim.shape
     fig = _figure(figsize=(1.0 + 0.75 * n_cols + 2.5, 1.5 + 0.6 * n_rows + 2.0))
     ax = fig.subplots()
     image = ax.imshow(sim, cmap="viridis", aspect="auto")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     _annotate(ax, sim)
-    ax.set_xticks(range(n_cols), [_short(s, max_label_chars) for s in col_labels], rotation=60, ha="right")
+    _mark_pairs(ax, true_pairs)
+    ax.set_xticks(range(n_cols), [_short(s, max_label_chars) for s in col_labels], rotation=45, ha="right",
+                  rotation_mode="anchor")
     ax.set_yticks(range(n_rows), [_short(s, max_label_chars) for s in row_labels])
-    ax.tick_params(labelsize=7)
-    ax.set_title(title)
+    ax.tick_params(labelsize=8)
+    ax.set_ylabel(axis_names[0])
+    ax.set_xlabel(axis_names[1])
+    named = f"{title}, {space} space" if space else title
+    ax.set_title(named + (" (boxes: true pairs)" if true_pairs else ""))
     fig.tight_layout()
     _save(fig, out_png)
+    return fig
+
+
+def _mark_pairs(ax: Any, pairs: Sequence[tuple[int, int]]) -> None:
+    from matplotlib.patches import Rectangle
+
+    for i, j in pairs:  # a cell spans (j - 0.5, i - 0.5) to (j + 0.5, i + 0.5) in imshow's coordinates
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2.2,
+                               gid="true pair"))
 
 
 def _annotate(ax: Any, sim: np.ndarray) -> None:
@@ -182,7 +229,9 @@ def _annotate(ax: Any, sim: np.ndarray) -> None:
 
 
 def _short(label: Any, limit: int) -> str:
-    return textwrap.shorten(str(label), width=limit, placeholder="…") or str(label)[:limit]
+    """One line of at most `limit` characters: whitespace collapsed, a longer label cut with an ellipsis."""
+    text = " ".join(str(label).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _figure(figsize: tuple[float, float]) -> Any:

@@ -49,6 +49,8 @@ class FakeHit:
 
 
 class FakeIndex:
+    """A query "embedding" is a set of words; a row scores the share of them its caption holds."""
+
     def __init__(self, modality: str, rows: list[dict[str, Any]]) -> None:
         self.modality, self._rows, self.dim = modality, rows, 4
         self.manifest = {"modality": modality}
@@ -60,18 +62,42 @@ class FakeIndex:
     def row(self, i: int) -> dict[str, Any]:
         return dict(self._rows[i])
 
+    def search(self, queries: list[frozenset[str]], k: int) -> list[list[FakeHit]]:
+        out = []
+        for words in queries:
+            scored = [(len(words & set((row["caption"] or "").split())) / max(len(words), 1), i)
+                      for i, row in enumerate(self._rows)]
+            scored.sort(key=lambda t: (-t[0], t[1]))
+            out.append([FakeHit(rank, score, **self.row(i)) for rank, (score, i) in enumerate(scored[:k], 1)])
+        return out
+
 
 class FakeModel:
+    """Embeds text as its set of words; records every batch. `gate` (if set) holds each call until set."""
+
     directions = ["image->text", "text->image"]
     device = "cpu"
 
     class source:  # noqa: N801 - mimics M3Model.source
         path, kind = "runs/fake", "run"
 
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.entered, self.gate = threading.Event(), None
+
+    def embed_query(self, texts: list[str], *, source: str, target: str) -> list[frozenset[str]]:
+        assert f"{source}->{target}" in self.directions
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if "bad" in texts:
+            raise ValueError("text input 'bad' is not valid text")
+        self.batches.append(list(texts))
+        return [frozenset(t.lower().split()) for t in texts]
+
 
 class FakeSearcher:
-    """Text queries rank rows by words shared with the caption; image queries by the colour named in the
-    caption that matches the image's first pixel (red, green or blue). Records every file it was given."""
+    """An image embeds as the colour (red, green or blue) of its first pixel; records every file."""
 
     def __init__(self, index: FakeIndex, model: FakeModel) -> None:
         self.index, self.model, self.files = index, model, []
@@ -80,19 +106,17 @@ class FakeSearcher:
     def sources(self) -> list[str]:
         return [d.split("->")[0] for d in self.model.directions if d.endswith("->" + self.index.modality)]
 
-    def query(self, modality: str, value: str, k: int = 10) -> list[FakeHit]:
+    def embed(self, modality: str, value: str) -> list[frozenset[str]]:
         assert modality in self.sources
         if modality == "image":
             path = Path(value)
             self.files.append((path, stat.S_IMODE(path.parent.stat().st_mode), path.read_bytes()))
             r, g, b = Image.open(path).convert("RGB").getpixel((0, 0))
-            words = {max((r, "red"), (g, "green"), (b, "blue"))[1]}
-        else:
-            words = set(value.lower().split())
-        scored = [(len(words & set((row["caption"] or "").split())) / max(len(words), 1), i)
-                  for i, row in enumerate(self.index._rows)]
-        scored.sort(key=lambda t: (-t[0], t[1]))
-        return [FakeHit(rank, score, **self.index.row(i)) for rank, (score, i) in enumerate(scored[:k], 1)]
+            return [frozenset({max((r, "red"), (g, "green"), (b, "blue"))[1]})]
+        return self.model.embed_query([value], source=modality, target=self.index.modality)
+
+    def query(self, modality: str, value: str, k: int = 10) -> list[FakeHit]:
+        return self.index.search(self.embed(modality, value), k)[0]
 
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
@@ -130,7 +154,7 @@ def gallery(tmp_path: Path) -> dict[str, FakeSearcher]:
 
 @pytest.fixture
 def client(gallery) -> TestClient:
-    app = create_app(Engine(gallery, FakeModel()))
+    app = create_app(Engine(gallery, gallery["image"].model))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
@@ -153,6 +177,7 @@ def test_health_names_the_indexes_the_model_and_its_directions(client):
         "model": {"path": "runs/fake", "kind": "run", "directions": ["image->text", "text->image"],
                   "device": "cpu"},
         "limits": Limits().as_json(),
+        "stats": {"encoder_calls": 0, "encoded_queries": 0, "cached_embeddings": 0},
     }
 
 
@@ -171,6 +196,58 @@ def test_a_text_query_returns_ranked_hits_with_media_urls(client, gallery):
     # the same query as {"modality", "value"}; k above the gallery's size gives every row
     r = client.post("/api/search", json={"modality": "text", "value": "a blue thing", "k": 100})
     assert [h["row_id"] for h in r.json()["hits"]] == [12, 10, 11, 14, 13, 15]
+
+
+def test_a_repeated_text_query_is_answered_from_the_cache(client, gallery):
+    first = client.post("/api/search", json={"text": "red one", "k": 3}).json()
+    again = client.post("/api/search", json={"text": "red one", "k": 1}).json()
+    assert (first["cached"], again["cached"]) == (False, True)
+    assert again["hits"] == first["hits"][:1]
+    assert gallery["image"].model.batches == [["red one"]]  # the encoder ran once
+    assert client.post("/api/search", json={"text": "Red one"}).json()["cached"] is False  # exact text only
+
+
+def _query_in_thread(engine: Engine, text: str, out: dict[str, Any]) -> threading.Thread:
+    def run() -> None:
+        try:
+            out[text] = [h.caption for h in engine.search("image", "text", text, 1).hits]
+        except ValueError as e:
+            out[text] = str(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _wait(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_queries_that_wait_for_the_encoder_are_embedded_in_one_call(gallery, bad):
+    model = gallery["image"].model
+    engine, model.gate, out = Engine(gallery, model), threading.Event(), {}
+    try:
+        first = _query_in_thread(engine, "red", out)
+        _wait(model.entered.is_set)  # the encoder is busy with "red"; the next five wait for it
+        texts = ["green one", "blue one", "bad" if bad else "a square", "red square", "blue"]
+        threads = [_query_in_thread(engine, t, out) for t in texts]
+        _wait(lambda: len(engine._batcher._pending) == 5)
+        model.gate.set()
+        for t in [first, *threads]:
+            t.join(10)
+    finally:
+        engine.close()
+    good = [t for t in texts if t != "bad"]
+    # one bad query fails the shared call; then each is embedded alone and only the bad one fails
+    assert model.batches == [["red"], *([[t] for t in good] if bad else [texts])]
+    third = {"bad": "text input 'bad' is not valid text"} if bad else {"a square": ["a red square"]}
+    assert out == {"red": ["a red square"], "green one": ["a green square"], "blue one": ["a blue square"],
+                   "red square": ["a red square"], "blue": ["a blue square"], **third}
+    assert engine.stats()["encoder_calls"] == len(model.batches)
 
 
 def test_media_serves_the_file_a_row_records_with_security_headers(client, tmp_path):
@@ -481,8 +558,8 @@ def threaded_server(gallery):
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Engine(gallery, FakeModel())), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    app = create_app(Engine(gallery, gallery["image"].model))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -560,8 +637,6 @@ def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tm
         assert [(row, caption) for row, caption, _ in grid] == [(h["row_id"], h["caption"]) for h in want]
         assert all(src == f"{url}/media/image.index/{row}" for row, _, src in grid)
         assert browser.execute_script(ALL_IMAGES_DECODED)
-        if os.environ.get("M3JEPA_SERVE_SCREENSHOT"):  # docs/img/serve.png is taken here
-            browser.save_screenshot(os.environ["M3JEPA_SERVE_SCREENSHOT"])
         image = Path(want[0]["media"])  # the top image file of the text query
         want_captions = json.loads(_m3jepa("search", "--index", str(indexes["text"]), "--image", str(image),
                                            "--k", "10", "--json", "--device", "cpu", cwd=tmp_path))["hits"]
@@ -572,4 +647,27 @@ def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tm
         proc.wait(timeout=30)
         log.seek(0)
         print(log.read()[-3000:])  # shown by pytest when the test failed
+        log.close()
+
+
+@pytest.mark.slow
+def test_screenshot_of_the_page(browser, tmp_path):
+    """docs/img/serve.png: the real server over the indexes in $M3JEPA_SERVE_INDEXES (image,text), the
+    page after the text query $M3JEPA_SERVE_QUERY, saved to $M3JEPA_SERVE_SCREENSHOT (docs/serve.md)."""
+    out, indexes = os.environ.get("M3JEPA_SERVE_SCREENSHOT"), os.environ.get("M3JEPA_SERVE_INDEXES")
+    if not (out and indexes):
+        pytest.skip("takes docs/img/serve.png only with M3JEPA_SERVE_SCREENSHOT and M3JEPA_SERVE_INDEXES set")
+    image, text = indexes.split(",")
+    port, log = _free_port(), (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", "serve", "--index", image, "--index", text,
+                             "--port", str(port), "--device", "cpu"], env=ENV, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        grid = _search_text(browser, url, os.environ.get("M3JEPA_SERVE_QUERY", "a coin"), Path(image).name)
+        assert len(grid) == 12 and browser.execute_script(ALL_IMAGES_DECODED)
+        browser.save_screenshot(out)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
         log.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,15 @@ def create_app(engine: Engine, limits: Limits | None = None, *, loopback_only: b
     """The service over `engine`; with `loopback_only`, requests must name a loopback Host."""
     limits = limits or Limits()
     uploads = UploadFolder()
-    app = FastAPI(title="m3jepa serve", docs_url=None, redoc_url=None, openapi_url=None,
-                  on_shutdown=[uploads.close])
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        uploads.close()
+        engine.close()
+
+    # no /docs: FastAPI's pages load their scripts from a CDN
+    app = FastAPI(title="m3jepa serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine, app.state.limits, app.state.uploads = engine, limits, uploads
     _add_error_handlers(app)
     _add_page_routes(app)
@@ -96,11 +105,11 @@ def _add_page_routes(app: FastAPI) -> None:
 
 
 def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, uploads: UploadFolder) -> None:
-    health = {"ok": True, **engine.describe(), "limits": limits.as_json()}
+    served = {"ok": True, **engine.describe(), "limits": limits.as_json()}
 
     @app.get("/health")
     def get_health() -> dict[str, Any]:
-        return health
+        return {**served, "stats": engine.stats()}
 
     @app.post("/api/search")
     async def search_json(request: Request) -> dict[str, Any]:
@@ -202,7 +211,8 @@ def _answer_json(answer: Answer, query: dict[str, Any], k: int) -> dict[str, Any
              "group_id": h.group_id, "caption": h.caption,
              "media": f"/media/{answer.index}/{h.row_id}" if h.media else None} for h in answer.hits]
     return {"index": answer.index, "gallery": answer.gallery, "direction": answer.direction,
-            "query": query, "k": k, "took_ms": round(answer.took_ms, 3), "hits": hits}
+            "query": query, "k": k, "took_ms": round(answer.took_ms, 3), "cached": answer.cached,
+            "hits": hits}
 
 
 def _media_file(engine: Engine, index: str, row_id: str) -> FileResponse:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from m3jepa.serve.batcher import Batcher
 from m3jepa.serve.errors import RequestError
 
 # Query modalities whose value is a file: they arrive as uploads, never as a path on this machine.
 FILE_MODALITIES = ("image", "audio")
+# Text query embeddings kept (128-d float32: 512 bytes each). The text encoder costs ~40 ms a query on a
+# loaded 2-core CPU and the index search ~0.02 ms (docs/benchmarks.md), so a repeated query is ~free.
+CACHE_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -23,18 +28,24 @@ class Answer:
     direction: str
     hits: list[Any]  # m3jepa.search.Hit
     took_ms: float
+    cached: bool  # the query embedding came from the cache (the encoder did not run)
 
 
 class Engine:
-    """Named searchers that share one model; queries run one at a time (the CPU is the bottleneck, and
-    one at a time keeps torch's threads from fighting over it)."""
+    """Named searchers that share one model. The model runs one call at a time (the CPU is the bottleneck,
+    and one at a time keeps torch's threads from fighting over it); text queries that wait meanwhile are
+    embedded together in its next call, and their embeddings are cached."""
 
-    def __init__(self, searchers: Mapping[str, Any], model: Any) -> None:
+    def __init__(self, searchers: Mapping[str, Any], model: Any, cache_entries: int = CACHE_ENTRIES) -> None:
         if not searchers:
             raise ValueError("serve needs at least one index")
         self.searchers = dict(searchers)
         self.model = model
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # least recently used first
+        self._cache_lock = threading.Lock()
+        self._cache_entries = cache_entries
+        self._batcher = Batcher(self._lock)
         # hits name a row by its store row id; the index reads rows by position (invalid rows are left out)
         self._positions = {name: {s.index.row(i)["row_id"]: i for i in range(s.index.rows)}
                            for name, s in self.searchers.items()}
@@ -51,6 +62,14 @@ class Engine:
         """The metadata of store row `row_id` in index `name`, or None if the index does not hold it."""
         position = self._positions[name].get(row_id)
         return None if position is None else self.searchers[name].index.row(position)
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def stats(self) -> dict[str, int]:
+        """Model calls and the text queries they embedded (the mean batch is queries / calls)."""
+        return {"encoder_calls": self._batcher.calls, "encoded_queries": self._batcher.queries,
+                "cached_embeddings": len(self._cache)}
 
     def describe(self) -> dict[str, Any]:
         """What /health reports: the indexes with their modality and size, the model and its directions."""
@@ -88,7 +107,27 @@ class Engine:
         searcher = self.searchers[name]
         k = min(k, searcher.index.rows)
         start = time.perf_counter()
-        with self._lock:
-            hits = searcher.query(modality, value, k=k)
+        cached = False
+        if modality in FILE_MODALITIES:  # a file's bytes would be the key: uploads are not cached
+            with self._lock:
+                hits = searcher.query(modality, value, k=k)
+        else:
+            query, cached = self._embedding(searcher, modality, value)
+            hits = searcher.index.search(query, k)[0]  # faiss reads concurrently; no lock needed
         took = (time.perf_counter() - start) * 1e3
-        return Answer(name, self.gallery(name), f"{modality}->{self.gallery(name)}", hits, took)
+        return Answer(name, self.gallery(name), f"{modality}->{self.gallery(name)}", hits, took, cached)
+
+    def _embedding(self, searcher: Any, modality: str, value: str) -> tuple[Any, bool]:
+        """The (1, d) query embedding of `value` and whether it came from the cache."""
+        key = (modality, searcher.index.modality, value)
+        with self._cache_lock:
+            query = self._cache.get(key)
+            if query is not None:
+                self._cache.move_to_end(key)
+                return query, True
+        query = self._batcher.embed(searcher, modality, value)
+        with self._cache_lock:
+            self._cache[key] = query
+            while len(self._cache) > self._cache_entries:
+                self._cache.popitem(last=False)
+        return query, False

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from m3jepa.serve.engine import Engine
-from m3jepa.serve.errors import RequestError
 from m3jepa.serve.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -51,13 +53,17 @@ def open_engine(specs: list[str], device: str = "auto") -> Engine:
 
 
 def warm_up(engine: Engine) -> None:
-    """Run one text query per index that takes text, so the encoder is built before the first request."""
-    for name in engine.searchers:
-        if "text" in engine.sources(name):
-            try:
-                engine.search(name, "text", "warm up", 1)
-            except RequestError as e:  # pragma: no cover - a served index always answers text here
-                log.warning("warm-up of %s failed: %s", name, e.message)
+    """One query per source of each index (a caption; a small grey PNG), so the encoders are built and
+    their first-call costs paid before the first request."""
+    with tempfile.TemporaryDirectory(prefix="m3jepa-warm-") as tmp:
+        png = Path(tmp) / "warm.png"
+        Image.new("RGB", (64, 64), (128, 128, 128)).save(png)
+        for name in engine.searchers:
+            for source in engine.sources(name):
+                if source == "text":
+                    engine.search(name, "text", "warm up", 1)
+                elif source == "image":
+                    engine.search(name, "image", str(png), 1)
 
 
 def is_loopback(host: str) -> bool:

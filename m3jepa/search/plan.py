@@ -9,8 +9,8 @@ from typing import Any
 
 from m3jepa.search.errors import SearchError
 
-# Exact search up to here: one query over 20,000 x 512 float32 is ~10M multiply-adds (about 1 ms on one
-# core), and exact needs no training and has recall 1 by definition.
+# Exact search up to here: one query over 20,000 x 512 float32 is ~10M multiply-adds, and exact needs
+# no training and has recall 1 by definition.
 FLAT_MAX_ROWS = 20_000
 ID_BYTES = 8  # faiss inverted lists keep an int64 id per vector
 MIN_POINTS_PER_LIST = 39  # faiss warns below 39 training points per centroid

@@ -1,10 +1,10 @@
 """`m3jepa serve` under load: text queries from N concurrent loopback clients for a bounded time.
 
-    python -m bench.serve --index IMAGE_IDX [--index TEXT_IDX] [--clients 8] [--seconds 20] [--json out.json]
+    python -m bench.serve --index IMAGE_IDX [--index TEXT_IDX] [--clients 1,2,4,8] [--seconds 20] [--stages]
 
 Starts the real server (`python -m m3jepa serve`) on a free 127.0.0.1 port, waits for /health, then runs
-two bounded phases of `--seconds` each against it, one keep-alive HTTP connection per client thread, each
-client sending POST /api/search {"text": ..., "k": 10} back to back:
+two bounded phases of `--seconds` each against it for each client count, one keep-alive HTTP connection
+per client thread, each client sending POST /api/search {"text": ..., "k": 10} back to back:
 - `repeated`: the gallery's own captions (rows.jsonl of a text index, or 64 fixed phrases), each sent once
   before the clock starts, so every timed query is answered from the server's embedding cache;
 - `distinct`: every query text is new (a caption plus a counter), so every query runs MiniLM and the
@@ -13,11 +13,13 @@ Reported per phase: queries/s, latency p50/p90/p99/max (client side, ms), errors
 `took_ms` p50 (embedding + search inside the process), and the 1-minute load average before and after.
 `--stages` first times, in this process and one query at a time, MiniLM alone, the predictor from a
 MiniLM latent, and the faiss search: where a cold query's time goes. Only 127.0.0.1 is ever contacted.
+The clients run in this process on the same cores as the server: their own CPU time is in the latencies.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import socket
@@ -25,11 +27,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bench import _common as C
+# as `m3jepa` itself does (cli.main): spinning OpenMP threads starve each other on shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from bench import _common as C  # noqa: E402  (imports torch, which reads OMP_WAIT_POLICY once)
 
 MAX_SECONDS, MAX_CLIENTS = 120, 64
 PHRASES = [f"a {colour} {thing}" for colour in ("red", "blue", "green", "yellow", "black", "white", "pink",
@@ -67,13 +72,12 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> dic
     raise SystemExit(f"no /health answer on 127.0.0.1:{port} within {timeout} s")
 
 
-def client(port: int, index: str, texts: list[str], start: int, stride: int, deadline: float,
+def client(port: int, index: str, next_text: Callable[[], str], deadline: float,
            out: list[tuple[float, float, bool]]) -> None:
     """Send queries back to back until `deadline`: (latency ms, server took_ms, ok) per query."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    i = start
     while time.monotonic() < deadline:
-        body = json.dumps({"text": texts[i % len(texts)], "k": 10, "index": index})
+        body = json.dumps({"text": next_text(), "k": 10, "index": index})
         t0 = time.perf_counter()
         try:
             conn.request("POST", "/api/search", body, {"Content-Type": "application/json"})
@@ -86,15 +90,14 @@ def client(port: int, index: str, texts: list[str], start: int, stride: int, dea
             ok, data = False, b"{}"
         ms = (time.perf_counter() - t0) * 1e3
         out.append((ms, json.loads(data).get("took_ms", float("nan")) if ok else float("nan"), ok))
-        i += stride
     conn.close()
 
 
-def phase(port: int, index: str, texts: list[str], clients: int, seconds: float) -> dict:
+def phase(port: int, index: str, next_text: Callable[[], str], clients: int, seconds: float) -> dict:
     results: list[list[tuple[float, float, bool]]] = [[] for _ in range(clients)]
     load_before = C.load_average()
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=client, args=(port, index, texts, c, clients, deadline, results[c]))
+    threads = [threading.Thread(target=client, args=(port, index, next_text, deadline, results[c]))
                for c in range(clients)]
     t0 = time.monotonic()
     for t in threads:
@@ -141,6 +144,20 @@ def stages(index: Path, n: int = 100) -> dict:
             "load_after": C.load_average()}
 
 
+def cycling(texts: list[str], counter: itertools.count) -> Callable[[], str]:
+    """The texts in turn, shared by the client threads (next() on a count is atomic under the GIL)."""
+    return lambda: texts[next(counter) % len(texts)]
+
+
+def numbered(texts: list[str], counter: itertools.count) -> Callable[[], str]:
+    """A text never sent before: a caption with the next number of `counter` appended."""
+    def text() -> str:
+        n = next(counter)
+        return f"{texts[n % len(texts)]} #{n}"
+
+    return text
+
+
 def captions(indexes: list[Path]) -> list[str]:
     for idx in indexes:
         rows = [json.loads(line) for line in (idx / "rows.jsonl").read_text().splitlines()]
@@ -153,18 +170,19 @@ def captions(indexes: list[Path]) -> list[str]:
 def main() -> None:
     p = C.parser(__doc__.split("\n")[0])
     p.add_argument("--index", type=Path, action="append", required=True, help="an index folder (repeat)")
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", default="1,2,4,8", help="client counts, one run of each phase per count")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--stages", action="store_true", help="first time a cold query's parts in-process")
     p.add_argument("--phases", default="repeated,distinct")
     args = p.parse_args()
-    if not (0 < args.seconds <= MAX_SECONDS and 0 < args.clients <= MAX_CLIENTS):
+    counts = [int(c) for c in args.clients.split(",")]
+    if not (0 < args.seconds <= MAX_SECONDS and all(0 < c <= MAX_CLIENTS for c in counts)):
         raise SystemExit(f"--seconds must be in (0, {MAX_SECONDS}] and --clients in [1, {MAX_CLIENTS}]")
     gallery = {i: json.loads((i / "manifest.json").read_text())["modality"] for i in args.index}
     image = next((i for i, m in gallery.items() if m != "text"), args.index[0])
     out: dict = {"machine": {"cpu": C.cpu_name(), "cores": os.cpu_count(), "git": C.git_sha()},
-                 "clients": args.clients, "seconds": args.seconds}
+                 "seconds": args.seconds, "runs": []}
     if args.stages:
         out["stages"] = stages(image)
     port, log = free_port(), Path(f"/tmp/bench-serve-{os.getpid()}.log")
@@ -173,6 +191,7 @@ def main() -> None:
         health = wait_healthy(port, proc)
         name = next(i["name"] for i in health["indexes"] if "text" in i["sources"])
         texts = captions(args.index)
+        fresh = itertools.count()  # shared by every distinct run: no text is ever sent twice
         for mode in args.phases.split(","):
             if mode == "repeated":
                 for t in texts:  # untimed: puts every caption in the server's cache
@@ -181,13 +200,17 @@ def main() -> None:
                                  {"Content-Type": "application/json"})
                     conn.getresponse().read()
                     conn.close()
-                out["repeated"] = phase(port, name, texts, args.clients, args.seconds)
+                next_text = cycling(texts, itertools.count())
             elif mode == "distinct":
-                fresh = [f"{t} #{i}" for i in range(200_000 // max(len(texts), 1) + 1) for t in texts]
-                out["distinct"] = phase(port, name, fresh, args.clients, args.seconds)
+                next_text = numbered(texts, fresh)
             else:
                 raise SystemExit(f"unknown phase {mode!r}: repeated, distinct")
-            print(json.dumps({mode: out[mode]}), flush=True)
+            for clients in counts:
+                timed = phase(port, name, next_text, clients, args.seconds)
+                run = {"phase": mode, "clients": clients, **timed}
+                out["runs"].append(run)
+                print(json.dumps(run), flush=True)
+        out["server_stats"] = wait_healthy(port, proc)["stats"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

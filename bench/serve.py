@@ -12,7 +12,8 @@ per client thread, each client sending POST /api/search {"text": ..., "k": 10} b
 Reported per phase: queries/s, latency p50/p90/p99/max (client side, ms), errors, the server's own
 `took_ms` p50 (embedding + search inside the process), and the 1-minute load average before and after.
 `--stages` first times, in this process and one query at a time, MiniLM alone, the predictor from a
-MiniLM latent, and the faiss search: where a cold query's time goes. Only 127.0.0.1 is ever contacted.
+MiniLM latent, and the faiss search (where a cold query's time goes), then one call on batches of
+1-32 new captions (what the server's batcher pays). Only 127.0.0.1 is ever contacted.
 The clients run in this process on the same cores as the server: their own CPU time is in the latencies.
 """
 
@@ -29,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +143,19 @@ def stages(index: Path, n: int = 100) -> dict:
                                                                     latents=latent)),
             "faiss_p50_ms": timed(lambda i: s.index.search(query, 10)),
             "query_p50_ms": timed(lambda i: s.query("text", texts[i], k=10)),
+            "batch_p50_ms": {b: batch_time(s, texts, b) for b in (1, 4, 8, 16, 32)},
             "load_after": C.load_average()}
+
+
+def batch_time(s: Any, texts: list[str], size: int, rounds: int = 8) -> float:
+    """Median ms of one embed_query call on `size` new captions (MiniLM + predictor), as the batcher pays."""
+    t = []
+    for r in range(rounds):
+        batch = [f"{x} round {r}" for x in texts[:size]]
+        t0 = time.perf_counter()
+        s.model.embed_query(batch, source="text", target=s.index.modality)
+        t.append(time.perf_counter() - t0)
+    return round(float(np.median(t)) * 1e3, 2)
 
 
 def cycling(texts: list[str], counter: itertools.count) -> Callable[[], str]:

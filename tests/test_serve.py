@@ -1,5 +1,4 @@
-"""`m3jepa serve`: every bad request answered 4xx with its message while the server keeps serving (fast, a
-fake searcher), the page in a real headless browser, and the real server over a real index (slow)."""
+"""`m3jepa serve`: bad requests get a 4xx and serving goes on; the page in chromium; the real server."""
 
 from __future__ import annotations
 

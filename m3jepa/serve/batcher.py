@@ -1,5 +1,4 @@
-"""Text queries that miss the cache, embedded together: whatever waits while the encoder runs goes into
-its next call (one MiniLM call of 16 captions costs ~4x one of a single caption, not 16x)."""
+"""Text queries that miss the cache, embedded together: those that wait join the encoder's next call."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+# One call on 16 captions cost 3.4x one on a single caption, not 16x (docs/benchmarks.md §8).
 MAX_BATCH = 32  # beyond this the batch's latency grows faster than its throughput (docs/benchmarks.md)
 
 

@@ -14,7 +14,7 @@ from m3jepa.serve.errors import RequestError
 
 # Query modalities whose value is a file: they arrive as uploads, never as a path on this machine.
 FILE_MODALITIES = ("image", "audio")
-# Text query embeddings kept (128-d float32: 512 bytes each). The text encoder costs ~40 ms a query on a
+# Text query embeddings kept (128-d float32: 512 bytes each). The text encoder costs ~30 ms a query on a
 # loaded 2-core CPU and the index search ~0.02 ms (docs/benchmarks.md), so a repeated query is ~free.
 CACHE_ENTRIES = 4096
 

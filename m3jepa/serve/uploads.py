@@ -1,5 +1,4 @@
-"""Uploaded query files: checked from their header before decoding, held in a private folder only while
-the query runs."""
+"""Uploaded query files: checked from their header before decoding, held privately only while queried."""
 
 from __future__ import annotations
 

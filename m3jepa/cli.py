@@ -269,8 +269,12 @@ def train_predictor(
         cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run, device=device,
                         precision=precision)
         from m3jepa.train.loop import train
+        from m3jepa.train.recipes import SIZED_KEYS
 
-        result = train(cfg, resume=resume)
+        # no pipeline: the predictor and the steps are sized from the train pairs, except what --set gives
+        given = {item.split("=", 1)[0].strip() for item in set_ or []}
+        auto = None if pipeline is not None else SIZED_KEYS - given
+        result = train(cfg, resume=resume, auto_keys=auto)
         typer.echo(result.summary())
 
 

@@ -83,10 +83,13 @@ class ModelConfig:
     # softmax over all N, keep the k largest, no renormalisation)
     routing: str = "topk_softmax"
     cl_dim: int = 256  # d_cl, the contrastive space
-    load_balance_weight: float = 0.0  # the paper uses none
+    load_balance_weight: float = 0.0  # Switch load balancing N·Σ f_e·P_e, mean over the gates; paper: none
+    router_z_loss_weight: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)²); the paper uses none
 
     def __post_init__(self) -> None:
         _choice("model.predictor", self.predictor, ("moe", "mlp", "linear"))
+        _non_negative("model.load_balance_weight", self.load_balance_weight, hint="0 turns it off")
+        _non_negative("model.router_z_loss_weight", self.router_z_loss_weight, hint="0 turns it off")
         _choice("model.gates", self.gates, ("multi", "shared"))
         _choice("model.routing", self.routing, ("topk_softmax", "softmax_topk"))
         for name in ("dim", "hidden", "num_experts", "top_k", "cl_dim"):
@@ -130,15 +133,21 @@ class LossConfig:
 
     pred: str = "mse"  # mse (paper) | smooth_l1 (official release)
     alpha: float = 0.5
-    temperature: float = 0.03  # the official release's fixed value
+    temperature: float = 0.03  # the official release's fixed value; the initial value when learned
+    # true: τ is learned (a log-τ parameter starting at `temperature`, clamped to [0.01, 1] = CLIP's logit
+    # scale ≤ 100, no weight decay); CLIP's recipe is learn_temperature = true with temperature = 0.07
     learn_temperature: bool = False
+    # the target L_pred and the "pred" space use: raw (paper: the encoder's latents) | standardized (each
+    # dimension minus its train-split mean, over its train-split std; statistics kept in the checkpoint)
+    pred_target: str = "raw"
 
     def __post_init__(self) -> None:
         _choice("loss.pred", self.pred, ("mse", "smooth_l1"))
+        _choice("loss.pred_target", self.pred_target, ("raw", "standardized"))
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"loss.alpha={self.alpha} must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ConfigError(f"loss.temperature={self.temperature} must be > 0")
+        if not 0.01 <= self.temperature <= 1.0:  # CLIP's bounds: logit scale 1/τ in [1, 100]
+            raise ConfigError(f"loss.temperature={self.temperature} must be in [0.01, 1], e.g. 0.03 or 0.07")
 
 
 @dataclass
@@ -173,11 +182,27 @@ class TrainConfig:
     # TensorBoard scalars in <run>/tensorboard: "auto" when the tensorboard package is installed, "on"
     # (an error without it), "off". metrics.jsonl and metrics.csv are written either way.
     tensorboard: str = "auto"  # auto | on | off
+    # Latent mixup (FuseMix): each step's batch is mixed with probability `mixup` (1: every batch, as
+    # FuseMix; 0: off, the paper). Each pair i gets one λ_i ~ Beta(mixup_alpha, mixup_alpha) and a partner
+    # π(i) (a permutation of the batch), the same in source and target (and in each part of a
+    # concatenated input): x_i ← λ_i x_i + (1 − λ_i) x_π(i), y_i likewise, before the predictor.
+    mixup: float = 0.0
+    mixup_alpha: float = 1.0
+    # A dataset whose `val_split` has no rows gets a validation split carved from the train split: this
+    # share of the train groups (seeded by train.seed, whole groups, so no caption of a validation image
+    # trains). 0 refuses such a dataset instead.
+    carve_val: float = 0.1
 
     def __post_init__(self) -> None:
         _choice("train.schedule", self.schedule, ("alternate", "random", "dynamic", "joint"))
         _choice("train.feed", self.feed, ("auto", "memory", "store", "device"))
         _choice("train.tensorboard", self.tensorboard, ("auto", "on", "off"))
+        if not 0.0 <= self.mixup <= 1.0:
+            raise ConfigError(f"train.mixup={self.mixup} must be a probability in [0, 1] (0 off, 1 FuseMix)")
+        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha > 0):
+            raise ConfigError(f"train.mixup_alpha={self.mixup_alpha} must be finite and > 0 (FuseMix: 1)")
+        if not 0.0 <= self.carve_val < 1.0:
+            raise ConfigError(f"train.carve_val={self.carve_val} must be in [0, 1) (0: refuse a missing val)")
         self._check_directions()
         self._check_probs()
         self._check_counts()

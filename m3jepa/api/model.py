@@ -17,7 +17,7 @@ from m3jepa.api.raw import ApiError, RawEncoders
 from m3jepa.config import PipelineConfig, RuntimeConfig, from_dict, migrate
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.directions import parse_direction, source_modalities
-from m3jepa.core.objective import Objective
+from m3jepa.core.objective import Objective, to_pred_space
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class M3Model:
             raise ApiError(f"no direction of this model targets {modality!r}; its directions are "
                            f"{', '.join(self.directions)}")
         y = self._latents(modality, inputs, latents)
-        if space == "pred":
-            return _normalised(y)
+        if space == "pred":  # the targets in the space the run predicts in (standardised, when it trained so)
+            return _normalised(to_pred_space(self.objective.predictor, modality, y))
         with self.runtime.autocast():
             return _normalised(self.objective.predictor.encode_target(modality, y))
 

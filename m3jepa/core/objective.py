@@ -26,7 +26,11 @@ class Objective(nn.Module):
     def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, dims: dict[str, int]):
         super().__init__()
         self.predictor = build_predictor(model_cfg, dims)
-        self.loss = AlignmentLoss(loss_cfg, model_cfg.predictor, model_cfg.load_balance_weight)
+        if loss_cfg.pred_target == "standardized" and hasattr(self.predictor, "standardize_targets"):
+            self.predictor.standardize_targets()  # buffers set from the train split by the loop
+        self.loss = AlignmentLoss(
+            loss_cfg, model_cfg.predictor, model_cfg.load_balance_weight, model_cfg.router_z_loss_weight
+        )
 
     def forward(
         self,
@@ -47,15 +51,24 @@ class Objective(nn.Module):
         keys = self.predictor.encode_target(target, y)  # (B, d_cl), L2-normalised
         if out.pred is not None:
             out.pred = out.pred.float()  # the loss in float32 even under bf16 autocast
+        # L_pred's target in the space `pred` lives in (loss.pred_target: raw, or standardised)
+        l_target = to_pred_space(self.predictor, target, (y if pred_target is None else pred_target).float())
         # Negatives come from every rank: gather both sides, score the local rows against all of them.
         return self.loss(
             out,
-            (y if pred_target is None else pred_target).float(),
+            l_target,
             keys,
             queries_all=gather_with_grad(out.cl_query, info),  # (W*B, d_cl)
             keys_all=gather_with_grad(keys, info),  # (W*B, d_cl)
             offset=info.rank * y.shape[0],  # y: x is a dict for a concatenated input
         )
+
+
+def to_pred_space(predictor: nn.Module, modality: str, y: Tensor) -> Tensor:
+    """Target latents y (B, D_m) in the predictor's `pred` space: standardised when the run trained with
+    loss.pred_target = "standardized" (the predictor holds the statistics), else y itself."""
+    space = getattr(predictor, "pred_space", None)
+    return y if space is None else space(modality, y)  # (B, D_m)
 
 
 def loss_scalars(parts: LossOutput) -> tuple[Tensor, Tensor]:

@@ -433,3 +433,64 @@ def _check_join(join: JoinTable, anchor: ModalityFeatures) -> None:
             f"the join table beside {anchor.store} was written for other {join.anchor} rows "
             "(another --limit or dataset version); re-run `m3jepa encode` for this split"
         )
+
+
+def split_is_empty(cfg: PipelineConfig, split: str, directions: list[str]) -> bool:
+    """True when every store of `split` the directions need exists and holds no rows: the dataset has no
+    such split (its stores were encoded, empty). A store that is missing is not this case (encode it)."""
+    for m in direction_modalities(directions):
+        try:
+            path = modality_store(cfg, split, m)
+        except StoreDataError:
+            return False
+        if load_manifest(path).rows:
+            return False
+    return True
+
+
+def carve_validation(
+    train: PairedSplit, share: float, seed: int, name: str = "val"
+) -> tuple[PairedSplit, PairedSplit, dict[str, Any]]:
+    """Split `train` into (train', val) by whole groups: `share` of the train groups, drawn with `seed`.
+
+    A pair's group is the group of its (first) source row (an image and all its captions; for VQA, the
+    image of the question), so no group has pairs on both sides. Both splits keep the same modality
+    features (the rows are not copied); only their pairs differ. Returns them and a summary for the log.
+    """
+    if train.join is not None:
+        raise StoreDataError(
+            f"split {name!r} has no rows and {train.split!r} joins its rows through a VQA join table, which "
+            "cannot be carved; encode a validation split"
+        )
+    groups_of = {}
+    for d, (rows_s, _) in train.pairs.items():
+        src = source_modalities(parse_direction(d)[0])[0]
+        first = rows_s if rows_s.ndim == 1 else rows_s[:, 0]
+        groups_of[d] = train.modalities[src].group_ids[first]  # (P,) the group of each pair
+    every = sorted({str(g) for gs in groups_of.values() for g in gs})
+    n_val = int(np.ceil(share * len(every)))
+    if not 0 < n_val < len(every):
+        raise StoreDataError(
+            f"split {name!r} has no rows, and {share:.0%} of the {len(every)} groups of {train.split!r} "
+            "leaves no validation or no training group; set train.carve_val or encode a validation split"
+        )
+    rng = np.random.default_rng([seed, 0x56414C])  # "VAL": the carve's own stream
+    held = set(np.asarray(every, dtype=object)[rng.permutation(len(every))[:n_val]])
+    keep_pairs, val_pairs = {}, {}
+    for d, (rows_s, rows_t) in train.pairs.items():
+        in_val = np.fromiter((str(g) in held for g in groups_of[d]), dtype=bool, count=len(rows_t))
+        val_pairs[d] = (rows_s[in_val], rows_t[in_val])
+        keep_pairs[d] = (rows_s[~in_val], rows_t[~in_val])
+    kept = PairedSplit(split=train.split, modalities=train.modalities, pairs=keep_pairs, join=None,
+                       feed=train.feed, device=train.device)
+    val = PairedSplit(split=name, modalities=train.modalities, pairs=val_pairs, join=None, feed=train.feed,
+                      device=train.device)
+    summary = {
+        "from": train.split,
+        "share": share,
+        "seed": seed,
+        "groups": n_val,
+        "of_groups": len(every),
+        "pairs": {d: len(p[0]) for d, p in val_pairs.items()},
+    }
+    return kept, val, summary

@@ -10,6 +10,7 @@ from torch import nn
 
 from m3jepa.core.device import CPU, Runtime
 from m3jepa.core.directions import parse_direction
+from m3jepa.core.objective import to_pred_space
 from m3jepa.core.paired import PairedSplit
 
 SPACES = ("pred", "cl")
@@ -83,8 +84,8 @@ def embed_direction(
         queries.append(out.pred if space == "pred" else out.cl_query)
     for i in range(0, len(g_rows), batch_size):
         y = data.rows(tgt, g_rows[i : i + batch_size])  # (b, D_tgt)
-        if space == "pred":
-            gallery.append(y)
+        if space == "pred":  # targets in the space `pred` lives in (standardised, if the run trained so)
+            gallery.append(to_pred_space(predictor, tgt, y))
             continue
         with runtime.autocast():
             gallery.append(predictor.encode_target(tgt, y))

@@ -23,6 +23,7 @@ from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, sour
 from m3jepa.eval.report import run_provenance
 from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
 from m3jepa.knn import topk_search
+from m3jepa.model.moe import routing_health, warn_collapsed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,78 @@ def direction_recalls(
         emb = embed_direction(predictor, data, d, space, protocol, runtime=runtime)
         out[d] = score(emb, runtime).recalls
     return out
+
+
+@torch.no_grad()
+def prediction_health(
+    predictor: nn.Module,
+    data: PairedSplit,
+    directions: list[str],
+    runtime: Runtime = CPU,
+    batch_size: int = 2048,
+) -> dict[str, dict[str, Any]]:
+    """R² of the predicted latents and each gate's routing, per direction, over the split's pairs.
+
+    One forward of every pair's source. `r2`: 1 − SSE/SST over the pairs, in the space L_pred uses (the
+    standardised targets when the run trained with loss.pred_target = "standardized"), SST about the
+    split's own per-dimension target mean; absent for a predictor that predicts no latent. `routing`:
+    {direction: {gate: routing_health}} from the forward's expert counts; absent without a router.
+    """
+    from m3jepa.core.objective import to_pred_space
+
+    top_k = getattr(getattr(predictor, "mixer", None), "top_k", None)
+    r2: dict[str, float] = {}
+    routing: dict[str, dict[str, Any]] = {}
+    for d in directions:
+        src, tgt = parse_direction(d)
+        rows_s, rows_t = data.pairs[d]
+        n = len(rows_t)
+        if n == 0:
+            continue
+        sse = total = sq = None
+        counts: dict[str, torch.Tensor] = {}
+        for i in range(0, n, batch_size):
+            x = source_batch(data, src, rows_s[i : i + batch_size])  # (b, D_s) or {m: (b, D_m)}
+            with runtime.autocast():
+                out = predictor(src, x, tgt)
+            for gate, c in out.expert_counts.items():
+                counts[gate] = c if gate not in counts else counts[gate] + c  # (N,)
+            if out.pred is None:
+                continue
+            t = to_pred_space(predictor, tgt, data.rows(tgt, rows_t[i : i + batch_size])).double()  # (b, D_t)
+            e = (out.pred.double() - t).square().sum()  # ()
+            s, s2 = t.sum(dim=0), t.square().sum(dim=0)  # (D_t,)
+            sse, total, sq = (e, s, s2) if sse is None else (sse + e, total + s, sq + s2)
+        if sse is not None:
+            sst = (sq - total.square() / n).sum()  # ()
+            r2[d] = float(1.0 - sse / sst)
+        if top_k is not None and counts:
+            host = torch.stack(list(counts.values())).tolist()  # (G, N)
+            routing[d] = {g: routing_health(c, n, top_k) for g, c in zip(counts, host, strict=True)}
+    return {"r2": r2, "routing": routing}
+
+
+def routing_lines(metrics: dict[str, Any]) -> str:
+    """Markdown: each gate's routing on the evaluated split (normalised entropy, busiest expert, collapse)."""
+    routing = metrics.get("routing")
+    if not routing:
+        return ""
+    lines = [
+        f"\n### Routing and prediction on the {metrics['split']} split\n",
+        "| direction | gate | normalised entropy | collapse below | busiest expert (share of rows) "
+        "| collapsed | R² |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
+    r2 = metrics.get("r2", {})
+    for d, gates in routing.items():
+        for gate, h in gates.items():
+            top = max(h["share"], key=h["share"].get)
+            r2_cell = f"{r2[d]:.3f}" if d in r2 else ""
+            lines.append(
+                f"| {d} | {gate} | {h['entropy']:.3f} | {h['threshold']:.3f} | {top} ({h['share'][top]:.0%}) "
+                f"| {'yes' if h['collapsed'] else 'no'} | {r2_cell} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def score(emb: DirectionEmbeddings, runtime: Runtime, faiss_threshold: int = 20000) -> RetrievalResult:
@@ -71,7 +144,8 @@ class EvalMetrics:
         from m3jepa.eval.report import metrics_table
         from m3jepa.eval.vqa import vqa_lines
 
-        return metrics_table(self.data) + _classification_tables(self.data) + vqa_lines(self.data)
+        return (metrics_table(self.data) + _classification_tables(self.data) + vqa_lines(self.data)
+                + routing_lines(self.data))
 
 
 def _classification(directions: list[str], space: str, embeddings) -> dict[str, Any]:
@@ -168,6 +242,12 @@ def evaluate_run(
     vqa = _vqa(predictor, data, cfg.train.directions, headline)
     if vqa:
         metrics["vqa"] = vqa
+    health = prediction_health(predictor, data, cfg.train.directions, runtime=runtime)
+    if health["r2"]:
+        metrics["r2"] = health["r2"]  # 1 − SSE/SST of the predicted latents, in the space L_pred uses
+    if health["routing"]:
+        metrics["routing"] = health["routing"]  # each gate's expert shares and normalised entropy
+        warn_collapsed(health["routing"], f"{split} split")
     _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
     return EvalMetrics(metrics)
 
@@ -246,11 +326,14 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
     files = write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
     from m3jepa.eval.vqa import vqa_lines
 
-    extra = _classification_tables(metrics) + vqa_lines(metrics)
+    extra = _classification_tables(metrics) + vqa_lines(metrics) + routing_lines(metrics)
     if extra:
         files.markdown.write_text(files.markdown.read_text() + extra)
     if (run_dir / "metrics.jsonl").exists():
         plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+        from m3jepa.eval.plot_routing import plot_routing
+
+        plot_routing(run_dir / "metrics.jsonl", run_dir / "routing.png")  # nothing without routed records
     image_text = "image->text" if "image->text" in directions else directions[0]
     emb = embeddings[(image_text, headline)]
     sim, rows, cols, pairs = _similarity_10x10(emb, data, image_text)

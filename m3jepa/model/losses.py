@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0
 
 @dataclass
 class LossOutput:
-    """L = α·L_pred + (1−α)·L_CL + w·aux."""
+    """L = α·L_pred + (1−α)·L_CL + w·aux + w_z·z."""
 
     total: Tensor  # ()
     pred: Tensor | None  # () L_pred; None when the predictor predicts no latent (linear baseline)
@@ -29,6 +29,9 @@ class LossOutput:
     aux: Tensor  # () load-balancing term, unweighted (total adds load_balance_weight · aux)
     alpha: float  # the α actually used
     temperature: Tensor  # () τ used (detached), for logging
+    z: Tensor | None = None  # () router z-loss, unweighted (total adds router_z_loss_weight · z); None: none
+    # task -> (N,) int64 assignments per expert in this forward (each row counts k times); {} without a router
+    expert_counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 def prediction_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
@@ -102,9 +105,16 @@ def effective_alpha(model: ModelConfig, loss: LossConfig) -> float:
 class AlignmentLoss(nn.Module):
     """The M3-JEPA objective for one direction; owns the (possibly learnable) temperature."""
 
-    def __init__(self, cfg: LossConfig, predictor: str = "moe", load_balance_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        cfg: LossConfig,
+        predictor: str = "moe",
+        load_balance_weight: float = 0.0,
+        router_z_loss_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.load_balance_weight = load_balance_weight  # model.load_balance_weight; the paper uses 0
+        self.router_z_loss_weight = router_z_loss_weight  # model.router_z_loss_weight; the paper uses 0
         self.kind = cfg.pred
         self.alpha = 0.0 if predictor == "linear" else cfg.alpha
         if self.alpha != cfg.alpha:
@@ -135,6 +145,9 @@ class AlignmentLoss(nn.Module):
         total = (1.0 - self.alpha) * cl + self.load_balance_weight * out.aux_loss  # ()
         if l_pred is not None:
             total = total + self.alpha * l_pred
+        if self.router_z_loss_weight and out.z_loss is not None:
+            total = total + self.router_z_loss_weight * out.z_loss
         return LossOutput(
-            total=total, pred=l_pred, cl=cl, aux=out.aux_loss, alpha=self.alpha, temperature=tau.detach()
+            total=total, pred=l_pred, cl=cl, aux=out.aux_loss, alpha=self.alpha, temperature=tau.detach(),
+            z=out.z_loss, expert_counts=out.expert_counts,
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 SHARED = "shared"  # the gate key when every task routes through one gate (the official release)
 
@@ -19,6 +24,7 @@ class MoEOutput:
     y: Tensor  # (T, d)
     expert_counts: Tensor  # (N,) int64: rows routed to each expert (each row counts k times)
     aux_loss: Tensor  # () Switch-style load-balancing term, unweighted
+    z_loss: Tensor  # () ST-MoE router z-loss mean_t(logsumexp_n logits)², unweighted
 
 
 @dataclass
@@ -28,6 +34,7 @@ class Routing:
     experts: Tensor  # (T, k) int64 expert ids
     weights: Tensor  # (T, k) mixing weights of the selected experts
     probs: Tensor  # (T, N) softmax over all N logits (for the load-balancing term)
+    logits: Tensor | None = None  # (T, N) the gate's logits (for the router z-loss)
 
 
 def expert_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -57,7 +64,7 @@ def route(logits: Tensor, top_k: int, routing: str = "topk_softmax") -> Routing:
         weights = probs.gather(-1, experts)  # (T, k)
     else:
         raise ValueError(f"routing={routing!r} is not one of topk_softmax, softmax_topk")
-    return Routing(experts=experts, weights=weights, probs=probs)
+    return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
 
 
 def load_balance_loss(r: Routing, num_experts: int) -> Tensor:
@@ -70,6 +77,78 @@ def load_balance_loss(r: Routing, num_experts: int) -> Tensor:
     frac = one_hot.sum(dim=(0, 1)) / r.experts.numel()  # (N,)
     mean_prob = r.probs.mean(dim=0)  # (N,)
     return num_experts * torch.einsum("n,n->", frac, mean_prob)
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): (1/T) Σ_t (logsumexp_n logits_tn)², logits (T, N).
+
+    It penalises large gate logits, which keeps the router's softmax out of its saturated region.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()  # ()
+
+
+# A gate is reported as collapsed when its expert load has fewer effective experts (exp of the entropy
+# of the load distribution) than the geometric midpoint sqrt(k·N) of the floor k (every row sent to the
+# same k experts) and the ceiling N (uniform): normalised entropy H/log N < (log k + log N) / (2 log N).
+# For top-1 routing that is the usual H/log N < 0.5; for N = 12, k = 4 it is 0.779 (docs/predictor.md).
+def collapse_threshold(num_experts: int, top_k: int) -> float:
+    """The normalised-entropy threshold under which a top-k gate over N experts is called collapsed."""
+    if num_experts <= 1:
+        return 0.0
+    return 0.5 * (math.log(top_k) + math.log(num_experts)) / math.log(num_experts)
+
+
+def routing_health(counts: Sequence[float], rows: float, top_k: int) -> dict[str, Any]:
+    """Routing health of one gate from its per-expert assignment counts (host numbers, N of them).
+
+    `rows`: the rows routed (each row makes top_k assignments, to distinct experts). Returns
+    `share` {"e00": fraction of the rows that expert 0 received, ...} (each in [0, 1], summing to k),
+    `entropy` (entropy of the load distribution counts/Σcounts divided by log N, in [0, 1]; 1 = uniform),
+    `max_share`, the `threshold` of `collapse_threshold` and `collapsed` (entropy < threshold).
+    """
+    n = len(counts)
+    total = float(sum(counts))
+    width = len(str(n - 1))
+    share = {f"e{e:0{width}d}": (float(c) / rows if rows else 0.0) for e, c in enumerate(counts)}
+    load = [float(c) / total for c in counts] if total else [0.0] * n
+    h = -sum(p * math.log(p) for p in load if p > 0)
+    entropy = h / math.log(n) if n > 1 else 1.0
+    threshold = collapse_threshold(n, top_k)
+    return {
+        "share": share,
+        "entropy": entropy,
+        "max_share": max(share.values()) if share else 0.0,
+        "threshold": threshold,
+        "collapsed": bool(total > 0 and entropy < threshold),
+    }
+
+
+def log_view(health: dict[str, Any]) -> dict[str, Any]:
+    """What a metrics.jsonl record keeps of `routing_health`: each expert's share of the rows and the
+    normalised entropy (the threshold is a constant of the run; `evaluate` reports it)."""
+    return {"share": health["share"], "entropy": health["entropy"]}
+
+
+def warn_collapsed(
+    routing: dict[str, dict[str, dict[str, Any]]], where: str, warned: set | None = None
+) -> None:
+    """Log a warning for each gate whose routing is collapsed (`routing_health(...)["collapsed"]`), once
+    per (direction, gate) when `warned` is given."""
+    for d, gates in routing.items():
+        for gate, h in gates.items():
+            if not h.get("collapsed") or (warned is not None and (d, gate) in warned):
+                continue
+            if warned is not None:
+                warned.add((d, gate))
+            busiest = sorted(h["share"].items(), key=lambda kv: -kv[1])[:4]
+            log.warning(
+                "routing collapse (%s): the %s gate of %s has normalised entropy %.2f < %.2f; busiest "
+                "experts %s. model.load_balance_weight spreads the load (docs/predictor.md, Routing health)",
+                where, gate, d, h["entropy"], h["threshold"],
+                ", ".join(f"{e} {s:.0%} of rows" for e, s in busiest),
+            )
 
 
 class MultiGateMoE(nn.Module):
@@ -132,7 +211,12 @@ class MultiGateMoE(nn.Module):
         else:
             ys = self._sparse_many([xs[t] for t in tasks], routes, torch.stack(counts).sum(dim=0))
         return {
-            t: MoEOutput(y=y, expert_counts=c, aux_loss=load_balance_loss(r, self.num_experts))
+            t: MoEOutput(
+                y=y,
+                expert_counts=c,
+                aux_loss=load_balance_loss(r, self.num_experts),
+                z_loss=router_z_loss(r.logits),
+            )
             for t, y, c, r in zip(tasks, ys, counts, routes, strict=True)
         }
 
@@ -223,7 +307,7 @@ class DenseMixer(nn.Module):
             raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
         y = self.mlp(x)  # (T, d)
         counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)  # (1,)
-        return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros(()))
+        return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros(()), z_loss=x.new_zeros(()))
 
     def forward_tasks(self, xs: Mapping[str, Tensor], dense: bool = False) -> dict[str, MoEOutput]:
         """Apply the MLP once to every task's rows {task: (T_t, d)}, as MultiGateMoE.forward_tasks."""
@@ -237,6 +321,7 @@ class DenseMixer(nn.Module):
                 y=y,
                 expert_counts=torch.full((1,), n, dtype=torch.long, device=y.device),
                 aux_loss=y.new_zeros((), dtype=torch.float32),
+                z_loss=y.new_zeros((), dtype=torch.float32),
             )
             for t, y, n in zip(xs, ys, sizes, strict=True)
         }

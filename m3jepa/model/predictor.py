@@ -24,6 +24,7 @@ class PredictorOutput:
     cl_query: Tensor  # (B, d_cl) L2-normalised query in the contrastive space
     aux_loss: Tensor  # () Switch load-balancing term, UNWEIGHTED (the loss scales it by load_balance_weight)
     expert_counts: dict[str, Tensor]  # task -> (N,) rows routed to each expert
+    z_loss: Tensor | None = None  # () router z-loss averaged over the tasks, UNWEIGHTED; None: no router
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,40 @@ def as_inputs(
     return inputs
 
 
+# A dimension whose training rows never vary has std 0; its standardised target is 0 whatever this floor.
+MIN_STD = 1e-6
+
+
+class TargetStandardizer(nn.Module):
+    """(y − mean_m) / std_m per dimension, with the train split's statistics of each modality m as buffers.
+
+    The buffers are named `mean_<m>` / `std_<m>` and start at 0 / 1 (the identity) until `fit` sets them.
+    """
+
+    def __init__(self, dims: Mapping[str, int], device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.modalities = tuple(dims)
+        for m, dm in dims.items():
+            self.register_buffer(f"mean_{m}", torch.zeros(dm, device=device))  # (D_m,)
+            self.register_buffer(f"std_{m}", torch.ones(dm, device=device))  # (D_m,)
+
+    def stats(self, modality: str) -> tuple[Tensor, Tensor]:
+        """(mean (D_m,), std (D_m,)) of one modality."""
+        if modality not in self.modalities:
+            raise KeyError(f"unknown modality {modality!r}; standardised for {', '.join(self.modalities)}")
+        return getattr(self, f"mean_{modality}"), getattr(self, f"std_{modality}")
+
+    def fit(self, modality: str, mean: Tensor, std: Tensor) -> None:
+        """Set one modality's statistics (D_m,) (any float dtype and device; copied into the buffers)."""
+        m_buf, s_buf = self.stats(modality)
+        m_buf.copy_(mean.to(m_buf))
+        s_buf.copy_(std.to(s_buf).clamp_min(MIN_STD))
+
+    def forward(self, modality: str, y: Tensor) -> Tensor:
+        mean, std = self.stats(modality)
+        return (y - mean.to(y.dtype)) / std.to(y.dtype)  # (B, D_m)
+
+
 def _embedding(dim: int) -> nn.Parameter:
     # Small normal init, as for token embeddings: distinct per key from the first step.
     return nn.Parameter(torch.randn(dim) * 0.02)
@@ -103,6 +138,7 @@ class M3JepaPredictor(nn.Module):
         self.pred_head = nn.ModuleDict({m: nn.Linear(d, dm) for m, dm in self.dims.items()})
         self.cl_head = nn.ModuleDict({m: nn.Linear(d, cfg.cl_dim) for m in self.dims})
         self.cl_target = nn.ModuleDict({m: nn.Linear(dm, cfg.cl_dim) for m, dm in self.dims.items()})
+        self.target_space: TargetStandardizer | None = None  # `standardize_targets` sets it
 
     def embed(self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Project each source modality into d and SUM them (a concatenated input adds its parts).
@@ -134,8 +170,21 @@ class M3JepaPredictor(nn.Module):
         pred = self.pred_head[target_modality](h["pred"])  # (B, D_target)
         query = F.normalize(self.cl_head[target_modality](h["cl"]), dim=-1)  # (B, d_cl)
         aux = sum(m.aux_loss for m in mixed.values()) / len(TASKS)  # ()
+        z = sum(m.z_loss for m in mixed.values()) / len(TASKS)  # ()
         counts = {t: m.expert_counts for t, m in mixed.items()}
-        return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts)
+        return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts, z_loss=z)
+
+    def standardize_targets(self) -> None:
+        """Predict standardised target latents (loss.pred_target = "standardized"): adds the per-modality
+        mean and std buffers (zeros and ones until `TargetStandardizer.fit` sets them from the train split),
+        which checkpoints then carry, so evaluation and `m3jepa.load` score in the same space."""
+        if self.target_space is None:
+            device = self.pred_head[next(iter(self.dims))].weight.device
+            self.target_space = TargetStandardizer(self.dims, device=device)
+
+    def pred_space(self, modality: str, y: Tensor) -> Tensor:
+        """Target latents y (B, D_m) in the space `pred` lives in: y itself, or standardised."""
+        return y if self.target_space is None else self.target_space(modality, y)  # (B, D_m)
 
     def encode_target(self, target_modality: str, y: Tensor) -> Tensor:
         """Target latents y (B, D_target) → L2-normalised keys (B, d_cl) for the contrastive loss."""

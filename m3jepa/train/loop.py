@@ -19,12 +19,15 @@ from m3jepa.core.collectives import broadcast_float, broadcast_object
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
-from m3jepa.core.paired import PairedSplit, load_split
+from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
+from m3jepa.model.mixup import mix_plan, mixup_pair
+from m3jepa.model.moe import log_view, warn_collapsed
 from m3jepa.progress import progress
 from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
+from m3jepa.train.recipes import RoutingTally, auto_size, fit_target_statistics
 from m3jepa.train.schedule import directions_at, lr_at
 
 log = logging.getLogger(__name__)
@@ -72,16 +75,26 @@ def total_steps(cfg: PipelineConfig, data: PairedSplit) -> int:
     return cfg.train.epochs * max(1, n // cfg.train.batch_size)
 
 
-def train(cfg: PipelineConfig, resume: bool = False) -> TrainResult:
-    """Train the predictor from the stores the config names; `resume` continues from `latest`."""
+def train(cfg: PipelineConfig, resume: bool = False, auto_keys: frozenset[str] | None = None) -> TrainResult:
+    """Train the predictor from the stores the config names; `resume` continues from `latest`.
+
+    `auto_keys`: keys sized from the train split's pairs (`m3jepa.train.recipes.auto_size`): what
+    `train-predictor` without a pipeline passes, less the keys its --set gave.
+    """
     runtime = resolve(cfg.runtime)  # the device and its process-group backend, decided once
     # one process: rank 0 of 1, no group; rank 0 locks the run dir, so a second run into it fails at once
     with process_group(runtime.device) as info, hold_run(run_dir_of(cfg), info.is_main):
         log.info("training on %s (%s, process group %s)", runtime.device, runtime.precision, runtime.backend)
-        return _train(cfg, resume, info, runtime)
+        return _train(cfg, resume, info, runtime, auto_keys)
 
 
-def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) -> TrainResult:
+def _train(
+    cfg: PipelineConfig,
+    resume: bool,
+    info: DistInfo,
+    runtime: Runtime,
+    auto_keys: frozenset[str] | None = None,
+) -> TrainResult:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -90,11 +103,20 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
     tensorboard = tracking.use_tensorboard(t.tensorboard)  # "on" without the package fails before any work
     run_dir = run_dir_of(cfg)
     ck_dir = run_dir / "checkpoints"
-    start = _load_resume(cfg, ck_dir, resume, runtime.device)
+    if cfg.lora.enabled and t.mixup > 0:
+        raise ValueError("train.mixup mixes stored latents, the LoRA mode re-encodes them: set train.mixup=0")
+    if not resume:
+        _load_resume(cfg, ck_dir, resume, runtime.device)  # "already holds a run", before any data is read
 
     device = runtime.device
     train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
-    val_data = load_split(cfg, t.val_split, t.directions, device=device)
+    train_data, val_data = _validation_split(cfg, train_data, device)
+    if auto_keys:  # train-predictor without a pipeline: sized from the pairs (the log says to what)
+        cfg = auto_size(cfg, train_data, auto_keys)
+        t = cfg.train
+        if t.batch_size % info.world_size:
+            raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")
+    start = _load_resume(cfg, ck_dir, resume, runtime.device)
     runstores.start_run(cfg, run_dir, train_data, info.is_main)  # batch vs pairs; stores.json
     torch.manual_seed(t.seed)
     with device:  # parameters are created where they train
@@ -112,6 +134,8 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
     if start is not None:
         _restore(start, objective, optimizer, device)
         state = start.state
+    elif cfg.loss.pred_target == "standardized":  # a resumed run has its statistics in the checkpoint
+        fit_target_statistics(objective.predictor, train_data, t.directions)
     model = objective
     if info.enabled:
         ids = [device.index] if device.type == "cuda" else None
@@ -138,6 +162,8 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
     # metrics.jsonl, metrics.csv, TensorBoard, provenance.json (train/tracking.py)
     tracker = tracking.Tracker(run_dir, state.step, tensorboard) if info.is_main else None
     window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
+    tally = RoutingTally(getattr(getattr(objective.predictor, "mixer", None), "top_k", None))
+    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about a collapse
     # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
     train_data.readahead = read_ahead(
         train_data,
@@ -156,18 +182,23 @@ def _train(cfg: PipelineConfig, resume: bool, info: DistInfo, runtime: Runtime) 
                 break
             parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info, runtime)
             _accumulate(window, parts["by_direction"])
+            tally.add(parts["routing"])  # expert counts summed on the device; read once per log line
             state.step = step + 1
             state.samples_seen += t.batch_size * len(parts["directions"])
             last = state.step == n_steps
             if info.is_main and (state.step % t.log_every == 0 or last):
                 rate = (state.step - first_step) * t.batch_size / max(1e-9, time.perf_counter() - began)
-                tracker.log({"step": state.step, **_scalars(parts), "loss_by_direction": _drain(window),
-                             "samples_per_s": rate})
+                record = {"step": state.step, **_scalars(parts), "loss_by_direction": _drain(window),
+                          "samples_per_s": rate}
+                routing = tally.read()  # each gate's routing over the steps since the last log line
+                if routing:
+                    record["routing"] = routing
+                tracker.log(record)
                 bar.set_postfix(
                     loss=f"{float(parts['loss']):.4f}", lr=f"{parts['lr']:.2e}", sps=f"{rate:.0f}"
                 )
             if state.step % t.eval_every == 0 or last:
-                _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime)
+                _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime, warned)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
                 ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
             bar.update(1)
@@ -249,17 +280,24 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     loss = pred = cl = torch.zeros((), device=runtime.device)
     by_direction = {}  # each direction's own loss (a joint step sums several)
+    routing = {}  # direction -> ({gate: (N,) expert assignments of this batch, on the device}, rows)
     for d in directions:
         x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
+        if t.mixup > 0:  # FuseMix: one partner and one λ per pair, the same in source and target
+            k = t.directions.index(d)
+            plan = mix_plan(y.shape[0], t.mixup, t.mixup_alpha, t.seed, step, k, info.rank)
+            x, y = mixup_pair(x, y, plan)
         with runtime.autocast():
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
         loss, pred, cl = loss + parts.total, pred + p, cl + c
         by_direction[d] = parts.total.detach()
+        if parts.expert_counts:
+            routing[d] = ({g: c.detach() for g, c in parts.expert_counts.items()}, y.shape[0])
     loss.backward()
     optimizer_step(optimizer, model, t.grad_clip)
     return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions,
-            "by_direction": by_direction}
+            "by_direction": by_direction, "routing": routing}
 
 
 def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: int, info: DistInfo):
@@ -290,9 +328,14 @@ def _validate(
     run_dir: Path,
     info: DistInfo,
     runtime: Runtime,
+    warned: set[tuple[str, str]] | None = None,
 ) -> None:
-    """Validation recall on rank 0; early stopping and the `best` checkpoint follow mean R@1."""
-    from m3jepa.eval.evaluate import direction_recalls
+    """Validation recall on rank 0; early stopping and the `best` checkpoint follow mean R@1.
+
+    The record also holds the R² of the predicted latents (`r2`, in the space L_pred uses) and each
+    gate's routing over the validation pairs (`val_routing`), from one more forward of those pairs.
+    """
+    from m3jepa.eval.evaluate import direction_recalls, prediction_health
 
     mean_r1 = 0.0
     if info.is_main:
@@ -304,7 +347,15 @@ def _validate(
         # Recall is reported in percent; the dynamic AGD schedule takes fractions.
         state.last_recalls = {d: r["R@1"] / 100.0 for d, r in recalls.items()}
         mean_r1 = float(np.mean([r["R@1"] for r in recalls.values()]))
-        tracker.log({"step": state.step, "val": recalls, "mean_r1": mean_r1})
+        record = {"step": state.step, "val": recalls, "mean_r1": mean_r1}
+        health = prediction_health(objective.predictor, data, cfg.train.directions, runtime=runtime)
+        if health["r2"]:
+            record["r2"] = health["r2"]
+        if health["routing"]:
+            record["val_routing"] = {d: {g: log_view(h) for g, h in gates.items()}
+                                     for d, gates in health["routing"].items()}
+            warn_collapsed(health["routing"], f"validation at step {state.step}", warned)
+        tracker.log(record)
     mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.
     state.last_recalls = broadcast_object(state.last_recalls, info)
@@ -322,6 +373,24 @@ def _validate(
                 state.step,
                 state.evals_since_best,
             )
+
+
+def _validation_split(
+    cfg: PipelineConfig, train_data: PairedSplit, device: torch.device
+) -> tuple[PairedSplit, PairedSplit]:
+    """(train, val): the val split's stores; or, when the dataset has no val split (its stores hold no
+    rows) and train.carve_val > 0, that share of the train groups, carved out of train (logged)."""
+    t = cfg.train
+    if t.carve_val > 0 and t.val_split != t.train_split and split_is_empty(cfg, t.val_split, t.directions):
+        train_data, val_data, carved = carve_validation(train_data, t.carve_val, t.seed, t.val_split)
+        log.warning(
+            "split %r has no rows: validating on %d of the %d groups of split %r instead "
+            "(train.carve_val=%s, seed %d; pairs %s); they do not train",
+            t.val_split, carved["groups"], carved["of_groups"], t.train_split, t.carve_val, t.seed,
+            ", ".join(f"{d} {n}" for d, n in carved["pairs"].items()),
+        )
+        return train_data, val_data
+    return train_data, load_split(cfg, t.val_split, t.directions, device=device)
 
 
 def _extra(objective) -> Callable[[Path], None] | None:

@@ -228,6 +228,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    log.unlink()  # kept only when the run failed, to read why
     text = json.dumps(out, indent=2)
     print(text)
     C.write_json(args.json, out)

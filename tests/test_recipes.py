@@ -82,6 +82,11 @@ def test_standardized_run_keeps_statistics_and_scores_in_that_space(stores, tmp_
     y = test.rows("text", emb.gallery_rows)
     torch.testing.assert_close(emb.gallery_t, F.normalize((y - mean) / std, dim=-1))
     torch.testing.assert_close(to_pred_space(obj.predictor, "text", y), (y - mean) / std)
+    import m3jepa  # m3jepa.load scores its pred space with the run's statistics too
+
+    model = m3jepa.load(run, device="cpu")
+    got = model.embed_target(modality="text", latents=y, space="pred")
+    np.testing.assert_allclose(got, F.normalize((y - mean) / std, dim=-1).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_pred_target_is_validated() -> None:

@@ -267,5 +267,6 @@ def test_nan_features_and_an_empty_split_are_named(stores, tmp_path):
         make_split(empty, split, 10)
     write_store(empty, "val", "image", [], np.zeros((0, 48), np.float32))
     write_store(empty, "val", "text", [], np.zeros((0, 32), np.float32))
+    # an empty val split is carved from train unless train.carve_val = 0 (tests/test_recipes.py)
     with pytest.raises(StoreDataError, match="empty"):
-        train(_cfg(empty, tmp_path / "run2"))
+        train(_cfg(empty, tmp_path / "run2", **{"train.carve_val": 0.0}))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
 
-from m3jepa.core.collectives import own_gather, public_gather
+from m3jepa.core.collectives import gather_with_grad
+from m3jepa.distributed import env_info
 
 B, D = 8, 16
 
@@ -17,6 +20,13 @@ def _loss(q_loc, k_loc, q_all, k_all, off: int):
     t = torch.arange(off, off + B)
     ce = torch.nn.functional.cross_entropy
     return ce(q_loc @ k_all.T, t) + ce(k_loc @ q_all.T, t)
+
+
+def public_gather(x: torch.Tensor) -> torch.Tensor:
+    """torch's public (deprecated) autograd all-gather of x (B, d) into (W*B, d)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_autograd.all_gather(x), dim=0)
 
 
 def main() -> None:
@@ -30,7 +40,8 @@ def main() -> None:
     sum(_loss(q_ref[r * B:(r + 1) * B], k_ref[r * B:(r + 1) * B], q_ref, k_ref, r * B)
         for r in range(world)).backward()
     errors = {}
-    for name, gather in (("public", public_gather), ("own", own_gather)):
+    info = env_info()
+    for name, gather in (("public", public_gather), ("own", lambda t: gather_with_grad(t, info))):
         q = q_ref.detach()[sl].clone().requires_grad_(True)
         k = k_ref.detach()[sl].clone().requires_grad_(True)
         _loss(q, k, gather(q), gather(k), rank * B).backward()

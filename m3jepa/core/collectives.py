@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 
 from m3jepa.distributed import DistInfo
 
-# Which all-gather carries the contrastive loss's gradients, per backend. torch's public autograd
-# collective (torch.distributed.nn.functional.all_gather; backward = all-to-all + sum on gloo) was
-# measured correct on gloo with torch 2.13: the gradients of a symmetric InfoNCE with both sides
-# gathered, 2 ranks, float64, equal a one-process reference to 1.9e-16 relative (tests/test_device.py::
-# test_public_all_gather_gradients_are_exact_on_gloo keeps checking it). On nccl its backward is a
-# reduce-scatter that no session could run (no multi-GPU host), so nccl keeps m3jepa's own function,
-# whose backward is one all-reduce and is correct on any backend.
-PUBLIC_GATHER_BACKENDS = frozenset({"gloo"})
+# torch's public autograd all-gather (torch.distributed.nn.functional.all_gather) gives the same gradients
+# as this function in isolation on gloo (2 ranks, a symmetric InfoNCE with both sides gathered, float64:
+# relative error 1.9e-16; tests/test_device.py::test_both_all_gathers_give_exact_gradients_alone). Inside
+# DDP training it does not: with it, tests/test_train.py::test_two_process_ddp_matches_one_process
+# ends 12 steps with weights up to 0.017 away (relative 3.5) from the one-process run, against rtol 1e-4
+# with this function (measured with torch 2.13 on gloo). Its backward is an all-to-all on gloo and a
+# reduce-scatter on nccl (not measured: no multi-GPU host), issued while DDP's bucket all-reduces run;
+# this function's backward is one all-reduce, correct beside them. So both backends use this one.
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -42,21 +39,6 @@ def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate x (B, d) from every rank into (W*B, d); gradients flow back to each owner."""
     if not info.enabled:
         return x
-    if dist.get_backend() in PUBLIC_GATHER_BACKENDS:
-        return public_gather(x)
-    return _GatherWithGrad.apply(x)
-
-
-def public_gather(x: torch.Tensor) -> torch.Tensor:
-    """torch's public autograd all-gather of x (B, d) into (W*B, d) (it warns that it is deprecated in
-    favour of a private module; the warning is silenced here, once per call site)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(dist_autograd.all_gather(x), dim=0)  # (W*B, d)
-
-
-def own_gather(x: torch.Tensor) -> torch.Tensor:
-    """m3jepa's autograd all-gather (the nccl path), exposed for the test that compares both."""
     return _GatherWithGrad.apply(x)
 
 

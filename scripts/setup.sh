@@ -18,9 +18,9 @@ need_apt=()
 # rsvg-convert renders SVG images (OpenMoji, Tux Paint's SVG-only stamps); npm fetches the emoji packages.
 command -v rsvg-convert >/dev/null || need_apt+=(librsvg2-bin)
 command -v npm >/dev/null || need_apt+=(npm)
-# Debian's chromium and its matching driver: tests/test_serve.py drives the serve page in a real headless
-# browser (about 400 MB installed, once; M3JEPA_NO_BROWSER=1 skips it, and the test says it was skipped).
-if [ "${M3JEPA_NO_BROWSER:-0}" != "1" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+# Debian's chromium and its matching driver, for the tests only (scripts/test.sh sets M3JEPA_BROWSER=1):
+# tests/test_serve.py drives the serve page in a real headless browser (about 400 MB installed, once).
+if [ "${M3JEPA_BROWSER:-0}" = "1" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
   need_apt+=(chromium chromium-driver)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then

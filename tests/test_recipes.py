@@ -193,6 +193,8 @@ def test_training_without_a_val_split_carves_one(tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         result = train(_cfg(root, tmp_path / "run"))
     assert result.steps == 60 and "validating on 20 of the 200 groups" in caplog.text
+    store_fed = train(_cfg(root, tmp_path / "store", **{"train.feed": "store"}))  # validation in memory
+    assert store_fed.best_metric == result.best_metric  # the same groups carved, the same batches
     with pytest.raises(Exception, match="split 'val' has no image rows"):
         train(_cfg(root, tmp_path / "refused", **{"train.carve_val": 0.0}))
 

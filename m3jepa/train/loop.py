@@ -383,6 +383,9 @@ def _validation_split(
     t = cfg.train
     if t.carve_val > 0 and t.val_split != t.train_split and split_is_empty(cfg, t.val_split, t.directions):
         train_data, val_data, carved = carve_validation(train_data, t.carve_val, t.seed, t.val_split)
+        if any(m.features is None for m in val_data.modalities.values()):  # store-fed: validation reads
+            in_memory = load_split(cfg, t.train_split, t.directions, device=device)  # rows from memory
+            val_data = carve_validation(in_memory, t.carve_val, t.seed, t.val_split)[1]  # the same groups
         log.warning(
             "split %r has no rows: validating on %d of the %d groups of split %r instead "
             "(train.carve_val=%s, seed %d; pairs %s); they do not train",

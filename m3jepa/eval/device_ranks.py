@@ -13,18 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from m3jepa.eval.retrieval import (
-    DEFAULT_KS,
-    RetrievalResult,
-    check_ks,
-    group_codes,
-    missing_error,
-    missing_queries,
-)
+from m3jepa.eval.retrieval import DEFAULT_KS, RetrievalResult, answerable, check_ks
 
 # One float64 score block: 256 MiB (plus a few masks of the same shape in bool).
 BLOCK_BYTES = 2**28
@@ -75,18 +67,9 @@ def device_retrieval_metrics(
     The same contract as eval.retrieval.retrieval_metrics (missing queries raise, or are dropped with
     `allow_missing`), computed where the tensors are.
     """
-    if len(query_groups) != len(queries) or len(gallery_groups) != len(gallery):
-        raise ValueError(
-            f"{len(queries)} queries with {len(query_groups)} groups, "
-            f"{len(gallery)} gallery rows with {len(gallery_groups)} groups; they must match"
-        )
-    q_codes, g_codes = group_codes(query_groups, gallery_groups)
-    missing = missing_queries(q_codes, g_codes)
-    if missing.any() and not allow_missing:
-        raise missing_error(query_groups, missing)
-    keep = np.flatnonzero(~missing)
-    if len(keep) == 0:
-        raise ValueError("no query has a group in the gallery; nothing to score")
+    q_codes, g_codes, missing, keep = answerable(
+        len(queries), len(gallery), query_groups, gallery_groups, allow_missing
+    )
     ks = check_ks(ks, max(int(k) for k in ks) if ks else 0)
     device = queries.device
     t0 = time.perf_counter()

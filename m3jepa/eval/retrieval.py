@@ -125,6 +125,32 @@ def paired_subset(caption_groups: Sequence[Any]) -> np.ndarray:
 # ---------------------------------------------------------------- one direction, end to end
 
 
+def answerable(
+    n_queries: int,
+    n_gallery: int,
+    query_groups: Sequence[Any],
+    gallery_groups: Sequence[Any],
+    allow_missing: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(query codes (Q,), gallery codes (G,), missing (Q,) bool, kept query indices): the queries whose
+    group has a gallery item. Missing ones raise unless `allow_missing`; none left always raises."""
+    if len(query_groups) != n_queries or len(gallery_groups) != n_gallery:
+        raise ValueError(
+            f"{n_queries} queries with {len(query_groups)} groups, "
+            f"{n_gallery} gallery rows with {len(gallery_groups)} groups; they must match"
+        )
+    query_codes, gallery_codes = group_codes(query_groups, gallery_groups)
+    missing = missing_queries(query_codes, gallery_codes)
+    if missing.any() and not allow_missing:
+        raise missing_error(query_groups, missing)
+    keep = np.flatnonzero(~missing)
+    if missing.any():
+        log.warning("dropping %d queries whose group is not in the gallery", int(missing.sum()))
+    if len(keep) == 0:
+        raise ValueError("no query has a group in the gallery; nothing to score")
+    return query_codes, gallery_codes, missing, keep
+
+
 def retrieval_metrics(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -149,20 +175,9 @@ def retrieval_metrics(
     dropped before the search and counted in `n_dropped`.
     """
     queries, gallery = np.asarray(queries), np.asarray(gallery)
-    if len(query_groups) != len(queries) or len(gallery_groups) != len(gallery):
-        raise ValueError(
-            f"{len(queries)} queries with {len(query_groups)} groups, "
-            f"{len(gallery)} gallery rows with {len(gallery_groups)} groups; they must match"
-        )
-    query_codes, gallery_codes = group_codes(query_groups, gallery_groups)
-    missing = missing_queries(query_codes, gallery_codes)
-    if missing.any() and not allow_missing:
-        raise missing_error(query_groups, missing)
-    keep = np.flatnonzero(~missing)
-    if missing.any():
-        log.warning("dropping %d queries whose group is not in the gallery", int(missing.sum()))
-    if len(keep) == 0:
-        raise ValueError("no query has a group in the gallery; nothing to score")
+    query_codes, gallery_codes, missing, keep = answerable(
+        len(queries), len(gallery), query_groups, gallery_groups, allow_missing
+    )
     queries = queries[keep]
     if normalize:
         queries, gallery = l2_normalize(queries), l2_normalize(gallery)

@@ -143,7 +143,7 @@ def test_learnable_temperature_is_clips() -> None:
     assert float(-tau.log_tau.detach()) == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         tau.log_tau.fill_(math.log(1e-4))
-    assert float(1 / tau()) == pytest.approx(100.0)
+    assert float(1 / tau().detach()) == pytest.approx(100.0)
     cfg = load_pipeline(None, ["loss.learn_temperature=true", "loss.temperature=0.07"])
     obj = Objective(cfg.model, cfg.loss, {"image": 8, "text": 6})
     from m3jepa.core.device import resolve

@@ -337,6 +337,11 @@ class PipelineConfig:
         lo, enc = self.lora, self.encode
         if not lo.enabled:
             return
+        if self.train.mixup > 0:
+            raise ConfigError(
+                "train.mixup mixes latents, but with lora.enabled the tuned modalities arrive as encoder "
+                "states that their tails pool; set train.mixup = 0 for a LoRA run"
+            )
         if lo.layers == "all":
             if enc.kind != "pooled":
                 raise ConfigError(

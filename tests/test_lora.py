@@ -108,6 +108,8 @@ def test_lora_config_is_validated():
     assert (cfg.lora.layers, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (
         3, 4, 16.0, 0.1, ["q", "v"])
     assert load_pipeline(None, ["lora.enabled=true", 'lora.layers="all"']).lora.layers == "all"
+    with pytest.raises(ConfigError, match="set train.mixup = 0 for a LoRA run"):
+        load_pipeline(None, ["lora.enabled=true", 'encode.kind="prefix"', "train.mixup=0.5"])
 
 
 # ---------------------------------------------------------------- the prefix path equals the full encoder

@@ -281,11 +281,12 @@ def _train_step(
     loss = pred = cl = torch.zeros((), device=runtime.device)
     by_direction = {}  # each direction's own loss (a joint step sums several)
     routing = {}  # direction -> ({gate: (N,) expert assignments of this batch, on the device}, rows)
+    rows = t.batch_size // info.world_size  # this rank's slice (y may be the LoRA mode's PrefixBatch)
     for d in directions:
         x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         if t.mixup > 0:  # FuseMix: one partner and one λ per pair, the same in source and target
             k = t.directions.index(d)
-            plan = mix_plan(y.shape[0], t.mixup, t.mixup_alpha, t.seed, step, k, info.rank)
+            plan = mix_plan(rows, t.mixup, t.mixup_alpha, t.seed, step, k, info.rank)
             x, y = mixup_pair(x, y, plan)
         with runtime.autocast():
             parts = model(d, x, y, info)
@@ -293,7 +294,7 @@ def _train_step(
         loss, pred, cl = loss + parts.total, pred + p, cl + c
         by_direction[d] = parts.total.detach()
         if parts.expert_counts:
-            routing[d] = ({g: c.detach() for g, c in parts.expert_counts.items()}, y.shape[0])
+            routing[d] = ({g: c.detach() for g, c in parts.expert_counts.items()}, rows)
     loss.backward()
     optimizer_step(optimizer, model, t.grad_clip)
     return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions,

@@ -102,7 +102,7 @@ class RawEncoders:
                 f"the installed {spec.name} is revision {spec.revision}, but this model was trained on "
                 f"{want['revision']}: install the encoder it was trained on"
             )
-        device, dtype = resolve_device(str(self.device.type))
+        device, dtype = resolve_device(str(self.device))  # "cuda:1" stays cuda:1
         log.info("loading the %s encoder %s on %s", modality, spec.name, device)
         encoder = spec.factory(device, dtype)
         if modality in self.tails:

@@ -1,9 +1,12 @@
-"""Run under torchrun (2 gloo ranks): gradients through both autograd all-gathers vs one process."""
+"""Run under torchrun (2 gloo ranks) with an output folder: gradients through both autograd all-gathers
+against one process, one JSON file per rank."""
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,7 +50,8 @@ def main() -> None:
         _loss(q, k, gather(q), gather(k), rank * B).backward()
         errors[name] = max(float((q.grad - q_ref.grad[sl]).abs().max() / q_ref.grad.abs().max()),
                            float((k.grad - k_ref.grad[sl]).abs().max() / k_ref.grad.abs().max()))
-    print(json.dumps({"rank": rank, **errors}), flush=True)
+    # one file per rank: two ranks printing to one stdout can interleave their lines
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"rank": rank, **errors}))
     dist.destroy_process_group()
 
 

@@ -51,7 +51,7 @@ def available(kernel: ctypes.CDLL | None, d: int) -> bool:
     if kernel is None or d > MAX_DIM or os.environ.get("M3JEPA_INT8", "1") == "0":
         return False
     if _OK is None:
-        _OK = _cpu_has_int8_dot() and _self_test()
+        _OK = _cpu_has_amx() and _cpu_has_int8_dot() and _self_test()
         if not _OK:
             log.info("int8 first stage unavailable here; the rank path scores in bf16 only")
     return _OK
@@ -113,6 +113,17 @@ def _cpu_has_int8_dot() -> bool:
     except OSError:
         return False
     return " amx_int8" in flags or " avx512_vnni" in flags
+
+
+def _cpu_has_amx() -> bool:
+    """Whether the int8 stage pays here. It was built and measured on AMX (docs/benchmarks.md §2). On an
+    AMD EPYC with AVX-512 VNNI but no AMX, oneDNN's qlinear_pointwise gives the right product (the self-
+    test passes) but so slowly that one COCO-5K search had not finished after 9 minutes (py-spy: inside
+    the op), against about 3 s scored in bf16 only; so VNNI alone does not turn the stage on."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def _self_test() -> bool:

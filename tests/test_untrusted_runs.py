@@ -163,14 +163,18 @@ def test_evaluate_from_another_directory_reads_the_runs_stores(tmp_path, monkeyp
     assert json.loads(res.stdout)["gallery"]["image->text"] == {"queries": 24, "gallery": 48}
 
 
+def _re_encode(root, split: str, groups: int) -> None:
+    """What `m3jepa encode --split SPLIT --limit GROUPS` leaves once the old stores are gone: other rows."""
+    for modality, encoder in (("image", "syn-image"), ("text", "syn-text")):
+        shutil.rmtree(store_path(root, DATASET, split, modality, encoder))
+    make_split(root, split, groups)
+
+
 def test_evaluate_after_the_test_split_is_re_encoded_names_the_store(tmp_path):
     root = make_stores(tmp_path / "stores", n_train=64, n_val=24, n_test=24)
     run = tmp_path / "run"
     train(load_pipeline(None, overrides(root, run, **SMALL)))
-    # what `m3jepa encode --split test --limit 16` leaves after the old store was removed: other rows
-    for modality, encoder in (("image", "syn-image"), ("text", "syn-text")):
-        shutil.rmtree(store_path(root, DATASET, "test", modality, encoder))
-    make_split(root, "test", 16)
+    _re_encode(root, "test", 16)
     line = _one_error_line(_m3jepa("evaluate", "--run", str(run)))
     image_store = store_path(root, DATASET, "test", "image", "syn-image").resolve()
     assert f"the test image store {image_store} is not the one run {run} recorded" in line
@@ -182,9 +186,7 @@ def test_resume_on_re_encoded_train_stores_is_refused(tmp_path):
     root = make_stores(tmp_path / "stores", n_train=64, n_val=24, n_test=24)
     run = tmp_path / "run"
     train(load_pipeline(None, overrides(root, run, **SMALL)))
-    for modality, encoder in (("image", "syn-image"), ("text", "syn-text")):
-        shutil.rmtree(store_path(root, DATASET, "train", modality, encoder))
-    make_split(root, "train", 48)
+    _re_encode(root, "train", 48)
     line = _one_error_line(_m3jepa("train-predictor", *_sets(root, run), "--resume"))
     assert "--resume: the train image store" in line and "rows 64 != 48" in line
 

@@ -55,6 +55,28 @@ def test_embeddings_equal_what_evaluate_scores(run):
             np.testing.assert_array_equal(g[emb.gallery_rows], emb.gallery)
 
 
+def test_a_single_query_takes_the_query_path_and_equals_the_plain_forward(run):
+    """embed_query on one or two rows (the search and serve case) runs `M3JepaPredictor.query` (the cl
+    task alone, the MoE's per-row expert loop): the plain forward's cl_query to float32 rounding."""
+    import torch
+
+    model = m3jepa.load(run)
+    x = _store_rows(model, "test", "image")  # (24, D_image)
+    predictor = model.objective.predictor
+    calls = []
+    handle = predictor.pred_head["text"].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = np.concatenate([model.embed_query(source="image", target="text", latents=x[i:i + b])
+                              for i, b in ((0, 1), (1, 2), (3, 1))])  # (4, d)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want = predictor("image", torch.as_tensor(x[:4]), "text").cl_query  # (4, d) normalised
+    assert not calls  # the prediction head never ran
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    assert predictor.mixer.__class__.__name__ == "MultiGateMoE"  # the loop, not the MLP, was tested
+
+
 def test_an_export_loads_to_the_same_outputs_bit_for_bit(run, tmp_path):
     out = export_run(run, tmp_path / "model")
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}

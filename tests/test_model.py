@@ -206,6 +206,50 @@ def test_forward_runs_each_expert_once_for_both_tasks() -> None:
     assert calls == used.long().tolist()
 
 
+@pytest.mark.parametrize("routing", ["topk_softmax", "softmax_topk"])
+@pytest.mark.parametrize("gates", ["multi", "shared"])
+@pytest.mark.parametrize("predictor", ["moe", "mlp"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17])
+def test_query_is_the_cl_query_of_the_plain_forward(
+    predictor: str, gates: str, routing: str, rows: int
+) -> None:
+    """`query` (the search path: cl task only, a per-row expert loop for 1-2 rows) against the plain
+    forward's cl_query, float32 in eval mode (dropout on, so eval must switch it off) and float64 against
+    the naive per-row reference, for one source and a concatenated one."""
+    torch.manual_seed(rows)
+    model = build_predictor(small_cfg(predictor=predictor, gates=gates, routing=routing, dropout=0.3),
+                            DIMS).eval()
+    x = torch.randn(rows, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.query("text", x, "image"), model("text", x, "image").cl_query,
+                                   rtol=1e-5, atol=1e-6)
+        both = {"image": torch.randn(rows, 24), "text": x}
+        torch.testing.assert_close(model.query(("image", "text"), both, "audio"),
+                                   model(("image", "text"), both, "audio").cl_query, rtol=1e-5, atol=1e-6)
+    model = model.double()
+    x = x.double()
+    u = model.embed("text", x) + model.task_emb["cl"]  # (B, d)
+    mixed = naive_moe(model.mixer, u, "cl") if predictor == "moe" else model.mixer.mlp(u)  # (B, d)
+    want = torch.nn.functional.normalize(
+        model.cl_head["image"](u + torch.nn.functional.gelu(model.norms["cl"](mixed))), dim=-1)
+    torch.testing.assert_close(model.query("text", x, "image"), want, rtol=1e-12, atol=1e-12)
+
+
+def test_query_runs_only_the_chosen_experts_of_one_row_and_no_pred_head() -> None:
+    torch.manual_seed(0)
+    model = build_predictor(small_cfg(), DIMS).eval()
+    calls = [0] * 6
+    for e, expert in enumerate(model.mixer.experts):
+        expert.register_forward_hook(lambda m, i, o, e=e: calls.__setitem__(e, calls[e] + 1))
+    heads = []
+    for head in model.pred_head.values():
+        head.register_forward_hook(lambda m, i, o: heads.append(1))
+    x = torch.randn(1, 24)
+    chosen = model.mixer.route_rows(model.embed("image", x) + model.task_emb["cl"], "cl").experts[0]
+    model.query("image", x, "text")
+    assert calls == [int(e in chosen.tolist()) for e in range(6)] and not heads
+
+
 def test_all_parameters_train() -> None:
     torch.manual_seed(0)
     model = build_predictor(small_cfg(num_experts=3, top_k=3), {"image": 24, "text": 40})

@@ -107,7 +107,7 @@ class M3Model:
         """(N, D_m) float32 stage-1 latents of raw inputs, as a feature store of this model holds them."""
         return self.raw.encode(modality, inputs).cpu().numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed_query(
         self,
         inputs: Inputs | None = None,
@@ -122,8 +122,12 @@ class M3Model:
         direction = self._direction(source, target)
         src, tgt = parse_direction(direction)
         x = self._source_latents(src, inputs, latents)
+        predictor = self.objective.predictor
+        if space == "cl" and hasattr(predictor, "query"):  # the contrastive task alone (the search path)
+            with self.runtime.autocast():
+                return _normalised(predictor.query(src, x, tgt))
         with self.runtime.autocast():
-            out = self.objective.predictor(src, x, tgt)
+            out = predictor(src, x, tgt)
         if space == "pred":
             if out.pred is None:
                 raise ApiError("this predictor (linear) has no prediction head; use space='cl'")

@@ -174,6 +174,19 @@ class M3JepaPredictor(nn.Module):
         counts = {t: m.expert_counts for t, m in mixed.items()}
         return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts, z_loss=z)
 
+    def query(
+        self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor], target_modality: str
+    ) -> Tensor:
+        """`forward(source, x, target_modality).cl_query` (B, d_cl) alone: the contrastive task only (no
+        prediction head, no pred gate, no routing statistics), and for one or two rows the MoE's per-row
+        expert loop (`MultiGateMoE.mix`). The same function as `forward` to float32 rounding; what a
+        search query needs (m3jepa.api `embed_query`, space "cl")."""
+        if target_modality not in self.dims:
+            raise KeyError(f"unknown target {target_modality!r}; built for {', '.join(self.dims)}")
+        u = self.embed(source, x) + self.task_emb["cl"]  # (B, d)
+        h = u + F.gelu(self.norms["cl"](self.mixer.mix(u, "cl")))  # (B, d)
+        return F.normalize(self.cl_head[target_modality](h), dim=-1)  # (B, d_cl)
+
     def standardize_targets(self) -> None:
         """Predict standardised target latents (loss.pred_target = "standardized"): adds the per-modality
         mean and std buffers (zeros and ones until `TargetStandardizer.fit` sets them from the train split),

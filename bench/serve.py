@@ -1,6 +1,7 @@
 """`m3jepa serve` under load: text queries from N concurrent loopback clients for a bounded time.
 
     python -m bench.serve --index IMAGE_IDX [--index TEXT_IDX] [--clients 1,2,4,8] [--seconds 20] [--stages]
+                          [--batch-window-ms 0,4]
 
 Starts the real server (`python -m m3jepa serve`) on a free 127.0.0.1 port, waits for /health, then runs
 two bounded phases of `--seconds` each against it for each client count, one keep-alive HTTP connection
@@ -13,7 +14,10 @@ Reported per phase: queries/s, latency p50/p90/p99/max (client side, ms), errors
 `took_ms` p50 (embedding + search inside the process), and the 1-minute load average before and after.
 `--stages` first times, in this process and one query at a time, MiniLM alone, the predictor from a
 MiniLM latent, and the faiss search (where a cold query's time goes), then one call on batches of
-1-32 new captions (what the server's batcher pays). Only 127.0.0.1 is ever contacted.
+1-32 new captions (what the server's batcher pays). `--batch-window-ms 0,4` starts one server per
+batch window (`m3jepa serve --batch-window-ms`) and runs every phase against each, one after another;
+each run records its window, and `server_stats` the encoder calls and queries of each server (the
+mean batch). Only 127.0.0.1 is ever contacted.
 The clients run in this process on the same cores as the server: their own CPU time is in the latencies.
 """
 
@@ -50,9 +54,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(indexes: list[Path], port: int, device: str, log: Path) -> subprocess.Popen:
+def start_server(indexes: list[Path], port: int, device: str, log: Path,
+                 window_ms: float | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "m3jepa", "serve", "--port", str(port), "--device", device]
+    if window_ms is not None:
+        cmd += ["--batch-window-ms", str(window_ms)]
     for idx in indexes:
         cmd += ["--index", str(idx)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -181,31 +188,16 @@ def captions(indexes: list[Path]) -> list[str]:
     return PHRASES
 
 
-def main() -> None:
-    p = C.parser(__doc__.split("\n")[0])
-    p.add_argument("--index", type=Path, action="append", required=True, help="an index folder (repeat)")
-    p.add_argument("--clients", default="1,2,4,8", help="client counts, one run of each phase per count")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--stages", action="store_true", help="first time a cold query's parts in-process")
-    p.add_argument("--phases", default="repeated,distinct")
-    args = p.parse_args()
-    counts = [int(c) for c in args.clients.split(",")]
-    if not (0 < args.seconds <= MAX_SECONDS and all(0 < c <= MAX_CLIENTS for c in counts)):
-        raise SystemExit(f"--seconds must be in (0, {MAX_SECONDS}] and --clients in [1, {MAX_CLIENTS}]")
-    gallery = {i: json.loads((i / "manifest.json").read_text())["modality"] for i in args.index}
-    image = next((i for i, m in gallery.items() if m != "text"), args.index[0])
-    out: dict = {"machine": {"cpu": C.cpu_name(), "cores": os.cpu_count(), "git": C.git_sha()},
-                 "seconds": args.seconds, "runs": []}
-    if args.stages:
-        out["stages"] = stages(image)
+def serve_runs(args: Any, counts: list[int], window: float | None, fresh: itertools.count,
+               runs: list[dict]) -> dict:
+    """Start one server (batch window `window` ms, or its default), run every phase and client count
+    against it, append the runs; returns its /health stats (encoder calls and the queries they embedded)."""
     port, log = free_port(), Path(f"/tmp/bench-serve-{os.getpid()}.log")
-    proc = start_server(args.index, port, args.device, log)
+    proc = start_server(args.index, port, args.device, log, window)
     try:
         health = wait_healthy(port, proc)
         name = next(i["name"] for i in health["indexes"] if "text" in i["sources"])
         texts = captions(args.index)
-        fresh = itertools.count()  # shared by every distinct run: no text is ever sent twice
         for mode in args.phases.split(","):
             if mode == "repeated":
                 for t in texts:  # untimed: puts every caption in the server's cache
@@ -221,14 +213,43 @@ def main() -> None:
                 raise SystemExit(f"unknown phase {mode!r}: repeated, distinct")
             for clients in counts:
                 timed = phase(port, name, next_text, clients, args.seconds)
-                run = {"phase": mode, "clients": clients, **timed}
-                out["runs"].append(run)
+                run = {"phase": mode, "clients": clients, "batch_window_ms": window, **timed}
+                runs.append(run)
                 print(json.dumps(run), flush=True)
-        out["server_stats"] = wait_healthy(port, proc)["stats"]
+        stats = wait_healthy(port, proc)["stats"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     log.unlink()  # kept only when the run failed, to read why
+    return stats
+
+
+def main() -> None:
+    p = C.parser(__doc__.split("\n")[0])
+    p.add_argument("--index", type=Path, action="append", required=True, help="an index folder (repeat)")
+    p.add_argument("--clients", default="1,2,4,8", help="client counts, one run of each phase per count")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--stages", action="store_true", help="first time a cold query's parts in-process")
+    p.add_argument("--phases", default="repeated,distinct")
+    p.add_argument("--batch-window-ms", default=None,
+                   help="comma-separated batch windows, one server each (e.g. 0,4); default: the server's")
+    args = p.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    if not (0 < args.seconds <= MAX_SECONDS and all(0 < c <= MAX_CLIENTS for c in counts)):
+        raise SystemExit(f"--seconds must be in (0, {MAX_SECONDS}] and --clients in [1, {MAX_CLIENTS}]")
+    gallery = {i: json.loads((i / "manifest.json").read_text())["modality"] for i in args.index}
+    image = next((i for i, m in gallery.items() if m != "text"), args.index[0])
+    out: dict = {"machine": {"cpu": C.cpu_name(), "cores": os.cpu_count(), "git": C.git_sha()},
+                 "seconds": args.seconds, "runs": []}
+    if args.stages:
+        out["stages"] = stages(image)
+    windows = [float(w) for w in args.batch_window_ms.split(",")] if args.batch_window_ms else [None]
+    fresh = itertools.count()  # shared by every distinct run: no text is ever sent twice
+    out["server_stats"] = []
+    for window in windows:  # one server per batch window, each measured the same way, one after another
+        stats = serve_runs(args, counts, window, fresh, out["runs"])
+        out["server_stats"].append({"batch_window_ms": window, **stats})
     text = json.dumps(out, indent=2)
     print(text)
     C.write_json(args.json, out)

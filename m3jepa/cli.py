@@ -553,6 +553,8 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     device: SearchDevice = "auto",
+    batch_window_ms: Annotated[float, typer.Option(
+        help="Under load, how long new text queries wait to share one encoder call (0: never wait).")] = 10.0,
     verbose: Verbose = False,
 ) -> None:
     """Serve search indexes of one model over HTTP: a web page, a JSON API and the indexed media.
@@ -563,9 +565,11 @@ def serve(
     with _errors():
         if not 0 < port < 65536:
             raise ConfigError(f"--port {port} is not a TCP port (1 to 65535)")
+        if not 0 <= batch_window_ms <= 1000:
+            raise ConfigError(f"--batch-window-ms {batch_window_ms} is not in [0, 1000]")
         from m3jepa.serve import serve as run_server
 
-        run_server(index, host=host, port=port, device=device)
+        run_server(index, host=host, port=port, device=device, batch_window_s=batch_window_ms / 1e3)
 
 
 # The config key each shared command option sets (after --set, so the option wins).

@@ -249,6 +249,46 @@ def test_queries_that_wait_for_the_encoder_are_embedded_in_one_call(gallery, bad
     assert engine.stats()["encoder_calls"] == len(model.batches)
 
 
+def test_a_lone_client_never_waits_for_the_batch_window(gallery):
+    model = gallery["image"].model
+    engine = Engine(gallery, model, batch_window_s=30.0)  # a window no test could sit out
+    try:
+        start = time.monotonic()
+        for text in ("red", "green one", "blue"):
+            engine.search("image", "text", text, 1)
+        assert time.monotonic() - start < 10
+    finally:
+        engine.close()
+    assert model.batches == [["red"], ["green one"], ["blue"]]
+
+
+@pytest.mark.parametrize("window", [0.0, 5.0])
+def test_under_load_the_batcher_waits_for_as_many_queries_as_it_has_clients(gallery, window):
+    """Two queries arrive while a call on one runs: three clients. The next call waits for the third,
+    sent 0.2 s later, and goes as soon as it comes, long before the 5 s window ends. With no window the
+    two go at once and the third alone (the batches alternate, as they did before the window)."""
+    model = gallery["image"].model
+    engine, model.gate, out = Engine(gallery, model, batch_window_s=window), threading.Event(), {}
+    try:
+        first = _query_in_thread(engine, "red", out)
+        _wait(model.entered.is_set)
+        pair = [_query_in_thread(engine, t, out) for t in ("green one", "blue one")]
+        _wait(lambda: len(engine._batcher._pending) == 2)
+        start = time.monotonic()
+        model.gate.set()
+        time.sleep(0.2)
+        third = _query_in_thread(engine, "a square", out)
+        for t in [first, *pair, third]:
+            t.join(10)
+        took = time.monotonic() - start
+    finally:
+        engine.close()
+    rest = [["green one", "blue one", "a square"]] if window else [["green one", "blue one"], ["a square"]]
+    assert model.batches == [["red"], *rest]
+    assert took < 4  # the wait ended when the third query came, not at the end of the window
+    assert out["a square"] == ["a red square"] and out["blue one"] == ["a blue square"]
+
+
 def test_media_serves_the_file_a_row_records_with_security_headers(client, tmp_path):
     r = client.get("/media/image/12")  # row id 12 is index position 2
     assert r.status_code == 200 and r.content == (tmp_path / "blue.png").read_bytes()

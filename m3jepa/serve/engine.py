@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from m3jepa.serve.batcher import Batcher
+from m3jepa.serve.batcher import WINDOW_S, Batcher
 from m3jepa.serve.errors import RequestError
 
 # Query modalities whose value is a file: they arrive as uploads, never as a path on this machine.
@@ -36,7 +36,8 @@ class Engine:
     and one at a time keeps torch's threads from fighting over it); text queries that wait meanwhile are
     embedded together in its next call, and their embeddings are cached."""
 
-    def __init__(self, searchers: Mapping[str, Any], model: Any, cache_entries: int = CACHE_ENTRIES) -> None:
+    def __init__(self, searchers: Mapping[str, Any], model: Any, cache_entries: int = CACHE_ENTRIES,
+                 batch_window_s: float = WINDOW_S) -> None:
         if not searchers:
             raise ValueError("serve needs at least one index")
         self.searchers = dict(searchers)
@@ -45,7 +46,7 @@ class Engine:
         self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # least recently used first
         self._cache_lock = threading.Lock()
         self._cache_entries = cache_entries
-        self._batcher = Batcher(self._lock)
+        self._batcher = Batcher(self._lock, window_s=batch_window_s)
         # hits name a row by its store row id; the index reads rows by position (invalid rows are left out)
         self._positions = {name: {s.index.row(i)["row_id"]: i for i in range(s.index.rows)}
                            for name, s in self.searchers.items()}

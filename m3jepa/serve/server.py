@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from m3jepa.serve.batcher import WINDOW_S
 from m3jepa.serve.engine import Engine
 from m3jepa.serve.limits import Limits
 
@@ -37,8 +38,9 @@ def index_specs(specs: list[str]) -> dict[str, Path]:
     return named
 
 
-def open_engine(specs: list[str], device: str = "auto") -> Engine:
-    """The engine over the indexes of `specs`, which must all come from one model (loaded once)."""
+def open_engine(specs: list[str], device: str = "auto", batch_window_s: float = WINDOW_S) -> Engine:
+    """The engine over the indexes of `specs`, which must all come from one model (loaded once); text
+    queries under load wait up to `batch_window_s` to share an encoder call (m3jepa/serve/batcher.py)."""
     from m3jepa.search import Searcher, SearchIndex
 
     named = index_specs(specs)
@@ -47,7 +49,7 @@ def open_engine(specs: list[str], device: str = "auto") -> Engine:
     searchers: dict[str, Any] = {first_name: first}
     for name, path in list(named.items())[1:]:  # Searcher refuses an index built with other weights
         searchers[name] = Searcher(SearchIndex.open(path), first.model)
-    engine = Engine(searchers, first.model)
+    engine = Engine(searchers, first.model, batch_window_s=batch_window_s)
     warm_up(engine)
     return engine
 
@@ -76,13 +78,13 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None) -> None:
+          limits: Limits | None = None, batch_window_s: float = WINDOW_S) -> None:
     """Serve the indexes on host:port until interrupted."""
     import uvicorn
 
     from m3jepa.serve.app import create_app
 
-    engine = open_engine(specs, device)
+    engine = open_engine(specs, device, batch_window_s)
     app = create_app(engine, limits, loopback_only=is_loopback(host))
     if not is_loopback(host):
         log.warning("serving on %s: anyone who can reach it can query the model and read the indexed media",

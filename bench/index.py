@@ -8,11 +8,16 @@
    1,000 perturbed gallery rows to recall@10 >= 0.95 against exact search (faiss.knn). Reported: build
    seconds, peak resident memory, index bytes, recall@10, and single-query latency (p50/p95) of the
    index next to exact search (IndexFlatIP) over the same gallery.
-2. With --run (a Tux Paint run, `m3jepa run tuxpaint`): the 785 real stamp images of all splits through
-   `embed_target`, hidden in `rows - 785` synthetic 128-d distractors made the same way; the test split's
-   79 captions through `embed_query` are the queries (recall@10 of the index vs exact search on them).
+2. With --run (a Tux Paint run, `m3jepa run tuxpaint`): the real stamp images of all splits (785 in the
+   default run) through `embed_target`, hidden among synthetic 128-d distractors made the same way (to
+   `rows` in all); the test split's captions through `embed_query` are the queries. nprobe (efSearch)
+   is tuned on the train and val captions, so the recall@10 against exact search reported on the test
+   captions is held out (`heldout_curve`: that recall at each setting the tuning tried).
    Per query, measured one at a time: the predictor from the stored MiniLM latent + search, and the raw
-   caption (MiniLM + predictor) + search, each with the approximate index and with exact search.
+   caption (MiniLM + predictor) + search, each with the approximate index and with exact search; the
+   query path (`embed_query`: `M3JepaPredictor.query`, the cl task alone) next to the plain forward it
+   replaced (`plain_query`), at 1-32 rows too; faiss with its default threads and with one. `--also
+   IVF1024,Flat` (or HNSW32) builds and measures another index the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from bench import _common as C
 from m3jepa.search.build import build, perturbed_queries, recall_at_k
-from m3jepa.search.plan import choose, parse_bytes
+from m3jepa.search.plan import IndexPlan, choose, parse_bytes
 
 CLUSTERS = 1000
 SPREAD = 0.8
@@ -81,44 +86,137 @@ def synthetic(rows: int, dim: int, budget: str) -> dict:
             "index_bytes_est": plan.est_bytes, "query_ms_index": approx_lat, "query_ms_exact": exact_lat}
 
 
-def tuxpaint(run: Path, rows: int) -> dict:
+def plain_query(model, latents: np.ndarray) -> np.ndarray:
+    """The query path before `M3JepaPredictor.query`: the whole forward (both tasks, the prediction head,
+    sparse dispatch for one row), its cl_query normalised, as `embed_query` computed it (reference)."""
+    import torch
+
+    with torch.no_grad(), model.runtime.autocast():
+        out = model.objective.predictor("text", torch.as_tensor(latents).to(model.device), "image")
+    return torch.nn.functional.normalize(out.cl_query.float(), dim=-1).cpu().numpy()  # (N, d)
+
+
+def one_thread(fn):
+    """`fn` with faiss on one OpenMP thread (one query gains nothing from a parallel region)."""
+    def run(i):
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return fn(i)
+        finally:
+            faiss.omp_set_num_threads(before)
+    return run
+
+
+def by_rows(model, latents: np.ndarray, b: int) -> dict[str, float]:
+    """p50 ms of the query path and of the plain forward on b latent rows at a time."""
+    n = len(latents)
+
+    def rows(i):
+        return latents[i % (n - b):i % (n - b) + b]
+
+    return {"query": latencies_ms(lambda i: model.embed_query(source="text", target="image",
+                                                              latents=rows(i)), n)["p50"],
+            "plain": latencies_ms(lambda i: plain_query(model, rows(i)), n)["p50"]}
+
+
+def index_latencies(index, model, queries: np.ndarray, latents: np.ndarray, captions: list[str]) -> dict:
+    """Per-query latencies through `index`: the search alone, from the stored latent (query path and
+    plain forward), from the raw caption; faiss with its default threads and with one."""
+    n = len(queries)
+
+    def search(i):
+        return index.search(queries[i:i + 1], 10)
+
+    def latent(i):
+        return index.search(model.embed_query(source="text", target="image", latents=latents[i:i + 1]), 10)
+
+    def plain(i):
+        return index.search(plain_query(model, latents[i:i + 1]), 10)
+
+    def caption(i):
+        return index.search(model.embed_query([captions[i]], source="text", target="image"), 10)
+
+    return {"search_ms": latencies_ms(search, n),
+            "search_ms_faiss_1_thread": latencies_ms(one_thread(search), n),
+            "latent_ms": latencies_ms(latent, n),
+            "latent_ms_faiss_1_thread": latencies_ms(one_thread(latent), n),
+            "latent_ms_plain_predictor": latencies_ms(plain, n),
+            "caption_ms": latencies_ms(caption, n),
+            "caption_ms_faiss_1_thread": latencies_ms(one_thread(caption), n)}
+
+
+def extra_plan(factory: str) -> IndexPlan:
+    """An IndexPlan for `--also FACTORY` (IVF<nlist>,Flat or HNSW<M>)."""
+    if factory.startswith("IVF"):
+        return IndexPlan("ivf-flat", factory, {"nlist": int(factory[3:].split(",")[0])})
+    return IndexPlan("hnsw", factory, {})
+
+
+def heldout_curve(built, queries: np.ndarray, exact_top: np.ndarray) -> list[list[float]]:
+    """[setting, recall@10 on the held-out `queries`] at each search setting the tuning tried; the index
+    is left at its tuned setting."""
+    from m3jepa.search.build import set_search_params
+
+    name = next(iter(built.search_params), None)
+    curve = []
+    for value, _ in built.recall["tuning"]:
+        set_search_params(built.index, {name: value})
+        curve.append([value, recall_at_k(built.index.search(queries, 10)[1], exact_top)])
+    set_search_params(built.index, built.search_params)
+    return curve
+
+
+def tuxpaint(run: Path, rows: int, factories: list[str]) -> dict:
     from m3jepa.api import load
     from m3jepa.core.paired import modality_store
     from m3jepa.store import open_store
 
     model = load(run, device="cpu")
-    real = np.concatenate([model.embed_target(modality="image", latents=open_store(
-        modality_store(model.cfg, s, "image")).read_all()) for s in ("train", "val", "test")])  # (785, 128)
+
+    def split_latents(split: str, modality: str) -> np.ndarray:
+        return open_store(modality_store(model.cfg, split, modality)).read_all()
+
+    real = np.concatenate([model.embed_target(modality="image", latents=split_latents(s, "image"))
+                           for s in ("train", "val", "test")])  # (R, 128): R real images
     dim = real.shape[1]
     gallery = np.concatenate([real, clustered(rows - len(real), dim, seed=2)])  # (rows, 128)
     text = open_store(modality_store(model.cfg, "test", "text"))
     latents, captions = text.read_all(), list(text.rows.texts)  # (79, 384)
     queries = model.embed_query(source="text", target="image", latents=latents)  # (79, 128)
-    plan = choose(len(gallery), dim, "auto", parse_bytes("4GB"))
-    built = build(gallery, plan, queries, f"{len(queries)} real test captions (text->image embed_query)")
+    # nprobe is tuned on the train and val captions; recall is reported on the held-out test captions
+    tune = model.embed_query(source="text", target="image", latents=np.concatenate(
+        [split_latents(s, "text") for s in ("train", "val")]))  # (706, 128)
     exact = faiss.IndexFlatIP(dim)
     exact.add(gallery)
     exact_top = exact.search(queries, 10)[1]
-    found = built.index.search(queries, 10)[1]
     model.embed_query([captions[0]], source="text", target="image")  # load MiniLM before timing
     n = len(queries)
-
-    def from_latent(index):
-        return lambda i: index.search(model.embed_query(source="text", target="image",
-                                                        latents=latents[i:i + 1]), 10)
-
-    def from_caption(index):
-        return lambda i: index.search(model.embed_query([captions[i]], source="text", target="image"), 10)
-
-    return {"gallery": f"{len(real)} real image embeddings + {len(gallery) - len(real)} synthetic, d={dim}",
-            "factory": plan.factory, "search_params": built.search_params, "build_s": round(built.seconds, 1),
-            "recall@10": recall_at_k(found, exact_top), "queries": n,
-            "latent_ms_index": latencies_ms(from_latent(built.index), n),
-            "latent_ms_exact": latencies_ms(from_latent(exact), n),
-            "caption_ms_index": latencies_ms(from_caption(built.index), n),
-            "caption_ms_exact": latencies_ms(from_caption(exact), n),
-            "predictor_only_latent_ms": latencies_ms(lambda i: model.embed_query(
-                source="text", target="image", latents=latents[i:i + 1]), n)}
+    out = {"gallery": f"{len(real)} real image embeddings + {len(gallery) - len(real)} synthetic, d={dim}",
+           "queries": n, "tuning_queries": f"{len(tune)} train+val captions (text->image embed_query)",
+           "query_vs_plain_max_abs_diff_one_row": max(float(np.abs(model.embed_query(
+               source="text", target="image", latents=latents[i:i + 1]) - plain_query(
+               model, latents[i:i + 1])).max()) for i in range(n)),
+           "predictor_only_latent_ms": latencies_ms(lambda i: model.embed_query(
+               source="text", target="image", latents=latents[i:i + 1]), n),
+           "predictor_plain_latent_ms": latencies_ms(lambda i: plain_query(model, latents[i:i + 1]), n),
+           "predictor_by_rows_ms": {b: by_rows(model, latents, b) for b in (1, 2, 4, 8, 32)},
+           "latent_ms_exact": latencies_ms(lambda i: exact.search(model.embed_query(
+               source="text", target="image", latents=latents[i:i + 1]), 10), n),
+           "caption_ms_exact": latencies_ms(lambda i: exact.search(model.embed_query(
+               [captions[i]], source="text", target="image"), 10), n),
+           "indexes": []}
+    for plan in [choose(len(gallery), dim, "auto", parse_bytes("4GB"))] + [extra_plan(f) for f in factories]:
+        built = build(gallery, plan, tune, out["tuning_queries"])
+        row = {"factory": plan.factory, "search_params": built.search_params,
+               "build_s": round(built.seconds, 1), "recall@10_tuning": built.recall["value"],
+               "tuning": built.recall["tuning"],
+               "recall@10": recall_at_k(built.index.search(queries, 10)[1], exact_top),
+               "heldout_curve": heldout_curve(built, queries, exact_top)}
+        row.update(index_latencies(built.index, model, queries, latents, captions))
+        out["indexes"].append(row)
+        del built
+    return out
 
 
 def main() -> None:
@@ -128,6 +226,8 @@ def main() -> None:
     p.add_argument("--memory-budget", default="4GB")
     p.add_argument("--run", type=Path, default=None, help="a Tux Paint run for part 2")
     p.add_argument("--skip-synthetic", action="store_true")
+    p.add_argument("--also", action="append", default=[], metavar="FACTORY",
+                   help="part 2: also build this faiss factory (IVF1024,Flat, HNSW32), tuned the same way")
     args = p.parse_args()
     C.setup(args)
     out = {"load_before": C.load_average(), "faiss_threads": faiss.omp_get_max_threads()}
@@ -135,7 +235,7 @@ def main() -> None:
         out["synthetic"] = synthetic(args.rows, args.dim, args.memory_budget)
         out["load_after_synthetic"] = C.load_average()
     if args.run:
-        out["tuxpaint"] = tuxpaint(args.run, args.rows)
+        out["tuxpaint"] = tuxpaint(args.run, args.rows, args.also)
         out["load_after_tuxpaint"] = C.load_average()
     import json
 

@@ -61,6 +61,7 @@ class M3Model:
         source: ModelSource,
         tails: dict[str, Any] | None = None,
         vocabulary_latents: dict[str, np.ndarray] | None = None,
+        query_encoder_precision: str = "fp32",
     ) -> None:
         self.cfg = cfg
         self.objective = objective.eval()
@@ -72,7 +73,7 @@ class M3Model:
         self.source = source
         self.tails = tails or {}
         self.raw = RawEncoders(encoders, runtime.device, cfg.encode.dtype, vocabularies, self.tails,
-                               cfg.lora.layers if cfg.lora.enabled else None)
+                               cfg.lora.layers if cfg.lora.enabled else None, query_encoder_precision)
 
     # ------------------------------------------------------------ what the model is
 
@@ -90,6 +91,11 @@ class M3Model:
     def device(self) -> torch.device:
         return self.runtime.device
 
+    @property
+    def query_encoder_precision(self) -> str:
+        """"fp32", or "int8" when raw text queries go through MiniLM with int8 Linear layers (opt-in)."""
+        return self.raw.query_precision
+
     def vocabulary(self, modality: str) -> list[str]:
         """The trained class list ("label") or candidate answers ("answer")."""
         if modality not in self.vocabularies:
@@ -98,8 +104,9 @@ class M3Model:
         return list(self.vocabularies[modality])
 
     def __repr__(self) -> str:
+        int8 = ", query_encoder_precision=int8" if self.query_encoder_precision == "int8" else ""
         return (f"M3Model({self.source.kind} {self.source.path}, directions={self.directions}, "
-                f"device={self.device}, precision={self.runtime.precision})")
+                f"device={self.device}, precision={self.runtime.precision}{int8})")
 
     # ------------------------------------------------------------ embeddings
 
@@ -121,7 +128,7 @@ class M3Model:
         stage-1 `latents` (N, D_source); a concatenated source takes {modality: inputs or latents}."""
         direction = self._direction(source, target)
         src, tgt = parse_direction(direction)
-        x = self._source_latents(src, inputs, latents)
+        x = self._source_latents(src, inputs, latents, query=True)
         predictor = self.objective.predictor
         if space == "cl" and hasattr(predictor, "query"):  # the contrastive task alone (the search path)
             with self.runtime.autocast():
@@ -213,24 +220,25 @@ class M3Model:
                            f"{', '.join(self.directions)}")
         return direction
 
-    def _source_latents(self, src: str | tuple[str, ...], inputs: Any, latents: Any) -> Any:
+    def _source_latents(self, src: str | tuple[str, ...], inputs: Any, latents: Any,
+                        query: bool = False) -> Any:
         if isinstance(src, str):
-            return self._latents(src, inputs, latents)
+            return self._latents(src, inputs, latents, query)
         parts = {}
         for m in source_modalities(src):
             given = None if latents is None else latents.get(m)
             raw = None if inputs is None else inputs.get(m)
-            parts[m] = self._latents(m, raw, given)
+            parts[m] = self._latents(m, raw, given, query)
         return parts
 
-    def _latents(self, modality: str, inputs: Any, latents: Any) -> torch.Tensor:
-        """(N, D_m) float32 on the model's device, from raw inputs or given latents."""
+    def _latents(self, modality: str, inputs: Any, latents: Any, query: bool = False) -> torch.Tensor:
+        """(N, D_m) float32 on the model's device, from raw inputs (of a query: `query`) or given latents."""
         if (inputs is None) == (latents is None):
             raise ApiError(f"give either {modality} inputs or {modality} latents, not both or neither")
         if inputs is not None:
             if isinstance(inputs, (str, Path)):
                 raise ApiError(f"{modality} inputs must be a list, e.g. [{str(inputs)!r}]")
-            return self.raw.encode(modality, list(inputs))
+            return self.raw.encode(modality, list(inputs), query=query)
         t = torch.as_tensor(np.asarray(latents) if not torch.is_tensor(latents) else latents)
         want = self.objective.predictor.dims[modality]
         if t.ndim != 2 or t.shape[1] != want:
@@ -253,15 +261,18 @@ def _normalised(t: torch.Tensor) -> np.ndarray:
 
 
 def load(
-    path: str | Path, checkpoint: str = "best", device: str = "auto", precision: str | None = None
+    path: str | Path, checkpoint: str = "best", device: str = "auto", precision: str | None = None,
+    query_encoder_precision: str = "fp32",
 ) -> M3Model:
     """A trained model from a run directory (its `checkpoint`: best | latest) or an `m3jepa export`
-    folder, on `device` (auto | cpu | cuda | cuda:N) in `precision` (default: the run's)."""
+    folder, on `device` (auto | cpu | cuda | cuda:N) in `precision` (default: the run's).
+    `query_encoder_precision="int8"` (CPU only, opt-in) embeds raw text queries with MiniLM's Linear
+    layers in int8: ~2x faster, but no longer equal to the stored latents (docs/serve.md)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return _load_export(path, device, precision)
+        return _load_export(path, device, precision, query_encoder_precision)
     if (path / "checkpoints").is_dir():
-        return _load_run(path, checkpoint, device, precision)
+        return _load_run(path, checkpoint, device, precision, query_encoder_precision)
     raise ApiError(f"{path} is neither a run directory (checkpoints/) nor an export (config.json + "
                    "model.safetensors); pass what `m3jepa train-predictor` or `m3jepa export` wrote")
 
@@ -282,7 +293,8 @@ def _objective(cfg: PipelineConfig, dims: dict[str, int], weights: dict[str, tor
     return objective
 
 
-def _load_run(run: Path, checkpoint: str, device: str, precision: str | None) -> M3Model:
+def _load_run(run: Path, checkpoint: str, device: str, precision: str | None,
+              query_encoder_precision: str = "fp32") -> M3Model:
     from m3jepa.core.checkpoint import load_checkpoint
     from m3jepa.core.runstores import eval_config
 
@@ -298,7 +310,8 @@ def _load_run(run: Path, checkpoint: str, device: str, precision: str | None) ->
     found = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
     tails = _tails(cfg, ck.state.stores, ck_path / "adapters", runtime.device)
     return M3Model(cfg, objective, runtime, dict(ck.state.stores), {m: v[0] for m, v in found.items()},
-                   ModelSource(run, "run", checkpoint), tails, {m: v[1] for m, v in found.items()})
+                   ModelSource(run, "run", checkpoint), tails, {m: v[1] for m, v in found.items()},
+                   query_encoder_precision)
 
 
 def run_vocabulary(cfg: PipelineConfig, modality: str) -> tuple[list[str], np.ndarray]:
@@ -332,7 +345,8 @@ def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: P
     return tails
 
 
-def _load_export(folder: Path, device: str, precision: str | None) -> M3Model:
+def _load_export(folder: Path, device: str, precision: str | None,
+                 query_encoder_precision: str = "fp32") -> M3Model:
     meta = read_export_config(folder)
     cfg = from_dict(PipelineConfig, migrate(meta["pipeline"]))
     runtime = _runtime(cfg, device, precision)
@@ -344,7 +358,7 @@ def _load_export(folder: Path, device: str, precision: str | None) -> M3Model:
     if (folder / VOCABULARY_WEIGHTS).is_file():
         vocab_latents = {m: t.numpy() for m, t in load_file(str(folder / VOCABULARY_WEIGHTS)).items()}
     return M3Model(cfg, objective, runtime, encoders, meta.get("vocabularies", {}),
-                   ModelSource(folder, "export"), tails, vocab_latents)
+                   ModelSource(folder, "export"), tails, vocab_latents, query_encoder_precision)
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:

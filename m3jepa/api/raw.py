@@ -26,6 +26,8 @@ class RawEncoders:
     `encoders` is {modality: {"encoder": name, "revision": rev}} as the run recorded it; `vocabularies`
     {"label": [class names]} binds the one-hot label encoder to the trained class list. A LoRA-tuned
     modality goes through the encoder's frozen prefix and then its tuned tail (`tails`).
+    `query_precision="int8"` (opt-in, CPU only) encodes text *queries* (`encode(..., query=True)`) with
+    MiniLM's Linear layers in int8 (`m3jepa.accel.text`); everything else stays float32.
     """
 
     def __init__(
@@ -36,7 +38,16 @@ class RawEncoders:
         vocabularies: dict[str, list[str]],
         tails: dict[str, Any] | None = None,
         lora_layers: int | str | None = None,
+        query_precision: str = "fp32",
     ) -> None:
+        if query_precision != "fp32":  # refused at load, before any request, when it cannot run here
+            from m3jepa.accel.text import QueryEncoderError, check_precision
+
+            try:
+                check_precision(query_precision, device)
+            except QueryEncoderError as e:
+                raise ApiError(str(e)) from None
+        self.query_precision = query_precision
         self.encoders = encoders
         self.device = device
         self.store_dtype = np.float16 if store_dtype == "float16" else np.float32
@@ -45,16 +56,17 @@ class RawEncoders:
         self.lora_layers = lora_layers
         self._built: dict[str, Any] = {}
 
-    def encode(self, modality: str, items: Sequence[str | Path]) -> torch.Tensor:
+    def encode(self, modality: str, items: Sequence[str | Path], query: bool = False) -> torch.Tensor:
         """(N, D_m) float32 latents of `items` on the model's device, rounded through the store dtype so
-        a raw input and its stored row give the predictor the same numbers."""
+        a raw input and its stored row give the predictor the same numbers (with query=True and an int8
+        query precision, text goes through the int8 encoder instead: close, not equal)."""
         if modality not in self.encoders:
             raise ApiError(f"this model has no {modality!r} input; its modalities are "
                            f"{', '.join(sorted(self.encoders))}")
         if not items:
             raise ApiError(f"no {modality} inputs given")
         payloads = [self._payload(modality, x) for x in items]
-        encoder = self._encoder(modality)
+        encoder = self._query_encoder(modality) if query else self._encoder(modality)
         out = []
         for lo in range(0, len(payloads), BATCH):
             out.append(self._encode_batch(modality, encoder, payloads[lo : lo + BATCH]))
@@ -84,6 +96,22 @@ class RawEncoders:
         if modality not in self._built:
             self._built[modality] = self._build(modality)
         return self._built[modality]
+
+    def _query_encoder(self, modality: str) -> Any:
+        """The encoder for queries: the int8 copy of a text encoder when asked for, else the plain one."""
+        from m3jepa.data.records import encoder_modality
+
+        if self.query_precision == "fp32" or encoder_modality(modality) != "text":
+            return self._encoder(modality)
+        key = f"{modality}:{self.query_precision}"
+        if key not in self._built:
+            from m3jepa.accel.text import QueryEncoderError, quantize_text_encoder
+
+            try:
+                self._built[key] = quantize_text_encoder(self._encoder(modality), self.device)
+            except QueryEncoderError as e:
+                raise ApiError(str(e)) from None
+        return self._built[key]
 
     def _build(self, modality: str) -> Any:
         from m3jepa.encoders import get_encoder_spec, resolve_device

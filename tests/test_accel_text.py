@@ -91,3 +91,13 @@ def test_int8_is_refused_where_it_cannot_run(minilm):
 
     with pytest.raises(QueryEncoderError, match="measured for minilm-l6 only"):
         quantize_text_encoder(Tuned(), CPU)
+
+
+def test_serve_refuses_an_unknown_query_encoder_precision_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from m3jepa.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--query-encoder-precision", "int4"])
+    assert res.exit_code == 2
+    assert "--query-encoder-precision int4 is not one of fp32, int8" in res.output

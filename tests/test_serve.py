@@ -174,7 +174,7 @@ def test_health_names_the_indexes_the_model_and_its_directions(client):
         "indexes": [{"name": "image", "modality": "image", "rows": 6, "dim": 4, "sources": ["text"]},
                     {"name": "text", "modality": "text", "rows": 3, "dim": 4, "sources": ["image"]}],
         "model": {"path": "runs/fake", "kind": "run", "directions": ["image->text", "text->image"],
-                  "device": "cpu"},
+                  "device": "cpu", "query_encoder_precision": "fp32"},
         "limits": Limits().as_json(),
         "stats": {"encoder_calls": 0, "encoded_queries": 0, "cached_embeddings": 0},
     }

@@ -62,8 +62,10 @@ def model_ref(model: Any) -> ModelRef:
     return ModelRef(str(path), src.kind, src.checkpoint, file_sha256(weights))
 
 
-def load_model(ref: ModelRef, device: str = "auto", where: Path | None = None) -> Any:
-    """Load the model `ref` names, refused when its weights changed since `where` was built with it."""
+def load_model(ref: ModelRef, device: str = "auto", where: Path | None = None,
+               query_encoder_precision: str = "fp32") -> Any:
+    """Load the model `ref` names, refused when its weights changed since `where` was built with it
+    (`query_encoder_precision`: m3jepa.load's)."""
     from m3jepa.api import load
 
     path = Path(ref.path)
@@ -74,7 +76,8 @@ def load_model(ref: ModelRef, device: str = "auto", where: Path | None = None) -
     if file_sha256(weights) != ref.weights_sha256:
         raise SearchError(f"{where}: the weights of {path} changed since it was built (sha256 differs); "
                           "rebuild it with `m3jepa embed --force` / `m3jepa index --force`")
-    return load(path, checkpoint=ref.checkpoint or "best", device=device)
+    return load(path, checkpoint=ref.checkpoint or "best", device=device,
+                query_encoder_precision=query_encoder_precision)
 
 
 def targets(directions: list[str]) -> set[str]:

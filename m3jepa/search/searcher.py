@@ -42,13 +42,15 @@ class Searcher:
                               f"{probe.shape[1]}-d; rebuild the index with this model")
 
     @classmethod
-    def open(cls, index_path: str | Path, device: str = "auto") -> Searcher:
-        """Open the index and load the model it names (refused when its weights changed since)."""
+    def open(cls, index_path: str | Path, device: str = "auto",
+             query_encoder_precision: str = "fp32") -> Searcher:
+        """Open the index and load the model it names (refused when its weights changed since);
+        `query_encoder_precision="int8"`: text queries through the int8 MiniLM (m3jepa.load)."""
         index = SearchIndex.open(index_path)
         ref = index.model
         if ref is None:
             raise SearchError(f"{index_path} names no model; build it with `m3jepa index`")
-        return cls(index, load_model(ref, device, Path(index_path)))
+        return cls(index, load_model(ref, device, Path(index_path), query_encoder_precision))
 
     @property
     def sources(self) -> list[str]:

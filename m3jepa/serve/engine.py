@@ -78,7 +78,8 @@ class Engine:
                     "sources": list(s.sources)} for name, s in self.searchers.items()]
         source = getattr(self.model, "source", None)
         model = {"path": str(getattr(source, "path", "")), "kind": getattr(source, "kind", None),
-                 "directions": list(self.model.directions), "device": str(getattr(self.model, "device", ""))}
+                 "directions": list(self.model.directions), "device": str(getattr(self.model, "device", "")),
+                 "query_encoder_precision": getattr(self.model, "query_encoder_precision", "fp32")}
         return {"indexes": indexes, "model": model}
 
     # ------------------------------------------------------------ queries

@@ -38,14 +38,19 @@ def index_specs(specs: list[str]) -> dict[str, Path]:
     return named
 
 
-def open_engine(specs: list[str], device: str = "auto", batch_window_s: float = WINDOW_S) -> Engine:
+def open_engine(specs: list[str], device: str = "auto", batch_window_s: float = WINDOW_S,
+                query_encoder_precision: str = "fp32") -> Engine:
     """The engine over the indexes of `specs`, which must all come from one model (loaded once); text
-    queries under load wait up to `batch_window_s` to share an encoder call (m3jepa/serve/batcher.py)."""
+    queries under load wait up to `batch_window_s` to share an encoder call (m3jepa/serve/batcher.py);
+    `query_encoder_precision="int8"` embeds them with the int8 MiniLM (opt-in, CPU only)."""
     from m3jepa.search import Searcher, SearchIndex
 
     named = index_specs(specs)
     first_name, first_path = next(iter(named.items()))
-    first = Searcher.open(first_path, device=device)
+    first = Searcher.open(first_path, device=device, query_encoder_precision=query_encoder_precision)
+    if query_encoder_precision == "int8":  # never silent: the answers differ from the float32 ones
+        log.warning("text queries use MiniLM with int8 Linear layers: their embeddings are close to, not "
+                    "equal to, the float32 ones (docs/serve.md, 'The int8 query encoder')")
     searchers: dict[str, Any] = {first_name: first}
     for name, path in list(named.items())[1:]:  # Searcher refuses an index built with other weights
         searchers[name] = Searcher(SearchIndex.open(path), first.model)
@@ -78,13 +83,14 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          limits: Limits | None = None, batch_window_s: float = WINDOW_S) -> None:
+          limits: Limits | None = None, batch_window_s: float = WINDOW_S,
+          query_encoder_precision: str = "fp32") -> None:
     """Serve the indexes on host:port until interrupted."""
     import uvicorn
 
     from m3jepa.serve.app import create_app
 
-    engine = open_engine(specs, device, batch_window_s)
+    engine = open_engine(specs, device, batch_window_s, query_encoder_precision)
     app = create_app(engine, limits, loopback_only=is_loopback(host))
     if not is_loopback(host):
         log.warning("serving on %s: anyone who can reach it can query the model and read the indexed media",

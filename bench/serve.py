@@ -1,7 +1,7 @@
 """`m3jepa serve` under load: text queries from N concurrent loopback clients for a bounded time.
 
     python -m bench.serve --index IMAGE_IDX [--index TEXT_IDX] [--clients 1,2,4,8] [--seconds 20] [--stages]
-                          [--batch-window-ms 0,4]
+                          [--batch-window-ms 0,4] [--query-encoder-precision fp32,int8]
 
 Starts the real server (`python -m m3jepa serve`) on a free 127.0.0.1 port, waits for /health, then runs
 two bounded phases of `--seconds` each against it for each client count, one keep-alive HTTP connection
@@ -17,7 +17,9 @@ MiniLM latent, and the faiss search (where a cold query's time goes), then one c
 1-32 new captions (what the server's batcher pays). `--batch-window-ms 0,4` starts one server per
 batch window (`m3jepa serve --batch-window-ms`) and runs every phase against each, one after another;
 each run records its window, and `server_stats` the encoder calls and queries of each server (the
-mean batch). Only 127.0.0.1 is ever contacted.
+mean batch). `--query-encoder-precision fp32,int8` likewise starts one server per precision (`m3jepa
+serve --query-encoder-precision`; int8: MiniLM's Linear layers in int8), for every window.
+Only 127.0.0.1 is ever contacted.
 The clients run in this process on the same cores as the server: their own CPU time is in the latencies.
 """
 
@@ -55,11 +57,13 @@ def free_port() -> int:
 
 
 def start_server(indexes: list[Path], port: int, device: str, log: Path,
-                 window_ms: float | None = None) -> subprocess.Popen:
+                 window_ms: float | None = None, precision: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "m3jepa", "serve", "--port", str(port), "--device", device]
     if window_ms is not None:
         cmd += ["--batch-window-ms", str(window_ms)]
+    if precision is not None:
+        cmd += ["--query-encoder-precision", precision]
     for idx in indexes:
         cmd += ["--index", str(idx)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -189,11 +193,12 @@ def captions(indexes: list[Path]) -> list[str]:
 
 
 def serve_runs(args: Any, counts: list[int], window: float | None, fresh: itertools.count,
-               runs: list[dict]) -> dict:
-    """Start one server (batch window `window` ms, or its default), run every phase and client count
-    against it, append the runs; returns its /health stats (encoder calls and the queries they embedded)."""
+               runs: list[dict], precision: str | None = None) -> dict:
+    """Start one server (batch window `window` ms and query encoder `precision`, or its defaults), run
+    every phase and client count against it, append the runs; returns its /health stats (encoder calls
+    and the queries they embedded)."""
     port, log = free_port(), Path(f"/tmp/bench-serve-{os.getpid()}.log")
-    proc = start_server(args.index, port, args.device, log, window)
+    proc = start_server(args.index, port, args.device, log, window, precision)
     try:
         health = wait_healthy(port, proc)
         name = next(i["name"] for i in health["indexes"] if "text" in i["sources"])
@@ -213,7 +218,8 @@ def serve_runs(args: Any, counts: list[int], window: float | None, fresh: iterto
                 raise SystemExit(f"unknown phase {mode!r}: repeated, distinct")
             for clients in counts:
                 timed = phase(port, name, next_text, clients, args.seconds)
-                run = {"phase": mode, "clients": clients, "batch_window_ms": window, **timed}
+                run = {"phase": mode, "clients": clients, "batch_window_ms": window,
+                       "query_encoder_precision": precision or "fp32", **timed}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
         stats = wait_healthy(port, proc)["stats"]
@@ -234,6 +240,8 @@ def main() -> None:
     p.add_argument("--phases", default="repeated,distinct")
     p.add_argument("--batch-window-ms", default=None,
                    help="comma-separated batch windows, one server each (e.g. 0,4); default: the server's")
+    p.add_argument("--query-encoder-precision", default=None,
+                   help="comma-separated query encoder precisions, one server each (e.g. fp32,int8)")
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     if not (0 < args.seconds <= MAX_SECONDS and all(0 < c <= MAX_CLIENTS for c in counts)):
@@ -246,10 +254,13 @@ def main() -> None:
         out["stages"] = stages(image)
     windows = [float(w) for w in args.batch_window_ms.split(",")] if args.batch_window_ms else [None]
     fresh = itertools.count()  # shared by every distinct run: no text is ever sent twice
+    precisions = args.query_encoder_precision.split(",") if args.query_encoder_precision else [None]
     out["server_stats"] = []
-    for window in windows:  # one server per batch window, each measured the same way, one after another
-        stats = serve_runs(args, counts, window, fresh, out["runs"])
-        out["server_stats"].append({"batch_window_ms": window, **stats})
+    for window in windows:  # one server per batch window and precision, measured alike, one after another
+        for precision in precisions:
+            stats = serve_runs(args, counts, window, fresh, out["runs"], precision)
+            out["server_stats"].append({"batch_window_ms": window,
+                                        "query_encoder_precision": precision or "fp32", **stats})
     text = json.dumps(out, indent=2)
     print(text)
     C.write_json(args.json, out)

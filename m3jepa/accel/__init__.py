@@ -7,7 +7,9 @@ lives here:
   parameters and state_dict) and MoE expert groups are padded to oneDNN-friendly buckets.
 - `ShadowAdamW`: fused AdamW that keeps bf16 weight shadows and folds clipping into the update.
 - `native`: builds, caches and safely loads the C/C++ kernels; `search`: exact-rank retrieval kernels.
-`m3jepa.train.optim.build_optimizer` is the one caller of `install`/`ShadowAdamW`.
+- `text`: the opt-in int8 MiniLM for text queries (close to, not equal to, float32; never on by default).
+`m3jepa.train.optim.build_optimizer` is the one caller of `install`/`ShadowAdamW`; `m3jepa.api.raw` the
+one caller of `text`.
 """
 
 from m3jepa.accel.adamw import ShadowAdamW

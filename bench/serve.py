@@ -56,14 +56,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(indexes: list[Path], port: int, device: str, log: Path,
-                 window_ms: float | None = None, precision: str | None = None) -> subprocess.Popen:
+def start_server(indexes: list[Path], port: int, device: str, log: Path, window_ms: float | None = None,
+                 precision: str | None = None, threads: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "m3jepa", "serve", "--port", str(port), "--device", device]
     if window_ms is not None:
         cmd += ["--batch-window-ms", str(window_ms)]
     if precision is not None:
         cmd += ["--query-encoder-precision", precision]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     for idx in indexes:
         cmd += ["--index", str(idx)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -193,12 +195,12 @@ def captions(indexes: list[Path]) -> list[str]:
 
 
 def serve_runs(args: Any, counts: list[int], window: float | None, fresh: itertools.count,
-               runs: list[dict], precision: str | None = None) -> dict:
-    """Start one server (batch window `window` ms and query encoder `precision`, or its defaults), run
+               runs: list[dict], precision: str | None = None, server_threads: int | None = None) -> dict:
+    """Start one server (batch window `window` ms, query encoder `precision`, `server_threads`), run
     every phase and client count against it, append the runs; returns its /health stats (encoder calls
     and the queries they embedded)."""
     port, log = free_port(), Path(f"/tmp/bench-serve-{os.getpid()}.log")
-    proc = start_server(args.index, port, args.device, log, window, precision)
+    proc = start_server(args.index, port, args.device, log, window, precision, server_threads)
     try:
         health = wait_healthy(port, proc)
         name = next(i["name"] for i in health["indexes"] if "text" in i["sources"])
@@ -219,7 +221,8 @@ def serve_runs(args: Any, counts: list[int], window: float | None, fresh: iterto
             for clients in counts:
                 timed = phase(port, name, next_text, clients, args.seconds)
                 run = {"phase": mode, "clients": clients, "batch_window_ms": window,
-                       "query_encoder_precision": precision or "fp32", **timed}
+                       "query_encoder_precision": precision or "fp32", "server_threads": server_threads,
+                       **timed}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
         stats = wait_healthy(port, proc)["stats"]
@@ -242,6 +245,9 @@ def main() -> None:
                    help="comma-separated batch windows, one server each (e.g. 0,4); default: the server's")
     p.add_argument("--query-encoder-precision", default=None,
                    help="comma-separated query encoder precisions, one server each (e.g. fp32,int8)")
+    p.add_argument("--server-threads", default=None,
+                   help="comma-separated `m3jepa serve --threads` values, one server each (e.g. 2,1); "
+                        "default: the server's own")
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     if not (0 < args.seconds <= MAX_SECONDS and all(0 < c <= MAX_CLIENTS for c in counts)):
@@ -255,12 +261,13 @@ def main() -> None:
     windows = [float(w) for w in args.batch_window_ms.split(",")] if args.batch_window_ms else [None]
     fresh = itertools.count()  # shared by every distinct run: no text is ever sent twice
     precisions = args.query_encoder_precision.split(",") if args.query_encoder_precision else [None]
+    threads = [int(t) for t in args.server_threads.split(",")] if args.server_threads else [None]
     out["server_stats"] = []
-    for window in windows:  # one server per batch window and precision, measured alike, one after another
-        for precision in precisions:
-            stats = serve_runs(args, counts, window, fresh, out["runs"], precision)
-            out["server_stats"].append({"batch_window_ms": window,
-                                        "query_encoder_precision": precision or "fp32", **stats})
+    # one server per batch window, precision and thread count, measured alike, one after another
+    for window, precision, n in itertools.product(windows, precisions, threads):
+        stats = serve_runs(args, counts, window, fresh, out["runs"], precision, n)
+        out["server_stats"].append({"batch_window_ms": window, "query_encoder_precision": precision or "fp32",
+                                    "server_threads": n, **stats})
     text = json.dumps(out, indent=2)
     print(text)
     C.write_json(args.json, out)

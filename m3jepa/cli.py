@@ -505,6 +505,9 @@ def search(
     k: Annotated[int, typer.Option("--k", help="How many results.")] = 10,
     json_: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
     device: SearchDevice = "auto",
+    threads: Annotated[int | None, typer.Option(
+        help="torch and faiss threads for queries (default: their own); 1 was the fastest for one query at a "
+             "time on 2 cores (docs/benchmarks.md, section 7).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Search an index with a caption, an image or a sound, through the model the index names.
@@ -516,6 +519,7 @@ def search(
         given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
         if len(given) != 1:
             raise ConfigError("give exactly one of --text, --image, --audio")
+        _set_threads(threads)
         from m3jepa.search import Searcher
         from m3jepa.search.searcher import hits_table
 
@@ -526,6 +530,19 @@ def search(
                                    "hits": [h.to_json() for h in hits]}, indent=2, ensure_ascii=False))
         else:
             typer.echo(hits_table(hits))
+
+
+def _set_threads(threads: int | None) -> None:
+    """--threads: torch's intra-op and faiss's OpenMP threads for this process (None: leave both alone)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads {threads} must be at least 1 (or left out for torch's and faiss's own)")
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
 
 
 def _encode_config(params: dict[str, object]) -> EncodeConfig:
@@ -558,6 +575,9 @@ def serve(
     query_encoder_precision: Annotated[str, typer.Option(
         help="fp32, or int8: text queries through MiniLM with int8 Linear layers, ~2x faster on a CPU, "
              "close to but not equal to fp32 (docs/serve.md).")] = "fp32",
+    threads: Annotated[int | None, typer.Option(
+        help="torch and faiss threads for queries (default: their own); 1 was the fastest for one query at a "
+             "time on 2 cores (docs/benchmarks.md, section 7).")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Serve search indexes of one model over HTTP: a web page, a JSON API and the indexed media.
@@ -572,6 +592,7 @@ def serve(
             raise ConfigError(f"--batch-window-ms {batch_window_ms} is not in [0, 1000]")
         if query_encoder_precision not in ("fp32", "int8"):
             raise ConfigError(f"--query-encoder-precision {query_encoder_precision} is not one of fp32, int8")
+        _set_threads(threads)
         from m3jepa.serve import serve as run_server
 
         run_server(index, host=host, port=port, device=device, batch_window_s=batch_window_ms / 1e3,

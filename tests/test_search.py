@@ -275,6 +275,31 @@ def test_searcher_and_cli_print_the_exact_hits(model, image_index):
     assert [(int(t[0]), int(t[2])) for t in table] == [(1, want[0]), (2, want[1])]
 
 
+def test_threads_reach_torch_and_faiss_and_keep_the_hits(model, image_index):
+    import faiss
+    import torch
+
+    from m3jepa.cli import app
+
+    caption = "a picture of thing 3 in test"
+    args = ["search", "--index", str(image_index), "--text", caption, "--k", "4", "--json", "--device", "cpu"]
+    before = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    try:
+        torch.set_num_threads(2)  # so that 1 is a change, whatever this machine's default
+        faiss.omp_set_num_threads(2)
+        want = json.loads(CliRunner().invoke(app, args).stdout)["hits"]
+        res = CliRunner().invoke(app, [*args, "--threads", "1"])
+        assert res.exit_code == 0, res.output
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+        assert [h["row_id"] for h in json.loads(res.stdout)["hits"]] == [h["row_id"] for h in want]
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+    res = CliRunner().invoke(app, [*args, "--threads", "0"])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "error: --threads 0 must be at least 1 (or left out for torch's and faiss's own)")
+
+
 def test_an_untrained_direction_is_one_line(model, image_index, tmp_path):
     from m3jepa.cli import app
 

@@ -667,7 +667,8 @@ def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tm
                               "--json", "--device", "cpu", cwd=tmp_path))["hits"]
     port, log = _free_port(), (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "m3jepa", "serve", "--index", str(indexes["image"]),
-                             "--index", str(indexes["text"]), "--port", str(port), "--device", "cpu"],
+                             "--index", str(indexes["text"]), "--port", str(port), "--device", "cpu",
+                             "--threads", "1"],  # the hits must not depend on the thread count
                             cwd=tmp_path, env=ENV, stdout=log, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -710,3 +711,14 @@ def test_screenshot_of_the_page(browser, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_serve_refuses_zero_threads_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from m3jepa.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--index", str(tmp_path), "--threads", "0"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == (
+        "error: --threads 0 must be at least 1 (or left out for torch's and faiss's own)")

@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "learn_tau_wd05": ["loss.temperature=0.07", "loss.learn_temperature=true", "train.weight_decay=0.05"],
     "learn_tau_small": ["loss.temperature=0.07", "loss.learn_temperature=true", "model.dim=128",
                         "model.hidden=256"],
+    "learn_tau_lb0.1": ["loss.temperature=0.07", "loss.learn_temperature=true",
+                        "model.load_balance_weight=0.1"],
     "linear": ["model.predictor=linear"],
     "linear_mixup": ["model.predictor=linear", "train.mixup=1.0"],
     "all": ["model.load_balance_weight=0.01", 'loss.pred_target="standardized"', "train.mixup=1.0",

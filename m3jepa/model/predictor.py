@@ -166,9 +166,9 @@ class M3JepaPredictor(nn.Module):
         z = self.embed(source, x)  # (B, d)
         u = {t: z + self.task_emb[t] for t in TASKS}  # (B, d) each
         mixed = self.mixer.forward_tasks(u, dense=dense)  # task -> MoEOutput, y (B, d)
-        h = {t: u[t] + F.gelu(self.norms[t](mixed[t].y)) for t in TASKS}  # (B, d) each
+        h = {t: self._residual(t, u[t], mixed[t].y) for t in TASKS}  # (B, d) each
         pred = self.pred_head[target_modality](h["pred"])  # (B, D_target)
-        query = F.normalize(self.cl_head[target_modality](h["cl"]), dim=-1)  # (B, d_cl)
+        query = self._cl_query(target_modality, h["cl"])  # (B, d_cl)
         aux = sum(m.aux_loss for m in mixed.values()) / len(TASKS)  # ()
         z = sum(m.z_loss for m in mixed.values()) / len(TASKS)  # ()
         counts = {t: m.expert_counts for t, m in mixed.items()}
@@ -184,7 +184,14 @@ class M3JepaPredictor(nn.Module):
         if target_modality not in self.dims:
             raise KeyError(f"unknown target {target_modality!r}; built for {', '.join(self.dims)}")
         u = self.embed(source, x) + self.task_emb["cl"]  # (B, d)
-        h = u + F.gelu(self.norms["cl"](self.mixer.mix(u, "cl")))  # (B, d)
+        return self._cl_query(target_modality, self._residual("cl", u, self.mixer.mix(u, "cl")))  # (B, d_cl)
+
+    def _residual(self, task: str, u: Tensor, y: Tensor) -> Tensor:
+        """A task's trunk output (B, d): its input u plus the normalised, GELU'd mixer output y."""
+        return u + F.gelu(self.norms[task](y))  # (B, d)
+
+    def _cl_query(self, target_modality: str, h: Tensor) -> Tensor:
+        """The L2-normalised contrastive query (B, d_cl) from the cl task's trunk output h (B, d)."""
         return F.normalize(self.cl_head[target_modality](h), dim=-1)  # (B, d_cl)
 
     def standardize_targets(self) -> None:

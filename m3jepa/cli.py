@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from m3jepa.config import ConfigError, EncodeConfig
+from m3jepa.config import ConfigError, EncodeConfig, parse_override
 from m3jepa.data import list_datasets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -272,7 +272,7 @@ def train_predictor(
         from m3jepa.train.recipes import SIZED_KEYS
 
         # no pipeline: the predictor and the steps are sized from the train pairs, except what --set gives
-        given = {item.split("=", 1)[0].strip() for item in set_ or []}
+        given = {".".join(parse_override(item)[0]) for item in set_ or []}
         auto = None if pipeline is not None else SIZED_KEYS - given
         result = train(cfg, resume=resume, auto_keys=auto)
         typer.echo(result.summary())

@@ -88,13 +88,9 @@ def collect(workdir: Path, variants: list[str], seeds: list[int]) -> dict[str, l
 
 
 def _cell(values: list[float | None], digits: int = 1) -> str:
+    """mean ± std of the values given; empty when the variant has none (no router, no prediction head)."""
     v = [x for x in values if x is not None]
-    if not v:
-        return ""
-    if digits == 1:
-        return mean_std(v)
-    a = np.asarray(v, float)
-    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
+    return mean_std(v, digits) if v else ""
 
 
 def table(results: dict[str, list[dict]]) -> str:

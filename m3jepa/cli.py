@@ -145,7 +145,9 @@ def encode(
 
 @stores_app.command("list")
 def stores_list(
-    store_root: Annotated[str, typer.Argument(help="Store root to scan.")] = "stores",
+    store_root: Annotated[
+        str, typer.Argument(help="Store root to scan: a folder or a URL (s3://bucket/prefix).")
+    ] = "stores",
     verbose: Verbose = False,
 ) -> None:
     """List the stores under a root with their row counts and encoders.
@@ -156,11 +158,13 @@ def stores_list(
     from m3jepa.store.cli_views import list_view
 
     with _errors():
-        typer.echo(list_view(Path(store_root)))
+        typer.echo(list_view(store_root))
 
 
 @stores_app.command("inspect")
-def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
+def stores_inspect(
+    path: Annotated[str, typer.Argument(help="A store directory or URL.")], verbose: Verbose = False
+):
     """Print a store's manifest summary.
 
     Example: m3jepa stores inspect stores/tuxpaint/val/image/efficientnet-lite0
@@ -169,12 +173,17 @@ def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory."
     from m3jepa.store.cli_views import inspect_view
 
     with _errors():
-        typer.echo(inspect_view(Path(path)))
+        typer.echo(inspect_view(path))
 
 
 @stores_app.command("verify")
 def stores_verify(
-    path: Annotated[str, typer.Argument(help="A store directory.")],
+    path: Annotated[str, typer.Argument(help="A store directory or URL.")],
+    download: Annotated[
+        bool | None,
+        typer.Option("--download/--listing", help="At a URL: also download and hash every byte (default: "
+                     "check the files against the bucket's listing only). A local store is always hashed."),
+    ] = None,
     dataset: Annotated[
         str | None, typer.Option(help="Also check staleness against this dataset (default: the store's).")
     ] = None,
@@ -196,7 +205,7 @@ def stores_verify(
     from m3jepa.store.verify import verify_store
 
     with _errors():
-        report = verify_store(Path(path))
+        report = verify_store(path, download=download)
         if (dataset or root) and report.ok:  # a corrupt store is not judged against its dataset
             from m3jepa.encode.source import check_source
 

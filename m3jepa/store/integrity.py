@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from m3jepa.location import Entry, Location, StoreURL, listing
 from m3jepa.store.backends import ShardHandle, hash_rows, little_endian, open_shard
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
@@ -20,12 +21,14 @@ from m3jepa.store.manifest import (
     shard_stem,
 )
 
+Listing = dict[str, Entry]  # files under a store at a URL, by path relative to the store
 
-def verify_hint(path: Path) -> str:
+
+def verify_hint(path: Location) -> str:
     return f"run `m3jepa stores verify {path}`"
 
 
-def check_layout(path: Path, m: Manifest) -> None:
+def check_layout(path: Location, m: Manifest) -> None:
     """The manifest's shard list is the planned one and names only the store's own shard files.
 
     A `file` that is absolute or climbs out with `..` would read another store's rows: refused.
@@ -47,14 +50,25 @@ def check_layout(path: Path, m: Manifest) -> None:
             )
 
 
-def shard_problems(path: Path, m: Manifest, info: ShardInfo) -> list[str]:
+def shard_problems(path: Location, m: Manifest, info: ShardInfo, listed: Listing | None = None) -> list[str]:
     """What is wrong with one shard's files, found without reading its data (empty: nothing).
 
     The file exists and opens; its arrays have the manifest's names, shapes and dtypes; every zarr chunk
-    file is present with its full size, and every HDF5 chunk lies inside the file.
+    file is present with its full size, and every HDF5 chunk lies inside the file. At a URL, `listed` (the
+    store's listing) gives the sizes, and a shard that records its files (ShardInfo.files) is checked
+    against the listing alone: every file present with its size and, where the listing reports an MD5
+    (S3's single-part ETag), that MD5. Its metadata files then match what was written byte for byte, so
+    they are not opened.
     """
     file = path / info.file
-    if not file.exists():
+    remote = isinstance(path, StoreURL)
+    if remote and listed is None:
+        listed = listing(path)
+    if remote and info.files:
+        return listed_problems(listed, info)
+    if remote and not any(k == info.file or k.startswith(info.file + "/") for k in listed):
+        return [f"{info.file} is missing"]
+    if not remote and not file.exists():
         return [f"{info.file} is missing"]
     try:
         handle = open_shard(m.format, file)
@@ -63,12 +77,41 @@ def shard_problems(path: Path, m: Manifest, info: ShardInfo) -> list[str]:
     try:
         problems = array_problems(handle.arrays, m, info)
         if not problems:
+            sizes = _sizes(path, listed)
             problems = (_zarr_chunk_problems if m.format == "zarr" else _hdf5_chunk_problems)(
-                file, handle, info
+                info.file, sizes, handle, info
             )
         return problems
     finally:
         handle.close()
+
+
+def listed_problems(listed: Listing, info: ShardInfo) -> list[str]:
+    """A shard's recorded files (ShardInfo.files) against a listing: present, same size, same MD5 where the
+    listing reports one."""
+    problems = []
+    for rel, (size, md5) in (info.files or {}).items():
+        got = listed.get(rel)
+        if got is None:
+            problems.append(f"{rel} is missing")
+        elif got.size != size:
+            problems.append(f"{rel} has {got.size} bytes, {size} were written")
+        elif got.md5 is not None and got.md5 != md5:
+            problems.append(f"{rel} is not the object that was written (its ETag/MD5 {got.md5[:12]}… differs "
+                            f"from the recorded {md5[:12]}…)")
+    return problems
+
+
+def _sizes(path: Location, listed: Listing | None) -> Any:
+    """rel path -> size in bytes, or None when absent: from the listing at a URL, else from stat."""
+    if listed is not None:
+        return lambda rel: listed[rel].size if rel in listed else None
+
+    def local(rel: str) -> int | None:
+        f = Path(path) / rel
+        return f.stat().st_size if f.is_file() else None
+
+    return local
 
 
 def array_problems(arrays: dict[str, Any], m: Manifest, info: ShardInfo) -> list[str]:
@@ -116,7 +159,7 @@ def _rows_of(info: ShardInfo, name: str, lo: int, hi: int) -> str:
     return f"the token rows of rows {info.row_start}-{info.row_end - 1}"  # tokens and offsets span the shard
 
 
-def _zarr_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> list[str]:
+def _zarr_chunk_problems(file: str, sizes: Any, handle: ShardHandle, info: ShardInfo) -> list[str]:
     """Each chunk file of each array exists and has the full chunk's bytes (zarr writes every chunk)."""
     problems = []
     for name, arr in handle.arrays.items():
@@ -125,19 +168,19 @@ def _zarr_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> li
         grid = tuple(-(-n // c) for n, c in zip(arr.shape, chunks, strict=True)) if arr.shape[0] else ()
         for coords in np.ndindex(grid) if grid else ():
             key = arr.metadata.encode_chunk_key(coords)
-            chunk = file / name / key
+            size = sizes(f"{file}/{name}/{key}")
             lo = coords[0] * chunks[0]
             where = f"{info.file}/{name}/{key} ({_rows_of(info, name, lo, lo + chunks[0])})"
-            if not chunk.is_file():
+            if size is None:
                 problems.append(f"chunk {where} is missing")
-            elif chunk.stat().st_size != nbytes:
-                problems.append(f"chunk {where} has {chunk.stat().st_size} bytes, a chunk has {nbytes}")
+            elif size != nbytes:
+                problems.append(f"chunk {where} has {size} bytes, a chunk has {nbytes}")
     return problems
 
 
-def _hdf5_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> list[str]:
+def _hdf5_chunk_problems(file: str, sizes: Any, handle: ShardHandle, info: ShardInfo) -> list[str]:
     """Every chunk of each dataset is allocated and lies inside the file (a truncated file fails here)."""
-    size = file.stat().st_size
+    size = sizes(file) or 0
     problems = []
     for name, ds in handle.arrays.items():
         if not ds.shape[0]:
@@ -165,10 +208,12 @@ def _hdf5_chunk_problems(file: Path, handle: ShardHandle, info: ShardInfo) -> li
     return problems
 
 
-def check_files(path: Path, m: Manifest) -> None:
-    """Every shard's files as `shard_problems` checks them; the first problem is a StoreError."""
+def check_files(path: Location, m: Manifest) -> None:
+    """Every shard's files as `shard_problems` checks them (at a URL from one listing of the store); the
+    first problem is a StoreError."""
+    listed = listing(path) if isinstance(path, StoreURL) else None
     for info in m.shards:
-        problems = shard_problems(path, m, info)
+        problems = shard_problems(path, m, info, listed)
         if problems:
             more = f" (and {len(problems) - 1} more problems in this shard)" if len(problems) > 1 else ""
             raise StoreError(
@@ -177,7 +222,7 @@ def check_files(path: Path, m: Manifest) -> None:
             )
 
 
-def read_features_checked(path: Path, m: Manifest, handle_of: Any) -> np.ndarray:
+def read_features_checked(path: Location, m: Manifest, handle_of: Any) -> np.ndarray:
     """Every row's features in the stored dtype, (rows, D), each shard's sha256 checked on the bytes read.
 
     The checksum covers features, then tokens and offsets (ragged kinds), so those are hashed too; the

@@ -77,6 +77,9 @@ class StoreURL:
     def resolve(self) -> StoreURL:
         return self  # a URL is already absolute
 
+    def is_absolute(self) -> bool:
+        return True
+
     def relative_to(self, other: StoreURL) -> str:
         prefix = other.url.rstrip("/") + "/"
         if not self.url.startswith(prefix):
@@ -142,7 +145,7 @@ class StoreURL:
         with remote_errors(self):
             found = self.fs.glob(f"{self.key}/{pattern}")
         base = self.key.rstrip("/") + "/"
-        return sorted(self / k[len(base) :] for k in found if k.startswith(base))
+        return sorted((self / k[len(base) :] for k in found if k.startswith(base)), key=str)
 
 
 Location = Path | StoreURL

@@ -14,6 +14,7 @@ from m3jepa.core.directions import direction_modalities
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.paired import PairedSplit, modality_store
 from m3jepa.files import atomic_write_text
+from m3jepa.location import location
 from m3jepa.store.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
     """
     path = Path(run_dir) / STORES
     old = read_record(run_dir)
-    record = old or {"store_root": str(Path(cfg.encode.store_root).resolve()), "splits": {}}
+    # a URL is recorded as given (it carries no credentials: they come from the environment)
+    record = old or {"store_root": str(location(cfg.encode.store_root).resolve()), "splits": {}}
     for split, read in _splits(cfg).items():
         now = _split_record(cfg, split, read)
         before = record["splits"].get(split)

@@ -6,11 +6,9 @@ import errno
 import gc
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,12 +29,14 @@ from m3jepa.encode.plan import batch_order
 from m3jepa.encode.reader import Batch, read_batches
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encoders.base import Encoder, EncoderError, EncoderSpec
-from m3jepa.files import atomic_write_text
+from m3jepa.location import Location, location, remove_tree, write_text
 from m3jepa.progress import progress
 from m3jepa.store.manifest import (
     FOLDER_DATASETS,
+    MANIFEST,
     RAGGED_KINDS,
     SHARDS,
+    WRITING,
     Manifest,
     StoreError,
     StoreMismatchError,
@@ -67,7 +67,7 @@ class StoreJob:
     modality: str
     records: list[Record]
     spec: EncoderSpec
-    path: Path
+    path: Location  # a local folder or a StoreURL
     manifest: Manifest
     dropped: list[tuple[str, str]] = field(default_factory=list)  # dataset-level drops (--skip-bad)
     refused: dict[int, str] = field(default_factory=dict)  # row -> reason: rows refused before reading
@@ -341,9 +341,9 @@ def _encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistI
     result = StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows)
     start = time.perf_counter()
     if cfg.force:
-        if ctx.is_main and (job.path / "manifest.json").is_file():
+        if ctx.is_main and any((job.path / name).is_file() for name in (MANIFEST, WRITING)):
             log.info("--force: removing %s to re-encode it", job.path)
-            shutil.rmtree(job.path)
+            remove_tree(job.path)
         ctx.barrier()  # no rank opens the store before it is gone
     with StoreWriter(job.path, job.manifest, rank=ctx.rank, world_size=ctx.world_size) as writer:
         done = writer.done_shards()
@@ -492,10 +492,13 @@ def _write_shard(writer: Any, job: StoreJob, index: int, features: np.ndarray,
         info = writer.write_shard(index, features, np.concatenate(parts), offsets)
     else:
         info = writer.write_shard(index, features)
-    return _disk_bytes(job.path / info.file)
+    return _disk_bytes(job.path, info)
 
 
-def _disk_bytes(path: Path) -> int:
+def _disk_bytes(store: Location, info: Any) -> int:
+    if info.files:  # recorded by the writer: sizes of the files it wrote (local or uploaded)
+        return sum(size for size, _ in info.files.values())
+    path = store / info.file
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -504,21 +507,21 @@ def _disk_bytes(path: Path) -> int:
 # ---------------------------------------------------------------- skip lists (one per shard)
 
 
-def skip_list_path(store: Path, index: int) -> Path:
+def skip_list_path(store: str | Location, index: int) -> Location:
     """`shards/<index>.skipped.json`: the rows of shard `index` that were skipped (only when any were)."""
-    return Path(store) / SHARDS / f"{shard_stem(index)}.skipped.json"
+    return location(store) / SHARDS / f"{shard_stem(index)}.skipped.json"
 
 
-def write_skip_list(store: Path, index: int, skipped: list[dict[str, Any]]) -> None:
+def write_skip_list(store: Location, index: int, skipped: list[dict[str, Any]]) -> None:
     """Record (or clear) shard `index`'s skipped rows; read back by rank 0 when it finalizes."""
     path = skip_list_path(store, index)
     if skipped:
-        atomic_write_text(path, json.dumps(skipped, indent=2, sort_keys=True) + "\n")
+        write_text(path, json.dumps(skipped, indent=2, sort_keys=True) + "\n")
     else:
         path.unlink(missing_ok=True)  # a list from an earlier attempt at this shard must not linger
 
 
-def read_skip_lists(store: Path, num_shards: int) -> list[dict[str, Any]]:
+def read_skip_lists(store: Location, num_shards: int) -> list[dict[str, Any]]:
     """Every shard's skipped rows, in row order: what each rank (in this run or an earlier one) skipped."""
     out: list[dict[str, Any]] = []
     for index in range(num_shards):

@@ -55,9 +55,9 @@ def embed_store(model: Any, source: Path, out: Path, *, force: bool = False) -> 
     src.check_files()
     with StoreWriter(out, manifest) as writer:
         done = writer.done_shards()  # resume: an interrupted embed keeps its committed shards
-        for index, start, end in writer.planned_shards():
+        for index, _, _ in writer.planned_shards():
             if index not in done:
-                writer.write_shard(index, _embed_rows(model, src, modality, dim, start, end))
+                writer.write_shard(index, _embed_rows(model, src, modality, dim, index))
         writer.finalize(rows, src.manifest.skipped,
                         [(d["sample_id"], d["reason"]) for d in src.manifest.dropped])
     log.info("embedded %s (%d rows) into %s", source, src.manifest.rows, out)
@@ -144,9 +144,13 @@ def _manifest(src: Manifest, ref: ModelRef, dim: int) -> Manifest:
     )
 
 
-def _embed_rows(model: Any, src: FeatureStore, modality: str, dim: int, start: int, end: int) -> np.ndarray:
-    """(end - start, cl_dim) float32: the model's gallery embedding of valid rows, zeros for invalid ones."""
-    latents = src.read_range(start, end)  # (n, D_m) float32
+def _embed_rows(model: Any, src: FeatureStore, modality: str, dim: int, index: int) -> np.ndarray:
+    """(n, cl_dim) float32 for the n rows of source shard `index`: the model's gallery embedding of valid
+    rows, zeros for invalid ones. The shard's sha256 is checked on the bytes read (a changed byte, chunks
+    swapped between shards, a shard replaced by a modified copy: refused, naming the shard)."""
+    info = src.manifest.shards[index]
+    start, end = info.row_start, info.row_end
+    latents = src.read_shard_checked(index).astype(np.float32)  # (n, D_m)
     valid = src.rows.valid[start:end]  # (n,) bool
     out = np.zeros((end - start, dim), np.float32)
     if valid.any():

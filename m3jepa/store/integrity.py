@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from m3jepa.location import Entry, Location, StoreURL, listing
-from m3jepa.store.backends import ShardHandle, hash_rows, little_endian, open_shard
+from m3jepa.store.backends import ShardHandle, checksum, hash_rows, little_endian, open_shard
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
     Manifest,
@@ -239,9 +239,70 @@ def read_features_checked(path: Location, m: Manifest, handle_of: Any) -> np.nda
         for name in ("tokens", "offsets"):
             if name in handle:
                 nbytes += hash_rows(h, handle[name])
-        if h.hexdigest() != info.sha256 or nbytes != info.nbytes:
+        _check_digest(path, info, h.hexdigest(), nbytes)
+    return out
+
+
+def _check_digest(path: Location, info: ShardInfo, digest: str, nbytes: int) -> None:
+    if digest != info.sha256 or nbytes != info.nbytes:
+        raise StoreError(
+            f"store {path}: shard {shard_stem(info.index)} (rows {info.row_start}-{info.row_end - 1}) "
+            f"does not match the sha256 in its manifest (its data changed on disk); {verify_hint(path)}, "
+            f"and re-encode it: rerun the `m3jepa encode` command that wrote it with --force"
+        )
+
+
+def read_shard_checked(path: Location, m: Manifest, info: ShardInfo, handle: ShardHandle) -> np.ndarray:
+    """One shard's features in the stored dtype, (n, D), its sha256 checked on the bytes read (the tokens
+    and offsets of ragged kinds are hashed too): a reader that streams a store shard by shard."""
+    h = hashlib.sha256()
+    part = np.ascontiguousarray(handle["features"][:], dtype=np.dtype(m.dtype))  # (n, D)
+    h.update(little_endian(part))
+    nbytes = part.nbytes
+    for name in ("tokens", "offsets"):
+        if name in handle:
+            nbytes += hash_rows(h, handle[name])
+    _check_digest(path, info, h.hexdigest(), nbytes)
+    return part
+
+
+Fingerprint = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) of a local file
+
+
+def verify_shards(path: Location, m: Manifest, handle_of: Any) -> dict[str, Fingerprint]:
+    """Recompute every shard's sha256 from its bytes (a read of the whole store, in bounded memory) and
+    refuse a mismatch; returns the fingerprint of every local shard file it hashed, by path relative to the
+    store, so a reader that reopens a file later can tell it was replaced since (empty at a URL).
+
+    Each shard's files are fingerprinted before and after they are hashed: a file swapped in between is an
+    error too, so the fingerprints always describe the bytes that were hashed."""
+    prints: dict[str, Fingerprint] = {}
+    for info in m.shards:
+        before = _fingerprints(path, info)
+        digest, nbytes = checksum(handle_of(info.index).arrays)
+        _check_digest(path, info, digest, nbytes)
+        after = _fingerprints(path, info)
+        if before != after:
             raise StoreError(
                 f"store {path}: shard {shard_stem(info.index)} (rows {info.row_start}-{info.row_end - 1}) "
-                f"does not match the sha256 in its manifest (its data changed on disk); {verify_hint(path)}"
+                f"changed while it was being verified; {verify_hint(path)}"
             )
+        prints.update(after)
+    return prints
+
+
+def _fingerprints(path: Location, info: ShardInfo) -> dict[str, Fingerprint]:
+    if isinstance(path, StoreURL):
+        return {}
+    out = {}
+    root = Path(path)
+    for rel in info.files or _walk(root / info.file, info.file):
+        st = (root / rel).stat()  # follows links: the file whose bytes a reader gets
+        out[rel] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     return out
+
+
+def _walk(file: Path, rel: str) -> list[str]:
+    if not file.is_dir():
+        return [rel] if file.exists() else []
+    return sorted(f"{rel}/{p.relative_to(file).as_posix()}" for p in file.rglob("*") if p.is_file())

@@ -14,7 +14,15 @@ import numpy as np
 from m3jepa.data.records import membership_fingerprint
 from m3jepa.location import Location, StoreURL, location
 from m3jepa.store.backends import ShardHandle, open_shard
-from m3jepa.store.integrity import check_files, check_layout, read_features_checked, verify_hint
+from m3jepa.store.integrity import (
+    Fingerprint,
+    check_files,
+    check_layout,
+    read_features_checked,
+    read_shard_checked,
+    verify_hint,
+    verify_shards,
+)
 from m3jepa.store.manifest import (
     MANIFEST,
     RAGGED_KINDS,
@@ -122,6 +130,16 @@ class FeatureStore:
         sha256 recomputed over the bytes read (StoreError naming the shard's rows when one differs)."""
         self.check_files()
         return read_features_checked(self.path, self.manifest, self._handle)
+
+    def verify_data(self) -> dict[str, Fingerprint]:
+        """Every shard's sha256 recomputed from its bytes (the whole store read once, in bounded memory),
+        for a reader that then reads rows by offset (the store feed); returns the (dev, inode, size, mtime)
+        of each local shard file hashed, by path relative to the store, to refuse a file replaced later."""
+        return verify_shards(self.path, self.manifest, self._handle)
+
+    def read_shard_checked(self, index: int) -> np.ndarray:
+        """Shard `index`'s features in the stored dtype, (n, D), its sha256 checked on the bytes read."""
+        return read_shard_checked(self.path, self.manifest, self.manifest.shards[index], self._handle(index))
 
     # ------------------------------------------------------------ features
 

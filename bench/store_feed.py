@@ -4,6 +4,7 @@
     python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
+    python -m bench.store_feed --images 4000 --s3-steps 48          # the store feed from S3 vs local disk
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
 out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
@@ -16,6 +17,12 @@ Seconds per step come from the run's own metrics.jsonl (log_every = 1), leaving 
 Separate processes see the shared cores' load at different times, which is noisy (±20% per round
 here). `--paired-steps` therefore also runs the loop's own `_train_step` in ONE process on one model,
 alternating the feed step by step (M S S M ...). A slow patch of the machine then hits both feeds alike.
+
+`--s3-steps N` writes the same stores to moto's S3 server on 127.0.0.1 (bench/s3server.py, a process of
+its own) and runs `_train_step` in one process alternating three store feeds step by step: the local
+store (preads), the bucket with no cache (one `cat_ranges` call of ranged GETs per modality and batch) and
+the bucket through fsspec's file cache (encode.store_cache), each read ahead 2 steps on its thread. It
+also times each feed's verification at open (every shard's sha256, issue #20) and one batch read alone.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ CAPTIONS = 5
 ENCODERS = {m: f"random-{d}" for m, d in PAPER_DIMS.items()}
 
 
-def write_store(root: Path, split: str, modality: str, rows: int, shard_size: int, seed: int) -> Path:
+def write_store(root: Path | str, split: str, modality: str, rows: int, shard_size: int, seed: int):
     """A complete float16 store of random features, written shard by shard (bounded memory)."""
     dim = PAPER_DIMS[modality]
     group = (lambda i: i // CAPTIONS) if modality == "text" else (lambda i: i)  # caption i shows image i // 5
@@ -230,6 +237,117 @@ def read_only(args, root: Path) -> C.Spread:
     return read
 
 
+BLOCK = 4  # steps each feed trains in a row when they alternate (L L L L R R R R C C C C L ...)
+
+
+def s3_vs_local(args, root: Path) -> dict:
+    """The store feed from moto's S3 on 127.0.0.1 (no cache, and through the file cache) against the same
+    stores on local disk: `_train_step` on one model, the feeds alternating in blocks of BLOCK steps, so
+    each block's first batch is read ahead while the block before it trains."""
+    import torch
+
+    from bench.s3server import S3Server
+
+    with S3Server() as s3:
+        os.environ.update(s3.env())
+        s3.make_bucket("bench")
+        remote = "s3://bench/stores"
+        t0 = time.perf_counter()
+        size = write_split(root, "train", args.images, 4096)
+        local_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for modality, rows, seed in (("image", args.images, 1), ("text", CAPTIONS * args.images, 2)):
+            write_store(remote, "train", modality, rows, 4096, seed)
+        upload_s = time.perf_counter() - t0
+        print(f"  train stores {size:.2f} GB: written locally in {local_s:.1f}s, to the bucket in "
+              f"{upload_s:.1f}s")
+        cfgs = {}
+        for name, store_root, store_cache in (("local", str(root), None), ("s3", remote, None),
+                                              ("s3-cached", remote, str(root / "cache"))):
+            cfg = pipeline(root, root / "runs" / "s3", args, args.s3_steps, "store")
+            cfg.encode.store_root, cfg.encode.store_cache = store_root, store_cache
+            cfgs[name] = cfg
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        feeds, opened = {}, {}
+        for name, cfg in cfgs.items():  # opening verifies every shard's sha256 (a read of the whole store)
+            t0 = time.perf_counter()
+            feeds[name] = load_split(cfg, "train", DIRECTIONS, "store")
+            opened[name] = time.perf_counter() - t0
+            print(f"  {name:9s} opened and verified in {opened[name]:.1f}s ({size / opened[name]:.2f} GB/s)")
+        reads = {name: _read_alone(data, args.batch) for name, data in feeds.items()}
+        seconds, misses = _alternate(cfgs["local"], feeds, args.s3_steps)
+    return _s3_summary(size, opened, reads, seconds, misses)
+
+
+def _read_alone(data, batch: int) -> C.Spread:
+    spread = C.Spread()
+    for step in range(10):
+        t0 = time.perf_counter()
+        data.stored_batch(DIRECTIONS[step % 2], batch, 0, 10_000 + step)  # the read-ahead thread's work
+        spread.values.append(time.perf_counter() - t0)
+    return spread
+
+
+def _alternate(cfg: PipelineConfig, feeds: dict, n: int) -> tuple[dict, dict]:
+    """Seconds of each `_train_step`, by feed, the feeds taking BLOCK steps in turn (the first block of
+    each feed left out: warm-up); and each feed's read-ahead misses."""
+    import torch
+
+    from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.device import Runtime
+    from m3jepa.core.objective import Objective
+    from m3jepa.distributed import DistInfo
+    from m3jepa.train.loop import _train_step
+    from m3jepa.train.optim import build_optimizer
+
+    t = cfg.train
+    names = list(feeds)
+    dims = feeds[names[0]].dims()
+    objective = Objective(cfg.model, cfg.loss, dims)
+    runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
+    optimizer = build_optimizer(objective, cfg, runtime)
+    state, info = TrainState(dims=dims, directions=DIRECTIONS), DistInfo()
+    turn = lambda s: names[(s // BLOCK) % len(names)]  # noqa: E731
+
+    def plan(name: str):
+        return lambda s: directions_at(s, t.directions, t.schedule) if turn(s) == name else []
+
+    for name, data in feeds.items():
+        data.readahead = read_ahead(data, plan(name), range(n), t.batch_size, t.seed)
+    seconds = {name: [] for name in names}
+    for step in range(n):
+        t0 = time.perf_counter()
+        _train_step(objective, optimizer, cfg, feeds[turn(step)], state, step, n, info, runtime)
+        if step >= BLOCK * len(names):
+            seconds[turn(step)].append(time.perf_counter() - t0)
+    misses = {name: data.readahead.misses for name, data in feeds.items()}
+    for data in feeds.values():
+        data.close()
+    return seconds, misses
+
+
+def _s3_summary(size: float, opened: dict, reads: dict, seconds: dict, misses: dict) -> dict:
+    out = {"train_store_gb": size, "open_verify_s": opened, "readahead_misses": misses,
+           "read_alone_s": {k: v.to_json() for k, v in reads.items()},
+           "seconds_per_step": {k: C.Spread(v).to_json() for k, v in seconds.items()}}
+    for name, spread in reads.items():
+        print(f"  {name:9s} one batch of both modalities read alone, s: {spread}")
+    base = np.asarray(seconds["local"])
+    print(f"  local     s/step {C.Spread(base.tolist())}")
+    for name in [k for k in seconds if k != "local"]:
+        other = np.asarray(seconds[name])
+        k = min(len(base), len(other)) // BLOCK * BLOCK
+        per_round = C.Spread((base[:k].reshape(-1, BLOCK).mean(1) / other[:k].reshape(-1, BLOCK).mean(1))
+                             .tolist())
+        whole = float(base.mean() / other.mean())
+        out[f"{name}_over_local"] = {"mean": whole, "per_round": per_round.to_json()}
+        print(f"  {name:9s} s/step {C.Spread(other.tolist())}; throughput / local {whole:.3f} (mean over "
+              f"steps), per round {per_round}")
+    print(f"  read-ahead misses {misses}")
+    return out
+
+
 def big_store(args, root: Path) -> dict:
     images = int(args.big_gb * 1e9 / (CAPTIONS * PAPER_DIMS["text"] * 2 + PAPER_DIMS["image"] * 2)) + 1
     t0 = time.perf_counter()
@@ -267,6 +385,7 @@ def main() -> None:
     p.add_argument("--paired-steps", type=int, default=0, help="also alternate both feeds in one process")
     p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
     p.add_argument("--big-steps", type=int, default=20)
+    p.add_argument("--s3-steps", type=int, default=0, help="instead, the store feed from S3 vs local disk")
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = p.parse_args()
     C.setup(args)
@@ -276,6 +395,8 @@ def main() -> None:
     try:
         if args.big_gb:
             record["big"] = big_store(args, root)
+        elif args.s3_steps:
+            record["s3"] = s3_vs_local(args, root)
         else:
             record["side_by_side"] = side_by_side(args, root)
     finally:

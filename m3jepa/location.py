@@ -211,11 +211,14 @@ def filesystem(protocol: str) -> Any:
     import fsspec
 
     try:
-        return fsspec.filesystem(protocol)
+        # No listings cache: other processes (other ranks, other nodes) write to the same prefixes, and a
+        # cached listing would hide their shards from this one (rank 0 checks them all before it finalizes).
+        return fsspec.filesystem(protocol, use_listings_cache=False)
     except ValueError as e:
         raise LocationError(f"{protocol}:// is not a filesystem fsspec knows ({e})") from None
     except ImportError as e:
-        raise LocationError(f"{protocol}:// needs a package that is not installed: {e}") from None
+        extra = " (pip install 'm3jepa[s3]')" if protocol in ("s3", "s3a") else ""
+        raise LocationError(f"{protocol}:// needs a package that is not installed: {e}{extra}") from None
 
 
 def cached_filesystem(protocol: str, cache: str) -> Any:

@@ -285,4 +285,6 @@ def _etag(response: dict[str, Any]) -> str | None:
 
 def _precondition_failed(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}"
-    return any(code in text for code in ("PreconditionFailed", "412", "ConditionalRequestConflict"))
+    # botocore's code, the HTTP status, or s3fs's translation ("At least one of the pre-conditions ...")
+    markers = ("PreconditionFailed", "412", "ConditionalRequestConflict", "pre-conditions you specified")
+    return any(m in text for m in markers)

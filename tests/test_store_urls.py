@@ -1,0 +1,302 @@
+"""Stores at URLs (issue #18 part 3), against a real S3 protocol server: moto's standalone server on
+127.0.0.1 (started once for the session, stopped by PID) with s3fs as the client, configured the way a
+user would (AWS_ENDPOINT_URL and credentials in the environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_stores import DATASET, make_split, overrides, write_store
+
+from bench.s3server import SECRET, S3Server
+from m3jepa.config import ConfigError, EncodeConfig, load_pipeline
+from m3jepa.core.paired import load_split
+from m3jepa.data.records import Record, membership_fingerprint
+from m3jepa.location import LocationError, StoreURL, location
+from m3jepa.store import (
+    IncompleteStoreError,
+    Manifest,
+    StoreError,
+    StoreLockedError,
+    StoreWriter,
+    list_stores,
+    open_store,
+    rows_from_records,
+    store_path,
+    verify_store,
+)
+from m3jepa.store.cli_views import list_view
+from m3jepa.store.lease import LeaseLostError, StoreLease
+
+BUCKET = "m3jepa-test"
+DIRECTIONS = ["image->text", "text->image"]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The moto server, with AWS_ENDPOINT_URL and test credentials in this process's environment (and so
+    in every subprocess's), as a user points s3fs at an S3-compatible endpoint."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    before = {k: os.environ.get(k) for k in S3Server().env()}
+    with S3Server() as server:
+        os.environ.update(server.env())
+        server.make_bucket(BUCKET)
+        try:
+            yield server
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _fs():
+    import fsspec
+
+    return fsspec.filesystem("s3", use_listings_cache=False)
+
+
+def _m3jepa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "m3jepa", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def _objects(prefix: str) -> dict[str, bytes]:
+    """Every object under s3://BUCKET/prefix by key relative to it, with its bytes."""
+    fs = _fs()
+    base = f"{BUCKET}/{prefix}/"
+    return {k[len(base):]: fs.cat_file(k) for k in fs.find(base)}
+
+
+def _manifest(records: list[Record], fmt: str = "zarr", shard_size: int = 8, dim: int = 16) -> Manifest:
+    return Manifest(dataset=DATASET, split="train", modality="image", rows=len(records),
+                    membership=membership_fingerprint(records), encoder="syn-image", encoder_revision="r1",
+                    pooling="none", layers="none", dim=dim, dtype="float32", format=fmt,
+                    shard_size=shard_size)
+
+
+def _records(n: int) -> list[Record]:
+    return [Record(i, f"s{i}", f"g{i}", "image", f"{i}.png") for i in range(n)]
+
+
+# ---------------------------------------------------------------- locations and credentials
+
+
+def test_locations_parse_and_refuse_secrets_without_repeating_them(s3):
+    assert location("stores") == Path("stores") and location("file:///tmp/x") == Path("/tmp/x")
+    url = location(f"s3://{BUCKET}/a/")
+    assert isinstance(url, StoreURL) and str(url / "b" / "c") == f"s3://{BUCKET}/a/b/c"
+    assert (url / "b").parent == url and (url / "b").name == "b"
+    for bad in (f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/x", f"s3://{BUCKET}/x?X-Amz-Signature={SECRET}",
+                f"simplecache::s3://{BUCKET}/x"):
+        with pytest.raises(LocationError) as err:
+            location(bad)
+        assert SECRET not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        EncodeConfig(store_root=f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/x")
+    assert SECRET not in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+    with pytest.raises(LocationError, match="nosuchfs:// is not a filesystem fsspec knows"):
+        location("nosuchfs://bucket/x")
+
+
+def test_a_secret_in_the_url_is_refused_before_anything_is_written(s3, tmp_path):
+    root = f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/x"
+    out = _m3jepa("train-predictor", "--store-root", root, "--run", str(tmp_path / "run"), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert SECRET not in out.stdout + out.stderr
+    assert not any(tmp_path.iterdir())  # no run folder, no config.toml holding the URL
+
+
+# ---------------------------------------------------------------- the commit, the lease
+
+
+def test_a_store_without_its_manifest_is_invisible_until_it_commits(s3):
+    root = location(f"s3://{BUCKET}/invisible")
+    records = _records(20)
+    feats = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    path = store_path(root, DATASET, "train", "image", "syn-image")
+    with StoreWriter(path, _manifest(records)) as w:
+        for index, start, end in w.planned_shards()[:2]:
+            w.write_shard(index, feats[start:end])
+        assert not (path / "manifest.json").is_file() and (path / "writing.json").is_file()
+        assert list_stores(root) == []
+        with pytest.raises(IncompleteStoreError, match=r"incomplete store \(2 of 3 shards committed\)"):
+            open_store(path)
+        w.write_shard(2, feats[16:20])
+        w.finalize(rows_from_records(records), [])
+    assert [str(p) for p, _ in list_stores(root)] == [str(path)]
+    assert not (path / "writing.json").is_file()
+    assert np.array_equal(open_store(path).read_checked(), feats)
+    assert f"{DATASET}  train  image" in list_view(str(root))  # `m3jepa stores list`
+
+
+def test_a_second_writer_is_refused_by_the_lease_and_a_lost_lease_stops_commits(s3):
+    path = location(f"s3://{BUCKET}/lease/store")
+    records = _records(16)
+    with StoreWriter(path, _manifest(records)) as w:
+        with pytest.raises(StoreLockedError, match=rf"{path} is being written by process {os.getpid()} on "):
+            StoreWriter(path, _manifest(records)).open()
+        w.write_shard(0, np.zeros((8, 16), np.float32))
+    # the lease is released: another writer opens at once
+    with StoreWriter(path, _manifest(records)):
+        pass
+
+    # an expired lease is taken over; its old holder finds out at its next renewal and commits no more
+    old = StoreLease(path, 0, ttl=1.0).acquire()
+    old._stop.set()  # (a holder that stalled: no renewals)
+    time.sleep(1.2)
+    new = StoreLease(path, 0, ttl=30.0).acquire()
+    old.renew()
+    with pytest.raises(LeaseLostError, match="lost its lease .lease.rank0 .another writer took it over"):
+        old.check()
+    new.check()
+    new.release()
+    old.release()
+
+
+def test_listing_checks_catch_a_replaced_object_without_a_download(s3, tmp_path):
+    root = location(f"s3://{BUCKET}/listing")
+    records = _records(16)
+    path = write_store(root, "train", "image", records, np.ones((16, 16), np.float32), shard_size=8)
+    assert verify_store(path).ok
+    key = (path / "shards/00001.zarr/features/c/0/0").key
+    fs = _fs()
+    data = bytearray(fs.cat_file(key))
+    data[5] ^= 1
+    fs.pipe_file(key, bytes(data))  # same size, other bytes: its ETag (MD5) changes
+    report = verify_store(path)  # listing only
+    assert report.status == "CORRUPT" and "not downloaded" in report.text()
+    assert "shards/00001.zarr/features/c/0/0 is not the object that was written" in report.text()
+    report = verify_store(path, download=True)  # `m3jepa stores verify URL --download`
+    assert report.status == "CORRUPT" and "every shard downloaded" in report.text()
+    replaced = "shards/00001.zarr/features/c/0/0 is not the object that was written"
+    with pytest.raises(StoreError, match=replaced):
+        open_store(path).read_checked()  # what the memory feed and evaluate call
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_the_store_feed_from_the_bucket_gives_the_local_batches(s3, tmp_path, fmt):
+    """Ranged GETs (no cache; zarr) or HDF5 through a remote file object, and fsspec's file cache: exactly
+    the local store's batches."""
+    local, remote = tmp_path / "local", f"s3://{BUCKET}/feed-{fmt}"
+    for root in (local, remote):
+        make_split(location(root), "train", 40, fmt=fmt)
+    cache = tmp_path / "cache"
+    cfgs = {"local": load_pipeline(None, overrides(local, tmp_path / "run")),
+            "ranged": load_pipeline(None, overrides(remote, tmp_path / "run")),
+            "cached": load_pipeline(None, overrides(remote, tmp_path / "run",
+                                                    **{"encode.store_cache": str(cache)}))}
+    splits = {k: load_split(c, "train", DIRECTIONS, feed="store") for k, c in cfgs.items()}
+    for step in range(3):
+        want = splits["local"].batch("image->text", 16, 0, step)
+        for k in ("ranged", "cached"):
+            got = splits[k].batch("image->text", 16, 0, step)
+            assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(want, got, strict=True)), k
+    for s in splits.values():
+        s.close()
+    assert any(cache.rglob("*"))  # the cached feed read local copies
+
+
+# ---------------------------------------------------------------- stage 1 to 3 with the stores only in S3
+
+SMALL = {"model.dim": 64, "model.hidden": 128, "model.num_experts": 4, "model.top_k": 2, "model.cl_dim": 32,
+         "train.batch_size": 16, "train.max_steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
+         "train.num_threads": 1, "runtime.device": "cpu"}
+
+
+def _sets(**extra: object) -> list[str]:
+    out = []
+    for k, v in {**SMALL, **extra}.items():
+        out += ["--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}"]
+    return out
+
+
+@pytest.mark.slow
+def test_encode_train_evaluate_index_with_the_stores_only_in_the_bucket(s3, tmp_path, tuxpaint_root):
+    root = f"s3://{BUCKET}/e2e"
+    outputs = []
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out = _m3jepa(*args, cwd=tmp_path)
+        outputs.append(out.stdout + out.stderr)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    run("encode", "--dataset", "tuxpaint", "--limit", "24", "--split", "train,val,test", "--store-root", root,
+        "--shard-size", "16", "--workers", "1")
+    listed = run("stores", "list", root).stdout
+    assert listed.count("tuxpaint") == 6 and " NO " not in listed
+    store = f"{root}/tuxpaint/test/image/efficientnet-lite0"
+    assert "OK" in run("stores", "verify", store).stdout
+
+    cache = tmp_path / "cache"
+    run("train-predictor", "--store-root", root, "--run", "runs/mem", *_sets(**{"train.feed": "memory"}))
+    run("train-predictor", "--store-root", root, "--run", "runs/store",
+        *_sets(**{"train.feed": "store", "encode.store_cache": str(cache)}))
+    losses = {r: [json.loads(x).get("loss") for x in (tmp_path / "runs" / r / "metrics.jsonl").open()]
+              for r in ("mem", "store")}
+    assert losses["mem"] == losses["store"] and any(v is not None for v in losses["mem"])  # bit-identical
+    recorded = json.loads((tmp_path / "runs/mem/stores.json").read_text())
+    assert recorded["store_root"] == root
+    assert recorded["splits"]["train"]["stores"]["image"]["store"] == f"{root}/tuxpaint/train/image/" \
+        "efficientnet-lite0"
+    run("evaluate", "--run", "runs/mem")
+    assert "R@1" in json.dumps(json.loads((tmp_path / "runs/mem/metrics.json").read_text()))
+    run("index", "--run", "runs/mem", "--split", "test", "--modality", "image", "--device", "cpu")
+
+    assert not (tmp_path / "stores").exists()  # no local store root: the stores are only in the bucket
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]
+    assert any(cache.rglob("*"))
+    # the credentials were used, and are nowhere: not printed, not in any file written here or in the bucket
+    written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(SECRET.encode() in b for b in written)
+    assert not any(SECRET in o for o in outputs)
+    assert not any(SECRET.encode() in b for b in _objects("e2e").values())
+
+
+def _encode_args(root: str) -> list[str]:
+    return ["encode", "--dataset", "tuxpaint", "--limit", "40", "--split", "train", "--modality", "image",
+            "--store-root", root, "--shard-size", "8", "--workers", "1"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_encode_to_the_bucket_resumes_byte_identical(s3, tuxpaint_root):
+    killed = f"s3://{BUCKET}/killed"
+    store = store_path(killed, "tuxpaint", "train", "image", "efficientnet-lite0")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", *_encode_args(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    fs = _fs()
+    try:
+        deadline = time.monotonic() + 240
+        while not fs.exists((store / "shards/00000.json").key):  # the first shard committed
+            assert proc.poll() is None, "the encode finished or failed before it could be killed"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the encoder and its DataLoader worker
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not fs.exists((store / "manifest.json").key) and fs.exists((store / ".lease.rank0").key)
+    assert list_stores(killed) == []
+
+    resumed = _m3jepa(*_encode_args(killed))  # the dead holder's lease (this machine) is taken over at once
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already written; resuming" in resumed.stderr
+    fresh = _m3jepa(*_encode_args(f"s3://{BUCKET}/clean"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    a, b = _objects("killed"), _objects("clean")
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)  # byte-identical objects
+    assert not any(".lease" in k or "writing.json" in k for k in a)
+    assert "OK" in _m3jepa("stores", "verify", str(store), "--download").stdout

@@ -133,6 +133,10 @@ def load_modality(cfg: PipelineConfig, split: str, modality: str, feed: str = "m
     m = store.manifest
     features, reader = None, None
     if feed == "store":
+        if isinstance(path, StoreURL) and path.cache is None:
+            log.warning("train.feed=store from %s without encode.store_cache: every batch costs a ranged GET "
+                        "per row (docs/benchmarks.md §3); set encode.store_cache to a local folder to read "
+                        "the bucket once", path)
         reader = RowReader(store)
     else:
         features = _read_checked(store)

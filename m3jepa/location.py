@@ -244,6 +244,8 @@ def remote_errors(where: StoreURL | str) -> Iterator[None]:
     except MemoryError:
         raise
     except Exception as e:  # s3fs/botocore/aiohttp raise many types; all mean "the backend said no"
+        if type(e).__module__.startswith("m3jepa."):
+            raise  # m3jepa's own one-line errors, raised inside the block
         raise LocationError(
             f"{where}: {type(e).__name__}: {_one_line(e)}; check the URL, that the bucket exists, the "
             "endpoint (AWS_ENDPOINT_URL for an S3-compatible server) and the credentials in the environment"

@@ -4,7 +4,6 @@ step never waits on I/O (train.feed). Every store is verified once, by its check
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -19,6 +18,7 @@ from m3jepa.core.errors import StoreDataError
 from m3jepa.core.order import batch_indices
 from m3jepa.location import StoreURL, remote_errors
 from m3jepa.prefetch import Prefetcher
+from m3jepa.store.backends import raw_layout
 from m3jepa.store.integrity import Fingerprint
 from m3jepa.store.reader import FeatureStore
 
@@ -51,7 +51,7 @@ class RawRows:
         self.shard_size = m.shard_size
         self.store_path = store.path
         self._dirs = [store.path / "shards" / f"{s.index:05d}.zarr" / "features" for s in m.shards]
-        self._chunk_rows = [_layout(d)[0] for d in self._dirs]
+        self._chunk_rows = [raw_layout(d)[0] for d in self._dirs]
         self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU of MAX_OPEN_CHUNKS
         self._files: dict[tuple[int, int], object] = {}  # cached remote chunk files behind the fds
         self._ranged = isinstance(store.path, StoreURL) and store.path.cache is None
@@ -63,7 +63,7 @@ class RawRows:
         if m.format != "zarr" or m.kind != "pooled" or not m.shards:
             return False
         try:
-            _layout(store.path / "shards" / f"{m.shards[0].index:05d}.zarr" / "features")
+            raw_layout(store.path / "shards" / f"{m.shards[0].index:05d}.zarr" / "features")
         except (OSError, ValueError, KeyError):
             return False
         return True
@@ -168,25 +168,6 @@ class RawRows:
     def close(self) -> None:
         while self._fds:
             self._close(*self._fds.popitem())
-
-
-def _layout(array_dir) -> tuple[int, int]:
-    """(chunk rows, dim) of a features array, if it has exactly the raw layout RawRows reads."""
-    meta = json.loads((array_dir / "zarr.json").read_bytes())
-    codecs = meta["codecs"]
-    ok = (
-        meta["zarr_format"] == 3
-        and meta["chunk_grid"]["name"] == "regular"
-        and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-        and len(codecs) == 1
-        and codecs[0]["name"] == "bytes"
-        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-        and not meta.get("storage_transformers")
-    )
-    rows, dim = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    if not ok or dim != meta["shape"][1]:
-        raise ValueError(f"{array_dir}: not a raw row-chunked zarr v3 array")
-    return rows, dim
 
 
 class RowReader:

@@ -4,6 +4,7 @@ checksum it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -137,6 +138,28 @@ def write_zarr(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         )
         if data.shape[0]:
             arr[...] = data
+
+
+def raw_layout(array_dir: Location) -> tuple[int, int]:
+    """(chunk rows, dim) of a 2-d zarr array written as m3jepa writes it (zarr v3, regular row chunks of full
+    width, one little-endian `bytes` codec, "/" chunk keys, no compression): chunk k of it is then the file
+    `c/k/0`, holding rows [k * chunk rows, (k + 1) * chunk rows) as raw C-order bytes (the last padded with
+    zeros). ValueError (or KeyError/OSError) for any other layout."""
+    meta = json.loads((array_dir / "zarr.json").read_bytes())
+    codecs = meta["codecs"]
+    ok = (
+        meta["zarr_format"] == 3
+        and meta["chunk_grid"]["name"] == "regular"
+        and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+        and len(codecs) == 1
+        and codecs[0]["name"] == "bytes"
+        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+        and not meta.get("storage_transformers")
+    )
+    rows, dim = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if not ok or dim != meta["shape"][1]:
+        raise ValueError(f"{array_dir}: not a raw row-chunked zarr v3 array")
+    return rows, dim
 
 
 def open_zarr(path: Location) -> ShardHandle:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from m3jepa.location import Entry, Location, StoreURL, listing
-from m3jepa.store.backends import ShardHandle, checksum, hash_rows, little_endian, open_shard
+from m3jepa.store.backends import ShardHandle, checksum, hash_rows, little_endian, open_shard, raw_layout
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
     Manifest,
@@ -279,7 +279,7 @@ def verify_shards(path: Location, m: Manifest, handle_of: Any) -> dict[str, Fing
     prints: dict[str, Fingerprint] = {}
     for info in m.shards:
         before = _fingerprints(path, info)
-        digest, nbytes = checksum(handle_of(info.index).arrays)
+        digest, nbytes = _raw_digest(path, m, info) or checksum(handle_of(info.index).arrays)
         _check_digest(path, info, digest, nbytes)
         after = _fingerprints(path, info)
         if before != after:
@@ -289,6 +289,38 @@ def verify_shards(path: Location, m: Manifest, handle_of: Any) -> dict[str, Fing
             )
         prints.update(after)
     return prints
+
+
+def _raw_digest(path: Location, m: Manifest, info: ShardInfo) -> tuple[str, int] | None:
+    """The shard's (sha256, bytes) straight from its chunk files, for a local pooled zarr shard in the raw
+    layout (backends.raw_layout): the features' C-order bytes are the chunk files' bytes in order, the last
+    cut to the shard's rows. None when that does not apply (then the arrays are read through zarr).
+
+    Measured with `python -m bench.store_feed` (its `verify_s`: this path against the arrays read through
+    zarr, docs/benchmarks.md §3): about 3x faster on the paper's float16 dims."""
+    if isinstance(path, StoreURL) or m.format != "zarr" or m.kind != "pooled":
+        return None
+    array = Path(path) / info.file / "features"
+    try:
+        chunk_rows, dim = raw_layout(array)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if dim != m.dim:
+        return None
+    row_bytes = dim * np.dtype(m.dtype).itemsize
+    h, nbytes = hashlib.sha256(), 0
+    for k in range(-(-info.rows // chunk_rows)):
+        want = min(chunk_rows, info.rows - k * chunk_rows) * row_bytes
+        try:
+            with open(array / "c" / str(k) / "0", "rb") as f:
+                data = f.read(want)
+        except OSError:
+            return None  # check_files names what is missing
+        if len(data) != want:
+            return None
+        h.update(data)
+        nbytes += want
+    return h.hexdigest(), nbytes
 
 
 def _fingerprints(path: Location, info: ShardInfo) -> dict[str, Fingerprint]:

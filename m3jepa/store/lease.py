@@ -186,12 +186,13 @@ class StoreLease:
             return True
 
     def _held_message(self, body: dict[str, Any]) -> str:
-        left = ""
+        left, ttl = "", self.ttl
         with contextlib.suppress(KeyError, TypeError, ValueError):
             left = f", for {max(0.0, float(body['expires']) - time.time()):.0f} s more unless it renews it"
+            ttl = float(body["ttl"])
         return (f"{self.store} is being written by {_holder(body)} (it holds the lease {self.url.name}"
                 f"{left}); wait for it to finish or stop it; a lease whose writer died frees itself when it "
-                f"expires (at most {self.ttl:.0f} s), at once for a process of this machine")
+                f"expires (at most {ttl:.0f} s), at once for a process of this machine")
 
     def _read(self) -> _Seen | None:
         fs = self.url.fs
@@ -216,9 +217,12 @@ class StoreLease:
                     self._etag = _etag(fs.call_s3("put_object", **_s3_key(fs, self.url), Body=data,
                                                   IfNoneMatch="*"))
                 else:
-                    fs.pipe_file(self.url.key, data, mode="create")
+                    _create_plain(fs, self.url.key, data)
             except FileExistsError:  # s3fs maps 412 Precondition Failed here
                 return False
+            except FileNotFoundError:
+                raise StoreError(f"{self.store}: the bucket does not exist (or is not visible with these "
+                                 "credentials); create it, or fix the URL") from None
             except Exception as e:
                 if _precondition_failed(e):
                     return False
@@ -247,6 +251,16 @@ class StoreLease:
             fs.pipe_file(self.url.key, data)
             back = self._read()
             return back is not None and back.body.get("nonce") == self._nonce
+
+
+def _create_plain(fs: Any, key: str, data: bytes) -> None:
+    """An exclusive create where the backend has one (fsspec's mode="create"), else check-then-write."""
+    try:
+        fs.pipe_file(key, data, mode="create")
+    except TypeError:  # a backend whose pipe_file takes no mode
+        if fs.exists(key):
+            raise FileExistsError(key) from None
+        fs.pipe_file(key, data)
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -121,7 +121,8 @@ def _remote_note(m: Manifest, listed: Listing, download: bool) -> str:
         what = (f"{len(files)} shard files checked against the bucket's listing: present at their recorded "
                 f"sizes, {by_md5} of them also by MD5 (their ETag)")
         if by_md5 < len(files):
-            what += "; the others' ETags are not MD5s (multipart or KMS uploads): size only"
+            what += ("; the listing reports no MD5 for the others (a multipart or SSE-KMS upload's ETag is "
+                     "none, and some backends list none): size only")
     else:
         what = ("the shards record no file MD5s (written before m3jepa recorded them): their chunk files "
                 "were checked by size from the listing")

@@ -4,7 +4,7 @@
     python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
-    python -m bench.store_feed --images 4000 --s3-steps 48          # the store feed from S3 vs local disk
+    python -m bench.store_feed --images 4000 --s3-steps 18          # the store feed from S3 vs local disk
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
 out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
@@ -238,7 +238,7 @@ def read_only(args, root: Path) -> C.Spread:
     return read
 
 
-BLOCK = 4  # steps each feed trains in a row when they alternate (L L L L R R R R C C C C L ...)
+BLOCK = 2  # steps each feed trains in a row when they alternate (L L R R C C L L ...)
 
 
 def s3_vs_local(args, root: Path) -> dict:
@@ -276,7 +276,10 @@ def s3_vs_local(args, root: Path) -> dict:
             feeds[name] = load_split(cfg, "train", DIRECTIONS, "store")
             opened[name] = time.perf_counter() - t0
             print(f"  {name:9s} opened and verified in {opened[name]:.1f}s ({size / opened[name]:.2f} GB/s)")
-        reads = {name: _read_alone(data, args.batch) for name, data in feeds.items()}
+        reads = {}
+        for name, data in feeds.items():
+            reads[name] = _read_alone(data, args.batch)
+            print(f"  {name:9s} one batch of both modalities read alone, s: {reads[name]}", flush=True)
         seconds, misses = _alternate(cfgs["local"], feeds, args.s3_steps)
     return _s3_summary(size, opened, reads, seconds, misses)
 
@@ -320,8 +323,10 @@ def _alternate(cfg: PipelineConfig, feeds: dict, n: int) -> tuple[dict, dict]:
     for step in range(n):
         t0 = time.perf_counter()
         _train_step(objective, optimizer, cfg, feeds[turn(step)], state, step, n, info, runtime)
+        took = time.perf_counter() - t0
+        print(f"    step {step:3d} {turn(step):9s} {took:.3f}s", flush=True)
         if step >= BLOCK * len(names):
-            seconds[turn(step)].append(time.perf_counter() - t0)
+            seconds[turn(step)].append(took)
     misses = {name: data.readahead.misses for name, data in feeds.items()}
     for data in feeds.values():
         data.close()
@@ -332,8 +337,6 @@ def _s3_summary(size: float, opened: dict, reads: dict, seconds: dict, misses: d
     out = {"train_store_gb": size, "open_verify_s": opened, "readahead_misses": misses,
            "read_alone_s": {k: v.to_json() for k, v in reads.items()},
            "seconds_per_step": {k: C.Spread(v).to_json() for k, v in seconds.items()}}
-    for name, spread in reads.items():
-        print(f"  {name:9s} one batch of both modalities read alone, s: {spread}")
     base = np.asarray(seconds["local"])
     print(f"  local     s/step {C.Spread(base.tolist())}")
     for name in [k for k in seconds if k != "local"]:

@@ -10,6 +10,7 @@ logs or writes holds them (docs/feature-store.md, "Stores at URLs").
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -225,12 +226,42 @@ def cached_filesystem(protocol: str, cache: str) -> Any:
     """fsspec's whole-file cache in front of `protocol`, in folder `cache`: each object read is downloaded
     once and read locally after; `check_files` re-validates a copy against the object's ETag on each open,
     so an object rewritten in the bucket (a re-encode) is fetched again, never served stale."""
-    import fsspec
+    folder = Path(cache).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = (protocol, str(folder))
+    if key not in _CACHES:
+        cls = _locked_file_cache()
+        _CACHES[key] = cls(fs=filesystem(protocol), cache_storage=str(folder), check_files=True)
+    return _CACHES[key]
 
-    Path(cache).expanduser().mkdir(parents=True, exist_ok=True)
-    return fsspec.filesystem(
-        "filecache", fs=filesystem(protocol), cache_storage=str(Path(cache).expanduser()), check_files=True
-    )
+
+_CACHES: dict[tuple[str, str], Any] = {}
+
+
+@functools.cache
+def _locked_file_cache() -> type:
+    """fsspec's WholeFileCacheFileSystem with every open under an flock on `<cache>/.m3jepa-cache.lock`.
+
+    Its metadata (which objects are cached, under which ETag) is one dict saved to a file per folder, and
+    concurrent opens race on it: zarr reads chunks on several threads, and two of them lost each other's
+    entry (fsspec 2026.9: `_check_file` returned False right after a download, a TypeError in `_open`). An
+    flock orders the opens of every thread and every process sharing the folder; reads of cached files
+    run unlocked."""
+    import fcntl
+
+    from fsspec.implementations.cached import WholeFileCacheFileSystem
+
+    class LockedFileCache(WholeFileCacheFileSystem):
+        def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+            lock = Path(self.storage[-1]) / ".m3jepa-cache.lock"
+            with open(lock, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    return super()._open(path, mode, **kwargs)
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    return LockedFileCache
 
 
 @contextlib.contextmanager

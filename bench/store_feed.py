@@ -4,7 +4,7 @@
     python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
-    python -m bench.store_feed --images 4000 --s3-steps 18          # the store feed from S3 vs local disk
+    python -m bench.store_feed --images 4000 --s3-steps 54          # the store feed from S3 vs local disk
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
 out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
@@ -12,17 +12,19 @@ paper's predictor (bf16, B = 128). The two contenders differ only in train.feed:
   memory  the train split is read into a float16 tensor, and its rows are indexed per step
   store   each batch's rows are pread from the stores' chunk files, 2 steps ahead on a thread
 Seconds per step come from the run's own metrics.jsonl (log_every = 1), leaving out the first step
-(warm-up). Peak RSS is the training process's (ru_maxrss from wait4).
+(warm-up). Peak RSS is the training process's (ru_maxrss from wait4). `--precision fp32` trains in float32
+instead of bf16 (for a CPU whose bf16 matmuls have no fast kernel).
 
 Separate processes see the shared cores' load at different times, which is noisy (±20% per round
 here). `--paired-steps` therefore also runs the loop's own `_train_step` in ONE process on one model,
 alternating the feed step by step (M S S M ...). A slow patch of the machine then hits both feeds alike.
 
 `--s3-steps N` writes the same stores to moto's S3 server on 127.0.0.1 (bench/s3server.py, a process of
-its own) and runs `_train_step` in one process alternating three store feeds step by step: the local
-store (preads), the bucket with no cache (one `cat_ranges` call of ranged GETs per modality and batch) and
-the bucket through fsspec's file cache (encode.store_cache), each read ahead 2 steps on its thread. It
-also times each feed's verification at open (every shard's sha256, issue #20) and one batch read alone.
+its own) and runs `_train_step` on one model in one process, three store feeds taking turns in blocks of
+BLOCK steps: the local store (preads), the bucket with no cache (one `cat_ranges` call of ranged GETs per
+modality and batch) and the bucket through fsspec's file cache (encode.store_cache). Each block starts its
+own read-ahead (2 steps ahead on a thread, as in a run) and its first step is left out. It also times each
+feed's opening (every shard's sha256 verified, issue #20) and one batch read alone.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def write_split(root: Path, split: str, images: int, shard_size: int) -> float:
 
 def pipeline(root: Path, run: Path, args, steps: int, feed: str) -> PipelineConfig:
     """The paper's predictor on the bench stores; one validation and one checkpoint, at the last step."""
-    cfg = C.pipeline(paper_preset(), args.batch, bf16=True, directions=DIRECTIONS)
+    cfg = C.pipeline(paper_preset(), args.batch, bf16=args.precision == "bf16", directions=DIRECTIONS)
     cfg.encode.dataset, cfg.encode.store_root = DATASET, str(root)
     cfg.encode.image_encoder, cfg.encode.text_encoder = ENCODERS["image"], ENCODERS["text"]
     cfg.run_dir = str(run)
@@ -238,13 +240,13 @@ def read_only(args, root: Path) -> C.Spread:
     return read
 
 
-BLOCK = 2  # steps each feed trains in a row when they alternate (L L R R C C L L ...)
+BLOCK = 6  # steps each feed trains in a row, its read-ahead running as in a run of its own (L R C L R C ...)
 
 
 def s3_vs_local(args, root: Path) -> dict:
     """The store feed from moto's S3 on 127.0.0.1 (no cache, and through the file cache) against the same
-    stores on local disk: `_train_step` on one model, the feeds alternating in blocks of BLOCK steps, so
-    each block's first batch is read ahead while the block before it trains."""
+    stores on local disk: `_train_step` on one model, the feeds taking turns in blocks of BLOCK steps, each
+    block with its own read-ahead (2 steps ahead, as in a run), its first step (a cold read) left out."""
     import torch
 
     from bench.s3server import S3Server
@@ -294,8 +296,9 @@ def _read_alone(data, batch: int) -> C.Spread:
 
 
 def _alternate(cfg: PipelineConfig, feeds: dict, n: int) -> tuple[dict, dict]:
-    """Seconds of each `_train_step`, by feed, the feeds taking BLOCK steps in turn (the first block of
-    each feed left out: warm-up); and each feed's read-ahead misses."""
+    """Seconds of each `_train_step`, by feed, the feeds taking BLOCK steps in turn until `n` steps are
+    done (the first step of each block left out: the read-ahead starts with the block); and each feed's
+    read-ahead misses."""
     import torch
 
     from m3jepa.core.checkpoint import TrainState
@@ -312,22 +315,24 @@ def _alternate(cfg: PipelineConfig, feeds: dict, n: int) -> tuple[dict, dict]:
     runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
     optimizer = build_optimizer(objective, cfg, runtime)
     state, info = TrainState(dims=dims, directions=DIRECTIONS), DistInfo()
-    turn = lambda s: names[(s // BLOCK) % len(names)]  # noqa: E731
-
-    def plan(name: str):
-        return lambda s: directions_at(s, t.directions, t.schedule) if turn(s) == name else []
-
-    for name, data in feeds.items():
-        data.readahead = read_ahead(data, plan(name), range(n), t.batch_size, t.seed)
     seconds = {name: [] for name in names}
-    for step in range(n):
-        t0 = time.perf_counter()
-        _train_step(objective, optimizer, cfg, feeds[turn(step)], state, step, n, info, runtime)
-        took = time.perf_counter() - t0
-        print(f"    step {step:3d} {turn(step):9s} {took:.3f}s", flush=True)
-        if step >= BLOCK * len(names):
-            seconds[turn(step)].append(took)
-    misses = {name: data.readahead.misses for name, data in feeds.items()}
+    misses = dict.fromkeys(names, 0)
+    plan = lambda s: directions_at(s, t.directions, t.schedule)  # noqa: E731
+    for start in range(0, n, BLOCK):
+        name = names[(start // BLOCK) % len(names)]
+        data = feeds[name]
+        block = range(start, min(start + BLOCK, n))
+        data.readahead = read_ahead(data, plan, block, t.batch_size, t.seed)
+        for step in block:
+            t0 = time.perf_counter()
+            _train_step(objective, optimizer, cfg, data, state, step, n, info, runtime)
+            took = time.perf_counter() - t0
+            print(f"    step {step:3d} {name:9s} {took:.3f}s", flush=True)
+            if step > block.start:
+                seconds[name].append(took)
+        misses[name] += data.readahead.misses
+        data.readahead.close()
+        data.readahead = None
     for data in feeds.values():
         data.close()
     return seconds, misses
@@ -341,9 +346,10 @@ def _s3_summary(size: float, opened: dict, reads: dict, seconds: dict, misses: d
     print(f"  local     s/step {C.Spread(base.tolist())}")
     for name in [k for k in seconds if k != "local"]:
         other = np.asarray(seconds[name])
-        k = min(len(base), len(other)) // BLOCK * BLOCK
-        per_round = C.Spread((base[:k].reshape(-1, BLOCK).mean(1) / other[:k].reshape(-1, BLOCK).mean(1))
-                             .tolist())
+        per = BLOCK - 1  # timed steps of a block
+        k = min(len(base), len(other)) // per * per
+        rounds = base[:k].reshape(-1, per).mean(1) / other[:k].reshape(-1, per).mean(1)
+        per_round = C.Spread(rounds.tolist())
         whole = float(base.mean() / other.mean())
         out[f"{name}_over_local"] = {"mean": whole, "per_round": per_round.to_json()}
         print(f"  {name:9s} s/step {C.Spread(other.tolist())}; throughput / local {whole:.3f} (mean over "
@@ -421,6 +427,7 @@ def main() -> None:
     p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
     p.add_argument("--big-steps", type=int, default=20)
     p.add_argument("--s3-steps", type=int, default=0, help="instead, the store feed from S3 vs local disk")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="runtime.precision")
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = p.parse_args()
     C.setup(args)

@@ -49,7 +49,9 @@ def run_all(cfg: PipelineConfig, workdir: Path | None = None) -> str:
     summary = run_encode(cfg.encode)
     log.info("stage 1 done:\n%s", summary.table())
     run_dir = run_dir_of(cfg)
-    resume = (run_dir / "checkpoints" / "latest").exists()
+    from m3jepa.core.layout import RunDir
+
+    resume = RunDir(run_dir).latest.exists()
     if resume:
         log.info("run %s exists: resuming it (it finishes at once if it is complete)", run_dir)
     result = train(cfg, resume=resume)

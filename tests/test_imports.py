@@ -29,7 +29,8 @@ LAYERS: dict[str, int] = {
     "eval": 6,
     "train": 7,
     "runner": 8,
-    "api": 8,  # m3jepa.load: the model object over core, eval and (lazily) encoders and lora
+    "api": 6,  # m3jepa.load: the model object over core (its loader) and (lazily) encoders and lora; beside
+    # eval, so neither imports the other
     "search": 9,  # embed / index / search over a loaded model
     "serve": 10,  # the HTTP service and its page, over search
     "cli": 11,

@@ -16,14 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from m3jepa.config import PipelineConfig, dump_toml, load_pipeline
+from m3jepa.core.layout import CHECKSUMS, CONFIG, OPTIMIZER, STATE, WEIGHTS
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-STATE = "state.json"
-CONFIG = "config.toml"
-OPTIMIZER = "optimizer.pt"
-CHECKSUMS = "checksums.json"  # sha256 and size of every other file in the checkpoint directory
+# a checkpoint directory's files (their names are core/layout.py's): WEIGHTS, STATE, CONFIG, OPTIMIZER,
+# and CHECKSUMS, the sha256 and size of every other file in it
+__all__ = ["CHECKSUMS", "CONFIG", "OPTIMIZER", "STATE", "WEIGHTS", "Checkpoint", "CheckpointError",
+           "TrainState", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from m3jepa.core.layout import PROVENANCE as FILE
 from m3jepa.files import atomic_write_text
 
-FILE = "provenance.json"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # A session still running (or killed) rewrites its times at most this often, so a kill loses little.
 UPDATE_EVERY_S = 30.0

@@ -6,9 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from m3jepa.core.layout import RunDir
 from m3jepa.store.lock import StoreLock, StoreLockedError
-
-LOCK = ".lock"
 
 
 class RunLockedError(ValueError):
@@ -17,7 +16,7 @@ class RunLockedError(ValueError):
     def __init__(self, run_dir: Path, pid: int | None):
         holder = f"process {pid}" if pid is not None else "another process"
         super().__init__(
-            f"run {run_dir} is being written by {holder} (it holds {run_dir / LOCK}); wait for it to "
+            f"run {run_dir} is being written by {holder} (it holds {RunDir(run_dir).lock}); wait for it to "
             "finish or stop it, or choose another --run; the lock frees itself when that process exits, "
             "even if it is killed"
         )
@@ -32,7 +31,7 @@ class RunLock(StoreLock):
     def __init__(self, run_dir: Path):
         super().__init__(run_dir)
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK
+        self.path = RunDir(self.run_dir).lock
 
     def acquire(self) -> RunLock:
         try:

@@ -12,13 +12,13 @@ from m3jepa.config import PipelineConfig
 from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.directions import direction_modalities
 from m3jepa.core.errors import StoreDataError
+from m3jepa.core.layout import STORES, RunDir
 from m3jepa.core.paired import PairedSplit, modality_store
 from m3jepa.files import atomic_write_text
 from m3jepa.store.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
-STORES = "stores.json"
 
 
 def start_run(cfg: PipelineConfig, run_dir: Path, train_data: PairedSplit, is_main: bool) -> None:
@@ -71,7 +71,7 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
 
     A split whose stores did not exist when it was recorded is recorded when they first do.
     """
-    path = Path(run_dir) / STORES
+    path = RunDir(run_dir).stores
     old = read_record(run_dir)
     record = old or {"store_root": str(Path(cfg.encode.store_root).resolve()), "splits": {}}
     for split, read in _splits(cfg).items():
@@ -87,7 +87,7 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's `stores.json`, or None for a run trained before m3jepa recorded its stores."""
-    path = Path(run_dir) / STORES
+    path = RunDir(run_dir).stores
     if not path.is_file():
         return None
     try:

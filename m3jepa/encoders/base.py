@@ -26,6 +26,10 @@ class EncoderSpec:
     revision: str  # a content hash or version of the weights
     layers: str  # which layers feed the latent, e.g. "last", "last2-mean"
     factory: Callable[[torch.device, torch.dtype], Encoder]
+    # its layer stack (a key of encoders.layers.STACKS), which is also its LoRA target family (a key of
+    # lora.tunable.FAMILY_TARGETS): efficientnet | dinov2 | bert | llama; None: no layer stack (audio,
+    # labels). The registry's table sets it (encoders/registry.py).
+    stack: str | None = None
 
 
 @dataclass

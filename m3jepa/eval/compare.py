@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from m3jepa.core.layout import RunDir
 from m3jepa.eval.report import flatten
 
 # The run's own path always differs between runs; it heads the run's column instead.
@@ -20,7 +21,7 @@ MISSING = "—"
 
 def metrics_path(run_dir: Path, split: str) -> Path:
     """The metrics file `m3jepa evaluate --split SPLIT` writes (multi-caption protocol)."""
-    return run_dir / ("metrics.json" if split == "test" else f"metrics-{split}-multi.json")
+    return RunDir(run_dir).metrics(split, "multi")
 
 
 def evaluate_command(run_dir: Path, split: str) -> str:
@@ -28,7 +29,7 @@ def evaluate_command(run_dir: Path, split: str) -> str:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.toml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: it has no config.toml "
                          "(train-predictor writes one)")
@@ -41,7 +42,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 def _training(run_dir: Path) -> dict[str, Any]:
     """Steps logged and the best validation mean R@1 (and its step), from metrics.jsonl."""
     steps, best, best_step = None, None, None
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics_log
     lines = path.read_text().splitlines() if path.is_file() else []
     for line in lines:
         try:

@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from m3jepa.config import RuntimeConfig
-from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
-from m3jepa.core.device import CPU, Runtime, resolve
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.device import CPU, Runtime
 from m3jepa.core.directions import parse_direction
+from m3jepa.core.layout import RunDir
 from m3jepa.core.paired import PairedSplit, load_split
-from m3jepa.core.runstores import check_eval_stores, eval_config
+from m3jepa.core.runstores import check_eval_stores
+from m3jepa.core.trained import open_run
 from m3jepa.eval.device_ranks import device_retrieval_metrics
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
 from m3jepa.eval.report import run_provenance
@@ -190,20 +191,17 @@ def evaluate_run(
 
     `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host).
     """
-    ck_path = run_dir / "checkpoints" / checkpoint
-    if not ck_path.exists():
-        raise CheckpointError(f"{ck_path} does not exist; is {run_dir} a run written by train-predictor?")
-    ck = load_checkpoint(ck_path)  # verifies checksums.json
+    trained = open_run(run_dir, checkpoint, split, protocol)  # the one loader; verifies checksums.json
     # the run's device and precision unless the command line overrides them, checked as the config is
-    rc = ck.cfg.runtime
-    runtime = resolve(RuntimeConfig(device=device or rc.device, precision=precision or rc.precision))
-    cfg = eval_config(run_dir, ck.cfg, split, protocol)  # validated options; the run's absolute store root
+    runtime = trained.runtime(device, precision)
+    cfg = trained.cfg  # validated options; the run's absolute store root
     split, protocol = cfg.eval.split, cfg.eval.protocol
-    predictor = _rebuild(ck, runtime.device)
+    predictor = trained.objective(runtime).predictor
     check_eval_stores(run_dir, cfg, split)  # the stores the run recorded in stores.json, not re-encoded ones
     data = load_split(cfg, split, cfg.train.directions, device=runtime.device)
-    _check_stores(ck.state.stores, data)
+    _check_stores(trained.encoders, data)
     tuned: list[str] = []
+    ck_path = trained.checkpoint_dir
     if cfg.lora.enabled:  # the tuned modalities' latents come from their tails with the run's adapters
         data, tuned = _apply_lora(cfg, data, ck_path, runtime.device)
 
@@ -224,7 +222,7 @@ def evaluate_run(
         "split": split,
         "protocol": protocol,
         "checkpoint": checkpoint,
-        "step": ck.state.step,
+        "step": trained.state.step,
         "headline_space": headline,
         # `directions` holds the headline space's recalls; `spaces` both spaces of every direction.
         "directions": {d: directions[d][headline] for d in directions},
@@ -235,7 +233,7 @@ def evaluate_run(
         "provenance": run_provenance(run_dir),
     }
     if tuned:
-        metrics["lora"] = {"modalities": tuned, "adapters": str(ck_path / "adapters")}
+        metrics["lora"] = {"modalities": tuned, "adapters": str(trained.adapters)}
     classification = _classification(cfg.train.directions, headline, embeddings)
     if classification:
         metrics["classification"] = classification
@@ -261,21 +259,6 @@ def _apply_lora(
 
     tails = lora_from_checkpoint(cfg, data, ck_path, device)
     return tuned_split(data, tails, row_sources(cfg, data, tails)), sorted(tails)
-
-
-def _rebuild(ck, device: torch.device) -> nn.Module:
-    from m3jepa.core.objective import Objective
-
-    with device:
-        objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
-    # a LoRA run's checkpoint also holds its adapters; evaluate loads those from their peft files
-    weights = {k: v for k, v in ck.weights.items() if not k.startswith("encoders.")}
-    try:
-        objective.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ck.path} does not fit its own config: {e}") from e
-    objective.eval()
-    return objective.predictor
 
 
 def _check_stores(trained: dict[str, dict[str, str]], data: PairedSplit) -> None:
@@ -322,24 +305,24 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
     from m3jepa.eval.plots import plot_similarity_matrix, plot_training_curves
     from m3jepa.eval.report import write_metrics
 
-    default = (split, protocol) == ("test", "multi")
-    files = write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
+    layout = RunDir(run_dir)
+    files = write_metrics(run_dir, metrics, stem=layout.metrics_stem(split, protocol))
     from m3jepa.eval.vqa import vqa_lines
 
     extra = _classification_tables(metrics) + vqa_lines(metrics) + routing_lines(metrics)
     if extra:
         files.markdown.write_text(files.markdown.read_text() + extra)
-    if (run_dir / "metrics.jsonl").exists():
-        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    if layout.metrics_log.exists():
+        plot_training_curves(layout.metrics_log, layout.training_curves)
         from m3jepa.eval.plot_routing import plot_routing
 
-        plot_routing(run_dir / "metrics.jsonl", run_dir / "routing.png")  # nothing without routed records
+        plot_routing(layout.metrics_log, layout.routing_plot)  # nothing without routed records
     image_text = "image->text" if "image->text" in directions else directions[0]
     emb = embeddings[(image_text, headline)]
     sim, rows, cols, pairs = _similarity_10x10(emb, data, image_text)
     if len(rows) >= 2:
         src, tgt = image_text.split("->")
-        plot_similarity_matrix(sim, rows, cols, run_dir / f"similarity_{split}.png",
+        plot_similarity_matrix(sim, rows, cols, layout.similarity_plot(split),
                                title=f"{image_text} similarity", space=headline,
                                axis_names=(f"query ({src})", f"gallery ({tgt})"), true_pairs=pairs)
 

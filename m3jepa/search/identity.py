@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from m3jepa.core.directions import parse_direction
+from m3jepa.core.layout import WEIGHTS, ExportDir, RunDir
 from m3jepa.search.errors import SearchError
 from m3jepa.store.manifest import Manifest
-
-WEIGHTS = "model.safetensors"  # the weights file of a checkpoint directory and of an export
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ class ModelRef:
 
 
 def weights_file(path: Path, kind: str, checkpoint: str | None) -> Path:
-    return path / "checkpoints" / str(checkpoint) / WEIGHTS if kind == "run" else path / WEIGHTS
+    """The weights file of a run's checkpoint or of an export (core/layout.py)."""
+    return RunDir(path).checkpoint(str(checkpoint)) / WEIGHTS if kind == "run" else ExportDir(path).weights
 
 
 def file_sha256(path: Path) -> str:

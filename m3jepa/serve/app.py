@@ -16,7 +16,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from m3jepa.serve.engine import FILE_MODALITIES, Answer, Engine
+from m3jepa.search.searcher import FILE_MODALITIES
+from m3jepa.serve.engine import Answer, Engine
 from m3jepa.serve.errors import RequestError
 from m3jepa.serve.guard import LOOPBACK_HOSTS, Guard
 from m3jepa.serve.limits import Limits
@@ -210,7 +211,8 @@ def _answer_json(answer: Answer, query: dict[str, Any], k: int) -> dict[str, Any
     hits = [{"rank": h.rank, "score": h.score, "row_id": h.row_id, "id": h.sample_id,
              "group_id": h.group_id, "caption": h.caption,
              "media": f"/media/{answer.index}/{h.row_id}" if h.media else None} for h in answer.hits]
-    return {"index": answer.index, "gallery": answer.gallery, "direction": answer.direction,
+    return {"index": answer.index, "gallery": answer.gallery, "gallery_size": answer.gallery_size,
+            "direction": answer.direction,
             "query": query, "k": k, "took_ms": round(answer.took_ms, 3), "cached": answer.cached,
             "hits": hits}
 

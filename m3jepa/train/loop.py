@@ -18,6 +18,7 @@ from m3jepa.core import runstores
 from m3jepa.core.collectives import broadcast_float, broadcast_object
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
+from m3jepa.core.layout import RunDir
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
 from m3jepa.core.runlock import hold_run
@@ -102,11 +103,11 @@ def _train(
         raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {info.world_size} ranks")
     tensorboard = tracking.use_tensorboard(t.tensorboard)  # "on" without the package fails before any work
     run_dir = run_dir_of(cfg)
-    ck_dir = run_dir / "checkpoints"
+    layout = RunDir(run_dir)
     if cfg.lora.enabled and t.mixup > 0:
         raise ValueError("train.mixup mixes stored latents, the LoRA mode re-encodes them: set train.mixup=0")
     if not resume:
-        _load_resume(cfg, ck_dir, resume, runtime.device)  # "already holds a run", before any data is read
+        _load_resume(cfg, layout, resume, runtime.device)  # "already holds a run", before any data is read
 
     device = runtime.device
     train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
@@ -116,7 +117,7 @@ def _train(
         t = cfg.train
         if t.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")
-    start = _load_resume(cfg, ck_dir, resume, runtime.device)
+    start = _load_resume(cfg, layout, resume, runtime.device)
     runstores.start_run(cfg, run_dir, train_data, info.is_main)  # batch vs pairs; stores.json
     torch.manual_seed(t.seed)
     with device:  # parameters are created where they train
@@ -147,9 +148,9 @@ def _train(
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_toml(cfg, run_dir / "config.toml")
-        write_parameter_report(objective, run_dir / "trainable.json")
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        save_toml(cfg, layout.config)
+        write_parameter_report(objective, layout.trainable)
+        _truncate_metrics(layout.metrics_log, state.step)
         log.info(
             "training %s trainable parameters for %d steps (from step %d)",
             f"{n_params:,}",
@@ -200,7 +201,7 @@ def _train(
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime, warned)
             if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
-                ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
+                ckpt.save_checkpoint(layout.latest, cfg, objective, state, optimizer, _extra(objective))
             bar.update(1)
     finally:
         train_data.close()
@@ -223,14 +224,14 @@ def _train(
 
 
 def _load_resume(
-    cfg: PipelineConfig, ck_dir: Path, resume: bool, device: torch.device
+    cfg: PipelineConfig, layout: RunDir, resume: bool, device: torch.device
 ) -> ckpt.Checkpoint | None:
-    latest = ck_dir / "latest"
+    latest = layout.latest
     ckpt.recover_interrupted(latest)
     if not resume:
         if latest.exists():
             raise ValueError(
-                f"{ck_dir.parent} already holds a run; pass --resume to continue it, or choose another --run"
+                f"{layout.path} already holds a run; pass --resume to continue it, or choose another --run"
             )
         return None
     if not latest.exists():
@@ -363,7 +364,7 @@ def _validate(
     if mean_r1 > state.best_metric:
         state.best_metric, state.best_step, state.evals_since_best = mean_r1, state.step, 0
         if info.is_main:
-            best = run_dir / "checkpoints" / "best"
+            best = RunDir(run_dir).best
             ckpt.save_checkpoint(best, cfg, objective, state, None, _extra(objective))
     else:
         state.evals_since_best += 1

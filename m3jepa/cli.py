@@ -1,4 +1,4 @@
-"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run, pipelines, lora-export.
+"""The `m3jepa` command line: every stage, search and serving, and the tools around them.
 
 Every command imports its stage lazily, so `m3jepa evaluate` never loads encoder code, and
 logging is configured here only.
@@ -19,10 +19,20 @@ import typer
 from m3jepa.config import ConfigError, EncodeConfig, parse_override
 from m3jepa.data import list_datasets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.")
+HELP = """M3-JEPA: align frozen encoders with a multi-gate MoE predictor, then search with it.
+
+Train: run (all three stages), encode, train-predictor, evaluate, compare, model-info.
+Use: export, embed, index, search, serve, lora-export.
+Tools: stores, pipelines.
+
+Example: m3jepa run tuxpaint
+"""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.\n\n"
+                         "Example: m3jepa stores verify stores/tuxpaint/val/image/efficientnet-lite0")
 app.add_typer(stores_app, name="stores")
-pipelines_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped pipelines.")
+pipelines_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped pipelines.\n\n"
+                            "Example: m3jepa pipelines copy tuxpaint my_tuxpaint.toml")
 app.add_typer(pipelines_app, name="pipelines")
 
 log = logging.getLogger("m3jepa")
@@ -454,10 +464,20 @@ def embed(
 @app.command()
 def index(
     store: Annotated[str | None, typer.Option(help="An embedded store (written by m3jepa embed).")] = None,
-    run: Annotated[str | None, typer.Option(help="Or: a run to embed first (+ --split, --modality).")] = None,
-    split: Annotated[str | None, typer.Option(help="With --run: the split.")] = None,
-    modality: Annotated[str | None, typer.Option(help="With --run: the gallery modality.")] = None,
-    out: Annotated[str | None, typer.Option(help="The index folder (default: STORE.index).")] = None,
+    run: Annotated[str | None, typer.Option(help="Or: a run (or export) to embed with first.")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="With --run: the split, or all (every split of the run, indexed together).")] = None,
+    modality: Annotated[str | None, typer.Option(help="With --run --split: the gallery modality.")] = None,
+    images: Annotated[str | None, typer.Option(
+        help="With --run: a folder of your own images (recursive; a rerun updates the index).")] = None,
+    texts: Annotated[str | None, typer.Option(
+        help="With --run: a text file of captions, one a line (a rerun updates the index).")] = None,
+    content_hash: Annotated[str, typer.Option(
+        help="With --images: how a changed file is noticed: stat (size and mtime) | sha256 (its bytes).")] = (
+        "stat"),
+    out: Annotated[str | None, typer.Option(
+        help="The index folder (default: STORE.index; with --images DIR / --texts FILE: ./NAME.index).")] = (
+        None),
     kind: Annotated[str, typer.Option(help="auto | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw")] = "auto",
     memory_budget: Annotated[str, typer.Option(help="The most the index may hold in memory, e.g. 4GB.")] = (
         "4GB"),
@@ -466,34 +486,75 @@ def index(
     force: Annotated[bool, typer.Option(help="Rebuild an existing --out.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Build a faiss index over an embedded gallery, with each row's ids, caption and media path.
+    """Build a faiss index over an embedded gallery, a run's split, or your own images or captions.
 
-    Example: m3jepa index --run runs/tuxpaint --split test --modality image
+    Rows keep their ids, caption and media path; --images and --texts embed the files themselves.
+    A rerun of --images or --texts embeds only new and changed files and drops removed ones.
+
+    Example: m3jepa index --run runs/tuxpaint --images ~/Photos --out my.index
     """
     _setup_logging(verbose)
     with _errors():
         _check_checkpoint(checkpoint)
         from m3jepa.api import load
-        from m3jepa.search import embed_run, index_store
-        from m3jepa.search.embed import read_sidecar
-        from m3jepa.search.gallery import default_out
-        from m3jepa.search.identity import ModelRef, load_model
 
-        if (store is None) == (run is None) or (run is not None and not (split and modality)):
-            raise ConfigError("give --store EMBEDDED, or --run R with --split and --modality")
-        if run is not None:
+        folder = images if images is not None else texts
+        if folder is not None:
+            if run is None or store is not None or split or modality or (images and texts):
+                raise ConfigError("give --run R with one of --images DIR or --texts FILE (and no --store, "
+                                  "--split or --modality)")
+            from m3jepa.search.folder import index_folder
+
+            what = "images" if images is not None else "texts"
+            source = Path(folder).expanduser()
+            name = source.resolve().name if images is not None else source.stem
+            target = Path(out) if out else Path(f"{name}.index")
             model = load(Path(run), checkpoint=checkpoint, device=device)
-            embedded = embed_run(model, split, modality).path
-        else:
-            embedded = Path(store)
-            ref = ModelRef.from_json(read_sidecar(embedded)["model"], embedded)
-            model = load_model(ref, device, embedded)
-        path, cached = index_store(embedded, Path(out) if out else default_out(embedded), model, kind=kind,
-                                   memory_budget=memory_budget, force=force)
+            path, update = index_folder(model, what, source, target,
+                                        content_hash=content_hash, index_kind=kind,
+                                        memory_budget=memory_budget, force=force)
+            m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            typer.echo(f"{_index_line(path, m, False)}\n{update.line(m['rows'], what)}")
+            return
+        path, cached = _index_gallery(store, run, split, modality, out, kind, memory_budget, checkpoint,
+                                      device, force)
         m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        typer.echo(f"{path}{' (cached)' if cached else ''}: {m['kind']} ({m['factory']}) over {m['rows']} "
-                   f"rows x {m['dim']}, {m['search_params'] or 'exact'}, recall@10 {m['recall@10']:.4f} on "
-                   f"{m['recall']['queries']} queries, built in {m['build_seconds']} s")
+        typer.echo(_index_line(path, m, cached))
+
+
+def _index_gallery(store: str | None, run: str | None, split: str | None, modality: str | None,
+                   out: str | None, kind: str, memory_budget: str, checkpoint: str, device: str,
+                   force: bool) -> tuple[Path, bool]:
+    """`index --store` or `index --run --split --modality`: (the index folder, whether it was cached)."""
+    from m3jepa.api import load
+    from m3jepa.search import embed_run, index_stores
+    from m3jepa.search.embed import default_out as embedded_out
+    from m3jepa.search.embed import read_sidecar, run_splits
+    from m3jepa.search.gallery import default_out
+    from m3jepa.search.identity import ModelRef, load_model
+
+    if (store is None) == (run is None) or (run is not None and not (split and modality)):
+        raise ConfigError("give --store EMBEDDED, or --run R with --split and --modality (or --images DIR, "
+                          "or --texts FILE)")
+    if run is not None:
+        model = load(Path(run), checkpoint=checkpoint, device=device)
+        splits = run_splits(model, modality) if split == "all" else [split]
+        embedded = [embed_run(model, s, modality).path for s in splits]
+        first = embedded_out(Path(model.source.path), "all", modality, model.source.kind)
+        default = default_out(embedded[0]) if len(embedded) == 1 else default_out(first)
+    else:
+        embedded = [Path(store)]
+        ref = ModelRef.from_json(read_sidecar(embedded[0])["model"], embedded[0])
+        model = load_model(ref, device, embedded[0])
+        default = default_out(embedded[0])
+    return index_stores(embedded, Path(out) if out else default, model, kind=kind,
+                        memory_budget=memory_budget, force=force)
+
+
+def _index_line(path: Path, m: dict, cached: bool) -> str:
+    return (f"{path}{' (cached)' if cached else ''}: {m['kind']} ({m['factory']}) over {m['rows']} "
+            f"rows x {m['dim']}, {m['search_params'] or 'exact'}, recall@10 {m['recall@10']:.4f} on "
+            f"{m['recall']['queries']} queries, built in {m['build_seconds']} s")
 
 
 @app.command()
@@ -524,11 +585,14 @@ def search(
         from m3jepa.search.searcher import hits_table
 
         (modality, value), = given.items()
-        hits = Searcher.open(index, device=device).query(modality, value, k=k)
+        searcher = Searcher.open(index, device=device)
+        hits = searcher.query(modality, value, k=k)
         if json_:
-            typer.echo(json.dumps({"index": index, "query": {modality: value}, "k": k,
-                                   "hits": [h.to_json() for h in hits]}, indent=2, ensure_ascii=False))
+            typer.echo(json.dumps({"index": index, "gallery": searcher.gallery, "gallery_size": searcher.size,
+                                   "query": {modality: value}, "k": k, "hits": [h.to_json() for h in hits]},
+                                  indent=2, ensure_ascii=False))
         else:
+            typer.echo(f"{searcher.gallery} gallery {index}: top {len(hits)} of {searcher.size:,} rows")
             typer.echo(hits_table(hits))
 
 

@@ -273,6 +273,8 @@ def test_searcher_and_cli_print_the_exact_hits(model, image_index):
                                    "--device", "cpu"])
     table = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [(int(t[0]), int(t[2])) for t in table] == [(1, want[0]), (2, want[1])]
+    assert res.stdout.splitlines()[0] == f"image gallery {image_index}: top 2 of 24 rows"  # its size
+    assert (out["gallery"], out["gallery_size"]) == ("image", 24)
 
 
 def test_threads_reach_torch_and_faiss_and_keep_the_hits(model, image_index):
@@ -334,3 +336,93 @@ def test_tuxpaint_images_are_found_by_caption(tmp_path):
     hits = searcher.query("text", "Tux—the Linux mascot!", k=10)
     assert all(h.media and Path(h.media).is_file() for h in hits)
     assert len(hits) == 10 and [h.rank for h in hits] == list(range(1, 11))
+
+
+# ---------------------------------------------------------------- your own galleries
+
+
+class _Counting:
+    """The real model, with every input embed_target is given recorded (a spy, not a stand-in)."""
+
+    def __init__(self, model) -> None:
+        self._model, self.embedded = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def embed_target(self, inputs=None, **kwargs):
+        self.embedded += list(inputs or [])
+        return self._model.embed_target(inputs, **kwargs)
+
+
+def test_a_caption_file_is_indexed_then_updated_incrementally(model, tmp_path):
+    from m3jepa.search import index_folder
+
+    texts = tmp_path / "captions.txt"
+    lines = [f"a picture of thing {i} in test" for i in range(6)]
+    texts.write_text("\n".join(lines) + "\n\n")  # a blank line is no caption
+    spy, out = _Counting(model), tmp_path / "captions.index"
+    _, first = index_folder(spy, "texts", texts, out)
+    assert (first.embedded, first.reused, first.removed, spy.embedded) == (6, 0, 0, lines)
+    # an edited file: one caption changed, one removed, one added, and two lines swapped
+    new = [lines[1], lines[0], "a picture of thing 2, edited", lines[3], lines[5], "a brand new caption"]
+    texts.write_text("\n".join(new) + "\n")
+    spy.embedded.clear()
+    _, second = index_folder(spy, "texts", texts, out)
+    assert spy.embedded == ["a picture of thing 2, edited", "a brand new caption"]  # only these ran
+    assert (second.embedded, second.reused, second.removed) == (2, 4, 2)
+    index = SearchIndex.open(out)
+    assert [index.row(i)["caption"] for i in range(index.rows)] == new
+    assert index.manifest["modality"] == "text"
+    stored = np.load(out / "embeddings.npy")  # (6, d): the reused vectors and the new ones, in row order
+    np.testing.assert_allclose(stored, model.embed_target(new, modality="text"), atol=1e-5)
+    searcher = Searcher(index, model)
+    assert searcher.size == 6 and searcher.gallery == "text"
+    hits = searcher.search(model.embed_target(["a brand new caption"], modality="text"), 1)[0]
+    assert (hits[0].row_id, hits[0].caption) == (5, "a brand new caption")
+    # vectors that do not match their sha256 in the manifest are never reused: everything again
+    data = bytearray((out / "embeddings.npy").read_bytes())
+    data[-1] ^= 0x01
+    (out / "embeddings.npy").write_bytes(bytes(data))
+    spy.embedded.clear()
+    _, third = index_folder(spy, "texts", texts, out)
+    assert spy.embedded == new and (third.embedded, third.reused) == (6, 0)
+    other = tmp_path / "other.txt"
+    other.write_text("x\n")
+    with pytest.raises(SearchError, match="holds another index"):
+        index_folder(model, "texts", other, out)
+
+
+def test_a_run_split_all_indexes_every_split_together(run, model, tmp_path):
+    from m3jepa.cli import app
+
+    out = tmp_path / "all.index"
+    res = CliRunner().invoke(app, ["index", "--run", str(run), "--split", "all", "--modality", "image",
+                                   "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    index = SearchIndex.open(out)
+    stores = [open_store(json.loads((out / "manifest.json").read_text())["stores"][i]["path"])
+              for i in range(3)]
+    assert [s.manifest.split for s in stores] == ["train", "val", "test"]
+    assert index.rows == 96 + 24 + 24 == len({index.row(i)["row_id"] for i in range(index.rows)})
+    gallery = np.concatenate([s.read_all() for s in stores])  # (144, d): row_id = offset + store row
+    caption = "a picture of thing 5 in val"
+    query = model.embed_query([caption], source="text", target="image")
+    want = _exact(query, gallery, 5)[0].tolist()
+    assert [h.row_id for h in Searcher(index, model).query("text", caption, k=5)] == want
+    hits = Searcher(index, model).query("text", caption, k=144)
+    assert {h.sample_id for h in hits if h.row_id >= 96 + 24} == {f"test-g{i:03d}" for i in range(24)}
+
+
+def test_indexing_an_export_writes_beside_it_never_into_it(run, model, tmp_path):
+    from m3jepa.api.export import export_run
+    from m3jepa.cli import app
+
+    export = export_run(run, tmp_path / "model")
+    files = sorted(p.relative_to(export) for p in export.rglob("*"))
+    res = CliRunner().invoke(app, ["index", "--run", str(export), "--split", "test", "--modality", "image",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.relative_to(export) for p in export.rglob("*")) == files  # the export is untouched
+    beside = tmp_path / "model.embedded" / "test" / "image.index"
+    assert res.stdout.startswith(f"{beside}:") and SearchIndex.open(beside).rows == 24

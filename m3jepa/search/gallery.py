@@ -31,42 +31,76 @@ def index_store(embedded: Path, out: Path, model: Any, *, kind: str = "auto", me
                 force: bool = False, seed: int = 0) -> tuple[Path, bool]:
     """Index the embedded store at `embedded` (written by `embed_store` with `model`) into `out`;
     returns (out, cached). An index of the same store, model and request is reused."""
-    store = open_store(embedded)
-    sidecar = read_sidecar(embedded)
+    return index_stores([embedded], out, model, kind=kind, memory_budget=memory_budget, force=force,
+                        seed=seed)
+
+
+def index_stores(embedded: list[Path], out: Path, model: Any, *, kind: str = "auto",
+                 memory_budget: str = "4GB", force: bool = False, seed: int = 0) -> tuple[Path, bool]:
+    """Index one or several embedded stores of one modality (a dataset's splits together: `--split all`)
+    into `out`. With several, a row's `row_id` counts through them in the order given (each store's rows
+    offset by the rows before it), and the manifest lists them under `stores`."""
+    if not embedded:
+        raise SearchError("no embedded store to index")
     ref = model_ref(model)
-    if ModelRef.from_json(sidecar["model"], embedded) != ref:
-        raise SearchError(f"{embedded} was embedded with {sidecar['model'].get('path')} (other weights) than "
-                          f"the model given ({ref.path}); embed it again with this model")
+    stores, infos = [], []
+    for path in embedded:
+        store, sidecar = open_store(path), read_sidecar(path)
+        if ModelRef.from_json(sidecar["model"], path) != ref:
+            raise SearchError(f"{path} was embedded with {sidecar['model'].get('path')} (other weights) than "
+                              f"the model given ({ref.path}); embed it again with this model")
+        stores.append(store)
+        infos.append({"path": str(path.resolve()), "checksum": store_checksum(store.manifest),
+                      "split": store.manifest.split, "source": sidecar["source"]})
+    modalities = sorted({s.manifest.modality for s in stores})
+    if len(modalities) != 1:
+        raise SearchError(f"the stores hold different modalities ({', '.join(modalities)}); index one "
+                          "modality at a time")
     request = {"kind": kind, "memory_budget": parse_bytes(memory_budget)}
-    store_info = {"path": str(embedded.resolve()), "checksum": store_checksum(store.manifest),
-                  "split": store.manifest.split, "source": sidecar["source"]}
-    if _cached(out, store_info, ref, request, force):
+    store_key = {"store": infos[0]} if len(infos) == 1 else {"stores": infos}
+    if _cached(out, store_key, ref, request, force):
         return out, True
-    vectors, row_ids = _valid_rows(store)  # (N, d) float32, (N,) int64
-    queries, query_source = _held_out_queries(model, store, vectors, seed)
-    plan = choose(len(row_ids), vectors.shape[1], kind, request["memory_budget"])
-    log.info("building %s over %d rows (%s)", plan.factory, len(row_ids), plan.reason)
-    built = build(vectors, plan, queries, query_source, seed)
-    media, media_note = media_paths(model.cfg, store)
-    captions, caption_note = group_captions(model, store)
-    table = store.rows
-    rows = [{"row_id": int(r), "sample_id": table.sample_ids[r], "group_id": table.group_ids[r],
-             "caption": table.texts[r] if table.texts[r] is not None else captions.get(table.group_ids[r]),
-             "media": None if media is None else media[r]} for r in row_ids]
-    info = {"modality": store.manifest.modality, "model": ref.to_json(), "store": store_info,
-            "media": media_note, "captions": caption_note, "request": request}
+    vectors, rows, notes, offset = [], [], [], 0
+    for store in stores:
+        v, row_ids = _valid_rows(store)  # (N, d) float32, (N,) int64
+        vectors.append(v)
+        records, note = _row_records(model, store, row_ids, offset)
+        rows += records
+        notes.append(note)
+        offset += len(store.rows.valid)
+    gallery = np.concatenate(vectors) if len(vectors) > 1 else vectors[0]  # (N, d)
+    queries, query_source = _held_out_queries(model, stores[0], gallery, seed)
+    plan = choose(len(rows), gallery.shape[1], kind, request["memory_budget"])
+    log.info("building %s over %d rows (%s)", plan.factory, len(rows), plan.reason)
+    built = build(gallery, plan, queries, query_source, seed)
+    info = {"modality": stores[0].manifest.modality, "model": ref.to_json(), **store_key,
+            "media": notes[0][0] if len(notes) == 1 else [n[0] for n in notes],
+            "captions": notes[0][1] if len(notes) == 1 else [n[1] for n in notes], "request": request}
     return write_index(out, built, rows, info), False
 
 
-def _cached(out: Path, store_info: dict, ref: ModelRef, request: dict, force: bool) -> bool:
+def _row_records(model: Any, store: FeatureStore, row_ids: np.ndarray,
+                 offset: int) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]:
+    """(the index rows of a store's valid rows: ids, the caption (its own, or its group's) and media
+    path; where the media paths and captions came from)."""
+    media, media_note = media_paths(model.cfg, store)
+    captions, caption_note = group_captions(model, store)
+    table = store.rows
+    rows = [{"row_id": offset + int(r), "sample_id": table.sample_ids[r], "group_id": table.group_ids[r],
+             "caption": table.texts[r] if table.texts[r] is not None else captions.get(table.group_ids[r]),
+             "media": None if media is None else media[r]} for r in row_ids]
+    return rows, (media_note, caption_note)
+
+
+def _cached(out: Path, store_key: dict, ref: ModelRef, request: dict, force: bool) -> bool:
     if not out.exists() or force:
         return False
     try:
         found = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         found = None
-    if isinstance(found, dict) and found.get("store") == store_info and found.get("model") == ref.to_json() \
-            and found.get("request") == request:
+    if isinstance(found, dict) and all(found.get(k) == v for k, v in store_key.items()) \
+            and found.get("model") == ref.to_json() and found.get("request") == request:
         log.info("%s already indexes this store with this model (cached)", out)
         return True
     raise SearchError(f"{out} exists and holds another index (or another request); pass --force to "

@@ -45,9 +45,11 @@ class Hit:
                                                "caption", "media")}
 
 
-def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
+def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[str, Any],
+                extra: dict[str, bytes] | None = None) -> Path:
     """Write `built` with its `rows` metadata (one per index position) and manifest `info` to `out`,
-    through a temporary folder renamed into place (a reader never sees half an index)."""
+    through a temporary folder renamed into place (a reader never sees half an index). `extra` files
+    (a folder gallery's vectors and sources, search/folder.py) go in too, their sha256 in the manifest."""
     if built.index.ntotal != len(rows):
         raise SearchError(f"{out}: {built.index.ntotal} vectors but {len(rows)} row records")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -58,6 +60,8 @@ def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[
     text = "".join(json.dumps({k: r[k] for k in ROW_KEYS}, sort_keys=True, ensure_ascii=False) + "\n"
                    for r in rows)
     (tmp / ROWS).write_text(text, encoding="utf-8")
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": built.plan.kind,
         "factory": built.plan.factory, "params": built.plan.params, "search_params": built.search_params,
@@ -66,7 +70,9 @@ def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[
         "estimated_bytes": built.plan.est_bytes, "choice": built.plan.reason,
         "files": {INDEX: {"sha256": file_sha256(tmp / INDEX), "bytes": (tmp / INDEX).stat().st_size},
                   ROWS: {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                         "bytes": len(text.encode("utf-8"))}},
+                         "bytes": len(text.encode("utf-8"))},
+                  **{name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                     for name, data in (extra or {}).items()}},
         **info,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -138,3 +138,25 @@ def _is_init_of(dep: str, mod: str) -> bool:
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_run_folder_layout_has_one_owner():
+    """No module but m3jepa/core/layout.py spells a run folder's file names: where a run keeps its
+    checkpoints, config, stores record, logs and galleries is decided in one place."""
+    names = {"checkpoints", "config.toml", "stores.json", "provenance.json", "metrics.jsonl", "metrics.csv",
+             "trainable.json", "embedded", ".lock", "best", "latest"}
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if path.relative_to(ROOT).as_posix() == "core/layout.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        keys = {id(k) for d in ast.walk(tree) if isinstance(d, ast.Dict) for k in d.keys}  # JSON keys: fine
+        for node in ast.walk(tree):
+            literal = isinstance(node, ast.Constant) and id(node) not in keys
+            if literal and node.value in names - {"best", "latest"}:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+            # a path built from a literal: run / "checkpoints" / "best"
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) \
+                    and isinstance(node.right, ast.Constant) and node.right.value in names:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} / {node.right.value!r}")
+    assert not found, "use m3jepa.core.layout (RunDir, ExportDir):\n" + "\n".join(sorted(set(found)))

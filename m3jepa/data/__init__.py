@@ -88,12 +88,28 @@ def check_dataset_name(name: str) -> None:
 
 
 def get_dataset(
-    name: str, root: str | None = None, *, seed: int = 0, limit: int | None = None, skip_bad: bool = False
+    name: str,
+    root: str | None = None,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    rerender: bool = False,
 ) -> Dataset:
-    """Load dataset `name` from `root` (None: its default); `limit` keeps the first N groups per split."""
+    """Load dataset `name` from `root` (None: its default); `limit` keeps the first N groups per split.
+
+    `rerender` (`m3jepa encode --force`): datasets that render their SVGs render them again instead of
+    reusing the render cache.
+    """
     check_dataset_name(name)
     module, loader = _LOADERS[name]
-    return getattr(importlib.import_module(module), loader)(root, seed=seed, limit=limit, skip_bad=skip_bad)
+    load = getattr(importlib.import_module(module), loader)
+    if not rerender:
+        return load(root, seed=seed, limit=limit, skip_bad=skip_bad)
+    from m3jepa.data.svg import rerendering
+
+    with rerendering():
+        return load(root, seed=seed, limit=limit, skip_bad=skip_bad)
 
 
 __all__ = [

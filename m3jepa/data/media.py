@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m3jepa.data.records import BadItemError, DatasetError
 
@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 
 # A decompression bomb is refused before decoding: 64 megapixels is far beyond any dataset image.
 MAX_IMAGE_PIXELS = 64_000_000
+# An image more than this many times longer than wide (or wider than tall) is refused from its header,
+# before decoding: the encoders scale the short side to a few hundred pixels, so the long side's work
+# grows with the ratio (a 48 KB PNG of 1 x 25,000,000 pixels asked for 6.4 billion output columns).
+# Wide panoramas stay far below it (360-degree ones are 2:1 to about 10:1).
+MAX_ASPECT_RATIO = 100
+
+SVG_SUFFIXES = (".svg", ".svgz")
+SVG_HINT = ("m3jepa reads SVG only in the datasets that render it (tuxpaint-all, emoji); render it to PNG "
+            "first, e.g. rsvg-convert --width 512 --height 512 --keep-aspect-ratio -o out.png in.svg")
 
 
 def safe_join(root: str | Path, relative: str, item: str) -> Path:
@@ -28,21 +37,46 @@ def safe_join(root: str | Path, relative: str, item: str) -> Path:
     return candidate
 
 
+def check_image_size(width: int, height: int, item: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """BadItemError naming `item` for a size read from a header that is too large to decode or to resize:
+    over `max_pixels`, or longer than MAX_ASPECT_RATIO times its short side. Costs nothing: call it
+    before decoding (load_image does; so can any reader that opens images itself)."""
+    if width * height > max_pixels:
+        raise BadItemError(item, f"image of {width:,} x {height:,} pixels exceeds {max_pixels:,} pixels "
+                                 "(a decompression bomb?); refused before decoding")
+    short, long = sorted((width, height))
+    if long > MAX_ASPECT_RATIO * short:
+        ratio = long / max(short, 1)
+        raise BadItemError(item, f"image of {width:,} x {height:,} pixels: its long side is {ratio:,.0f} "
+                                 f"times its short side; m3jepa reads images up to {MAX_ASPECT_RATIO}:1 "
+                                 "(crop it into squarer pieces or pad it); refused before decoding")
+
+
+def looks_like_svg(path: str | Path) -> bool:
+    """Whether a file is an SVG drawing (by its name, or `<svg` in its first kilobyte)."""
+    if str(path).lower().endswith(SVG_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return b"<svg" in head and head.lstrip()[:1] == b"<"
+
+
 def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
     """Decode an image fully as a person sees it, as RGB; BadItemError if unusable.
 
-    The EXIF orientation is applied, transparent pixels are composited on white, and 16- or 32-bit grey
-    is scaled to 8 bits (`to_8bit`). With `keep_gray`, a grey image comes back as L: its RGB would be
-    three copies of it.
+    The header's size is checked first (`check_image_size`). The EXIF orientation is applied,
+    transparent pixels are composited on white, and 16- or 32-bit grey is scaled to 8 bits (`to_8bit`).
+    With `keep_gray`, a grey image comes back as L: its RGB would be three copies of it.
     """
     item = item or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise BadItemError(item, f"image of {w}x{h} pixels exceeds {MAX_IMAGE_PIXELS} (bomb?)")
+                check_image_size(*im.size, item)
                 im.load()  # forces a full decode, so truncated files fail here, not later
                 return _on_white(to_8bit(upright(im), item), keep_gray)
     except BadItemError:
@@ -52,6 +86,8 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadItemError(item, f"decompression bomb refused: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UnidentifiedImageError) and looks_like_svg(path):
+            raise BadItemError(item, f"{path} is an SVG drawing, not a raster image; {SVG_HINT}") from None
         raise BadItemError(item, f"image {path} is corrupt or truncated: {e}") from None
 
 

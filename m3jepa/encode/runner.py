@@ -81,7 +81,8 @@ def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     with process_group(cfg.device, ENCODE_BARRIER_TIMEOUT) as ctx:
         from m3jepa.data import get_dataset
 
-        dataset = get_dataset(cfg.dataset, cfg.root, seed=cfg.seed, limit=cfg.limit, skip_bad=cfg.skip_bad)
+        dataset = get_dataset(cfg.dataset, cfg.root, seed=cfg.seed, limit=cfg.limit, skip_bad=cfg.skip_bad,
+                              rerender=cfg.force)  # --force renders SVGs again too
         dropped = list(getattr(dataset, "skipped", []))
         for sample_id, reason in dropped:
             log.warning("dropped while loading %s (--skip-bad): %s: %s", cfg.dataset, sample_id, reason)

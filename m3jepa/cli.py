@@ -602,6 +602,11 @@ def _set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be at least 1 (or left out for torch's and faiss's own)")
+    from m3jepa.config import PARALLEL_PER_CPU, cpu_count
+
+    if threads > (ceiling := PARALLEL_PER_CPU * cpu_count()):
+        raise ConfigError(f"--threads {threads:,} is over this machine's ceiling of {ceiling} "
+                          f"({PARALLEL_PER_CPU} per logical CPU; it has {cpu_count()})")
     import faiss
     import torch
 

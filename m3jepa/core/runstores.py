@@ -8,11 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from m3jepa.config import PipelineConfig
 from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.directions import direction_modalities
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.layout import STORES, RunDir
+from m3jepa.core.memory import check_model_fits
 from m3jepa.core.paired import PairedSplit, modality_store
 from m3jepa.files import atomic_write_text
 from m3jepa.store.manifest import load_manifest
@@ -21,10 +24,19 @@ log = logging.getLogger(__name__)
 
 
 
-def start_run(cfg: PipelineConfig, run_dir: Path, train_data: PairedSplit, is_main: bool) -> None:
-    """The checks of a run's start, once its train split is loaded: the batch fits the split, and the
-    stores are the ones the run recorded (rank 0 records them on the run's first start)."""
+def start_run(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    train_data: PairedSplit,
+    is_main: bool,
+    device: torch.device | None = None,
+) -> None:
+    """The checks of a run's start, once its train split is loaded and before the run folder is made: the
+    batch fits the split, the predictor fits `device`'s memory (when given), and the stores are the ones
+    the run recorded (rank 0 records them on the run's first start)."""
     check_batch_fits(cfg, train_data)
+    if device is not None:
+        check_model_fits(cfg.model, train_data.dims(), device, training=True)
     if is_main:
         record_stores(cfg, run_dir)
 

@@ -172,12 +172,16 @@ def open_export(folder: str | Path) -> Trained:
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:
-    """config.json of an export, checked: the format, its version and the keys load needs."""
+    """config.json of an export, checked before anything is built from it: the format, its version, the
+    keys load needs, and (`check_export_sizes`) the pipeline, the dims and the memory they need."""
     where = ExportDir(folder).config
     try:
         meta = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{where} cannot be read: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{where} cannot be read: it is nested deeper than Python's parser "
+                              "follows") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{where} is not an m3jepa export (format {EXPORT_FORMAT!r})")
     if meta.get("format_version") != EXPORT_VERSION:
@@ -186,4 +190,28 @@ def read_export_config(folder: Path) -> dict[str, Any]:
     missing = [k for k in ("pipeline", "dims", "encoders", "directions") if k not in meta]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)}")
+    check_export_sizes(meta, where)
     return meta
+
+
+def check_export_sizes(meta: dict[str, Any], where: Path) -> None:
+    """Refuse (CheckpointError naming the key in `where`) an export config whose pipeline is not a valid
+    config, whose dims are not latent widths, or whose predictor cannot fit this host's memory (8 bytes a
+    parameter: core/memory.py); sets meta["dims"] to ints. Before any tensor is allocated from it."""
+    from m3jepa.core.memory import check_dims, check_model_fits
+
+    if not isinstance(meta["pipeline"], dict):
+        raise CheckpointError(f"{where}: pipeline must be an object (the run's config), got "
+                              f"{str(meta['pipeline'])[:60]}")
+    if not isinstance(meta["dims"], dict) or not meta["dims"]:
+        raise CheckpointError(f"{where}: dims must be an object of modality -> latent width, got "
+                              f"{str(meta['dims'])[:60]}")
+    try:
+        cfg = from_dict(PipelineConfig, migrate(meta["pipeline"]))
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: pipeline: {e}") from None
+    try:
+        meta["dims"] = check_dims(meta["dims"], "dims")
+        check_model_fits(cfg.model, meta["dims"], torch.device("cpu"), training=False)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3jepa.config import EncodeConfig
+from m3jepa.config import EncodeConfig, check_machine
 from m3jepa.data.records import (
     BadItemError,
     DatasetError,
@@ -76,6 +76,7 @@ class StoreJob:
 
 def run_encode(cfg: EncodeConfig) -> EncodeSummary:
     """Encode every requested (split, modality) store that is not already complete; see docs/encode.md."""
+    check_machine(cfg)  # workers and threads within this machine's ceiling, before any process starts
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # float results depend on the thread count: see docs/encode.md
     with process_group(cfg.device, ENCODE_BARRIER_TIMEOUT) as ctx:

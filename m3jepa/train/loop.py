@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.config import PipelineConfig, check_machine, save_toml
 from m3jepa.core import checkpoint as ckpt
 from m3jepa.core import runstores
 from m3jepa.core.collectives import broadcast_float, broadcast_object
@@ -97,6 +97,7 @@ def _train(
     auto_keys: frozenset[str] | None = None,
 ) -> TrainResult:
     t = cfg.train
+    check_machine(cfg)  # train.num_threads within this machine's ceiling, before torch starts them
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.batch_size % info.world_size:
@@ -118,7 +119,7 @@ def _train(
         if t.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")
     start = _load_resume(cfg, layout, resume, runtime.device)
-    runstores.start_run(cfg, run_dir, train_data, info.is_main)  # batch vs pairs; stores.json
+    runstores.start_run(cfg, run_dir, train_data, info.is_main, device)  # batch, memory; stores.json
     torch.manual_seed(t.seed)
     with device:  # parameters are created where they train
         objective = Objective(cfg.model, cfg.loss, train_data.dims())

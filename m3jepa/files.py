@@ -37,13 +37,16 @@ def make_private_dir(path: Path) -> None:
         path.mkdir(mode=0o700)
 
 
-def why_untrusted(path: Path, what: str, *, folder: bool, redo: str = "rebuild") -> str | None:
+def why_untrusted(
+    path: Path, what: str, *, folder: bool, redo: str = "rebuild", st: os.stat_result | None = None
+) -> str | None:
     """Why `path` must not be trusted (one line naming it, as `what`, and the fix), or None when it is safe.
 
     Refused: a symbolic link, anything not owned by the current user, anything writable by group or
     others. `redo` says what removing a refused file makes m3jepa do ("rebuild", "render it again").
+    `st`: the path's lstat when the caller has it.
     """
-    st = path.lstat()
+    st = st or path.lstat()
     if stat.S_ISLNK(st.st_mode):
         return f"{what} {path} is a symbolic link; remove it (rm {path})"
     if st.st_uid != os.getuid():
@@ -70,6 +73,10 @@ def sha256_file(path: Path) -> str:
 def matches_record(path: Path) -> bool:
     """Whether `path`'s bytes hash to its trusted sha256 record (a missing or untrusted record does not)."""
     record = sha256_record(path)
-    if not record.is_file() or why_untrusted(record, "record", folder=False) is not None:
+    try:
+        st = record.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or why_untrusted(record, "record", folder=False, st=st) is not None:
         return False
     return record.read_text().strip() == sha256_file(path)

@@ -5,7 +5,10 @@ style sheets); librsvg loads only files in the SVG's folder or below it. So that
 exactly what the render read, each render runs in a private folder holding copies of the SVG and of the
 files it references (found by parsing it, `references`): an edited raster is a new key, and nothing the
 parser did not find can reach the render. The cache folder follows the kernel cache's rules
-(m3jepa.files: the user's, mode 0700, each PNG the user's and matching the sha256 recorded beside it).
+(m3jepa.files: the user's, mode 0700, each PNG the user's, no link and writable by no one else). Unlike
+a kernel library, which is executed and so is also checked against a sha256 recorded at build time, a
+PNG is only decoded (m3jepa.data.media checks it), and re-hashing every cached render cost more than the
+load itself (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 from xml.etree import ElementTree
 
 from m3jepa.data.records import BadItemError, DatasetError
-from m3jepa.files import cache_dir, make_private_dir, matches_record, sha256_record, why_untrusted
+from m3jepa.files import cache_dir, make_private_dir, why_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +141,25 @@ def _target(url: str, referrer: PurePosixPath) -> PurePosixPath | None:
     return PurePosixPath(joined)
 
 
+# Every way an SVG names another file contains one of these (CSS's url( in any case). Skipping the parse
+# without them is safe even if one hides behind a character reference: a render reads only the copies of
+# what was found, so a reference missed is drawn as missing, never read from the disk.
+_REFERRING = (b"href", b"url(", b"@import", b"stylesheet")
+
+
+def _may_refer(data: bytes) -> bool:
+    lowered = data.lower()
+    return any(token in lowered for token in _REFERRING)
+
+
 def references(svg: Path, data: bytes) -> dict[PurePosixPath, bytes | None]:
     """Each file a render of `svg` may read besides the SVG (path relative to its folder) → its bytes, or
     None when it is missing (librsvg then draws nothing there; the key still says so, so a file appearing
     later renders anew). Referenced SVG/XML files are followed; links are resolved and must stay inside."""
-    folder = svg.parent.resolve()
     found: dict[PurePosixPath, bytes | None] = {}
+    if not _may_refer(data):
+        return found  # most SVGs (all but 2 of OpenMoji's) name no file: no parse needed
+    folder = svg.parent.resolve()
     queue = [(PurePosixPath(svg.name), data)]
     total = len(data)
     while queue:
@@ -215,14 +231,12 @@ def _process_cache() -> Path:
 
 
 def _reusable(out: Path) -> bool:
-    """Whether a cached PNG may be reused: the user's, no link, not writable by others, bytes as made."""
-    if not (out.exists() or out.is_symlink()):
+    """Whether a cached PNG may be reused: the user's, no link, not writable by group or others."""
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
         return False
-    why = why_untrusted(out, "the rendered PNG", folder=False, redo="render it again")
-    if why is None and not matches_record(out):
-        record = sha256_record(out)
-        why = (f"the rendered PNG {out} does not match the sha256 in {record}" if record.exists()
-               else f"the rendered PNG {out} has no sha256 record")
+    why = why_untrusted(out, "the rendered PNG", folder=False, redo="render it again", st=st)
     if why is not None:
         log.warning("%s; rendering it again", why)
         return False
@@ -262,10 +276,7 @@ def _render(svg: Path, size: int, item: str, folder: Path, exe: str, force: bool
         source = _copy_inputs(inputs, svg.name, data, refs)
         png = Path(tmp) / "out.png"
         _run(exe, source, png, size, item, svg)
-        record = Path(tmp) / "sha256"
-        record.write_text(hashlib.sha256(png.read_bytes()).hexdigest() + "\n")
-        os.replace(record, sha256_record(out))  # the record first: a reader between the two sees a mismatch
-        os.replace(png, out)
+        os.replace(png, out)  # whole or not at all: concurrent loaders (torchrun ranks) never see a part
     return out
 
 

@@ -379,7 +379,7 @@ def model_info(
         from m3jepa.model.predictor import count_parameters, paper_preset, parameter_breakdown
 
         cfg = _pipeline(pipeline, set_).model if pipeline or set_ else paper_preset()
-        sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in dims.split(","))}
+        sizes = _dims_option(dims)
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_predictor(cfg, sizes)
         for part, n in parameter_breakdown(model).items():
@@ -387,6 +387,19 @@ def model_info(
         typer.echo(
             f"{'total':<16}{count_parameters(model):>14,}  ({cfg.predictor}, gates={cfg.gates}, dims {sizes})"
         )
+
+
+def _dims_option(text: str) -> dict[str, int]:
+    """--dims image=1024,text=4096 as {modality: width}; ConfigError naming the item that is not one."""
+    from m3jepa.core.memory import check_dims
+
+    sizes: dict[str, object] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip().isdigit():
+            raise ConfigError(f"--dims {item.strip()[:40]!r} is not modality=width, e.g. image=1024")
+        sizes[name.strip()] = int(value)
+    return check_dims(sizes, "--dims")
 
 
 @app.command("run")

@@ -429,3 +429,18 @@ def test_an_edited_export_config_is_one_line_naming_the_key(export, tmp_path, mo
     (folder / "config.json").write_text('{"format": ' * 5000 + "1" + "}" * 5000)
     with pytest.raises(ApiError, match="nested deeper than Python's parser follows"):
         load(folder, device="cpu")
+
+
+@pytest.mark.parametrize(("dims", "message"), [
+    ("image=abc", "--dims 'image=abc' is not modality=width, e.g. image=1024"),
+    ("image=1024,text", "--dims 'text' is not modality=width"),
+    ("image=1000000000000", "--dims['image']=1,000,000,000,000 is not a latent width m3jepa takes"),
+])
+def test_model_info_dims_name_the_item(dims, message):
+    from typer.testing import CliRunner
+
+    from m3jepa.cli import app
+
+    res = CliRunner().invoke(app, ["model-info", "--dims", dims])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert res.stderr.count("error: ") == 1 and "Traceback" not in res.output

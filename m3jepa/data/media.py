@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 
 # A decompression bomb is refused before decoding: 64 megapixels is far beyond any dataset image.
 MAX_IMAGE_PIXELS = 64_000_000
-# An image more than this many times longer than wide (or wider than tall) is refused from its header,
-# before decoding: the encoders scale the short side to a few hundred pixels, so the long side's work
-# grows with the ratio (a 48 KB PNG of 1 x 25,000,000 pixels asked for 6.4 billion output columns).
-# Wide panoramas stay far below it (360-degree ones are 2:1 to about 10:1).
-MAX_ASPECT_RATIO = 100
+# An image whose long side is more than this many times its short side is refused from its header, before
+# decoding. Every encoder scales the short side to 256 pixels, so the long side's work grows with the
+# ratio: a 48 KB PNG of 1 x 25,000,000 pixels asked the resize for 6.4 billion columns (a 47.7 GiB index
+# array). At 500:1 a resize makes at most 256 x 128,000 = 32.8 megapixels, half the decoding budget
+# above (a 110 x 55,000 image: 1.3 s and 304 MB peak on 2 loaded cores), and thin strips such as a
+# 256 x 2 gradient are read. 360-degree panoramas are 2:1 to about 10:1.
+MAX_ASPECT_RATIO = 500
 
 SVG_SUFFIXES = (".svg", ".svgz")
 SVG_HINT = ("m3jepa reads SVG only in the datasets that render it (tuxpaint-all, emoji); render it to PNG "

@@ -103,6 +103,20 @@ class EncodeConfig:
     # read) or "sha256" (its bytes: survives copies that change mtimes, costs a read of every file).
     content_hash: str = "stat"
     force: bool = False  # re-encode the requested stores from scratch, even cached or stale ones
+    # dataset = "webdataset" only (img2dataset's tar shards; docs/datasets.md). caption_field: take each
+    # caption from this field of the sample's .json instead of its .txt. split_field: the .json field that
+    # names each sample's split. train/val/test_shards: each split's own shards (a brace pattern, a folder
+    # or a URL; relative to encode.root). With none of the split keys, a seeded hash of the key splits.
+    caption_field: str | None = None
+    split_field: str | None = None
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+
+    def dataset_options(self) -> dict[str, str]:
+        """The dataset's own settings that are set (get_dataset's `options`)."""
+        keys = ("caption_field", "split_field", "train_shards", "val_shards", "test_shards")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def __post_init__(self) -> None:
         _choice("encode.format", self.format, ("zarr", "hdf5"))

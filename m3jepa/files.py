@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -80,3 +81,24 @@ def matches_record(path: Path) -> bool:
     if not stat.S_ISREG(st.st_mode) or why_untrusted(record, "record", folder=False, st=st) is not None:
         return False
     return record.read_text().strip() == sha256_file(path)
+
+
+def atomic_write_lines(path: Path, lines: Iterable[str]) -> str:
+    """Write `lines` (each ending in a newline) one by one as atomic_write_text does; their bytes' sha256.
+
+    Memory stays bounded by one line, so a file of 100M rows is written without holding its text. An
+    error raised while `lines` is iterated leaves `path` as it was and removes the temporary file.
+    """
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    h = hashlib.sha256()
+    try:
+        with tmp.open("wb") as f:
+            for line in lines:
+                data = line.encode("utf-8")
+                h.update(data)
+                f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return h.hexdigest()

@@ -23,10 +23,12 @@ import torch
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, Record, membership_fingerprint
 from m3jepa.distributed import DistInfo
-from m3jepa.encode.runner import StoreJob, encode_store, skip_list_path
+from m3jepa.encode.jobs import StoreJob
+from m3jepa.encode.runner import encode_store
 from m3jepa.encoders.base import EncodedBatch, EncoderSpec
 from m3jepa.store import Manifest, open_store, store_path
 from m3jepa.store.manifest import load_manifest, read_rows
+from m3jepa.store.skiplist import skip_list_path
 
 # ---------------------------------------------------------------- component: a fake encoder
 
@@ -89,7 +91,7 @@ def test_text_batches_sorted_within_shards_and_rows_restored(tmp_path):
         assert lengths == sorted(lengths, reverse=True), "text batch not sorted by length"
     feats = open_store(job.path).read_all()  # (37, 4), row order
     assert feats[:, 0].tolist() == list(range(37))  # every row holds its own features
-    assert feats[:, 1].tolist() == [len(r.payload) for r in job.records]
+    assert feats[:, 1].tolist() == [len(r.payload) for r in job.stream.records]
 
 
 def test_bad_item_stops_before_its_shard_then_skip_bad_resumes(tmp_path):

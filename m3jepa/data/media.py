@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from m3jepa.data.records import BadItemError, DatasetError
+from m3jepa.data.records import BadItemError, Blob, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,13 @@ def check_image_size(width: int, height: int, item: str, max_pixels: int = MAX_I
                                  "(crop it into squarer pieces or pad it); refused before decoding")
 
 
-def looks_like_svg(path: str | Path) -> bool:
-    """Whether a file is an SVG drawing (by its name, or `<svg` in its first kilobyte)."""
+def looks_like_svg(path: str | Path | Blob) -> bool:
+    """Whether a file (or a Blob) is an SVG drawing (by its name, or `<svg` in its first kilobyte)."""
     if str(path).lower().endswith(SVG_SUFFIXES):
         return True
+    if isinstance(path, Blob):
+        head = path.data[:1024]
+        return b"<svg" in head and head.lstrip()[:1] == b"<"
     try:
         with open(path, "rb") as f:
             head = f.read(1024)
@@ -66,8 +70,9 @@ def looks_like_svg(path: str | Path) -> bool:
     return b"<svg" in head and head.lstrip()[:1] == b"<"
 
 
-def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
-    """Decode an image fully as a person sees it, as RGB; BadItemError if unusable.
+def load_image(path: str | Path | Blob, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
+    """Decode an image file (or a Blob of its bytes) fully as a person sees it, as RGB; BadItemError if
+    unusable.
 
     The header's size is checked first (`check_image_size`). The EXIF orientation is applied,
     transparent pixels are composited on white, and 16- or 32-bit grey is scaled to 8 bits (`to_8bit`).
@@ -77,7 +82,7 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(_source(path)) as im:
                 check_image_size(*im.size, item)
                 im.load()  # forces a full decode, so truncated files fail here, not later
                 return _on_white(to_8bit(upright(im), item), keep_gray)
@@ -91,6 +96,10 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
         if isinstance(e, UnidentifiedImageError) and looks_like_svg(path):
             raise BadItemError(item, f"{path} is an SVG drawing, not a raster image; {SVG_HINT}") from None
         raise BadItemError(item, f"image {path} is corrupt or truncated: {e}") from None
+
+
+def _source(path: str | Path | Blob) -> str | Path | io.BytesIO:
+    return io.BytesIO(path.data) if isinstance(path, Blob) else path
 
 
 # EXIF tag 0x0112: how the camera held the sensor; 1 (or no tag) means the pixels are already upright.
@@ -165,7 +174,7 @@ SILENCE_RMS = 3e-5
 
 
 def load_audio(
-    path: str | Path,
+    path: str | Path | Blob,
     item: str | None = None,
     *,
     sample_rate: int,
@@ -179,12 +188,12 @@ def load_audio(
     silent audio is a BadItemError naming `item`.
     """
     item = item or str(path)
-    if not os.path.isfile(path):
+    if not isinstance(path, Blob) and not os.path.isfile(path):
         raise BadItemError(item, f"audio file {path} is missing")
     import soundfile as sf  # lazily: only audio encoders need libsndfile
 
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(_source(path) if isinstance(path, Blob) else str(path)) as f:
             source_rate = f.samplerate
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * source_rate))
             wave = f.read(frames=frames, dtype="float32", always_2d=True)  # (samples, channels)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from m3jepa.data.records import BadItemError  # noqa: F401  (re-exported: encoders raise it)
+from m3jepa.data.records import BadItemError, Blob  # noqa: F401  (re-exported: encoders raise it)
 
 
 class EncoderError(ValueError):
@@ -43,8 +43,9 @@ class EncodedBatch:
 class Preprocessor(Protocol):
     """Turns one payload into tensors; picklable, so it runs inside DataLoader worker processes."""
 
-    def __call__(self, payload: str) -> dict[str, torch.Tensor]:
-        """Decode and resize (or tokenize) one item; raise BadItemError on bad input."""
+    def __call__(self, payload: str | Blob) -> dict[str, torch.Tensor]:
+        """Decode and resize (or tokenize) one item (a path, a text, or a Blob of a tar member's bytes);
+        raise BadItemError on bad input."""
         ...
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -101,7 +101,9 @@ def _enc(key: str, text: str, *flags: str) -> typer.models.OptionInfo:
 def encode(
     pipeline: Pipeline = None,
     dataset: Annotated[str | None, _enc("dataset", f"One of {', '.join(list_datasets())}.")] = None,
-    root: Annotated[str | None, _enc("root", "Dataset folder.")] = None,
+    root: Annotated[
+        str | None, _enc("root", "Dataset folder (webdataset: a folder, brace pattern or URL of tars).")
+    ] = None,
     split: Annotated[str | None, _enc("splits", "Comma-separated splits, or all.")] = None,
     modality: Annotated[
         str | None, _enc("modalities", "Comma-separated modalities, or all (those with an encoder).")
@@ -133,6 +135,15 @@ def encode(
     force: Annotated[
         bool | None, _enc("force", "Re-encode the requested stores from scratch.", "--force/--no-force")
     ] = None,
+    caption_field: Annotated[
+        str | None, _enc("caption_field", "webdataset: the .json field holding the caption (unset: .txt).")
+    ] = None,
+    split_field: Annotated[
+        str | None, _enc("split_field", "webdataset: the .json field naming each sample's split.")
+    ] = None,
+    train_shards: Annotated[str | None, _enc("train_shards", "webdataset: the train split's shards.")] = None,
+    val_shards: Annotated[str | None, _enc("val_shards", "webdataset: the val split's shards.")] = None,
+    test_shards: Annotated[str | None, _enc("test_shards", "webdataset: the test split's shards.")] = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:

@@ -240,7 +240,8 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, tuxpaint_root):
     two = subprocess.run(["torchrun", "--nproc_per_node=2", "--standalone", "-m", "m3jepa", *args,
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "rank 0 of 2" in two.stdout
+    # each rank prints its own table, labelled with its own rank (not rank 0's twice)
+    assert two.stdout.count("(rank 0 of 2:") == 1 and two.stdout.count("(rank 1 of 2:") == 1, two.stdout
     _assert_same_tree(tmp_path / "one", tmp_path / "two")
 
 

@@ -230,10 +230,10 @@ def test_fingerprints_follow_the_shard_or_the_member_bytes(shards, pngs):
 
 
 class _BytesPre:
-    """An image payload (a Blob) → (length, crc, first byte): depends only on the member's bytes."""
+    """An image payload (a Blob) or a caption → (length, crc, first byte): depends only on its bytes."""
 
-    def __call__(self, payload: Blob) -> dict[str, torch.Tensor]:
-        data = payload.data
+    def __call__(self, payload: Blob | str) -> dict[str, torch.Tensor]:
+        data = payload.data if isinstance(payload, Blob) else payload.encode()
         return {"x": torch.tensor([float(len(data)), float(zlib.crc32(data) % 10007), float(data[0])])}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -282,3 +282,78 @@ def test_ranks_take_whole_shards_and_write_the_one_process_store(shards, tmp_pat
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     # train rows per shard: 2, 2, 1 → store shards of 2 rows start in tar 0, 1, 2 → ranks 0, 1, 0
     assert opened == [(1, "00001.tar"), (0, "00000.tar"), (0, "00002.tar")]
+
+
+# ---------------------------------------------------------------- through the runner: bad pixels, staleness
+
+
+class _Pixels:
+    """The real image preprocessor (at 32 px) and a forward pass of channel means: decoding is real."""
+
+    def __init__(self, spec: EncoderSpec):
+        from m3jepa.encoders.image import ImagePreprocessor
+
+        self.spec = spec
+        self.preprocessor = ImagePreprocessor(resize=32, crop=32)
+
+    def encode(self, batch: dict[str, torch.Tensor], kind: str) -> EncodedBatch:
+        x = batch["pixel_values"]  # (B, 3, 32, 32)
+        return EncodedBatch(pooled=torch.cat([x.mean((2, 3)), x.std((2, 3))[:, :1]], dim=1))  # (B, 4)
+
+
+def _plan(shards: Path, store_root: Path, modalities: list[str], skip_bad: bool = False, **kw):
+    cfg = EncodeConfig(dataset="webdataset", root=str(shards), splits=["train"], modalities=modalities,
+                       store_root=str(store_root), shard_size=2, batch_size=2, workers=0, split_field="split",
+                       skip_bad=skip_bad, **kw)
+    ds = get_dataset("webdataset", str(shards), skip_bad=skip_bad, options=cfg.dataset_options())
+    return cfg, plan_jobs(cfg, ds)
+
+
+@pytest.fixture
+def fake_specs(monkeypatch):
+    specs = {m: EncoderSpec(f"fake-{m}", m, 4, "none", "r1", "last", factory=None)  # type: ignore[arg-type]
+             for m in ("image", "text")}
+    monkeypatch.setattr("m3jepa.encode.jobs.encoder_spec", lambda cfg, modality, ds: specs[modality])
+    return specs
+
+
+def test_a_corrupt_member_is_skipped_and_named(shards, tmp_path, fake_specs):
+    from m3jepa.data.records import BadItemError
+    from m3jepa.store.manifest import load_manifest, read_rows
+
+    tar = shards / "00001.tar"  # train rows 2 and 3: keys 000010000 and 000010002
+    with tarfile.open(tar) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t]
+    members = [(n, b"\x89PNG\r\n\x1a\n" + bytes(200) if n == "000010002.png" else d) for n, d in members]
+    _tar(tar, members)
+    cfg, [job] = _plan(shards, tmp_path / "stores", ["image"])
+    with pytest.raises(BadItemError, match=r"000010002: image .*00001.tar:000010002.png is corrupt.*"
+                                           r"train/image row 3.*--skip-bad"):
+        encode_store(job, _Pixels(fake_specs["image"]), cfg, DistInfo())
+    cfg, [job] = _plan(shards, tmp_path / "stores", ["image"], skip_bad=True)
+    encode_store(job, _Pixels(fake_specs["image"]), cfg, DistInfo())
+    m = load_manifest(job.path)
+    assert m.complete and [s["sample_id"] for s in m.skipped] == ["000010002"]
+    assert [r.valid for r in read_rows(job.path)] == [True, True, True, False, True]
+
+
+def test_edited_shard_is_stale_untouched_cached(shards, tmp_path, fake_specs):
+    from m3jepa.encode.jobs import cache_state
+
+    cfg, jobs = _plan(shards, tmp_path / "stores", ["image", "text"])
+    for job in jobs:
+        encode_store(job, _Pixels(fake_specs["image"]) if job.modality == "image" else _Fake(job.spec), cfg,
+                     DistInfo())
+    assert [cache_state(job, cfg) for job in _plan(shards, tmp_path / "stores", ["image", "text"])[1]] == [
+        True, True]
+    st = os.stat(shards / "00001.tar")
+    os.utime(shards / "00001.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # shard 1 rewritten
+    image, text = (cache_state(job, cfg) for job in _plan(shards, tmp_path / "stores", ["image", "text"])[1])
+    assert isinstance(image, str)
+    assert "2 of 5 rows changed since it was written (2 media files; first: 000010000, 000010002)" in image
+    assert text is True  # its captions did not change
+    # fingerprinted by the members' bytes, a rewrite with the same bytes changes nothing
+    cfg, jobs = _plan(shards, tmp_path / "sha", ["image"], content_hash="sha256")
+    encode_store(jobs[0], _Pixels(fake_specs["image"]), cfg, DistInfo())
+    os.utime(shards / "00002.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert cache_state(_plan(shards, tmp_path / "sha", ["image"], content_hash="sha256")[1][0], cfg) is True

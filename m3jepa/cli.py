@@ -206,6 +206,11 @@ def stores_verify(
     limit: Annotated[
         int | None, typer.Option(help="With --dataset/--root: the --limit it was encoded with.")
     ] = None,
+    caption_field: Annotated[str | None, typer.Option(help="webdataset: encode's --caption-field.")] = None,
+    split_field: Annotated[str | None, typer.Option(help="webdataset: as encode's --split-field.")] = None,
+    train_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --train-shards.")] = None,
+    val_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --val-shards.")] = None,
+    test_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --test-shards.")] = None,
     verbose: Verbose = False,
 ):
     """Check a store's checksums and row counts, and with --dataset/--root whether it is stale; exit status 1
@@ -221,7 +226,10 @@ def stores_verify(
         if (dataset or root) and report.ok:  # a corrupt store is not judged against its dataset
             from m3jepa.encode.source import check_source
 
-            check_source(report, dataset, root, seed, limit)
+            options = EncodeConfig(caption_field=caption_field, split_field=split_field,
+                                   train_shards=train_shards, val_shards=val_shards,
+                                   test_shards=test_shards).dataset_options()
+            check_source(report, dataset, root, seed, limit, options)
         typer.echo(report.text())
         if not report.ok:
             raise typer.Exit(1)

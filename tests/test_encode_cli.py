@@ -129,6 +129,16 @@ def test_tokens_kind_writes_ragged_rows_in_row_order(tmp_path):
         assert (tokens[:, 0] == i).all()  # each row's own tokens, whatever the batch order was
 
 
+def test_the_summary_names_the_rank_that_printed_it():
+    from m3jepa.encode.summary import EncodeSummary, StoreResult
+
+    stores = [StoreResult("val", "image", "fake", "p", rows=4, encoded=2, seconds=1.0)]
+    for rank in (0, 1):
+        table = EncodeSummary(stores=stores, world_size=2, rank=rank).table()
+        assert table.splitlines()[-1] == f"(rank {rank} of 2: encoded/seconds/MB are this rank's share)"
+    assert "rank" not in EncodeSummary(stores=stores).table()  # one process: no label
+
+
 # ---------------------------------------------------------------- the real CLI
 
 

@@ -77,7 +77,7 @@ class Scan:
 
 def scan(cfg: EncodeConfig, split: str, modality: str, stream: RecordStream) -> Scan:
     """Read the stream once (bytes only when sha256 fingerprints need them), checking the order rule and
-    every text row (screen_text); holds only the refused rows (and, for a list, its fingerprints)."""
+    every text row (text_problem); holds only the refused rows (and, for a list, its fingerprints)."""
     media = encoder_modality(modality) != "text"
     keep = [] if isinstance(stream, ListStream) else None
     members, content, refused, n = LineDigest(), LineDigest(), {}, 0

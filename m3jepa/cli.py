@@ -408,18 +408,21 @@ def run_pipeline(
         str, typer.Argument(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
     ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder holding "
+             "a run of another config is refused; one of this config is continued.")] = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Encode (reusing cached stores), train, evaluate, and print the metrics table.
+    """Encode (reusing cached stores), train (continuing this config's run), evaluate, print the metrics.
 
     Example: m3jepa run tuxpaint --workdir /tmp/m3jepa --set train.epochs=5
     """
     _setup_logging(verbose)
     with _errors():
-        cfg = _pipeline(pipeline, set_, device=device, precision=precision)
+        cfg = _pipeline(pipeline, set_, device=device, precision=precision, run=run)
         from m3jepa.runner import run_all
 
         typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))

@@ -746,6 +746,9 @@ def main() -> None:
     # samples/s (docs/benchmarks.md). Set before torch is imported (every stage imports it lazily);
     # an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from m3jepa.progress import quiet_library_bars
+
+    quiet_library_bars()  # a log file gets no `Loading weights: 0%|...|` fragments
     try:
         app()
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.model.mixup import mix_plan, mixup_pair
-from m3jepa.model.moe import log_view, warn_collapsed
+from m3jepa.model.moe import log_view, warn_unbalanced
 from m3jepa.progress import progress
 from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
@@ -170,7 +170,7 @@ def _train(
     tracker = tracking.Tracker(run_dir, state.step, tensorboard) if info.is_main else None
     window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
     tally = RoutingTally(getattr(getattr(objective.predictor, "mixer", None), "top_k", None))
-    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about a collapse
+    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about (moe.warn_unbalanced)
     # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
     train_data.readahead = read_ahead(
         train_data,
@@ -357,7 +357,8 @@ def _validate(
         if health["routing"]:
             record["val_routing"] = {d: {g: log_view(h) for g, h in gates.items()}
                                      for d, gates in health["routing"].items()}
-            warn_collapsed(health["routing"], f"validation at step {state.step}", warned)
+            warn_unbalanced(health["routing"], cfg.model.load_balance_weight,
+                            f"validation at step {state.step}", warned)
         tracker.log(record)
     mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.

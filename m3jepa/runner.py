@@ -76,3 +76,28 @@ def run_all(cfg: PipelineConfig, workdir: Path | None = None) -> str:
     log.info("stage 2 done: %s", result.summary())
     metrics = evaluate_run(run_dir)
     return f"{result.summary()}\n\n{metrics.table()}"
+
+
+def seed_configs(cfg: PipelineConfig, seeds: list[int] | None) -> list[PipelineConfig]:
+    """One config per seed: train.seed = s in the run folder `<run>-seed<s>` (`--seeds`); [cfg] for None."""
+    from m3jepa.train.loop import run_dir_of
+
+    if seeds is None:
+        return [cfg]
+    base = run_dir_of(cfg)
+    return [dataclasses.replace(cfg, run_dir=str(base.with_name(f"{base.name}-seed{s}")),
+                                train=dataclasses.replace(cfg.train, seed=s)) for s in seeds]
+
+
+def run_seeds(cfg: PipelineConfig, seeds: list[int] | None, workdir: Path | None = None) -> str:
+    """`m3jepa run` once per seed (the stores are encoded once), then, for several seeds, the comparison
+    of their runs as one config: mean ± std over the seeds and the chance level (`m3jepa compare`)."""
+    from m3jepa.eval.compare import compare_runs, markdown
+    from m3jepa.train.loop import run_dir_of
+
+    configs = seed_configs(cfg, seeds)
+    parts = [run_all(one, workdir=workdir) for one in configs]
+    if len(configs) == 1:
+        return parts[0]
+    dirs = [run_dir_of(resolve_paths(one, workdir)) for one in configs]
+    return "\n\n".join(parts + [f"{len(dirs)} seeds of one config:\n\n" + markdown(compare_runs(dirs))])

@@ -102,3 +102,14 @@ def test_a_copied_pipeline_is_named_after_its_file(tmp_path) -> None:
         '# m3jepa run c2.toml --set a=1\nname = "c2"')
     with pytest.raises(ValueError, match="cannot name a run folder"):
         copy("tuxpaint", tmp_path / "a b.toml")
+
+
+def test_seeds_get_one_folder_each() -> None:
+    from m3jepa.runner import resolve_paths, seed_configs
+
+    cfg = load_pipeline(shipped_file("tuxpaint"))
+    out = seed_configs(cfg, [0, 2])
+    got = [(c.run_dir, c.train.seed) for c in out]
+    assert got == [("runs/tuxpaint-seed0", 0), ("runs/tuxpaint-seed2", 2)]
+    assert resolve_paths(out[1], Path("/w")).run_dir == "/w/runs/tuxpaint-seed2"  # --workdir anchors them
+    assert seed_configs(cfg, None) == [cfg]

@@ -208,12 +208,14 @@ def evaluate_run(
     checkpoint: str = "best",
     device: str | None = None,
     precision: str | None = None,
+    root: str | None = None,
 ) -> EvalMetrics:
     """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots.
 
-    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host).
+    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host);
+    `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`).
     """
-    trained = open_run(run_dir, checkpoint, split, protocol)  # the one loader; verifies checksums.json
+    trained = open_run(run_dir, checkpoint, split, protocol, root)  # the one loader; verifies checksums
     # the run's device and precision unless the command line overrides them, checked as the config is
     runtime = trained.runtime(device, precision)
     cfg = trained.cfg  # validated options; the run's absolute store root

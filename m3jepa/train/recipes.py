@@ -148,9 +148,10 @@ def auto_size(cfg: PipelineConfig, data: PairedSplit, keys: frozenset[str]) -> P
         cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()}
     )
     log.warning(
-        "no pipeline: sized from the %s train pairs (largest direction %d): %s (docs/training.md, 'Without a "
-        "pipeline'; --set any of them, or pass --pipeline, to choose yourself)",
+        "no pipeline: sized from the %s train pairs (largest direction %d): %s; a step budget that early "
+        "stopping ends after train.patience=%d validations (every %d steps) without a better mean R@1 "
+        "(docs/training.md, 'Without a pipeline'; --set any of them, or pass --pipeline, to choose yourself)",
         ", ".join(f"{d} {n}" for d, n in pairs.items()), max(pairs.values()),
-        ", ".join(f"{k}={v}" for k, v in sorted(values.items())),
+        ", ".join(f"{k}={v}" for k, v in sorted(values.items())), cfg.train.patience, cfg.train.eval_every,
     )
     return out

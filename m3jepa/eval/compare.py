@@ -248,8 +248,14 @@ def _metric_order(groups: list[dict[str, Any]]) -> list[str]:
     names = {n for g in groups for n in g["metrics"]}
     head = [n for n in ("steps", "best val mean R@1") if n in names]
     r1 = sorted(n for n in names if n.endswith(" R@1") and n not in head and n != "mean R@1")
-    rest = sorted(n for n in names if n not in head and n not in r1 and n != "mean R@1")
+    rest = sorted((n for n in names if n not in head and n not in r1 and n != "mean R@1"), key=_by_k)
     return head + r1 + (["mean R@1"] if "mean R@1" in names else []) + rest
+
+
+def _by_k(name: str) -> tuple[str, int]:
+    """'image->text R@10' sorts after 'image->text R@5'."""
+    head, _, k = name.rpartition(" R@")
+    return (head, int(k)) if k.isdigit() else (name, 0)
 
 
 def _metric_cell(group: dict[str, Any], name: str, index: int) -> str:

@@ -90,7 +90,7 @@ def test_own_jsonl_folder_to_a_search_page(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "serve did not answer /health"
                 time.sleep(0.3)
-        body = json.dumps({"text": "a red apple", "k": 3, "index": "image"}).encode()
+        body = json.dumps({"text": "a red apple", "k": 3}).encode()  # text answers the image index
         request = urllib.request.Request(url + "/api/search", data=body,
                                          headers={"content-type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:

@@ -56,13 +56,6 @@ def test_run_tuxpaint_pipeline_end_to_end(tmp_path):
     for direction in ("image->text", "text->image"):
         assert metrics["directions"][direction]["R@1"] > 5 * chance, metrics["directions"]
     assert (tmp_path / "stores" / "tuxpaint" / "test" / "image").is_dir()
-    # a quiet first run (issue 21 item 6): routing health is one line of the report, not four warnings;
-    # R² is explained; no library progress-bar fragments in the log
-    log = out.stderr
-    assert "routing collapse" not in log and "WARNING m3jepa.model.moe" not in log
-    assert "Loading weights" not in log and "%|" not in log, log[-3000:]
-    assert sum(line.startswith("- routing (test split") for line in out.stdout.splitlines()) == 1
-    assert "- R² of the predicted latents:" in out.stdout and "0 no better than predicting" in out.stdout
 
     # Run again: every store is cached (no encoder loaded) and the finished run is resumed, not redone.
     again = _run(
@@ -73,20 +66,3 @@ def test_run_tuxpaint_pipeline_end_to_end(tmp_path):
     assert "resuming" in again.stderr
     assert f"run {run} was already finished (" in again.stdout and "samples/s" not in again.stdout
     assert json.loads((run / "metrics.json").read_text())["directions"] == metrics["directions"]
-
-    # A copy with another temperature (issue 21 item 2): its own run folder, named after the file; the
-    # default's folder is never resumed with it, and --run puts it anywhere.
-    assert _run("pipelines", "copy", "tuxpaint", "my.toml", cwd=tmp_path).returncode == 0
-    text = (tmp_path / "my.toml").read_text().replace("temperature = 0.03", "temperature = 0.05")
-    (tmp_path / "my.toml").write_text(text)
-    short = [*sets, "--set", "train.max_steps=20"]
-    refused = _run("run", "my.toml", "--workdir", str(tmp_path), "--run", str(run), *short, cwd=tmp_path)
-    assert refused.returncode == 2 and "loss.temperature: 0.05 != 0.03" in refused.stderr
-    assert "--run NEW_FOLDER" in refused.stderr and "Traceback" not in refused.stderr
-    mine = _run("run", "my.toml", "--workdir", str(tmp_path), *short, cwd=tmp_path)
-    assert mine.returncode == 0, mine.stderr[-3000:]
-    assert (tmp_path / "runs" / "my" / "metrics.json").is_file()
-    # a speed-only setting (issue 22) reuses the finished run
-    threads = _run("run", "my.toml", "--workdir", str(tmp_path), *short, "--set", "train.num_threads=1",
-                   cwd=tmp_path)
-    assert threads.returncode == 0 and "was already finished" in threads.stdout, threads.stderr[-2000:]

@@ -76,6 +76,11 @@ Device = Annotated[
 Precision = Annotated[
     str | None, typer.Option(help="runtime.precision: fp32 | bf16 (float32 master weights; bf16 autocast).")
 ]
+Seeds = Annotated[str | None, typer.Option(
+    help="Train one run per seed, e.g. 0,1,2 (train.seed): folders <run>-seed0, <run>-seed1, ...")]
+Root = Annotated[str | None, typer.Option(
+    help="The dataset folder (encode.root): where a folder dataset (jsonl, imagefolder, imagenet) was "
+         "encoded from, which names its stores.")]
 Pipeline = Annotated[
     str | None, typer.Option(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
 ]
@@ -284,6 +289,8 @@ def train_predictor(
     dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
     run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    seeds: Seeds = None,
+    root: Root = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
@@ -296,15 +303,16 @@ def train_predictor(
     _setup_logging(verbose)
     with _errors():
         cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run, device=device,
-                        precision=precision)
+                        precision=precision, root=_abs(root))
+        from m3jepa.runner import seed_configs
         from m3jepa.train.loop import train
         from m3jepa.train.recipes import SIZED_KEYS
 
         # no pipeline: the predictor and the steps are sized from the train pairs, except what --set gives
         given = {".".join(parse_override(item)[0]) for item in set_ or []}
         auto = None if pipeline is not None else SIZED_KEYS - given
-        result = train(cfg, resume=resume, auto_keys=auto)
-        typer.echo(result.summary())
+        for one in seed_configs(cfg, _seeds(seeds, given)):
+            typer.echo(train(one, resume=resume, auto_keys=auto).summary())
 
 
 @app.command()
@@ -314,6 +322,7 @@ def evaluate(
     protocol: Annotated[str | None, typer.Option(help="multi | paired")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     json_: Annotated[bool, typer.Option("--json", help="Print the metrics JSON on stdout.")] = False,
+    root: Root = None,
     device: Device = None,
     precision: Precision = None,
     verbose: Verbose = False,
@@ -331,7 +340,7 @@ def evaluate(
 
         metrics = evaluate_run(
             Path(run), split=split, protocol=protocol, checkpoint=checkpoint, device=device,
-            precision=precision,
+            precision=precision, root=_abs(root),
         )
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
 
@@ -341,17 +350,24 @@ def compare(
     runs: Annotated[list[str], typer.Argument(help="Run directories written by train-predictor.")],
     split: Annotated[str, typer.Option(help="The split whose metrics to show (evaluate --split).")] = "test",
     json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    plot: Annotated[str | None, typer.Option(
+        help="Where to write the bar plot of mean R@1 ± std (default: compare.png in the runs' common "
+             "folder); 'none' writes none.")] = None,
 ) -> None:
-    """Show runs side by side: the config keys that differ, steps, best validation R@1, test recalls.
+    """Compare runs grouped by config (seeds pooled): mean ± std, chance, which differences beat the noise.
 
-    Example: m3jepa compare runs/tp runs/tp_mlp
+    Example: m3jepa compare runs/tp-seed0 runs/tp-seed1 runs/tp-seed2 runs/tp_mlp-seed0 runs/tp_mlp-seed1
     """
     with _errors():
         _check_options("eval", {"split": split})
-        from m3jepa.eval.compare import compare_runs, markdown
+        from m3jepa.eval.compare import compare_runs, default_plot, markdown, plot_groups
 
-        result = compare_runs([Path(r) for r in runs], split=split)
-        typer.echo(json.dumps(result, indent=2) if json_ else markdown(result), nl=json_)
+        paths = [Path(r) for r in runs]
+        result = compare_runs(paths, split=split)
+        if plot != "none" and any(g["evaluated"] for g in result["groups"]):
+            result["plot"] = str(plot_groups(result, Path(plot) if plot else default_plot(paths)))
+        typer.echo(json.dumps(result, indent=2) if json_ else markdown(result)
+                   + (f"\nplot: {result['plot']}\n" if "plot" in result else ""), nl=json_)
 
 
 @app.command("lora-export")
@@ -427,21 +443,26 @@ def run_pipeline(
         str, typer.Argument(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
     ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder holding "
+             "a run of another config is refused; one of this config is continued.")] = None,
+    seeds: Seeds = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Encode (reusing cached stores), train, evaluate, and print the metrics table.
+    """Encode (reusing cached stores), train (continuing this config's run), evaluate, print the metrics.
 
     Example: m3jepa run tuxpaint --workdir /tmp/m3jepa --set train.epochs=5
     """
     _setup_logging(verbose)
     with _errors():
-        cfg = _pipeline(pipeline, set_, device=device, precision=precision)
-        from m3jepa.runner import run_all
+        cfg = _pipeline(pipeline, set_, device=device, precision=precision, run=run)
+        from m3jepa.runner import run_seeds
 
-        typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))
+        given = {".".join(parse_override(item)[0]) for item in set_ or []}
+        typer.echo(run_seeds(cfg, _seeds(seeds, given), workdir=Path(workdir) if workdir else None))
 
 
 @app.command("export")
@@ -514,6 +535,7 @@ def index(
     memory_budget: Annotated[str, typer.Option(help="The most the index may hold in memory, e.g. 4GB.")] = (
         "4GB"),
     checkpoint: Annotated[str, typer.Option(help="With --run: best | latest")] = "best",
+    root: Root = None,
     device: SearchDevice = "auto",
     force: Annotated[bool, typer.Option(help="Rebuild an existing --out.")] = False,
     verbose: Verbose = False,
@@ -549,15 +571,17 @@ def index(
             typer.echo(f"{_index_line(path, m, False)}\n{update.line(m['rows'], what)}")
             return
         path, cached = _index_gallery(store, run, split, modality, out, kind, memory_budget, checkpoint,
-                                      device, force)
+                                      device, force, _abs(root))
         m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         typer.echo(_index_line(path, m, cached))
 
 
 def _index_gallery(store: str | None, run: str | None, split: str | None, modality: str | None,
                    out: str | None, kind: str, memory_budget: str, checkpoint: str, device: str,
-                   force: bool) -> tuple[Path, bool]:
-    """`index --store` or `index --run --split --modality`: (the index folder, whether it was cached)."""
+                   force: bool, root: str | None = None) -> tuple[Path, bool]:
+    """`index --store` or `index --run --split --modality`: (the index folder, whether it was cached).
+
+    `root` (`--root`): where the run's folder dataset is, when its saved encode.root does not say."""
     from m3jepa.api import load
     from m3jepa.search import embed_run, index_stores
     from m3jepa.search.embed import default_out as embedded_out
@@ -570,6 +594,9 @@ def _index_gallery(store: str | None, run: str | None, split: str | None, modali
                           "or --texts FILE)")
     if run is not None:
         model = load(Path(run), checkpoint=checkpoint, device=device)
+        if root is not None:  # a folder dataset's stores are named by its folder
+            encode = dataclasses.replace(model.cfg.encode, root=root)
+            model.cfg = dataclasses.replace(model.cfg, encode=encode)
         splits = run_splits(model, modality) if split == "all" else [split]
         embedded = [embed_run(model, s, modality).path for s in splits]
         first = embedded_out(Path(model.source.path), "all", modality, model.source.kind)
@@ -702,7 +729,29 @@ def serve(
 
 # The config key each shared command option sets (after --set, so the option wins).
 _OPTION_KEYS = {"device": "runtime.device", "precision": "runtime.precision",
-                "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir"}
+                "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir",
+                "root": "encode.root"}
+
+
+def _abs(path: str | None) -> str | None:
+    """A dataset folder as an absolute path: a folder dataset's stores are named by it, and the run's
+    saved config must find them again from any working directory (evaluate, index)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _seeds(value: str | None, given: set[str]) -> list[int] | None:
+    """--seeds 0,1,2 as ints (None: one run with train.seed as configured)."""
+    if value is None:
+        return None
+    if "train.seed" in given:
+        raise ConfigError("give the seeds with --seeds or train.seed with --set, not both")
+    try:
+        seeds = [int(v) for v in _csv(value) or []]
+    except ValueError:
+        raise ConfigError(f"--seeds {value!r} must be integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {value!r} must name at least one seed, each once")
+    return seeds
 
 
 def _pipeline(path: str | None, overrides: list[str] | None, **options: str | None):
@@ -762,6 +811,9 @@ def main() -> None:
     # samples/s (docs/benchmarks.md). Set before torch is imported (every stage imports it lazily);
     # an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from m3jepa.progress import quiet_library_bars
+
+    quiet_library_bars()  # a log file gets no `Loading weights: 0%|...|` fragments
     try:
         app()
     except KeyboardInterrupt:

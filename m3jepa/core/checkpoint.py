@@ -229,3 +229,42 @@ def config_differences(
             if f"{section}.{key}" not in ignore and da.get(key) != db.get(key):
                 out.append(f"{section}.{key}: {da.get(key)!r} != {db.get(key)!r}")
     return out
+
+
+# ---------------------------------------------------------------- run identity: the one rule
+# A run folder holds one run: the config that made its checkpoint. A config continues it (train-predictor
+# --resume, `m3jepa run` on an existing folder) only when these sections are equal, and never otherwise.
+RUN_SECTIONS = ("encode", "model", "loss", "train", "lora", "runtime")
+# ... less the keys that change how fast a run goes or what it logs, never what it computes. Each is
+# guaranteed by the code and tested (tests/test_run_identity.py):
+# - train.num_threads: torch's intra-op threads; CPU training here is bit-identical with 1 and 2 threads
+#   (the test trains both); train.feed: every feed gives the same batches, bit for bit
+#   (tests/test_feed.py); train.log_every, train.checkpoint_every, train.tensorboard: what is written and
+#   when, never the weights (resume is bit-exact from any checkpoint, tests/test_train.py);
+# - runtime.device: a run may move to another device (its checkpoint loads with map_location; not bit-exact
+#   across device kinds, docs/training.md);
+# - how stores are made, not which stores the run reads: encode.splits, modalities, batch_size, workers,
+#   decode_priority, device, threads, force, content_hash. The stores a run read are checked by their
+#   manifest identity in stores.json on every resume (m3jepa/core/runstores.py).
+SPEED_ONLY = frozenset({
+    "train.num_threads", "train.feed", "train.log_every", "train.checkpoint_every", "train.tensorboard",
+    "runtime.device",
+    "encode.splits", "encode.modalities", "encode.batch_size", "encode.workers", "encode.decode_priority",
+    "encode.device", "encode.threads", "encode.force", "encode.content_hash",
+})
+
+
+def run_differences(cfg: PipelineConfig, saved: PipelineConfig) -> list[str]:
+    """What makes `cfg` another run than the one `saved` (a checkpoint's config) made: 'key: a != b'."""
+    return config_differences(cfg, saved, RUN_SECTIONS, SPEED_ONLY)
+
+
+def check_same_run(cfg: PipelineConfig, saved: PipelineConfig, run_dir: Path) -> None:
+    """Refuse to continue the run in `run_dir` with a config that makes another run (one line, the fix)."""
+    diff = run_differences(cfg, saved)
+    if diff:
+        raise CheckpointError(
+            f"{run_dir} holds a run of another config ({'; '.join(diff)}); a run never continues with a "
+            f"changed config: give this one its own folder with --run NEW_FOLDER, or delete {run_dir} to "
+            "start over"
+        )

@@ -136,21 +136,24 @@ def _short(value: Any) -> str:
 
 
 def eval_config(
-    run_dir: Path, cfg: PipelineConfig, split: str | None, protocol: str | None
+    run_dir: Path, cfg: PipelineConfig, split: str | None, protocol: str | None, root: str | None = None
 ) -> PipelineConfig:
-    """The checkpoint's config for `evaluate`: the options checked as eval.split/eval.protocol are, and
-    encode.store_root the absolute root the run recorded (a relative root is relative to where it trained).
+    """The checkpoint's config for `evaluate`: the options checked as eval.split/eval.protocol are,
+    encode.store_root the absolute root the run recorded (a relative root is relative to where it trained),
+    and encode.root `root` when given (`evaluate --root`: a folder dataset's folder names its stores).
     """
     ev = dataclasses.replace(cfg.eval, split=split or cfg.eval.split, protocol=protocol or cfg.eval.protocol)
     record = read_record(run_dir)
-    root = cfg.encode.store_root
+    store_root = cfg.encode.store_root
     if record is None:
         log.warning("run %s has no %s (trained before m3jepa recorded its stores): its stores are not "
                     "checked, and encode.store_root=%r is read from the current directory",
-                    run_dir, STORES, root)
+                    run_dir, STORES, store_root)
     else:
-        root = record["store_root"]
-    return dataclasses.replace(cfg, eval=ev, encode=dataclasses.replace(cfg.encode, store_root=root))
+        store_root = record["store_root"]
+    data_root = cfg.encode.root if root is None else root
+    return dataclasses.replace(cfg, eval=ev, encode=dataclasses.replace(cfg.encode, store_root=store_root,
+                                                                        root=data_root))
 
 
 def check_eval_stores(run_dir: Path, cfg: PipelineConfig, split: str) -> None:

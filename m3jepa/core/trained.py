@@ -125,9 +125,10 @@ def open_trained(path: str | Path, checkpoint: str = "best") -> Trained:
 
 
 def open_run(run: str | Path, checkpoint: str = "best", split: str | None = None,
-             protocol: str | None = None) -> Trained:
+             protocol: str | None = None, root: str | None = None) -> Trained:
     """A run's checkpoint, every file verified against its checksums.json; the config's eval.split and
-    eval.protocol replaced by `split`/`protocol` where given (checked as the config is)."""
+    eval.protocol replaced by `split`/`protocol` where given (checked as the config is), and encode.root
+    by `root` (a folder dataset's folder, which names its stores: `evaluate --root`)."""
     from m3jepa.core.runstores import eval_config
 
     run = Path(run)
@@ -138,7 +139,7 @@ def open_run(run: str | Path, checkpoint: str = "best", split: str | None = None
         raise CheckpointError(f"{ck_path} does not exist; is {run} a run written by train-predictor (best "
                               "exists once it has finished a validation)?")
     ck = load_checkpoint(ck_path)  # verifies checksums.json
-    cfg = eval_config(run, ck.cfg, split, protocol)  # the run's absolute store root
+    cfg = eval_config(run, ck.cfg, split, protocol, root)  # the run's absolute store root
     adapters = ck_path / ADAPTERS
     return Trained(
         source=ModelSource(run, "run", checkpoint), cfg=cfg, dims=dict(ck.state.dims),

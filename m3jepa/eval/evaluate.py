@@ -24,7 +24,7 @@ from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, sour
 from m3jepa.eval.report import run_provenance
 from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
 from m3jepa.knn import topk_search
-from m3jepa.model.moe import routing_health, warn_collapsed
+from m3jepa.model.moe import routing_health, routing_summary, warn_unbalanced
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,36 @@ def prediction_health(
     return {"r2": r2, "routing": routing}
 
 
+SHARE_NOTE = ("share: the fraction of the split's rows that use the expert; each row uses k experts, so the "
+              "shares sum to k × 100%, and 100% means every row uses that expert")
+R2_NOTE = ("R²: 1 − SSE/SST of the predicted latents against the target encoder's latents over the split, "
+           "in the space L_pred trains; 1 is exact, 0 no better than predicting their mean, below 0 worse "
+           "(docs/predictor.md, Routing health)")
+
+
+def routing_brief(metrics: dict[str, Any]) -> str:
+    """The printed report's lines on routing and prediction: one line of routing health, one of R²."""
+    lines = []
+    if metrics.get("routing"):
+        lines.append("- " + routing_summary(metrics["routing"], f"{metrics['split']} split"))
+    r2 = metrics.get("r2")
+    if r2:
+        lines.append("- R² of the predicted latents: " + ", ".join(f"{d} {v:.3f}" for d, v in r2.items())
+                     + f" ({R2_NOTE})")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def routing_lines(metrics: dict[str, Any]) -> str:
-    """Markdown: each gate's routing on the evaluated split (normalised entropy, busiest expert, collapse)."""
+    """Markdown for metrics.md: routing health in one line, then each gate's routing on the evaluated split
+    (normalised entropy, busiest expert, collapse) and R², with what the share and R² mean."""
     routing = metrics.get("routing")
     if not routing:
         return ""
     lines = [
         f"\n### Routing and prediction on the {metrics['split']} split\n",
-        "| direction | gate | normalised entropy | collapse below | busiest expert (share of rows) "
-        "| collapsed | R² |",
+        routing_summary(routing, f"{metrics['split']} split") + "\n",
+        "| direction | gate | normalised entropy | collapse below | busiest expert (share of rows¹) "
+        "| collapsed | R²² |",
         "|---|---|---:|---:|---|---|---:|",
     ]
     r2 = metrics.get("r2", {})
@@ -116,6 +137,7 @@ def routing_lines(metrics: dict[str, Any]) -> str:
                 f"| {d} | {gate} | {h['entropy']:.3f} | {h['threshold']:.3f} | {top} ({h['share'][top]:.0%}) "
                 f"| {'yes' if h['collapsed'] else 'no'} | {r2_cell} |"
             )
+    lines += ["", f"¹ {SHARE_NOTE}.", "", f"² {R2_NOTE}."]
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +168,7 @@ class EvalMetrics:
         from m3jepa.eval.vqa import vqa_lines
 
         return (metrics_table(self.data) + _classification_tables(self.data) + vqa_lines(self.data)
-                + routing_lines(self.data))
+                + routing_brief(self.data))
 
 
 def _classification(directions: list[str], space: str, embeddings) -> dict[str, Any]:
@@ -186,12 +208,14 @@ def evaluate_run(
     checkpoint: str = "best",
     device: str | None = None,
     precision: str | None = None,
+    root: str | None = None,
 ) -> EvalMetrics:
     """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots.
 
-    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host).
+    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host);
+    `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`).
     """
-    trained = open_run(run_dir, checkpoint, split, protocol)  # the one loader; verifies checksums.json
+    trained = open_run(run_dir, checkpoint, split, protocol, root)  # the one loader; verifies checksums
     # the run's device and precision unless the command line overrides them, checked as the config is
     runtime = trained.runtime(device, precision)
     cfg = trained.cfg  # validated options; the run's absolute store root
@@ -245,7 +269,7 @@ def evaluate_run(
         metrics["r2"] = health["r2"]  # 1 − SSE/SST of the predicted latents, in the space L_pred uses
     if health["routing"]:
         metrics["routing"] = health["routing"]  # each gate's expert shares and normalised entropy
-        warn_collapsed(health["routing"], f"{split} split")
+        warn_unbalanced(health["routing"], cfg.model.load_balance_weight, f"{split} split")
     _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
     return EvalMetrics(metrics)
 

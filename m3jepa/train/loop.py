@@ -24,7 +24,7 @@ from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.model.mixup import mix_plan, mixup_pair
-from m3jepa.model.moe import log_view, warn_collapsed
+from m3jepa.model.moe import log_view, warn_unbalanced
 from m3jepa.progress import progress
 from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
@@ -32,14 +32,6 @@ from m3jepa.train.recipes import RoutingTally, auto_size, fit_target_statistics
 from m3jepa.train.schedule import directions_at, lr_at
 
 log = logging.getLogger(__name__)
-
-# A resumed run must be the same run: these sections have to match the checkpoint's exactly.
-RESUME_SECTIONS = ("encode", "model", "loss", "train", "runtime")
-# ... except keys that cannot change a result: every feed gives the same batches, bit for bit, and a run
-# may resume on another device (its checkpoint loads with map_location of the new one); TensorBoard only
-# mirrors metrics.jsonl
-RESUME_IGNORED = frozenset({"train.feed", "runtime.device", "train.tensorboard"})
-
 
 @dataclass
 class TrainResult:
@@ -53,8 +45,15 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     num_params: int
+    already_finished: bool = False  # resumed at its end: nothing was trained now
 
     def summary(self) -> str:
+        if self.already_finished:
+            how = f"stopped early at step {self.steps}" if self.stopped_early else f"{self.steps} steps"
+            return (
+                f"run {self.run_dir} was already finished ({how}); nothing to train: best validation mean "
+                f"R@1 {self.best_metric:.2f} at step {self.best_step}"
+            )
         return (
             f"run {self.run_dir}: {self.steps} steps in {self.seconds:.1f}s "
             f"({self.samples_per_s:.0f} samples/s), {self.num_params:,} trainable parameters; "
@@ -147,6 +146,12 @@ def _train(
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    if start is not None and (state.stopped_early or state.step >= n_steps):  # a rerun of a finished run
+        train_data.close()
+        log.info("run %s is already finished at step %d: nothing to train", run_dir, state.step)
+        return TrainResult(run_dir=run_dir, steps=state.step, best_step=state.best_step,
+                           best_metric=state.best_metric, stopped_early=state.stopped_early, seconds=0.0,
+                           samples_per_s=0.0, num_params=n_params, already_finished=True)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, layout.config)
@@ -165,7 +170,7 @@ def _train(
     tracker = tracking.Tracker(run_dir, state.step, tensorboard) if info.is_main else None
     window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
     tally = RoutingTally(getattr(getattr(objective.predictor, "mixer", None), "top_k", None))
-    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about a collapse
+    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about (moe.warn_unbalanced)
     # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
     train_data.readahead = read_ahead(
         train_data,
@@ -238,12 +243,7 @@ def _load_resume(
     if not latest.exists():
         raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
     start = ckpt.load_checkpoint(latest, with_optimizer=True, map_location=device)
-    diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS, RESUME_IGNORED)
-    if diff:
-        raise ckpt.CheckpointError(
-            f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); "
-            "resume with the same config, or start a new --run"
-        )
+    ckpt.check_same_run(cfg, start.cfg, layout.path)  # the one rule of run identity (core/checkpoint.py)
     log.info("resuming %s at step %d", latest, start.state.step)
     return start
 
@@ -357,7 +357,8 @@ def _validate(
         if health["routing"]:
             record["val_routing"] = {d: {g: log_view(h) for g, h in gates.items()}
                                      for d, gates in health["routing"].items()}
-            warn_collapsed(health["routing"], f"validation at step {state.step}", warned)
+            warn_unbalanced(health["routing"], cfg.model.load_balance_weight,
+                            f"validation at step {state.step}", warned)
         tracker.log(record)
     mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.

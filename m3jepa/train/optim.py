@@ -2,8 +2,9 @@
 
 On the CPU fast path (`runtime.cpu_fast_path`: bf16 on a CPU device, no process group) the objective
 gets the fast modules of `m3jepa.accel` and the optimizer is `accel.ShadowAdamW`. Everywhere else it is
-torch's AdamW, fused where torch has a fused kernel for the device, built and stepped through public
-torch API only (tests/test_accel.py checks that this path touches no private torch API).
+torch's AdamW, fused where torch has a fused kernel for the device, built through public torch API and
+stepped with the clipping folded into the fused update (`accel.clipped_step`: its `grad_scale` is the one
+private torch API this path uses; tests/test_accel.py checks that it uses no other).
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def adamw_impl(params: list[torch.Tensor]) -> dict[str, bool]:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float) -> None:
-    """Clip the global gradient norm to `grad_clip` (0: off), then update."""
+    """Clip the global gradient norm to `grad_clip` (0: off), then update.
+
+    torch's fused AdamW (CPU and CUDA) and ShadowAdamW divide by the clip factor inside their update
+    (`accel.clipped_step`: one norm pass, no scaling pass); the for-each AdamW clips with clip_grad_norm_.
+    """
     if isinstance(optimizer, accel.ShadowAdamW):
         optimizer.step(max_grad_norm=grad_clip)  # clipping folded into the fused update
+        return
+    if grad_clip > 0 and accel.folds_clipping(optimizer):
+        accel.clipped_step(optimizer, grad_clip)
         return
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -333,11 +333,15 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto (cuda when one is visible, else cpu) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16
+    # float32 matmuls: auto (TF32 on a GPU, "high"; exact on a CPU, "highest") | highest | high (TF32: a GPU
+    # only); torch.set_float32_matmul_precision where the runtime is resolved (m3jepa.core.precision)
+    matmul_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _choice("runtime.precision", self.precision, ("fp32", "bf16"))
+        _choice("runtime.matmul_precision", self.matmul_precision, ("auto", "highest", "high"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from m3jepa.config import ConfigError, RuntimeConfig
+from m3jepa.core.precision import with_matmul_precision
 from m3jepa.distributed import DistInfo, env_info
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Runtime:
     device: torch.device
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast over float32 master weights
     backend: str = "gloo"  # nccl (each rank on its own GPU) | gloo (CPUs)
+    matmul_precision: str = "highest"  # torch's float32 matmul precision set for it (m3jepa.core.precision)
 
     @property
     def device_type(self) -> str:
@@ -64,13 +66,14 @@ def resolve(
     refused under torchrun (ranks would share a GPU). `cuda_available`/`cuda_count` exist for tests.
     """
     info = info or env_info()
+    real = cuda_available is None and cuda_count is None  # a faked host changes no process-wide setting
     available = torch.cuda.is_available() if cuda_available is None else cuda_available
     count = (torch.cuda.device_count() if available else 0) if cuda_count is None else cuda_count
     want = cfg.device
     if want == "auto":
         want = "cuda" if available and count > 0 else "cpu"
     if want == "cpu":
-        return Runtime(torch.device("cpu"), cfg.precision, "gloo")
+        return with_matmul_precision(Runtime(torch.device("cpu"), cfg.precision, "gloo"), cfg, real)
     if not available or count == 0:
         raise ConfigError(
             f"runtime.device={cfg.device!r} but torch sees no CUDA device (torch {torch.__version__}, "
@@ -93,7 +96,7 @@ def resolve(
         )
     if cfg.precision == "bf16" and cuda_available is None and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"cuda:{index} does not support bf16; set runtime.precision = \"fp32\"")
-    return Runtime(torch.device("cuda", index), cfg.precision, "nccl")
+    return with_matmul_precision(Runtime(torch.device("cuda", index), cfg.precision, "nccl"), cfg, real)
 
 
 def to_device(x: Any, device: torch.device) -> Any:

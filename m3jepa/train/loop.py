@@ -84,7 +84,8 @@ def train(cfg: PipelineConfig, resume: bool = False, auto_keys: frozenset[str] |
     runtime = resolve(cfg.runtime)  # the device and its process-group backend, decided once
     # one process: rank 0 of 1, no group; rank 0 locks the run dir, so a second run into it fails at once
     with process_group(runtime.device) as info, hold_run(run_dir_of(cfg), info.is_main):
-        log.info("training on %s (%s, process group %s)", runtime.device, runtime.precision, runtime.backend)
+        log.info("training on %s (%s, float32 matmuls %s, process group %s)", runtime.device,
+                 runtime.precision, runtime.matmul_precision, runtime.backend)
         return _train(cfg, resume, info, runtime, auto_keys)
 
 

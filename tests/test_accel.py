@@ -22,7 +22,7 @@ from m3jepa.train.optim import build_optimizer, optimizer_step
 
 PACKAGE = Path(m3jepa.__file__).resolve().parent
 ACCEL = PACKAGE / "accel"
-CLIP = ACCEL / "clip.py"  # clipping folded into torch's fused AdamW: the fence's one piece on the default path
+CLIP = ACCEL / "clip.py"  # clipping folded into fused AdamW: the one piece of the fence on the default path
 # Private torch API as it can appear in our source.
 PRIVATE = re.compile(
     r"\bgrad_scale\b|_get_fused_kernels_supported_devices|\._version\b|ops\.onednn|_foreach_"

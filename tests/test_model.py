@@ -341,3 +341,23 @@ def test_the_plain_model_is_made_of_torch_layers_only(predictor: str) -> None:
             assert type(m) in (torch.nn.Linear, torch.nn.Dropout), f"{name} is a {type(m).__name__}"
         assert not type(m).__module__.startswith("m3jepa.accel"), name
     assert all(m.row_bucket == 1 for m in model.modules() if isinstance(m, MultiGateMoE))  # no padding
+
+
+def test_l2_normalize_is_f_normalize_forward_and_backward() -> None:
+    """The predictors' normalisation (a shorter backward) against torch's F.normalize, zero rows and rows
+    under the 1e-12 floor included."""
+    from m3jepa.model.predictor import l2_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[1] = 0.0
+    x[2] *= 1e-14  # under the floor: divided by 1e-12, a linear map
+    probe = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    ours = x.clone().requires_grad_(True)
+    ref = x.clone().requires_grad_(True)
+    (l2_normalize(ours) * probe).sum().backward()
+    (torch.nn.functional.normalize(ref, dim=-1) * probe).sum().backward()
+    torch.testing.assert_close(l2_normalize(x), torch.nn.functional.normalize(x, dim=-1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-12, atol=0)
+    unit = x[[0, 3, 4, 5, 6]].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(l2_normalize, (unit,))

@@ -403,18 +403,31 @@ def model_info(
     ] = "image=1024,text=4096",
     set_: Sets = None,
 ) -> None:
-    """Print the predictor's parameter count per part (the paper preset by default: 140.6M).
+    """Print the predictor's FLOPs per sample and parameter count per part (the paper preset by default:
+    140.6M parameters).
 
     Example: m3jepa model-info --pipeline tuxpaint --dims image=1280,text=384
     """
     with _errors():
         import torch
 
-        from m3jepa.model import build_predictor
+        from m3jepa.config import PipelineConfig
+        from m3jepa.model import build_predictor, flops
         from m3jepa.model.predictor import count_parameters, paper_preset, parameter_breakdown
 
-        cfg = _pipeline(pipeline, set_).model if pipeline or set_ else paper_preset()
+        pipe = _pipeline(pipeline, set_) if pipeline or set_ else PipelineConfig()
+        cfg = pipe.model if pipeline or set_ else paper_preset()
         sizes = _dims_option(dims)
+        directions = [d for d in pipe.train.directions if _direction_fits(d, sizes)] or [
+            f"{a}->{b}" for a in sizes for b in sizes if a != b
+        ]
+        batch = pipe.train.batch_size
+        typer.echo(f"{'GFLOP/sample':<16}{'forward':>14}{'train step':>14}  (matrix products, top-k experts)")
+        for d in directions:
+            fwd, step = flops.forward_flops(cfg, sizes, d), flops.train_flops(cfg, sizes, d)
+            typer.echo(f"{d:<16}{fwd / 1e9:>14.4f}{step / 1e9:>14.4f}")
+        fwd, step = (flops.logits_flops(cfg, batch, train) / 1e9 for train in (False, True))
+        typer.echo(f"{'InfoNCE logits':<16}{fwd:>14.4f}{step:>14.4f}  (at batch {batch}: they grow with it)")
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_predictor(cfg, sizes)
         for part, n in parameter_breakdown(model).items():
@@ -435,6 +448,14 @@ def _dims_option(text: str) -> dict[str, int]:
             raise ConfigError(f"--dims {item.strip()[:40]!r} is not modality=width, e.g. image=1024")
         sizes[name.strip()] = int(value)
     return check_dims(sizes, "--dims")
+
+
+def _direction_fits(direction: str, dims: dict[str, int]) -> bool:
+    """Whether every modality a direction names has a dimension in `dims` (model-info's --dims)."""
+    from m3jepa.model.predictor import parse_direction
+
+    parsed = parse_direction(direction)
+    return all(m in dims for m in (*parsed.sources, parsed.target))
 
 
 @app.command("run")

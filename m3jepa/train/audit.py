@@ -30,8 +30,9 @@ ALWAYS_SYNC = frozenset({
     "bincount",  # CUDA reads the minimum and maximum back to size its output, minlength or not
     "equal", "is_nonzero", "allclose",  # Python booleans
 })
-# Tensor methods that hand device data to Python without dispatching an aten operation
-PYTHON_READS = frozenset({"tolist", "numpy", "item", "__bool__", "__int__", "__float__", "__index__"})
+# Tensor methods that hand device data to Python without dispatching an aten operation (.item(), float(),
+# bool() and int() dispatch _local_scalar_dense, counted there)
+PYTHON_READS = frozenset({"tolist", "numpy"})
 # operations that only allocate (no kernel runs on a GPU)
 ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 

@@ -21,11 +21,15 @@ from m3jepa.core.device import Runtime
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def build_optimizer(objective: nn.Module, cfg: PipelineConfig, runtime: Runtime) -> torch.optim.Optimizer:
+def build_optimizer(
+    objective: nn.Module, cfg: PipelineConfig, runtime: Runtime, cpu_fast_path: bool = True
+) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings and the temperature (1-d parameters).
 
     On the CPU fast path this also installs `m3jepa.accel`'s modules into `objective` (same parameters,
     same state_dict) and returns `accel.ShadowAdamW`, whose state_dict is torch's AdamW(fused=True)'s.
+    `cpu_fast_path=False` keeps the plain model and torch's AdamW even there: the GPU's code path, which
+    `bench.gpu --device cpu --quick` runs on a CPU.
     """
     decay, no_decay = [], []
     for p in objective.parameters():
@@ -35,7 +39,7 @@ def build_optimizer(objective: nn.Module, cfg: PipelineConfig, runtime: Runtime)
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if runtime.cpu_fast_path and not _distributed():
+    if cpu_fast_path and runtime.cpu_fast_path and not _distributed():
         accel.install(objective)
         return accel.ShadowAdamW(groups, lr=cfg.train.lr, shadowed=accel.shadowable_weights(objective))
     return torch.optim.AdamW(groups, lr=cfg.train.lr, **adamw_impl(decay + no_decay))

@@ -1,4 +1,4 @@
-"""The CPU fast path, taken only on a CPU device when runtime.precision = "bf16".
+"""The CPU fast path (bf16 on a CPU), clipping folded into fused AdamW, and all private torch API, fenced.
 
 Everything here is a faster way to compute what the plain model and torch's AdamW compute (tests compare
 each against its plain reference), and everything that uses private torch API or run-time compiled C

@@ -10,14 +10,13 @@ it on a GPU. A CPU has no TF32: there "auto" is exact, and "high" is refused, no
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 
 from m3jepa.config import ConfigError, RuntimeConfig
 
-if TYPE_CHECKING:  # device.py imports this module
-    from m3jepa.core.device import Runtime
+R = TypeVar("R")  # m3jepa.core.device.Runtime (which imports this module)
 
 # torch's names: "highest" exact float32, "high" TF32 (or bf16x3) where the hardware has it
 TF32 = "high"
@@ -37,12 +36,12 @@ def matmul_precision(cfg: RuntimeConfig, device: torch.device) -> str:
     return TF32 if cfg.matmul_precision == "auto" else cfg.matmul_precision
 
 
-def with_matmul_precision(runtime: Runtime, cfg: RuntimeConfig, apply: bool = True) -> Runtime:
+def with_matmul_precision(runtime: R, cfg: RuntimeConfig, apply: bool = True) -> R:
     """`runtime` carrying its matmul precision, set in torch (process-wide) when `apply`.
 
     `resolve` passes apply=False when a test fakes the host's GPUs, so no global setting leaks.
     """
-    precision = matmul_precision(cfg, runtime.device)
+    precision = matmul_precision(cfg, runtime.device)  # type: ignore[attr-defined]
     if apply:
         torch.set_float32_matmul_precision(precision)
     return dataclasses.replace(runtime, matmul_precision=precision)

@@ -79,7 +79,7 @@ def plain_experts(experts: nn.ModuleList) -> bool:
 def grouped_fits(experts: nn.ModuleList, dtype: torch.dtype) -> bool:
     """Whether both layers' widths keep grouped_mm's rows 16-byte aligned in `dtype`."""
     first = experts[0][0]
-    step = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+    step = ALIGN_BYTES // dtype.itemsize
     return first.in_features % step == 0 and first.out_features % step == 0
 
 

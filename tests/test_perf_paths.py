@@ -129,6 +129,8 @@ def test_dense_mixer_forward_tasks_matches_forward() -> None:
     for t, x in xs.items():
         torch.testing.assert_close(out[t].y, mixer(x, t).y)
         assert out[t].expert_counts.tolist() == [x.shape[0]]
+        for alone in (out[t], mixer(x, t)):  # no router: both terms 0, whichever way they are built
+            assert float(alone.aux_loss) == 0.0 and float(alone.z_loss) == 0.0
 
 
 def test_build_optimizer_is_fused_on_cpu_and_matches_foreach() -> None:

@@ -300,7 +300,7 @@ class DenseMixer(nn.Module):
             raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
         y = self.mlp(x)  # (T, d)
         counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)  # (1,)
-        return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros, z_loss=x.new_zeros)
+        return MoEOutput(y=y, expert_counts=counts, aux_loss=_zero(x), z_loss=_zero(x))
 
     def forward_tasks(self, xs: Mapping[str, Tensor], dense: bool = False) -> dict[str, MoEOutput]:
         """Apply the MLP once to every task's rows {task: (T_t, d)}, as MultiGateMoE.forward_tasks."""

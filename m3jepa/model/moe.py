@@ -87,7 +87,7 @@ class MultiGateMoE(nn.Module):
         # > 1: under autocast, expert groups are padded to multiples of it (_experts_bucketed); 1 (the
         # plain path) pads nothing. The CPU fast path (m3jepa.accel.install) sets 16.
         self.row_bucket = 1
-        # How the experts run (docs/predictor.md, The expert product): "auto" takes the grouped product
+        # How the experts run (docs/predictor.md, Sparse dispatch): "auto" takes the grouped product
         # (`experts.grouped_experts`) on an accelerator whose grouped_mm needs no host sync for the dtype
         # (`experts.grouped_pays`), else the per-expert loop; "grouped" / "loop" force one (tests).
         self.expert_product = "auto"
@@ -111,7 +111,7 @@ class MultiGateMoE(nn.Module):
         (T <= LOOP_ROWS) no dispatch either, each row running its own k experts in a loop.
 
         The query path (`M3JepaPredictor.query`): one row through the sparse dispatch is ~30 small
-        ops (argsort, gathers, splits, a scatter-add); the loop is k expert calls and k multiply-adds,
+        ops (sorts, gathers, splits, the k-way mix); the loop is k expert calls and k multiply-adds,
         which is the same function summed in another order (docs/search.md, The query path).
         """
         if not 0 < x.shape[0] <= LOOP_ROWS:

@@ -19,7 +19,7 @@ class OnRead:
     runs the first time the field is read, and its result is kept.
 
     The router's auxiliary terms are built this way: a run that weights them 0 (the paper) never reads
-    them, so its step never computes them (about 35 operations of the paper's step, forward and backward).
+    them, so its step never computes them (66 operations of the paper's step, forward and backward).
     """
 
     def __init__(self, default: Any = ...) -> None:

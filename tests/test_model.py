@@ -405,8 +405,13 @@ def test_flops_per_sample_equal_torch_flop_counter_on_a_real_step() -> None:
 
 
 def test_model_info_prints_flops_per_sample_beside_the_parameters() -> None:
-    out = subprocess.run([sys.executable, "-m", "m3jepa", "model-info"], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    from typer.testing import CliRunner
+
+    from m3jepa import cli
+
+    result = CliRunner().invoke(cli.app, ["model-info"])
+    assert result.exit_code == 0, result.output
+    out = result.output.splitlines()
     # the paper preset, by hand: (1024·2048 in, 2·2048·12 gates, 2·4·2·2048² experts, 2048·4096 pred,
     # 2048² cl, 4096·2048 target) multiply-adds
     data_fed = 1024 * 2048 + 4096 * 2048  # no input gradient: backward costs one product, not two

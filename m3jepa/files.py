@@ -1,20 +1,48 @@
-"""Small file helpers every stage shares (stdlib only): atomic text writes and private caches."""
+"""Small file helpers every stage shares (stdlib only): atomic text writes, private caches, and one line for
+a write the disk or the folder refused (a full disk, a quota, a read-only folder) instead of a traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+# A write that fails with one of these is the disk's or the folder's fault, not the data's: one line.
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EFBIG: "the file size limit is reached", errno.EROFS: "the folder is read-only",
+               errno.EACCES: "the folder is not writable", errno.EPERM: "the folder is not writable"}
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Libraries that write from native code report the OS error in their message: safetensors (Rust) says
+# "... (os error 28)", faiss (C stdio) "... No space left on device"
+_OS_ERROR = re.compile(r"os error (\d+)")
+_STRERRORS = {os.strerror(code): code for code in DISK_ERRNOS}
+
+
+class WriteError(ValueError):
+    """A write the disk or the folder refused: the message names the folder, the space it needed, what was
+    removed and kept, and the fix (one line)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a pid-unique temporary name and a rename, so readers never see half."""
+    """Write `text` to `path` via a pid-unique temporary name and a rename, so readers never see half;
+    a failed write leaves no temporary file behind."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- private caches
@@ -102,3 +130,85 @@ def atomic_write_lines(path: Path, lines: Iterable[str]) -> str:
         tmp.unlink(missing_ok=True)
         raise
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writes the disk refuses
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The DISK_ERRNOS code a failed write reports, from an OSError or a native library's message; None
+    when the failure is something else."""
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return e.errno
+    text = str(e)
+    found = _OS_ERROR.search(text)
+    if found and int(found.group(1)) in DISK_ERRNOS:
+        return int(found.group(1))
+    return next((code for message, code in _STRERRORS.items() if message in text), None)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes for this user on the file system of `folder` (or its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def write_error_message(folder: Path, code: int, need: int | None, removed: str = "", kept: str = "",
+                        fix: str = "then rerun the same command") -> str:
+    """One line: `cannot write FOLDER: the disk is full (No space left on device): 1.2 MiB free there, about
+    3.4 MiB needed; removed: ...; kept: ...; free space on it, then ...`."""
+    parts = [f"cannot write {folder}: {DISK_ERRNOS[code]} ({os.strerror(code)})"]
+    if code in SPACE_ERRNOS:
+        free = free_bytes(folder)
+        space = [f"{human_bytes(free)} free there" if free is not None else "",
+                 f"about {human_bytes(need)} needed" if need else ""]
+        if any(space):
+            parts[0] += ": " + ", ".join(s for s in space if s)
+    if removed:
+        parts.append(f"removed {removed}")
+    if kept:
+        parts.append(f"kept {kept}")
+    action = "free space on it" if code in SPACE_ERRNOS else "make it writable"
+    parts.append(f"{action}, {fix}")
+    return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def refused_writes(folder: Path, *, need: int | None = None, remove: Iterable[Path] = (), removed: str = "",
+                   kept: str = "", fix: str = "then rerun the same command") -> Iterator[None]:
+    """Turn a write the disk or folder refuses inside the block into a WriteError (one line naming `folder`,
+    the free and needed space, what was removed and `kept`), after removing the `remove` paths (the
+    temporary files the block was writing). Any other error passes through, the paths removed as well."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except BaseException as e:
+        for path in remove:
+            _remove(Path(path))
+        code = disk_errno(e)
+        if code is None:
+            raise
+        raise WriteError(write_error_message(folder, code, need, removed, kept, fix), code) from None
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from m3jepa.config import load_pipeline
 from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.search import Searcher, SearchError, SearchIndex, choose, embed_run, embed_store, index_store
 from m3jepa.search.build import build, perturbed_queries
-from m3jepa.search.index import write_index
+from m3jepa.search.index import manifest_digest, write_index
 from m3jepa.search.plan import parse_bytes
 from m3jepa.store import Manifest, StoreWriter, open_store, rows_from_records, store_path
 from m3jepa.train.loop import train
@@ -235,6 +235,7 @@ def test_a_row_count_mismatch_is_one_line(image_index, tmp_path):
     shutil.copytree(image_index, bad)
     m = json.loads((bad / "manifest.json").read_text())
     m["rows"] = 23
+    m["manifest_sha256"] = manifest_digest(m)  # re-signed: the count check itself is under test
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SearchError) as e:
         SearchIndex.open(bad)

@@ -65,8 +65,11 @@ class M3Model:
         tails: dict[str, Any] | None = None,
         vocabulary_latents: dict[str, np.ndarray] | None = None,
         query_encoder_precision: str = "fp32",
+        weights_sha256: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # the sha256 of the weights as verified when loaded (None: not recorded): what indexes record
+        self.weights_sha256 = weights_sha256
         self.objective = objective.eval()
         self.runtime = runtime
         self.encoders = encoders  # modality -> {"encoder": name, "revision": rev}
@@ -282,7 +285,7 @@ def load(
         raise ApiError(str(e)) from None
     tails = _tails(trained.cfg, trained.encoders, trained.adapters, runtime.device)
     return M3Model(trained.cfg, objective, runtime, trained.encoders, names, trained.source, tails, latents,
-                   query_encoder_precision)
+                   query_encoder_precision, trained.weights_sha256)
 
 
 def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: Path | None,

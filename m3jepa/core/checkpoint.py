@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from m3jepa.config import PipelineConfig, dump_toml, load_pipeline
 from m3jepa.core.layout import CHECKSUMS, CONFIG, OPTIMIZER, STATE, WEIGHTS
+from m3jepa.files import refused_writes
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +63,23 @@ def save_checkpoint(
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS))
-    (tmp / STATE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
-    (tmp / CONFIG).write_text(dump_toml(cfg))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), **rng_state(model)}, tmp / OPTIMIZER)
-    if extra is not None:
-        extra(tmp)
-    write_checksums(tmp)  # last, so it covers the adapters `extra` wrote too
+    # a full disk: one line, the half-written tmp removed, the previous checkpoint untouched (files.py)
+    need = sum(v.numel() * v.element_size() for v in weights.values()) * (3 if optimizer is not None else 1)
+    kept = f"the previous {directory.name} checkpoint" if directory.exists() else ""
+    with refused_writes(directory.parent, need=need, remove=[tmp], removed=f"the partial {tmp.name}",
+                        kept=kept, fix="then resume the run (train-predictor --resume)"):
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / WEIGHTS))
+        (tmp / STATE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+        (tmp / CONFIG).write_text(dump_toml(cfg))
+        if optimizer is not None:  # through memory: torch.save's own writer reports a full disk without errno
+            buffer = io.BytesIO()
+            torch.save({"optimizer": optimizer.state_dict(), **rng_state(model)}, buffer)
+            (tmp / OPTIMIZER).write_bytes(buffer.getbuffer())
+        if extra is not None:
+            extra(tmp)
+        write_checksums(tmp)  # last, so it covers the adapters `extra` wrote too
     old = directory.with_name(directory.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -105,10 +114,11 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def verify_checksums(directory: Path) -> bool:
-    """Check every file against `checksums.json`; False when the checkpoint predates checksums.
+def verify_checksums(directory: Path, skip: frozenset[str] = frozenset()) -> bool:
+    """Check every file (but those named in `skip`) against `checksums.json`; False when the checkpoint
+    predates checksums.
 
-    A missing, extra, resized or changed file is a CheckpointError naming it.
+    A missing, extra, resized, changed or symbolically linked file is a CheckpointError naming it.
     """
     path = directory / CHECKSUMS
     if not path.is_file():
@@ -123,14 +133,27 @@ def verify_checksums(directory: Path) -> bool:
     if extra:
         raise CheckpointError(f"checkpoint {directory}: {extra[0]} is not listed in {CHECKSUMS}; it was "
                               "added after the checkpoint was written: remove it")
-    for name in sorted(want):
+    for name in sorted(set(want) - skip):
         _verify_file(directory, name, want[name], sizes.get(name))
     return True
+
+
+def linked_part(directory: Path, name: str) -> str | None:
+    """The first part of the relative path `name` under `directory` that is a symbolic link (None: none)."""
+    parts = Path(name).parts
+    for i in range(1, len(parts) + 1):
+        if (directory.joinpath(*parts[:i])).is_symlink():
+            return "/".join(parts[:i])
+    return None
 
 
 def _verify_file(directory: Path, name: str, sha256: str, size: int | None) -> None:
     file = directory / name
     fix = "the file is damaged; restore it from a copy or use another checkpoint (--checkpoint best|latest)"
+    link = linked_part(directory, name)
+    if link is not None:  # its target can be anything, and change after the check
+        raise CheckpointError(f"checkpoint {directory}: {link} is a symbolic link; a checkpoint holds its "
+                              "own files: replace the link by a copy of what it points to")
     if not file.is_file():
         raise CheckpointError(f"checkpoint {directory}: {name} is missing ({CHECKSUMS} lists it); {fix}")
     got = file.stat().st_size
@@ -181,18 +204,20 @@ def restore_rng(saved: dict[str, Any], device: torch.device) -> None:
 
 
 def load_checkpoint(
-    directory: Path, with_optimizer: bool = False, map_location: torch.device | str = "cpu"
+    directory: Path, with_optimizer: bool = False, map_location: torch.device | str = "cpu",
+    skip: frozenset[str] = frozenset(),
 ) -> Checkpoint:
     """Read a checkpoint written by save_checkpoint; errors name the missing or bad file.
 
     The weights load onto `map_location` (the run's device: a run may resume on another device); the
     optimizer state stays on the CPU, and the optimizer's load_state_dict moves it beside each parameter.
+    `skip`: files not verified (a snapshot copied without its optimizer.pt, core/trained.py).
     """
     recover_interrupted(directory)
     for name in (WEIGHTS, STATE, CONFIG):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}; was it written by m3jepa?")
-    if not verify_checksums(directory):
+    if not verify_checksums(directory, skip):
         log.warning("checkpoint %s has no %s (written before m3jepa checked checkpoints): its files are "
                     "not verified; the next checkpoint the run writes will have one", directory, CHECKSUMS)
     try:

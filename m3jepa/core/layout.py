@@ -13,6 +13,7 @@
     RUN/embedded/SPLIT/MODALITY   the gallery stores `m3jepa embed` writes (and their .index folders)
 
     EXPORT/config.json, model.safetensors, vocabularies.safetensors, adapters/, README.md   (api/export.py)
+    EXPORT/checksums.json            what the loader verifies before it reads them (core/exportfiles.py)
     EXPORT.embedded/SPLIT/MODALITY   an export's gallery stores, beside it (never inside)
 """
 
@@ -28,7 +29,7 @@ WEIGHTS = "model.safetensors"  # also an export's weights
 STATE = "state.json"
 CONFIG = "config.toml"  # also the run folder's resolved config
 OPTIMIZER = "optimizer.pt"
-CHECKSUMS = "checksums.json"
+CHECKSUMS = "checksums.json"  # also an export's (core/exportfiles.py)
 ADAPTERS = "adapters"  # a LoRA run's adapters/<modality>/ (peft format), in checkpoints and exports
 
 # a run folder's files besides CONFIG
@@ -166,6 +167,10 @@ class ExportDir:
     @property
     def vocabularies(self) -> Path:
         return self.path / VOCABULARIES
+
+    @property
+    def checksums(self) -> Path:
+        return self.path / CHECKSUMS
 
     @property
     def adapters(self) -> Path:

@@ -32,8 +32,13 @@ def start_run(
     device: torch.device | None = None,
 ) -> None:
     """The checks of a run's start, once its train split is loaded and before the run folder is made: the
-    batch fits the split, the predictor fits `device`'s memory (when given), and the stores are the ones
-    the run recorded (rank 0 records them on the run's first start)."""
+    stores still hold the dataset's captions and media (core/freshness.py), the batch fits the split, the
+    predictor fits `device`'s memory (when given), and the stores are the ones the run recorded (rank 0
+    records them on the run's first start)."""
+    from m3jepa.core.freshness import check_fresh
+
+    read = [split for split, reads in _splits(cfg).items() if reads]
+    check_fresh(cfg, read, direction_modalities(cfg.train.directions), "train-predictor")
     check_batch_fits(cfg, train_data)
     if device is not None:
         check_model_fits(cfg.model, train_data.dims(), device, training=True)

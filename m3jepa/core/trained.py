@@ -7,8 +7,12 @@ check on what is read from disk (checksums, formats, shapes) goes here once and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,18 +20,32 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_bytes
 
 from m3jepa.config import ConfigError, PipelineConfig, RuntimeConfig, from_dict, migrate
-from m3jepa.core.checkpoint import CheckpointError, TrainState, load_checkpoint
+from m3jepa.core.checkpoint import (
+    CHECKSUMS,
+    OPTIMIZER,
+    Checkpoint,
+    CheckpointError,
+    TrainState,
+    load_checkpoint,
+)
 from m3jepa.core.device import Runtime, resolve
-from m3jepa.core.layout import ADAPTERS, CHECKPOINT_NAMES, WEIGHTS, ExportDir, RunDir
+from m3jepa.core.exportfiles import refuse_links, verify_export
+from m3jepa.core.layout import ADAPTERS, CHECKPOINT_NAMES, VOCABULARIES, WEIGHTS, ExportDir, RunDir
 from m3jepa.core.objective import Objective
+from m3jepa.core.runlock import writer_of
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "m3jepa-predictor"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: checksums.json covers the files and config.json's meaning (core/exportfiles.py)
+READABLE_VERSIONS = (1, 2)  # 1: written before exports had checksums: loaded with a warning
+# A run being trained swaps its checkpoints in while a reader reads them: a reader copies the checkpoint and
+# verifies the copy, trying again (SNAPSHOT_WAIT_S apart) while a swap makes the copy inconsistent.
+SNAPSHOT_TRIES = 50
+SNAPSHOT_WAIT_S = 0.1
 # modalities whose rows are a fixed vocabulary (classes, candidate answers): a model keeps the list
 VOCABULARY_MODALITIES = ("label", "answer")
 ADAPTER_PREFIX = "encoders."  # a LoRA checkpoint's adapter keys: they load through peft, not the objective
@@ -61,6 +79,10 @@ class Trained:
     adapters: Path | None  # adapters/<modality>/ in peft format, when the model has them
     state: TrainState | None = None  # a run checkpoint's (steps, best metric)
     export: dict[str, Any] | None = None  # an export's config.json
+    weights_sha256: str | None = None  # of the weights file as verified and read (None: not recorded)
+    # a live run's checkpoint is read from a private copy (`open_run`): it lives as long as this object
+    snapshot: tempfile.TemporaryDirectory | None = None
+    vocabulary_bytes: bytes | None = None  # an export's vocabularies.safetensors, as verified
 
     @property
     def checkpoint_dir(self) -> Path | None:
@@ -91,11 +113,14 @@ class Trained:
         if self.export is not None:
             names = dict(self.export.get("vocabularies", {}))
             file = ExportDir(self.source.path).vocabularies
-            if not file.is_file():
-                return names, {}
+            data = self.vocabulary_bytes
+            if data is None:  # a version-1 export (no checksums): read as it is
+                if not file.is_file():
+                    return names, {}
+                data = _read(file)
             try:
-                return names, {m: t.numpy() for m, t in load_file(str(file)).items()}
-            except (OSError, SafetensorError) as e:
+                return names, {m: t.numpy() for m, t in load_bytes(data).items()}
+            except (SafetensorError, ValueError) as e:
                 raise CheckpointError(f"{file} cannot be read: {e}") from None
         found = {m: run_vocabulary(self.cfg, m) for m in VOCABULARY_MODALITIES if m in self.dims}
         return {m: v[0] for m, v in found.items()}, {m: v[1] for m, v in found.items()}
@@ -135,25 +160,92 @@ def open_run(run: str | Path, checkpoint: str = "best", split: str | None = None
     if checkpoint not in CHECKPOINT_NAMES:
         raise CheckpointError(f"checkpoint={checkpoint!r} is not one of {', '.join(CHECKPOINT_NAMES)}")
     ck_path = RunDir(run).checkpoint(checkpoint)
-    if not ck_path.is_dir():
-        raise CheckpointError(f"{ck_path} does not exist; is {run} a run written by train-predictor (best "
-                              "exists once it has finished a validation)?")
-    ck = load_checkpoint(ck_path)  # verifies checksums.json
+    if ck_path.is_symlink():
+        raise CheckpointError(f"{ck_path} is a symbolic link; a run holds its own checkpoints: replace the "
+                              "link by a copy of what it points to")
+    writer = writer_of(run)
+    snapshot = None
+    if writer is None:
+        if not ck_path.is_dir():
+            raise CheckpointError(f"{ck_path} does not exist; is {run} a run written by train-predictor "
+                                  "(best exists once it has finished a validation)?")
+        ck = load_checkpoint(ck_path)  # verifies checksums.json
+    else:
+        ck, snapshot = _snapshot(ck_path, writer)
     cfg = eval_config(run, ck.cfg, split, protocol, root)  # the run's absolute store root
-    adapters = ck_path / ADAPTERS
+    adapters = ck.path / ADAPTERS
     return Trained(
         source=ModelSource(run, "run", checkpoint), cfg=cfg, dims=dict(ck.state.dims),
         directions=list(ck.state.directions or cfg.train.directions), encoders=dict(ck.state.stores),
         weights={k: v for k, v in ck.weights.items() if not k.startswith(ADAPTER_PREFIX)},
         weights_file=ck_path / WEIGHTS, adapters=adapters if adapters.is_dir() else None,
-        state=ck.state,
+        state=ck.state, weights_sha256=_recorded_sha256(ck.path), snapshot=snapshot,
     )
 
 
+def _snapshot(ck_path: Path, writer: int) -> tuple[Checkpoint, tempfile.TemporaryDirectory]:
+    """A consistent copy of a checkpoint that process `writer` may swap at any moment: copied (without the
+    optimizer state, which loading a model does not need) into a private temporary folder and verified
+    against the copied checksums.json; tried again while a swap made the copy inconsistent."""
+    last: Exception | None = None
+    for _ in range(SNAPSHOT_TRIES):
+        tmp = tempfile.TemporaryDirectory(prefix="m3jepa-snapshot-")
+        copy = Path(tmp.name) / ck_path.name
+        try:
+            before = ck_path.stat().st_ino  # a swap renames a new folder in: another inode
+            shutil.copytree(ck_path, copy, ignore=shutil.ignore_patterns(OPTIMIZER), symlinks=True)
+            swapped = ck_path.stat().st_ino != before
+        except OSError as e:  # the folder was renamed away while it was copied
+            swapped, last = True, e
+        if swapped:
+            tmp.cleanup()
+            time.sleep(SNAPSHOT_WAIT_S)
+            continue
+        try:
+            if not (copy / CHECKSUMS).is_file():
+                raise CheckpointError(f"checkpoint {ck_path} has no {CHECKSUMS}: a copy of a checkpoint "
+                                      "being written cannot be verified; wait for the run to finish")
+            ck = load_checkpoint(copy, skip=frozenset({OPTIMIZER}))
+        except CheckpointError as e:  # copied whole, and still wrong: the checkpoint itself is damaged
+            tmp.cleanup()
+            raise CheckpointError(str(e).replace(str(copy), str(ck_path))) from None
+        log.warning("run %s is being written by process %d: read a consistent snapshot of %s at step %d "
+                    "(verified against its %s); later checkpoints are not seen", ck_path.parent.parent,
+                    writer, ck_path.name, ck.state.step, CHECKSUMS)
+        return ck, tmp
+    raise CheckpointError(f"run {ck_path.parent.parent} is being written by process {writer} and its "
+                          f"{ck_path.name} checkpoint kept changing while it was copied ({last}); try again, "
+                          "or wait for the run to finish")
+
+
+def _recorded_sha256(ck_path: Path) -> str | None:
+    """The weights' sha256 as checksums.json records it (verified on load), or None without a record."""
+    try:
+        return str(json.loads((ck_path / CHECKSUMS).read_text())["sha256"][WEIGHTS])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+
+
 def open_export(folder: str | Path) -> Trained:
-    """An `m3jepa export` folder: config.json checked, then the weights."""
+    """An `m3jepa export` folder: no file read through a symbolic link; config.json and every file the model
+    is built from verified against checksums.json (core/exportfiles.py), then the weights read from the
+    verified bytes."""
     layout = ExportDir(Path(folder))
+    refuse_links(layout.path)
     meta = read_export_config(layout.path)
+    if meta["format_version"] >= 2:
+        verified = verify_export(layout.path, meta)
+    else:
+        log.warning("%s was exported before exports carried checksums (format version 1): its files are not "
+                    "verified; export the run again to get them", layout.path)
+        verified = {WEIGHTS: _read(layout.weights)}
     try:
         cfg = from_dict(PipelineConfig, migrate(meta["pipeline"]))
         dims = {str(m): int(d) for m, d in meta["dims"].items()}
@@ -162,13 +254,15 @@ def open_export(folder: str | Path) -> Trained:
     except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{layout.config} is malformed ({e}); export the run again") from None
     try:
-        weights = load_file(str(layout.weights))
-    except (OSError, SafetensorError) as e:
+        weights = load_bytes(verified[WEIGHTS])
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{layout.weights} cannot be read: {e}") from None
     return Trained(
         source=ModelSource(layout.path, "export"), cfg=cfg, dims=dims, directions=list(meta["directions"]),
         encoders=encoders, weights=weights, weights_file=layout.weights,
         adapters=layout.adapters if layout.adapters.is_dir() else None, export=meta,
+        weights_sha256=hashlib.sha256(verified[WEIGHTS]).hexdigest(),
+        vocabulary_bytes=verified.get(VOCABULARIES),
     )
 
 
@@ -185,9 +279,9 @@ def read_export_config(folder: Path) -> dict[str, Any]:
                               "follows") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{where} is not an m3jepa export (format {EXPORT_FORMAT!r})")
-    if meta.get("format_version") != EXPORT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{folder}: export format version {meta.get('format_version')!r}; this m3jepa "
-                              f"reads version {EXPORT_VERSION}")
+                              f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     missing = [k for k in ("pipeline", "dims", "encoders", "directions") if k not in meta]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)}")

@@ -14,9 +14,11 @@ from torch import nn
 
 from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.device import CPU, Runtime
-from m3jepa.core.directions import parse_direction
+from m3jepa.core.directions import direction_modalities, parse_direction
+from m3jepa.core.freshness import check_fresh
 from m3jepa.core.layout import RunDir
 from m3jepa.core.paired import PairedSplit, load_split
+from m3jepa.core.runlock import RunLock, RunLockedError
 from m3jepa.core.runstores import check_eval_stores
 from m3jepa.core.trained import open_run
 from m3jepa.eval.device_ranks import device_retrieval_metrics
@@ -213,8 +215,24 @@ def evaluate_run(
     """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots.
 
     `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host);
-    `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`).
+    `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`). It holds
+    the run's lock while it reads and writes: a run still training (or being evaluated) is refused.
     """
+    try:
+        lock = RunLock(Path(run_dir)).acquire() if RunDir.holds_run(run_dir) else None
+    except RunLockedError as e:  # training, or another evaluate
+        raise RunLockedError(e.run_dir, e.pid, "evaluate writes its metrics into the run: wait for it to "
+                             "finish (m3jepa.load and m3jepa export read a consistent snapshot of its "
+                             "checkpoints meanwhile)") from None
+    try:
+        return _evaluate_run(Path(run_dir), split, protocol, checkpoint, device, precision, root)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_run(run_dir: Path, split: str | None, protocol: str | None, checkpoint: str,
+                  device: str | None, precision: str | None, root: str | None) -> EvalMetrics:
     trained = open_run(run_dir, checkpoint, split, protocol, root)  # the one loader; verifies checksums
     # the run's device and precision unless the command line overrides them, checked as the config is
     runtime = trained.runtime(device, precision)
@@ -222,6 +240,7 @@ def evaluate_run(
     split, protocol = cfg.eval.split, cfg.eval.protocol
     predictor = trained.objective(runtime).predictor
     check_eval_stores(run_dir, cfg, split)  # the stores the run recorded in stores.json, not re-encoded ones
+    check_fresh(cfg, [split], direction_modalities(cfg.train.directions), "evaluate")  # nor edited captions
     data = load_split(cfg, split, cfg.train.directions, device=runtime.device)
     _check_stores(trained.encoders, data)
     tuned: list[str] = []

@@ -27,7 +27,8 @@ from m3jepa.progress import progress
 from m3jepa.search.build import build, perturbed_queries
 from m3jepa.search.errors import SearchError
 from m3jepa.search.identity import ModelRef, model_ref, targets
-from m3jepa.search.index import MANIFEST, read_manifest, write_index
+from m3jepa.search.index import MANIFEST, ROWS, read_manifest, write_index
+from m3jepa.search.media import media_roots, record_media
 from m3jepa.search.plan import choose, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,13 @@ class Update:
 
 def scan_images(root: Path, content_hash: str = "stat") -> tuple[list[Item], int]:
     """(every image file under `root`, recursively, in path order; how many other files there are).
-    Hidden files and folders (a leading ".") are left out; symbolic links to folders are not followed."""
+    Hidden files and folders (a leading ".") are left out; symbolic links to folders are not followed, and
+    a link to a file outside `root` is left out (counted with the other files): a gallery serves only
+    what lies in its folder."""
     if not root.is_dir():
         raise SearchError(f"--images {root} is not a folder")
     suffixes = image_suffixes()
+    inside = media_roots([root])[0]
     found, others = [], 0
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -89,7 +93,7 @@ def scan_images(root: Path, content_hash: str = "stat") -> tuple[list[Item], int
             path = Path(folder) / name
             if name.startswith(".") or not path.is_file():
                 continue
-            if path.suffix.lower() not in suffixes:
+            if path.suffix.lower() not in suffixes or not path.resolve().is_relative_to(inside):
                 others += 1
                 continue
             key = path.relative_to(root).as_posix()
@@ -128,9 +132,9 @@ def _source_info(kind: str, source: Path, content_hash: str) -> dict[str, Any]:
 
 
 def _previous(out: Path, ref: ModelRef, source: dict[str, Any],
-              force: bool) -> dict[str, tuple[str, np.ndarray]]:
-    """key -> (fingerprint, vector) of the rows `out` already indexes from this source with this model;
-    empty for a new index (or with `force`). Anything else at `out` is refused without `force`."""
+              force: bool) -> dict[str, tuple[str, np.ndarray, dict[str, Any]]]:
+    """key -> (fingerprint, vector, index row) of the rows `out` already indexes from this source with this
+    model; empty for a new index (or with `force`). Anything else at `out` is refused without `force`."""
     if force or not out.exists():
         return {}
     manifest = read_manifest(out)  # a damaged manifest is refused, naming --force
@@ -146,9 +150,11 @@ def _previous(out: Path, ref: ModelRef, source: dict[str, Any],
     try:
         keys = [json.loads(line) for line in _verified(out, SOURCES, manifest).decode("utf-8").splitlines()]
         vectors = np.load(io.BytesIO(_verified(out, EMBEDDINGS, manifest)), allow_pickle=False)
-        if vectors.ndim != 2 or len(vectors) != len(keys) or vectors.dtype != np.float32:
+        rows = [json.loads(line) for line in _verified(out, ROWS, manifest).decode("utf-8").splitlines()]
+        if vectors.ndim != 2 or len(vectors) != len(keys) or vectors.dtype != np.float32 or \
+                len(rows) != len(keys):
             raise ValueError(f"{EMBEDDINGS} is {vectors.dtype} {vectors.shape} for {len(keys)} rows")
-        return {k["key"]: (k["fingerprint"], vectors[i]) for i, k in enumerate(keys)}
+        return {k["key"]: (k["fingerprint"], vectors[i], rows[i]) for i, k in enumerate(keys)}
     except (ValueError, KeyError, TypeError, OSError) as e:  # never trusted: embed everything again
         log.warning("%s: the previous vectors cannot be reused (%s); embedding every file again", out, e)
         return {}
@@ -229,12 +235,33 @@ def index_folder(model: Any, kind: str, source: Path, out: Path, *, content_hash
         raise SearchError(f"no {'image Pillow can decode' if kind == 'images' else 'caption'} in {source}"
                           f"{f' ({len(update.skipped)} skipped)' if update.skipped else ''}")
     vectors = np.stack([keep[i.key] if i.key in keep else fresh[i.key] for i in rows]).astype(np.float32)
-    _write(out, ref, modality, rows, vectors, info, update, index_kind, memory_budget, seed)
+    media = _media(rows, before, keep, source) if kind == "images" else {}
+    _write(out, ref, modality, rows, vectors, info, update, index_kind, memory_budget, seed, media)
     return out, update
 
 
+def _media(items: list[Item], before: dict[str, tuple[str, np.ndarray, dict[str, Any]]],
+           keep: dict[str, np.ndarray], source: Path) -> dict[str, dict[str, Any]]:
+    """key -> {"media", "media_bytes", "media_sha256"} of each image row (search/media.py): a reused row
+    keeps what the previous update recorded (its file is unchanged by its fingerprint), a new or changed
+    one is read and hashed now."""
+    roots = media_roots([source])
+    out = {}
+    for item in items:
+        old = before.get(item.key)
+        if item.key in keep and old is not None and old[2].get("media_sha256"):
+            out[item.key] = {k: old[2][k] for k in ("media", "media_bytes", "media_sha256")}
+            continue
+        found, why = record_media(item.payload, roots)
+        if found is None:
+            log.warning("%s is indexed without its file (not served): %s", item.sample_id, why)
+        out[item.key] = found or {"media": None}
+    return out
+
+
 def _write(out: Path, ref: ModelRef, modality: str, items: list[Item], vectors: np.ndarray,
-           info: dict[str, Any], update: Update, index_kind: str, memory_budget: str, seed: int) -> None:
+           info: dict[str, Any], update: Update, index_kind: str, memory_budget: str, seed: int,
+           media: dict[str, dict[str, Any]]) -> None:
     budget = parse_bytes(memory_budget)
     plan = choose(len(items), vectors.shape[1], index_kind, budget)
     queries = perturbed_queries(vectors, seed=seed)
@@ -242,7 +269,7 @@ def _write(out: Path, ref: ModelRef, modality: str, items: list[Item], vectors: 
                   "noise, re-normalised): a folder has no query store", seed)
     images = modality == "image"
     rows = [{"row_id": n, "sample_id": i.sample_id, "group_id": i.sample_id,
-             "caption": None if images else i.payload, "media": i.payload if images else None}
+             "caption": None if images else i.payload, **media.get(i.key, {"media": None})}
             for n, i in enumerate(items)]
     sources = "".join(json.dumps({"key": i.key, "fingerprint": i.fingerprint}, ensure_ascii=False) + "\n"
                       for i in items)
@@ -255,6 +282,7 @@ def _write(out: Path, ref: ModelRef, modality: str, items: list[Item], vectors: 
         "captions": {"source": "the rows' own text"} if not images else
         {"source": None, "why": "a folder of images has no captions; the page shows each file's path"},
         "request": {"kind": index_kind, "memory_budget": parse_bytes(memory_budget)},
+        "media_roots": media_roots([info["path"]]) if images else [],
     }
     write_index(out, built, rows, manifest, extra={SOURCES: sources.encode("utf-8"),
                                                    EMBEDDINGS: buffer.getvalue()})

@@ -53,9 +53,13 @@ def file_sha256(path: Path) -> str:
 
 
 def model_ref(model: Any) -> ModelRef:
-    """The ModelRef of a loaded `M3Model` (its `.source`), hashing its weights file."""
+    """The ModelRef of a loaded `M3Model` (its `.source`): the sha256 of its weights as verified when they
+    were loaded, else (a model without the record) of its weights file."""
     src = model.source
     path = Path(src.path).resolve()
+    recorded = getattr(model, "weights_sha256", None)
+    if recorded:
+        return ModelRef(str(path), src.kind, src.checkpoint, recorded)
     weights = weights_file(path, src.kind, src.checkpoint)
     if not weights.is_file():
         raise SearchError(f"{weights} is missing: the model at {path} has no weights file to name")

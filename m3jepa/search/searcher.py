@@ -7,6 +7,7 @@ through it, so a check on what is served belongs here.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,20 @@ import numpy as np
 from m3jepa.search.errors import SearchError
 from m3jepa.search.identity import load_model, model_ref, sources_into
 from m3jepa.search.index import Hit, SearchIndex
+from m3jepa.search.media import MediaRefused, read_media
 
 FILE_MODALITIES = ("image", "audio")  # their query value is a file path; "text" takes the caption itself
+# What renders as nothing besides whitespace: format characters (zero-width space and joiners, the BOM, bidi
+# marks: Cf), combining marks with nothing to combine with (Mn, Me), controls (Cc), and the few letters and
+# symbols drawn blank (Hangul fillers, the braille blank, the Mongolian vowel separator).
+BLANK_CATEGORIES = frozenset({"Cf", "Mn", "Me", "Cc", "Zs", "Zl", "Zp"})
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def is_blank(text: str) -> bool:
+    """Whether a caption shows nothing: empty, or only whitespace and invisible characters."""
+    return all(ch.isspace() or ch in BLANK_CHARACTERS or unicodedata.category(ch) in BLANK_CATEGORIES
+               for ch in text)
 
 
 class Searcher:
@@ -126,6 +139,15 @@ class Searcher:
         position = self._positions.get(row_id)
         return None if position is None else self._index.row(position)
 
+    def media(self, row_id: int, where: str) -> bytes:
+        """The bytes of store row `row_id`'s media file, only while it is the regular file the index
+        recorded (its real path inside the gallery's roots, its size and sha256); `MediaRefused` (404/403)
+        otherwise, its message naming the row as `where` (search/media.py)."""
+        row = self.row(row_id)
+        if row is None:
+            raise MediaRefused(404, "no_row", f"{where} is not in the index")
+        return read_media(row, self._index.media_roots, where)
+
     # ------------------------------------------------------------ queries
 
     def embedding_key(self, modality: str) -> Hashable:
@@ -161,8 +183,8 @@ class Searcher:
             if not path.is_file():
                 raise SearchError(f"{modality} query {path} is not a file")
             return str(path)
-        if not isinstance(value, str) or not value.strip():
-            raise SearchError(f"a {modality} query must be a non-empty string")
+        if not isinstance(value, str) or is_blank(value):
+            raise SearchError(f"a {modality} query must be a non-empty string (with something visible)")
         return value
 
     def _embed(self, modality: str, inputs: list[str] | None = None, latents: Any = None) -> np.ndarray:

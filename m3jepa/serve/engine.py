@@ -66,6 +66,11 @@ class Engine:
         """The metadata of store row `row_id` in index `name`, or None if the index does not hold it."""
         return self.searchers[name].row(row_id)
 
+    def media(self, name: str, row_id: int, where: str) -> bytes:
+        """The bytes of a row's media file while it is the file indexed (`Searcher.media`; MediaRefused
+        otherwise)."""
+        return self.searchers[name].media(row_id, where)
+
     def close(self) -> None:
         self._batcher.close()
 
@@ -87,19 +92,21 @@ class Engine:
         directions = ", ".join(self._first.directions)
         if index is not None:
             if index not in self.searchers:
-                raise RequestError(404, f"no index named {index!r}; served: {', '.join(self.searchers)}")
+                served = ", ".join(self.searchers)
+                raise RequestError(404, f"no index named {index!r}; served: {served}"[:300], "no_index")
             if modality not in self.searchers[index].sources:
                 raise RequestError(400, f"index {index!r} ({self.gallery(index)}) does not answer {modality} "
-                                        f"queries; the model's directions are {directions}")
+                                        f"queries; the model's directions are {directions}",
+                                   "no_direction")
             return index
         answering = [n for n, s in self.searchers.items() if modality in s.sources]
         if not answering:
             served = ", ".join(f"{n} ({self.gallery(n)})" for n in self.searchers)
             raise RequestError(400, f"no served index answers {modality} queries: the model's directions are "
-                                    f"{directions} and the served indexes are {served}")
+                                    f"{directions} and the served indexes are {served}", "no_direction")
         if len(answering) > 1:
             raise RequestError(400, f"several served indexes answer {modality} queries "
-                                    f"({', '.join(answering)}); name one with \"index\"")
+                                    f"({', '.join(answering)}); name one with \"index\"", "no_direction")
         return answering[0]
 
     def search(self, name: str, modality: str, value: str, k: int) -> Answer:

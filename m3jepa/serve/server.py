@@ -84,6 +84,7 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: s
     import uvicorn
 
     from m3jepa.serve.app import create_app
+    from m3jepa.serve.http import server_config
 
     engine = open_engine(specs, device, batch_window_s, query_encoder_precision)
     app = create_app(engine, limits, loopback_only=is_loopback(host))
@@ -91,4 +92,4 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: s
         log.warning("serving on %s: anyone who can reach it can query the model and read the indexed media",
                     host)
     log.info("serving %s on http://%s:%d", ", ".join(engine.searchers), host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(app, host, port)).run()  # its h11 refusals answered in JSON (serve/http.py)

@@ -23,6 +23,7 @@ from m3jepa.core.objective import Objective, loss_scalars, write_parameter_repor
 from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
+from m3jepa.files import refused_writes
 from m3jepa.model.mixup import mix_plan, mixup_pair
 from m3jepa.model.moe import log_view, warn_unbalanced
 from m3jepa.progress import progress
@@ -82,8 +83,12 @@ def train(cfg: PipelineConfig, resume: bool = False, auto_keys: frozenset[str] |
     `train-predictor` without a pipeline passes, less the keys its --set gave.
     """
     runtime = resolve(cfg.runtime)  # the device and its process-group backend, decided once
+    # a full disk or a read-only run folder: one line; a checkpoint being written is removed, the previous
+    # one kept (core/checkpoint.py), and --resume goes on from it (m3jepa/files.py)
+    disk = refused_writes(run_dir_of(cfg), kept="the run's finished checkpoints",
+                          fix="then `m3jepa train-predictor ... --resume` goes on from checkpoints/latest")
     # one process: rank 0 of 1, no group; rank 0 locks the run dir, so a second run into it fails at once
-    with process_group(runtime.device) as info, hold_run(run_dir_of(cfg), info.is_main):
+    with process_group(runtime.device) as info, disk, hold_run(run_dir_of(cfg), info.is_main):
         log.info("training on %s (%s, float32 matmuls %s, process group %s)", runtime.device,
                  runtime.precision, runtime.matmul_precision, runtime.backend)
         return _train(cfg, resume, info, runtime, auto_keys)

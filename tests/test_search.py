@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from synthetic_stores import DATASET, overrides
 from typer.testing import CliRunner
 
@@ -241,6 +242,45 @@ def test_a_row_count_mismatch_is_one_line(image_index, tmp_path):
         SearchIndex.open(bad)
     assert str(e.value) == (f"{bad}: the index holds 24 vectors, rows.jsonl 24 lines, the manifest says 23; "
                             "rebuild with `m3jepa index --force`")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("modality", "text"),  # image vectors ranked as captions
+    ("model", {"path": "/elsewhere", "kind": "run", "checkpoint": "best", "weights_sha256": "0" * 64}),
+    ("media_roots", ["/"]),  # every file on the machine servable
+    ("metric", "l2"),
+    ("recall@10", 0.5),
+])
+def test_every_manifest_field_is_covered_by_its_sha256(image_index, tmp_path, field, value):
+    bad = tmp_path / "bad"
+    shutil.copytree(image_index, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    assert field in m
+    m[field] = value
+    (bad / "manifest.json").write_text(json.dumps(m, indent=2))
+    with pytest.raises(SearchError) as e:
+        Searcher.open(bad, device="cpu")
+    assert str(e.value) == (f"{bad / 'manifest.json'} was changed after the index was built (it no "
+                            "longer matches its manifest_sha256: a field such as its modality, model or "
+                            "stores would change what a search means); rebuild with `m3jepa index --force`")
+    m = json.loads((image_index / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(m, indent=4, sort_keys=False))  # reformatted: still fine
+    assert SearchIndex.open(bad).modality == "image"
+
+
+def test_a_link_out_of_an_image_folder_is_left_out(tmp_path):
+    from m3jepa.search.folder import scan_images
+
+    photos, private = tmp_path / "photos", tmp_path / "private.png"
+    photos.mkdir()
+    Image.new("RGB", (4, 4)).save(photos / "a.png")
+    Image.new("RGB", (4, 4)).save(private)
+    (photos / "b.png").symlink_to(private)  # out of the folder: never indexed, never served
+    (photos / "c.png").symlink_to(photos / "a.png")  # inside it: indexed, as the file it names
+    items, others = scan_images(photos)
+    assert [(i.key, i.payload) for i in items] == [("a.png", str(photos / "a.png")),
+                                                   ("c.png", str(photos / "a.png"))]
+    assert others == 1
 
 
 def test_edited_rows_are_refused(image_index, tmp_path):

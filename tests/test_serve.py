@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -375,6 +376,35 @@ def test_media_serves_the_file_a_row_records_with_security_headers(client, tmp_p
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-content-type-options"] == "nosniff"
     assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def _replace_by_link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def test_media_is_served_only_while_it_is_the_file_indexed(client, tmp_path, tmp_path_factory):
+    """An image replaced after indexing by a link to a private file (outside the gallery, or inside it), or
+    changed in place (other bytes, even of the same size), is refused; the page's other images still load."""
+    private = tmp_path_factory.mktemp("home") / "id_rsa.png"
+    private.write_bytes(b"-----BEGIN PRIVATE KEY-----")
+    _replace_by_link(tmp_path / "red.png", private)  # row 10
+    _replace_by_link(tmp_path / "green.png", tmp_path / "blue.png")  # row 11: a link inside the gallery
+    blue = tmp_path / "blue.png"
+    data = bytearray(blue.read_bytes())
+    data[-20] ^= 0xFF  # row 12: same size, other bytes
+    blue.write_bytes(bytes(data))
+    moved = ("its media file is now a symbolic link (or under one) and is not served; rebuild the index if "
+             "the gallery changed")
+    assert _refused(client.get("/media/image/10")) == (403, f"row 10 of 'image': {moved}")
+    assert client.get("/media/image/10").json()["code"] == "media_moved"
+    assert _refused(client.get("/media/image/11")) == (403, f"row 11 of 'image': {moved}")
+    r = client.get("/media/image/12")
+    assert _refused(r) == (403, "row 12 of 'image': its media file changed since it was indexed (its size or "
+                                "sha256 differs); not served: rebuild the index with `m3jepa index`")
+    assert r.json()["code"] == "media_changed"
+    blue.write_bytes(bytes(data[:-1]))  # another size
+    assert client.get("/media/image/12").json()["code"] == "media_changed"
 
 
 def test_an_uploaded_image_finds_its_captions_and_is_removed_after(client, gallery):
@@ -921,3 +951,143 @@ def test_serve_refuses_zero_threads_in_one_line(tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == (
         "error: --threads 0 must be at least 1 (or left out for torch's and faiss's own)")
+
+
+# ---------------------------------------------------------------- hostile requests to the real server
+
+
+@pytest.fixture
+def real_server(gallery, caplog):
+    """`m3jepa serve`'s own uvicorn set-up (serve/http.py: the h11 protocol whose refusals are JSON) over the
+    fake searchers, on a free loopback port in this process; its log goes to caplog."""
+    import uvicorn
+
+    from m3jepa.serve.http import server_config
+
+    caplog.set_level(logging.WARNING)
+    port = _free_port()
+    server = uvicorn.Server(server_config(create_app(Engine(gallery)), "127.0.0.1", port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, timeout=30)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _raw(port: int, data: bytes, wait: float = 10) -> tuple[int, dict[bytes, bytes], bytes]:
+    """(status, headers, body) of one raw HTTP exchange; the request must close the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    fields = {"Host": "127.0.0.1", "Connection": "close", "Content-Length": str(len(body)), **headers}
+    head = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in fields.items())
+    return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+def _json_refusal(port: int, data: bytes) -> tuple[int, str, str]:
+    status, headers, body = _raw(port, data)
+    assert headers[b"content-type"] == b"application/json" and b"content-security-policy" in headers
+    found = json.loads(body)
+    assert set(found) == {"error", "code"} and "\n" not in found["error"], found
+    return status, found["code"], found["error"]
+
+
+def _refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("refused", "dropped"))]
+
+
+HEAD = "POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+MALFORMED_HTTP = [
+    (HEAD + "Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}   ").encode(),  # two lengths that differ
+    (HEAD + "Content-Length: -1\r\n\r\n{}").encode(),  # a negative length
+    b"GET /health HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",  # a header line without its colon
+]
+
+
+def test_malformed_http_is_refused_in_json_with_one_log_line(real_server, caplog):
+    from m3jepa.serve.http import BAD_HTTP
+
+    for data in MALFORMED_HTTP:
+        assert _json_refusal(real_server, data) == (400, "bad_http", BAD_HTTP)
+    lines = _refusal_lines(caplog)
+    assert len(lines) == len(MALFORMED_HTTP) and all(" 400 bad_http: " in line for line in lines), lines
+    assert "Invalid HTTP request received." not in caplog.text  # uvicorn's own line: replaced by ours
+    assert _raw(real_server, _request("GET", "/health"))[0] == 200
+
+
+def _form(boundary: str, png: bytes, **fields: str) -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def test_hostile_bodies_are_refused_in_json_with_a_stable_code(real_server, gallery, caplog):
+    port, multipart = real_server, "multipart/form-data; boundary=XyZ"
+    blue = _png(COLOURS["blue"])
+    cases = [
+        (_request("POST", "/api/search", b"[" * 6000, Content_Type="application/json"),
+         (400, "bad_json", "the body is not a search: its JSON nests too deeply")),
+        (_request("POST", "/api/search", b'{"text": "red", "k": ' + b"7" * 5000 + b"}",
+                  Content_Type="application/json"),
+         (400, "bad_json", "the body holds a 5,000-digit number; a search's numbers have at most 18 digits")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue, k="9" * 4000), Content_Type=multipart),
+         (400, "bad_k", "k must be a whole number from 1 to 100; got a 4,000-digit number")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue, k="9" * 5000), Content_Type=multipart),
+         (400, "bad_form", "the form cannot be read: Part exceeded maximum size of 4KB.")),
+        (_request("GET", "/media/image/" + "1" * 5000),
+         (404, "no_row", "index 'image' has no row '" + "1" * 173)),
+        (_request("POST", "/api/search/image", _form("XyZ", blue)[:-60], Content_Type=multipart),
+         (400, "truncated_body", "the multipart body (")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue), Content_Type=multipart,
+                  Origin="http://evil.example"),
+         (403, "cross_origin", "a POST from 'http://evil.example' is refused: only pages of this server "
+                               "(127.0.0.1) may send searches to it")),
+        (_request("POST", "/api/search", b'{"text": "red"}', Content_Type="application/json", Origin="null"),
+         (403, "cross_origin", "a POST from 'null' is refused")),
+    ]
+    for blank in ("\u200b\u200d\ufeff", "\u0301\u0308", "\u3164 \u2800", " \u2060\u00ad "):
+        body = json.dumps({"text": blank}).encode()
+        cases.append((_request("POST", "/api/search", body, Content_Type="application/json"),
+                      (400, "empty_query", "the query is empty; give some text")))
+    for data, (status, code, message) in cases:
+        got = _json_refusal(port, data)
+        assert got[:2] == (status, code) and got[2].startswith(message), (got, message)
+    assert gallery["text"].files == []  # no refused upload reached the model
+    assert len(_refusal_lines(caplog)) == len(cases)
+    ok = _request("POST", "/api/search/image", _form("XyZ", blue), Content_Type=multipart,
+                  Origin=f"http://127.0.0.1:{port}", Host=f"127.0.0.1:{port}")
+    status, _, body = _raw(port, ok)  # the same upload from the server's own page: answered
+    assert status == 200 and json.loads(body)["hits"][0]["caption"] == "a blue square"
+
+
+def test_clients_that_hang_up_mid_body_leave_one_line_each(real_server, caplog):
+    partial = (HEAD + "Content-Length: 1000\r\n\r\n").encode() + b'{"text": "a red'
+    for _ in range(300):
+        with socket.create_connection(("127.0.0.1", real_server), timeout=10) as s:
+            s.sendall(partial)  # and hang up
+    deadline = time.time() + 60
+    while len(_refusal_lines(caplog)) < 300 and time.time() < deadline:
+        time.sleep(0.1)
+    lines = _refusal_lines(caplog)
+    assert len(lines) == 300 and all(line.startswith("dropped POST /api/search from 127.0.0.1:") and
+                                     line.endswith(": the client hung up before its request was read")
+                                     for line in lines)
+    assert not [r for r in caplog.records if r.exc_info] and "Traceback" not in caplog.text
+    status, _, body = _raw(real_server, _request("POST", "/api/search", b'{"text": "green", "k": 1}',
+                                                 Content_Type="application/json"))
+    assert status == 200 and json.loads(body)["hits"][0]["caption"] == "a green square"

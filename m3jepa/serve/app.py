@@ -152,7 +152,11 @@ def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, uploads: Uploa
             raise RequestError(404, f"no upload search for {modality!r}: uploads are {uploads_are}; text "
                                     "goes to POST /api/search as JSON"[:300], "no_upload_route")
         _check_complete_form(request.headers.get("content-type", ""), await request.body())
-        async with request.form(max_files=1, max_fields=4, max_part_size=4096) as form:
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=4096)
+        except HTTPException as e:  # Starlette's limits on a form (parts, fields, a field over 4 KB)
+            raise RequestError(400, f"the form cannot be read: {e.detail}", "bad_form") from None
+        try:
             k = _k(form.get("k", str(limits.default_k)), limits)
             name = engine.route(modality, _index_name(form.get("index")))
             upload = form.get("file")
@@ -160,6 +164,8 @@ def _add_api_routes(app: FastAPI, engine: Engine, limits: Limits, uploads: Uploa
                 raise RequestError(400, "no file: send the query file in a multipart field named file",
                                    "no_file")
             data = await upload.read()
+        finally:
+            await form.close()
         answer = await run_in_threadpool(_search_file, engine, uploads, limits, name, modality, data, k)
         return _answer_json(answer, {"modality": modality, "filename": upload.filename}, k)
 

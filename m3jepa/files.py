@@ -192,7 +192,8 @@ def refused_writes(folder: Path, *, need: int | None = None, remove: Iterable[Pa
                    kept: str = "", fix: str = "then rerun the same command") -> Iterator[None]:
     """Turn a write the disk or folder refuses inside the block into a WriteError (one line naming `folder`,
     the free and needed space, what was removed and `kept`), after removing the `remove` paths (the
-    temporary files the block was writing). Any other error passes through, the paths removed as well."""
+    temporary files the block was writing). Any other error passes through, the paths removed as well; so
+    does a permission error on a file outside `folder` (a store the block could not read is no write)."""
     try:
         yield
     except WriteError:
@@ -201,9 +202,18 @@ def refused_writes(folder: Path, *, need: int | None = None, remove: Iterable[Pa
         for path in remove:
             _remove(Path(path))
         code = disk_errno(e)
-        if code is None:
+        if code is None or (code in (errno.EACCES, errno.EPERM) and not _inside(e, Path(folder))):
             raise
         raise WriteError(write_error_message(folder, code, need, removed, kept, fix), code) from None
+
+
+def _inside(e: BaseException, folder: Path) -> bool:
+    """Whether the OSError `e` names a file in `folder` (or `folder` itself)."""
+    name = getattr(e, "filename", None)
+    if not name:
+        return False
+    path, root = Path(os.path.abspath(name)), Path(os.path.abspath(folder))
+    return path == root or root in path.parents
 
 
 def _remove(path: Path) -> None:

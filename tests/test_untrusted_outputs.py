@@ -91,8 +91,9 @@ def _symlink_weights(folder: Path) -> None:
 
 
 def _edit_config(key: str, value: object):
-    def edit(folder: Path) -> None:  # a setting that keeps every tensor's shape: the weights still load
+    def edit(folder: Path) -> None:  # a valid setting that keeps every tensor's shape: the weights load
         meta = json.loads((folder / "config.json").read_text())
+        assert meta["pipeline"]["model"][key] != value
         meta["pipeline"]["model"][key] = value
         (folder / "config.json").write_text(json.dumps(meta, indent=2))
     return edit
@@ -102,7 +103,7 @@ def _edit_config(key: str, value: object):
     (_flip, "model.safetensors", "does not match its sha256 in checksums.json"),
     (_symlink_weights, "model.safetensors", "is a symbolic link; an export holds its own files"),
     (_edit_config("top_k", 1), "config.json", "was changed after the export was written"),
-    (_edit_config("routing", "sample"), "config.json", "was changed after the export was written"),
+    (_edit_config("routing", "softmax_topk"), "config.json", "was changed after the export was written"),
 ], ids=["flipped-byte", "symlinked-weights", "top_k", "routing"])
 def test_a_damaged_export_is_refused_naming_the_file_and_the_fix(base_run, export, tmp_path, damage, named,
                                                                  says):
@@ -337,6 +338,12 @@ def test_a_refused_write_is_one_line_and_removes_its_temporary_files(tmp_path):
     assert disk_errno(RuntimeError("Error: 'ret == (size * 4)' failed: write error in /x/i.faiss: 65491 != "
                                    "256000 (No space left on device)")) == errno.ENOSPC
     assert disk_errno(RuntimeError("unexpected pos 576 vs 534")) is None
+    # a file it could not read elsewhere (a store) is no write of this folder: it passes through as it is
+    with pytest.raises(PermissionError), refused_writes(tmp_path / "run"):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/elsewhere/stores/x.zarr")
+    refused = pytest.raises(WriteError, match=r"the folder is not writable \(Permission denied\); make it ")
+    with refused, refused_writes(tmp_path / "run"):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "run" / ".lock"))
 
 
 FULL_DISK = textwrap.dedent('''

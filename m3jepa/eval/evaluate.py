@@ -25,6 +25,7 @@ from m3jepa.eval.device_ranks import device_retrieval_metrics
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
 from m3jepa.eval.report import run_provenance
 from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
+from m3jepa.files import refused_writes
 from m3jepa.knn import topk_search
 from m3jepa.model.moe import routing_health, routing_summary, warn_unbalanced
 
@@ -217,18 +218,20 @@ def evaluate_run(
     `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host);
     `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`). It holds
     the run's lock while it reads and writes: a run still training (or being evaluated) is refused.
+    A run folder it cannot write (read-only, or a full disk) is one line (m3jepa/files.py).
     """
-    try:
-        lock = RunLock(Path(run_dir)).acquire() if RunDir.holds_run(run_dir) else None
-    except RunLockedError as e:  # training, or another evaluate
-        raise RunLockedError(e.run_dir, e.pid, "evaluate writes its metrics into the run: wait for it to "
-                             "finish (m3jepa.load and m3jepa export read a consistent snapshot of its "
-                             "checkpoints meanwhile)") from None
-    try:
-        return _evaluate_run(Path(run_dir), split, protocol, checkpoint, device, precision, root)
-    finally:
-        if lock is not None:
-            lock.release()
+    with refused_writes(Path(run_dir), fix="then evaluate again: it writes its metrics into the run"):
+        try:
+            lock = RunLock(Path(run_dir)).acquire() if RunDir.holds_run(run_dir) else None
+        except RunLockedError as e:  # training, or another evaluate
+            raise RunLockedError(e.run_dir, e.pid, "evaluate writes its metrics into the run: wait for it to "
+                                 "finish (m3jepa.load and m3jepa export read a consistent snapshot of its "
+                                 "checkpoints meanwhile)") from None
+        try:
+            return _evaluate_run(Path(run_dir), split, protocol, checkpoint, device, precision, root)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _evaluate_run(run_dir: Path, split: str | None, protocol: str | None, checkpoint: str,

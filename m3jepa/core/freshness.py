@@ -13,6 +13,7 @@ caption (docs/benchmarks.md measures it on Tux Paint).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from m3jepa.config import PipelineConfig
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.paired import modality_store
-from m3jepa.data.records import encoder_modality, membership_fingerprint, row_fingerprint
+from m3jepa.data.records import content_digest, encoder_modality, membership_fingerprint, row_fingerprint
 from m3jepa.store.manifest import Manifest, load_manifest, rows_from_records
 from m3jepa.store.staleness import stale_reason
 
@@ -52,8 +53,9 @@ def check_fresh(cfg: PipelineConfig, splits: list[str], modalities: list[str], c
                          cfg.encode.seed, cfg.encode.limit)
                 continue
             method = m.content_hash or "stat"
-            reason = stale_reason(path, m, rows_from_records(records, content=[
-                row_fingerprint(r, method) for r in records]), method)
+            fingerprints = [row_fingerprint(r, method) for r in records]
+            reason = stale_reason(path, m, content_digest(fingerprints), functools.partial(
+                rows_from_records, records, content=fingerprints), method)  # the rows: only when stale
             if reason:
                 raise StoreDataError(f"{command}: {reason}; re-encode it (`{_encode_command(cfg, m)}`), then "
                                      "train on the new stores")

@@ -474,6 +474,7 @@ def test_serve_answers_both_shapes_with_a_json_error_and_keeps_serving(text_inde
             seconds, grew = time.monotonic() - start, _peak_rss_mb() - peak
             assert r.status_code == 400 and r.headers["content-type"] == "application/json", (name, r.text)
             assert "times its short side" in r.json()["error"] and "\n" not in r.json()["error"]
+            assert r.json()["code"] == "image_aspect", r.json()  # refused from the header, before decoding
             assert seconds < 60 and grew < MAX_PEAK_MB, (name, seconds, grew)  # the stall: 32 s
         good = real_pngs[0].read_bytes()
         r = client.post("/api/search/image", files={"file": ("q.png", good, "image/png")})

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from m3jepa.data.media import check_image_size
+from m3jepa.data.records import BadItemError
 from m3jepa.serve.errors import RequestError
 from m3jepa.serve.limits import Limits
 
@@ -44,6 +46,10 @@ def _image_suffix(data: bytes, limits: Limits) -> str:
                 if w * h > limits.max_image_pixels:  # from the header: nothing is decoded yet
                     raise RequestError(413, f"the image is {w:,} x {h:,} pixels; the limit is "
                                             f"{limits.max_image_pixels:,} pixels", "image_too_large")
+                try:  # an extreme aspect ratio is refused from the header too, not after a full decode
+                    check_image_size(w, h, "the uploaded image", limits.max_image_pixels)
+                except BadItemError as e:
+                    raise RequestError(400, e.reason, "image_aspect") from None
                 suffix = IMAGE_FORMATS[im.format]
                 im.load()  # a truncated or corrupt file fails here, with our message, not in the encoder
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -196,16 +196,12 @@ def test_both_all_gathers_give_exact_gradients_alone(tmp_path):
     """Alone (no DDP) torch's public autograd all-gather and m3jepa's give the one-process gradients on
     gloo; inside DDP training only m3jepa's does (m3jepa/core/collectives.py says what was measured)."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from launch import torchrun
+
     script = Path(__file__).with_name("gather_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
-           str(script), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    res = torchrun(str(script), str(tmp_path), timeout=120)  # a free port (tests/launch.py)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert len(rows) == 2

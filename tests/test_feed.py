@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch import torchrun
 from safetensors.numpy import load_file
 from synthetic_stores import DATASET, make_split, make_stores, overrides
 
@@ -240,20 +239,17 @@ def test_store_fed_resume_after_a_failed_read_is_bit_exact(stores, tmp_path, mon
     _assert_same_run(ref, cut)
 
 
-def _torchrun(stores: Path, run: Path, port: int, **extra) -> None:
+def _torchrun(stores: Path, run: Path, **extra) -> None:
     sets = []
     for s in overrides(stores, run, **extra):
         sets += ["--set", s]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    res = subprocess.run(
-        [*cmd, "-m", "m3jepa", "train-predictor", *sets], env=ENV, capture_output=True, text=True
-    )
+    res = torchrun("-m", "m3jepa", "train-predictor", *sets)  # a free port (tests/launch.py)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_two_process_store_feed_matches_two_process_memory(stores, tmp_path):
     same = {"model.dropout": 0.0, "train.max_steps": 12, "train.eval_every": 6, "train.checkpoint_every": 6}
-    _torchrun(stores, tmp_path / "mem", 29541, **same, **{"train.feed": "memory"})
-    _torchrun(stores, tmp_path / "store", 29542, **same, **{"train.feed": "store"})
+    _torchrun(stores, tmp_path / "mem", **same, **{"train.feed": "memory"})
+    _torchrun(stores, tmp_path / "store", **same, **{"train.feed": "store"})
     _assert_same_run(tmp_path / "mem", tmp_path / "store")

@@ -53,25 +53,25 @@ def reducer_check(info) -> dict:
 def generator_check(info) -> dict:
     """The loop's rank seeding: masks differ across ranks, rank 0 draws what one process draws, and a
     checkpoint's saved generators give each rank its own stream back."""
+    from m3jepa.core import rankrng
     from m3jepa.core.checkpoint import Checkpoint, TrainState
-    from m3jepa.train import loop
 
     def draw() -> torch.Tensor:
         return nn.functional.dropout(torch.ones(4096), 0.5, training=True)  # (4096,) a dropout mask
 
     torch.manual_seed(7)
     shared = nn.Linear(8, 8)  # the shared initialisation: the same weights on every rank
-    loop._seed_rank(None, 7, info, torch.device("cpu"), 0)
+    rankrng.seed_ranks(None, 7, info, torch.device("cpu"), 0)
     first = draw()
     torch.manual_seed(7)
     nn.Linear(8, 8)
     one_process = draw()  # what a one-process run draws after the same initialisation
-    saved = loop._rng_states(shared, info)  # collective: every rank's generators
+    saved = rankrng.rng_states(shared, info)  # collective: every rank's generators
     after = draw()
     start = Checkpoint(path=Path("."), cfg=None, state=TrainState(step=3), weights={},
                        optimizer={"optimizer": {}, **saved})
     torch.manual_seed(12345)  # a fresh process would start elsewhere
-    loop._seed_rank(start, 7, info, torch.device("cpu"), 3)
+    rankrng.seed_ranks(start, 7, info, torch.device("cpu"), 3)
     resumed = draw()
     masks = info.gather(first)
     return {

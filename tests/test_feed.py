@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -159,7 +160,28 @@ def test_read_ahead_serves_planned_batches_and_reads_the_unplanned(stores, tmp_p
     assert lazy.readahead.misses == 5  # the five text->image steps were read on the spot
     lazy.close()
     assert lazy.readahead is None
-    assert feeder.read_ahead(mem, plan, range(3), 32, 0) is None  # in memory: nothing to read ahead
+    # the memory feed reads ahead the same way (the thread indexes and pins; the loop casts)
+    ahead = load_split(cfg, "train", DIRECTIONS, feed="memory")
+    ahead.readahead = feeder.read_ahead(ahead, plan, range(2, 12), 32, 0)
+    for step in range(2, 12):
+        d = DIRECTIONS[step % 2]
+        x, y = ahead.batch(d, 32, 0, step)
+        xm, ym = mem.batch(d, 32, 0, step)
+        assert torch.equal(x, xm) and torch.equal(y, ym)
+    assert ahead.readahead.misses == 5
+    ahead.close()
+    resident = dataclasses.replace(mem, feed="device")  # rows indexed where they live: nothing to read
+    assert feeder.read_ahead(resident, plan, range(3), 32, 0) is None
+
+
+def test_memory_read_ahead_gives_the_run_of_reading_on_the_spot(stores, tmp_path, monkeypatch):
+    from m3jepa.train import loop
+
+    same = {"train.max_steps": 16, "train.eval_every": 8, "train.schedule": "dynamic", "train.feed": "memory"}
+    train(_cfg(stores, tmp_path / "ahead", **same))
+    monkeypatch.setattr(loop, "read_ahead", lambda *a, **k: None)
+    train(_cfg(stores, tmp_path / "spot", **same))
+    _assert_same_run(tmp_path / "ahead", tmp_path / "spot")
 
 
 # ---------------------------------------------------------------- checks

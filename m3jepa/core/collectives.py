@@ -11,11 +11,12 @@ from m3jepa.distributed import DistInfo
 # torch's public autograd all-gather (torch.distributed.nn.functional.all_gather) gives the same gradients
 # as this function in isolation on gloo (2 ranks, a symmetric InfoNCE with both sides gathered, float64:
 # relative error 1.9e-16; tests/test_device.py::test_both_all_gathers_give_exact_gradients_alone). Inside
-# DDP training it does not: with it, tests/test_train.py::test_two_process_ddp_matches_one_process
-# ends 12 steps with weights up to 0.017 away (relative 3.5) from the one-process run, against rtol 1e-4
-# with this function (measured with torch 2.13 on gloo). Its backward is an all-to-all on gloo and a
-# reduce-scatter on nccl (not measured: no multi-GPU host), issued while DDP's bucket all-reduces run;
-# this function's backward is one all-reduce, correct beside them. So both backends use this one.
+# DDP training it did not (measured with torch 2.13 on gloo while the loop still wrapped the model in torch's
+# DistributedDataParallel): a 2-process run ended 12 steps with weights up to 0.017 away (relative 3.5)
+# from the one-process run, against rtol 1e-4 with this function. Its backward is an all-to-all on gloo
+# and a reduce-scatter on nccl (not measured: no multi-GPU host), issued while DDP's bucket all-reduces
+# ran; this function's backward is one all-reduce, correct beside any other collective. So both backends
+# use this one (GradReducer, below, now reduces after the backward instead of during it).
 
 
 class _GatherWithGrad(torch.autograd.Function):

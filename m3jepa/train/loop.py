@@ -21,6 +21,7 @@ from m3jepa.core.feeder import read_ahead
 from m3jepa.core.layout import RunDir
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
+from m3jepa.core.rankrng import rng_states, seed_ranks
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.files import refused_writes
@@ -151,7 +152,7 @@ def _train(
         reducer.broadcast_from_main(objective)
     # after the shared initialisation every rank draws its own dropout masks (rank 0 keeps train.seed's
     # stream, so it is the one-process run's); a resumed run takes each rank's saved generator back
-    _seed_rank(start, t.seed, info, device, state.step)
+    seed_ranks(start, t.seed, info, device, state.step)
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -219,7 +220,7 @@ def _train(
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime, warned)
             if state.step % t.checkpoint_every == 0 or last or state.stopped_early:
-                rng = _rng_states(objective, info)  # every rank's generators (a collective)
+                rng = rng_states(objective, info)  # every rank's generators (a collective)
                 if info.is_main:
                     ckpt.save_checkpoint(layout.latest, cfg, objective, state, optimizer, _extra(objective),
                                          rng=rng)
@@ -269,42 +270,6 @@ def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.opti
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"checkpoint {start.path} does not fit this model: {e}") from e
     optimizer.load_state_dict(start.optimizer["optimizer"])
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The torch seed of torchrun rank `rank` > 0 after the shared initialisation (rank 0 keeps `seed`'s
-    stream): a SeedSequence of (seed, rank, step), so no rank of one run repeats another run's seed."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
-
-
-def _seed_rank(start: ckpt.Checkpoint | None, seed: int, info: DistInfo, device: torch.device,
-               step: int) -> None:
-    """Each rank's random generators once the model is built: a fresh run reseeds ranks > 0 by
-    `rank_seed`; a resumed one restores each rank's saved generators (a checkpoint that lacks this rank's,
-    written by another world size or an older version, reseeds it by `rank_seed` of the step)."""
-    if start is None:
-        if info.rank > 0:
-            torch.manual_seed(rank_seed(seed, info.rank))
-        return
-    saved = start.optimizer
-    ranks = saved.get("rank_rng")
-    if ranks is not None and len(ranks) == info.world_size:
-        ckpt.restore_rng(ranks[info.rank], device)
-    elif info.rank == 0:
-        ckpt.restore_rng(saved, device)
-    else:
-        log.warning("checkpoint %s holds no generator of rank %d (of %d): its dropout masks restart from "
-                    "a seed of step %d", start.path, info.rank, info.world_size, step)
-        torch.manual_seed(rank_seed(seed, info.rank, step))
-
-
-def _rng_states(objective: Objective, info: DistInfo) -> dict:
-    """What a checkpoint saves of the random generators: rank 0's (as one process saves them) and, under
-    torchrun, every rank's in rank order (`rank_rng`)."""
-    mine = ckpt.rng_state(objective)
-    if not info.enabled:
-        return mine
-    return {**mine, "rank_rng": info.gather(mine)}
 
 
 def _train_step(

@@ -140,6 +140,13 @@ def test_the_reducer_averages_exactly_what_some_rank_used(two):
         assert checks["bf16"] < 1e-2, checks  # bf16's 8 bits of mantissa
 
 
+def test_the_reducer_gives_what_torchs_ddp_gives(two):
+    """6 alternating steps: DDP all-reduces the unused heads as zeros, the reducer skips them; the same
+    weights (tests/ddp_worker.py::ddp_check)."""
+    for rank in (0, 1):
+        assert json.loads((two / f"checks.rank{rank}.json").read_text())["ddp"] < 1e-6
+
+
 def test_ranks_draw_their_own_dropout_masks_and_resume_them(two):
     for rank in (0, 1):
         checks = json.loads((two / f"checks.rank{rank}.json").read_text())["generators"]

@@ -38,9 +38,10 @@ class DeviceKind:
     # the device's own random generator (dropout masks drawn there); None: the CPU's, saved as "rng"
     get_rng_state: Callable[[torch.device], torch.Tensor] | None
     set_rng_state: Callable[[torch.Tensor, torch.device], None] | None
-    # the memory probe: free bytes of the device's own memory; None: it computes in host RAM (no feed
-    # "device", and the RAM rule of train.feed = "auto" applies)
+    # the memory probe: free and total bytes of the device's own memory; None: it computes in host RAM
+    # (no feed "device"; train.feed = "auto" and the model-size check count the host's RAM instead)
     free_memory: Callable[[torch.device], int] | None
+    total_memory: Callable[[torch.device], int] | None
 
     @property
     def accelerator(self) -> bool:
@@ -78,6 +79,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         get_rng_state=None,
         set_rng_state=None,
         free_memory=None,
+        total_memory=None,
     ),
     "cuda": DeviceKind(
         type="cuda",
@@ -95,6 +97,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         get_rng_state=lambda device: torch.cuda.get_rng_state(device),
         set_rng_state=lambda state, device: torch.cuda.set_rng_state(state, device),
         free_memory=lambda device: int(torch.cuda.mem_get_info(device)[0]),
+        total_memory=lambda device: int(torch.cuda.get_device_properties(device).total_memory),
     ),
 }
 CPU_KIND = DEVICE_TABLE["cpu"]

@@ -114,12 +114,13 @@ def test_a_changed_row_is_what_every_consumer_sees(monkeypatch, stores):
     from m3jepa import distributed
     from m3jepa.core.collectives import resolve_compression
     from m3jepa.core.device import fake_cuda
+    from m3jepa.core.memory import device_bytes
     from m3jepa.device_table import DEVICE_TABLE
     from m3jepa.encoders import resolve_device
 
     row = dataclasses.replace(fake_cuda(True, 2), backend="fake-backend", encoder_dtype=torch.float16,
                               grad_compression="none", set_current=lambda d: None,
-                              free_memory=lambda d: 10**15)
+                              free_memory=lambda d: 10**15, total_memory=lambda d: 2 * 10**15)
     monkeypatch.setitem(DEVICE_TABLE, "cuda", row)
     rt = resolve(RuntimeConfig(device="auto"), RANK1)
     assert (str(rt.device), rt.backend) == ("cuda:1", "fake-backend")
@@ -127,6 +128,7 @@ def test_a_changed_row_is_what_every_consumer_sees(monkeypatch, stores):
     assert resolve_device("auto") == (torch.device("cuda"), torch.float16)
     cfg = load_pipeline(None, overrides(stores, stores / "unused"))
     assert resolve_feed(cfg, "train", ["image->text"], "auto", torch.device("cuda", 1)) == "device"
+    assert device_bytes(torch.device("cuda", 1)) == 2 * 10**15  # the model-size check's probe
     monkeypatch.setitem(DEVICE_TABLE, "cuda", dataclasses.replace(row, free_memory=lambda d: 0))
     assert resolve_feed(cfg, "train", ["image->text"], "auto", torch.device("cuda", 1)) == "memory"
 

@@ -4,7 +4,7 @@
     python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
-    python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead
+    python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead --small
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
 out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
@@ -88,8 +88,13 @@ def write_split(root: Path, split: str, images: int, shard_size: int) -> float:
 
 
 def pipeline(root: Path, run: Path, args, steps: int, feed: str) -> PipelineConfig:
-    """The paper's predictor on the bench stores; one validation and one checkpoint, at the last step."""
-    cfg = C.pipeline(paper_preset(), args.batch, bf16=True, directions=DIRECTIONS)
+    """The paper's predictor in bf16 on the bench stores (`--small`: d = 512, h = 1024, 12 experts, top-4,
+    fp32: a step this host trains in a second); one validation and one checkpoint, at the last step."""
+    from m3jepa.config import ModelConfig
+
+    small = ModelConfig(dim=512, hidden=1024, num_experts=12, top_k=4, cl_dim=256)
+    cfg = C.pipeline(small if args.small else paper_preset(), args.batch, bf16=not args.small,
+                     directions=DIRECTIONS)
     cfg.encode.dataset, cfg.encode.store_root = DATASET, str(root)
     cfg.encode.image_encoder, cfg.encode.text_encoder = ENCODERS["image"], ENCODERS["text"]
     cfg.run_dir = str(run)
@@ -284,6 +289,7 @@ def main() -> None:
     p.add_argument("--paired-feeds", type=lambda v: v.split(","), default=["memory", "store"],
                    help="the two feeds --paired-steps alternates: memory | memory+ahead | store")
     p.add_argument("--paired-only", action="store_true", help="only --paired-steps (no CLI rounds)")
+    p.add_argument("--small", action="store_true", help="a 19M-parameter fp32 predictor, not the paper's")
     p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
     p.add_argument("--big-steps", type=int, default=20)
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")

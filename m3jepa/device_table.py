@@ -27,6 +27,7 @@ class DeviceKind:
     encoder_dtype: torch.dtype  # stage 1: the compute dtype of large encoders (docs/encoders.md)
     pins: bool  # host tensors bound for it are page-locked first, so the copy is asynchronous
     fused_optimizer: bool  # torch's AdamW has a fused kernel for parameters on this type
+    tf32: bool  # float32 matmuls may run as TF32 (runtime.matmul_precision "auto" takes it: core.precision)
     # runtime.grad_compression = "auto": the dtype DDP's gradient all-reduce sends ("none": the gradients'
     # own, "bf16": half the bytes; docs/training.md, "Multi-process")
     grad_compression: str
@@ -71,6 +72,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         encoder_dtype=torch.float32,  # bf16 matmuls on a CPU are emulated in most builds: slower
         pins=False,
         fused_optimizer=True,
+        tf32=False,
         grad_compression="none",
         available=lambda: True,
         count=lambda: 1,
@@ -89,6 +91,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         encoder_dtype=torch.bfloat16,
         pins=True,
         fused_optimizer=True,
+        tf32=True,
         grad_compression="bf16",
         available=torch.cuda.is_available,
         count=torch.cuda.device_count,

@@ -122,8 +122,12 @@ def test_a_changed_row_is_what_every_consumer_sees(monkeypatch, stores):
                               grad_compression="none", set_current=lambda d: None,
                               free_memory=lambda d: 10**15, total_memory=lambda d: 2 * 10**15)
     monkeypatch.setitem(DEVICE_TABLE, "cuda", row)
-    rt = resolve(RuntimeConfig(device="auto"), RANK1)
-    assert (str(rt.device), rt.backend) == ("cuda:1", "fake-backend")
+    rt = resolve(RuntimeConfig(device="auto"), RANK1, table=dict(DEVICE_TABLE))  # table=: a faked host
+    assert (str(rt.device), rt.backend, rt.matmul_precision) == ("cuda:1", "fake-backend", "high")
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", dataclasses.replace(row, tf32=False))
+    no_tf32 = resolve(RuntimeConfig(device="auto"), RANK1, table=dict(DEVICE_TABLE))
+    assert no_tf32.matmul_precision == "highest"
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", row)
     assert resolve_compression("auto", rt) == "none" and resolve_compression("bf16", rt) == "bf16"
     assert resolve_device("auto") == (torch.device("cuda"), torch.float16)
     cfg = load_pipeline(None, overrides(stores, stores / "unused"))

@@ -81,6 +81,11 @@ Seeds = Annotated[str | None, typer.Option(
 Root = Annotated[str | None, typer.Option(
     help="The dataset folder (encode.root): where a folder dataset (jsonl, imagefolder, imagenet) was "
          "encoded from, which names its stores.")]
+# Every --run is also --run-dir: torchrun's parser reads the whole command line, the script's arguments
+# included, and refuses `--run` as an ambiguous abbreviation of its own --run-path/--run_path, so the
+# documented multi-process commands use --run-dir (docs/training.md, "Multi-process";
+# tests/test_torchrun.py checks every option name against torchrun's parser).
+RUN = ("--run", "--run-dir")
 Pipeline = Annotated[
     str | None, typer.Option(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
 ]
@@ -287,7 +292,7 @@ def train_predictor(
     pipeline: Pipeline = None,
     store_root: Annotated[str | None, typer.Option(help="Overrides encode.store_root.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
-    run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
+    run: Annotated[str | None, typer.Option(*RUN, help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
     seeds: Seeds = None,
     root: Root = None,
@@ -317,7 +322,7 @@ def train_predictor(
 
 @app.command()
 def evaluate(
-    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory written by train-predictor.")],
     split: Annotated[str | None, typer.Option(help="Split to score (default: eval.split).")] = None,
     protocol: Annotated[str | None, typer.Option(help="multi | paired")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
@@ -372,7 +377,7 @@ def compare(
 
 @app.command("lora-export")
 def lora_export(
-    run: Annotated[str, typer.Option(help="A LoRA run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A LoRA run directory written by train-predictor.")],
     out: Annotated[str, typer.Option(help="Where to write one folder per tuned modality.")],
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     merge: Annotated[
@@ -488,7 +493,7 @@ def run_pipeline(
 
 @app.command("export")
 def export(
-    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory written by train-predictor.")],
     out: Annotated[str, typer.Option(help="The folder to write: config.json, model.safetensors, README.md.")],
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
@@ -511,7 +516,7 @@ SearchDevice = Annotated[str, typer.Option(help="Where the model runs: auto | cp
 
 @app.command()
 def embed(
-    run: Annotated[str, typer.Option(help="A run directory (or an m3jepa export folder).")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory (or an m3jepa export folder).")],
     split: Annotated[str, typer.Option(help="The split whose store to embed, e.g. test.")],
     modality: Annotated[str, typer.Option(help="A modality the model targets (the gallery), e.g. image.")],
     out: Annotated[str | None, typer.Option(help="Default: RUN/embedded/SPLIT/MODALITY.")] = None,
@@ -538,7 +543,9 @@ def embed(
 @app.command()
 def index(
     store: Annotated[str | None, typer.Option(help="An embedded store (written by m3jepa embed).")] = None,
-    run: Annotated[str | None, typer.Option(help="Or: a run (or export) to embed with first.")] = None,
+    run: Annotated[
+        str | None, typer.Option(*RUN, help="Or: a run (or export) to embed with first.")
+    ] = None,
     split: Annotated[str | None, typer.Option(
         help="With --run: the split, or all (every split of the run, indexed together).")] = None,
     modality: Annotated[str | None, typer.Option(help="With --run --split: the gallery modality.")] = None,

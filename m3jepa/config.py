@@ -336,12 +336,16 @@ class RuntimeConfig:
     # float32 matmuls: auto (TF32 on a GPU, "high"; exact on a CPU, "highest") | highest | high (TF32: a GPU
     # only); torch.set_float32_matmul_precision where the runtime is resolved (m3jepa.core.precision)
     matmul_precision: str = "auto"
+    # Under torchrun, the dtype the gradients' all-reduce sends: "none" their own (float32), "bf16" half
+    # the bytes, "auto" the device table's choice for the device type (bf16 on GPUs, none on CPUs)
+    grad_compression: str = "auto"  # auto | none | bf16
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _choice("runtime.precision", self.precision, ("fp32", "bf16"))
         _choice("runtime.matmul_precision", self.matmul_precision, ("auto", "highest", "high"))
+        _choice("runtime.grad_compression", self.grad_compression, ("auto", "none", "bf16"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")

@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     "knn": 0,  # the plain exact search: eval scores with it, accel.search certifies against it
     "progress": 0,  # encode's and train's progress: a tqdm bar on a terminal, summary lines elsewhere
     "config": 0,
+    "device_table": 0,  # the device table: torch only, read by distributed, encoders, encode and core
     "data": 1,
     "prefetch": 1,
     "pipelines": 1,  # the shipped pipeline files and name resolution (raises config's ConfigError)

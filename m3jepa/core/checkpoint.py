@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from m3jepa.config import PipelineConfig, dump_toml, load_pipeline
 from m3jepa.core.layout import CHECKSUMS, CONFIG, OPTIMIZER, STATE, WEIGHTS
+from m3jepa.device_table import kind_of
 from m3jepa.files import refused_writes
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,13 @@ def save_checkpoint(
     state: TrainState,
     optimizer: torch.optim.Optimizer | None = None,
     extra: Callable[[Path], None] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint directory: build it beside, then swap it in, so a kill never leaves half of one.
 
-    `extra(dir)` writes more files into the checkpoint before the swap (the LoRA mode's adapters).
+    `extra(dir)` writes more files into the checkpoint before the swap (the LoRA mode's adapters); `rng`
+    is the generators' state saved beside the optimizer (default: this process's, `rng_state(model)`;
+    under torchrun the loop adds every rank's).
     """
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -75,7 +79,8 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(dump_toml(cfg))
         if optimizer is not None:  # through memory: torch.save's own writer reports a full disk without errno
             buffer = io.BytesIO()
-            torch.save({"optimizer": optimizer.state_dict(), **rng_state(model)}, buffer)
+            rng = rng_state(model) if rng is None else rng
+            torch.save({"optimizer": optimizer.state_dict(), **rng}, buffer)
             (tmp / OPTIMIZER).write_bytes(buffer.getbuffer())
         if extra is not None:
             extra(tmp)
@@ -186,21 +191,28 @@ class Checkpoint:
 
 
 def rng_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The generators a resumed run needs: the CPU's, and the GPU's the model trains on (dropout there)."""
+    """The generators a resumed run needs: the CPU's ("rng"), and the one of the device the model trains
+    on when the device table gives that type a generator of its own ("<type>_rng": dropout there)."""
     out = {"rng": torch.get_rng_state()}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device.type == "cuda":
-        out["cuda_rng"] = torch.cuda.get_rng_state(device)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    kind = kind_of(device)
+    if kind.get_rng_state is not None:
+        out[f"{kind.type}_rng"] = kind.get_rng_state(device)
     return out
 
 
 def restore_rng(saved: dict[str, Any], device: torch.device) -> None:
-    """Put back what rng_state saved; a run resumed on another kind of device keeps a fresh GPU generator."""
+    """Put back what rng_state saved; a run resumed on another kind of device keeps a fresh generator
+    there."""
     torch.set_rng_state(saved["rng"])
-    if device.type == "cuda" and "cuda_rng" in saved:
-        torch.cuda.set_rng_state(saved["cuda_rng"], device)
-    elif device.type == "cuda":
-        log.warning("the checkpoint was written on the CPU: GPU dropout masks start from a fresh generator")
+    kind = kind_of(device)
+    if kind.set_rng_state is None:
+        return
+    if f"{kind.type}_rng" in saved:
+        kind.set_rng_state(saved[f"{kind.type}_rng"], device)
+    else:
+        log.warning("the checkpoint was written on another device type: %s dropout masks start from a "
+                    "fresh generator", kind.type)
 
 
 def load_checkpoint(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from m3jepa.config import MAX_WIDTH, ConfigError, ModelConfig, core_parameters
+from m3jepa.device_table import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ def parameter_lower_bound(model: ModelConfig, dims: Mapping[str, int]) -> int:
 
 
 def device_bytes(device: torch.device) -> int:
-    """All the memory of `device`: a GPU's total, or the host's RAM (or its cgroup limit)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+    """All the memory of `device`: a GPU's total (the device table's memory probe), or the host's RAM (or
+    its cgroup limit) for a device that computes in it."""
+    kind = kind_of(device)
+    if kind.total_memory is not None:
+        return kind.total_memory(device)
     from m3jepa.core.paired import ram_bytes
 
     return ram_bytes()

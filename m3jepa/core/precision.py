@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 
 from m3jepa.config import ConfigError, RuntimeConfig
+from m3jepa.device_table import kind_of
 
 R = TypeVar("R")  # m3jepa.core.device.Runtime (which imports this module)
 
@@ -24,13 +25,15 @@ EXACT = "highest"
 
 
 def matmul_precision(cfg: RuntimeConfig, device: torch.device) -> str:
-    """torch's float32 matmul precision for `device` that runtime.matmul_precision asks for."""
-    if device.type == "cpu":
+    """torch's float32 matmul precision for `device` that runtime.matmul_precision asks for (whether the
+    device has TF32 is the device table's `tf32`)."""
+    if not kind_of(device).tf32:
         if cfg.matmul_precision == TF32:
+            what = "a CPU" if device.type == "cpu" else f"a {device.type} device"
             raise ConfigError(
-                'runtime.matmul_precision = "high" asks for TF32 float32 matmuls, which a CPU does not have '
-                '(this run resolved to the CPU); set "auto" or "highest", or runtime.precision = "bf16" '
-                "for faster products on a CPU (the CPU fast path)"
+                f'runtime.matmul_precision = "high" asks for TF32 float32 matmuls, which {what} does not '
+                f'have (this run resolved to {device}); set "auto" or "highest", or runtime.precision = '
+                '"bf16" for faster products on a CPU (the CPU fast path)'
             )
         return EXACT
     return TF32 if cfg.matmul_precision == "auto" else cfg.matmul_precision

@@ -20,6 +20,7 @@ import torch
 
 from m3jepa.config import EncodeConfig, check_machine
 from m3jepa.data.records import encoder_modality
+from m3jepa.device_table import kind_of
 from m3jepa.distributed import ENCODE_BARRIER_TIMEOUT, DistInfo, process_group
 from m3jepa.encode.jobs import StoreJob, cache_state, plan_jobs
 from m3jepa.encode.mapper import Mapper, load_encoder
@@ -177,7 +178,9 @@ def encode_shards(
     shard ahead, on a thread) and decoded ahead of the encoder, the encoder, and the shard commits on a
     background thread. Adds rows encoded, bytes written and read / compute / write seconds to `result`.
     """
-    pin = cfg.device != "cpu" and torch.cuda.is_available()
+    from m3jepa.encoders import resolve_device
+
+    pin = kind_of(resolve_device(cfg.device)[0]).pins  # the device table: page-locked for a GPU's copies
     low = {"auto": None, "low": True, "normal": False}[cfg.decode_priority]  # None: low unless pinning
     works = read_ahead(shard_works(job.stream, shards, cfg.batch_size, job.modality), len(shards))
     workers = reader_workers(job.modality, cfg.workers)

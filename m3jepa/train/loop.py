@@ -15,12 +15,13 @@ import torch
 from m3jepa.config import PipelineConfig, check_machine, save_toml
 from m3jepa.core import checkpoint as ckpt
 from m3jepa.core import runstores
-from m3jepa.core.collectives import broadcast_float, broadcast_object
+from m3jepa.core.collectives import GradReducer, broadcast_float, broadcast_object, resolve_compression
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
 from m3jepa.core.layout import RunDir
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
+from m3jepa.core.rankrng import rng_states, seed_ranks
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
 from m3jepa.files import refused_writes
@@ -139,16 +140,19 @@ def _train(
         stores={m: {"encoder": f.encoder, "revision": f.revision} for m, f in train_data.modalities.items()},
     )
     if start is not None:
-        _restore(start, objective, optimizer, device)
+        _restore(start, objective, optimizer)
         state = start.state
     elif cfg.loss.pred_target == "standardized":  # a resumed run has its statistics in the checkpoint
         fit_target_statistics(objective.predictor, train_data, t.directions)
-    model = objective
+    # DDP's work, done by m3jepa.core.collectives.GradReducer (its docstring says why not DDP itself):
+    # rank 0's initial state everywhere, then each backward's gradients averaged over the ranks
+    reducer = None
     if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=ids, find_unused_parameters=True
-        )
+        reducer = GradReducer(objective, info, resolve_compression(cfg.runtime.grad_compression, runtime))
+        reducer.broadcast_from_main(objective)
+    # after the shared initialisation every rank draws its own dropout masks (rank 0 keeps train.seed's
+    # stream, so it is the one-process run's); a resumed run takes each rank's saved generator back
+    seed_ranks(start, t.seed, info, device, state.step)
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -177,7 +181,9 @@ def _train(
     window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
     tally = RoutingTally(getattr(getattr(objective.predictor, "mixer", None), "top_k", None))
     warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about (moe.warn_unbalanced)
-    # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
+    # A thread prepares the batches of the steps ahead (the directions the schedule will draw); under
+    # mixup every rank takes the global batch (it mixes it as one process would, then keeps its slice).
+    whole = t.mixup > 0
     train_data.readahead = read_ahead(
         train_data,
         lambda s: directions_at(
@@ -186,14 +192,15 @@ def _train(
         range(state.step, n_steps),
         t.batch_size,
         t.seed,
-        info.rank,
-        info.world_size,
+        0 if whole else info.rank,
+        1 if whole else info.world_size,
     )
     try:
         for step in range(state.step, n_steps):
             if state.stopped_early:
                 break
-            parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info, runtime)
+            parts = _train_step(objective, optimizer, cfg, train_data, state, step, n_steps, info, runtime,
+                                reducer=reducer)
             _accumulate(window, parts["by_direction"])
             tally.add(parts["routing"])  # expert counts summed on the device; read once per log line
             state.step = step + 1
@@ -212,8 +219,11 @@ def _train(
                 )
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime, warned)
-            if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
-                ckpt.save_checkpoint(layout.latest, cfg, objective, state, optimizer, _extra(objective))
+            if state.step % t.checkpoint_every == 0 or last or state.stopped_early:
+                rng = rng_states(objective, info)  # every rank's generators (a collective)
+                if info.is_main:
+                    ckpt.save_checkpoint(layout.latest, cfg, objective, state, optimizer, _extra(objective),
+                                         rng=rng)
             bar.update(1)
     finally:
         train_data.close()
@@ -254,15 +264,12 @@ def _load_resume(
     return start
 
 
-def _restore(
-    start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device
-) -> None:
+def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer) -> None:
     try:
         objective.load_state_dict(start.weights, strict=True)
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"checkpoint {start.path} does not fit this model: {e}") from e
     optimizer.load_state_dict(start.optimizer["optimizer"])
-    ckpt.restore_rng(start.optimizer, device)
 
 
 def _train_step(
@@ -275,8 +282,10 @@ def _train_step(
     n_steps: int,
     info: DistInfo,
     runtime: Runtime,
+    reducer: GradReducer | None = None,
 ) -> dict:
-    """One AGD step: the step's direction(s), their losses summed, one optimizer update."""
+    """One AGD step: the step's direction(s), their losses summed, one backward, the gradients averaged
+    over the ranks (`reducer`, under torchrun), one optimizer update."""
     t = cfg.train
     lr = lr_at(step, n_steps, t.lr, warmup_frac=t.warmup_frac, min_lr_frac=t.min_lr_frac)
     for group in optimizer.param_groups:
@@ -291,11 +300,14 @@ def _train_step(
     routing = {}  # direction -> ({gate: (N,) expert assignments of this batch, on the device}, rows)
     rows = t.batch_size // info.world_size  # this rank's slice (y may be the LoRA mode's PrefixBatch)
     for d in directions:
-        x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         if t.mixup > 0:  # FuseMix: one partner and one λ per pair, the same in source and target
-            k = t.directions.index(d)
-            plan = mix_plan(rows, t.mixup, t.mixup_alpha, t.seed, step, k, info.rank)
-            x, y = mixup_pair(x, y, plan)
+            # drawn and applied over the global batch, then this rank's slice: the same mixed rows as in
+            # one process, whatever the world size
+            x, y = _batch(data, d, t.batch_size, t.seed, step, DistInfo())  # (B, D) on runtime.device
+            plan = mix_plan(t.batch_size, t.mixup, t.mixup_alpha, t.seed, step, t.directions.index(d))
+            x, y = _rank_slice(mixup_pair(x, y, plan), info)
+        else:
+            x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         with runtime.autocast():
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
@@ -304,6 +316,8 @@ def _train_step(
         if parts.expert_counts:
             routing[d] = ({g: c.detach() for g, c in parts.expert_counts.items()}, rows)
     loss.backward()
+    if reducer is not None:
+        reducer.reduce()
     optimizer_step(optimizer, model, t.grad_clip)
     return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions,
             "by_direction": by_direction, "routing": routing}
@@ -316,6 +330,17 @@ def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: 
     from the stores (train.feed), the rows, their order and their float32 values are the same.
     """
     return data.batch(direction, batch_size, seed, step, info.rank, info.world_size)
+
+
+def _rank_slice(batch: tuple, info: DistInfo) -> tuple:
+    """This rank's contiguous slice of a global batch (x (B, D_s) or {m: (B, D_m)}, y (B, D_t)), as
+    PairedSplit.batch slices the batch indices."""
+    if not info.enabled:
+        return batch
+    x, y = batch
+    b = y.shape[0] // info.world_size
+    part = slice(info.rank * b, (info.rank + 1) * b)
+    return ({m: v[part] for m, v in x.items()} if isinstance(x, dict) else x[part]), y[part]
 
 
 def _scalars(parts: dict) -> dict:

@@ -20,6 +20,7 @@ import torch
 
 from m3jepa.config import ModelConfig, PipelineConfig
 from m3jepa.core.paired import ModalityFeatures, PairedSplit
+from m3jepa.model import flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,20 +177,10 @@ def reset_peak_rss() -> None:
 
 
 def train_flops_per_sample(cfg: ModelConfig, dims: dict[str, int], direction: str) -> float:
-    """Model FLOPs of one training sample of `direction` (forward + backward, sparse top-k experts).
-
-    A layer costs 2·in·out per row forward; backward costs twice that, except for layers fed by data
-    (the input projection, the target projection), whose input gradient is never needed (1×).
-    The contrastive logits add 2·B·d_cl per row and side; they are counted at the batch's B by the
-    caller when it matters, and left out here (under 0.2% at B = 512).
-    """
-    src, tgt = (s.strip() for s in direction.split("->"))
-    d, h, n, k, dcl = cfg.dim, cfg.hidden, cfg.num_experts, cfg.top_k, cfg.cl_dim
-    experts = 2 * k * (2 * d * h)  # two tasks, k experts each, two layers
-    gates = 2 * (d * n)
-    inner = experts + gates + d * dims[tgt] + d * dcl  # expert mixing, pred head, cl head
-    fed_by_data = dims[src] * d + dims[tgt] * dcl  # input projection, target projection
-    return 2.0 * (3 * inner + 2 * fed_by_data)
+    """Model FLOPs of one training sample of `direction` (forward + backward, sparse top-k experts): the
+    count `m3jepa model-info` prints (`m3jepa.model.flops.train_flops`, which says what it counts).
+    The contrastive logits grow with the batch and are left out (`m3jepa.model.flops.logits_flops`)."""
+    return flops.train_flops(cfg, dims, direction)
 
 
 # ---------------------------------------------------------------- training inputs

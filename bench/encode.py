@@ -32,8 +32,10 @@ import torch
 from bench import _common as C
 from m3jepa.config import EncodeConfig
 from m3jepa.distributed import DistInfo
-from m3jepa.encode.reader import WORKER_NICENESS, Collate, Items, decode_batch
-from m3jepa.encode.runner import StoreJob, _load_encoder, _shard_batches, encode_store, plan_jobs
+from m3jepa.encode.jobs import StoreJob, plan_jobs
+from m3jepa.encode.mapper import load_encoder
+from m3jepa.encode.reader import WORKER_NICENESS, Decode, shard_works, task_of
+from m3jepa.encode.runner import encode_store
 from m3jepa.encoders import resolve_device
 from m3jepa.store import open_store
 from m3jepa.store.manifest import plan_shards
@@ -52,12 +54,10 @@ def config(args: argparse.Namespace, modality: str, root: Path) -> EncodeConfig:
 
 def predecoded(job: StoreJob, preprocessor: Any, batch_size: int) -> list[Any]:
     """Every batch of the store, decoded and collated in this process, in the runner's batch order."""
-    items, collate = Items(job.records, preprocessor), Collate(preprocessor)
-    out = []
-    for _, lo, hi in plan_shards(len(job.records), job.manifest.shard_size):
-        for rows in _shard_batches(job, lo, hi, batch_size):
-            out.append(decode_batch(items, collate, rows))
-    return out
+    decode = Decode(preprocessor)
+    shards = plan_shards(job.manifest.rows, job.manifest.shard_size)
+    return [decode[task_of(work, rows, job.refused)]
+            for work in shard_works(job.stream, shards, batch_size, job.modality) for rows in work.batches]
 
 
 def forward_only(encoder: Any, batches: list[Any], kind: str) -> np.ndarray:
@@ -86,7 +86,7 @@ class Contenders:
         self.job = plan_jobs(self.cfg, dataset)[0]
         device, dtype = resolve_device("cpu")
         tick = time.perf_counter()
-        self.encoder = _load_encoder(self.job, self.cfg, device, dtype)
+        self.encoder = load_encoder(self.job, self.cfg, device, dtype)
         self.load_s = time.perf_counter() - tick
         tick = time.perf_counter()
         self.batches = predecoded(self.job, self.encoder.preprocessor, args.batch_size)
@@ -96,7 +96,7 @@ class Contenders:
 
     @property
     def rows(self) -> int:
-        return len(self.job.records)
+        return self.job.manifest.rows
 
     def forward(self) -> None:
         self.features = forward_only(self.encoder, self.batches, self.cfg.kind)

@@ -9,15 +9,22 @@ ids linking each caption to its image; 4.9 GB on the GPU, none of it in host RAM
 
 1. Training, paper preset (140.6M parameters), B = 1,024 and 4,096, feed "device", both contenders through
    the real `m3jepa.train.loop._train_step` (AGD: image->text on even steps, text->image on odd ones):
-     fast       runtime.precision = "bf16": sparse MoE dispatch, bf16 autocast, torch's fused AdamW
-                (`build_optimizer`), clipping 1.0, dropout 0.1
-     reference  the official release's style: every expert on every row (`_common.make_dense`), float32,
-                torch.optim.AdamW with no implementation flags (`train_step.default_adamw`)
+     fast       runtime.precision = "bf16": the GPU's code path (the plain model under bf16 autocast, the
+                experts as one grouped product where the card has a sync-free kernel, torch's fused AdamW
+                with clipping folded in: `build_optimizer(..., cpu_fast_path=False)`), clipping 1.0,
+                dropout 0.1. With --device cpu --quick the same path, the grouped product forced: never
+                the CPU fast path of m3jepa.accel.
+     reference  the official release's style: every expert on every row (`_common.make_dense`), float32
+                with TF32 matmuls (runtime.matmul_precision "auto" = "high" on a GPU: what a fair official-
+                style run gets), torch.optim.AdamW with no implementation flags (`train_step.default_adamw`)
    Timed in alternating rounds, torch.cuda.synchronize() around a fixed number of steps; medians of rounds.
-   Model FLOPs per sample: the exact sparse count of `_common.train_flops_per_sample` (top-k experts,
-   forward + backward, inputs' gradients skipped; the same count as bench/train_step.py), averaged over
-   both directions; MFU against the bf16 matmul peak measured in the same run (8192^3, best of several).
-   `mfu_bf16_with_logits` adds the two (B, B) InfoNCE products (12·B·d_cl per sample).
+   Model FLOPs per sample: `m3jepa.model.flops.train_flops` (top-k experts, forward + backward, inputs'
+   gradients skipped; what `m3jepa model-info` prints), averaged over both directions; MFU against the
+   card's datasheet bf16 peak (`gpu_step.DATASHEETS`, with sources) and against the bf16 matmul rate
+   measured in the same run (8192^3, best of several). `*_with_logits` adds the InfoNCE logits.
+   Per step of the fast contender (`gpu_step.account`): aten operations and host syncs (the dispatch audit
+   of m3jepa.train.audit, on any device), syncs torch reports (`torch.cuda.set_sync_debug_mode`) and
+   kernels (`torch.profiler`) on a GPU.
 2. COCO-5K exact recall: 25,000 captions x 5,000 images in the contrastive space (d = cl_dim = 2048) on the
    device, `device_retrieval_metrics` text->image and image->text, timed together; on a subset of queries
    the ranks and recalls must equal a float64 reference on the CPU (a stable sort of the full scores).
@@ -50,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import _common as C
+from bench import gpu_step
 from bench.train_step import default_adamw
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.core.checkpoint import TrainState
@@ -60,6 +68,7 @@ from m3jepa.core.paired import ModalityFeatures, PairedSplit, pair_rows
 from m3jepa.distributed import DistInfo
 from m3jepa.eval.device_ranks import best_correct_ranks, device_retrieval_metrics
 from m3jepa.eval.retrieval import group_codes
+from m3jepa.model import flops
 from m3jepa.model.predictor import paper_preset
 from m3jepa.train.loop import _train_step, total_steps
 from m3jepa.train.optim import build_optimizer
@@ -72,7 +81,8 @@ EPOCHS = 20
 LLAMA_NEEDS_BYTES = 20e9
 # Issue #12's targets: (JSON key, what, the target, True when higher is better)
 TARGETS = (
-    ("mfu_bf16_at_target_batch", "bf16 MFU of the fast step at B = 4,096", 0.40, True),
+    ("mfu_bf16_at_target_batch", "bf16 MFU (datasheet peak) of the fast step at B = 4,096", 0.40, True),
+    ("syncs_per_step_at_target_batch", "host syncs per fast step at B = 4,096", 0.0, False),
     ("speedup_at_target_batch", "fast / reference samples per second at B = 4,096", 20.0, True),
     ("seconds_20_epochs", "20 epochs of COCO at B = 4,096, seconds", 300.0, False),
     ("coco5k_both_ways_ms", "COCO-5K exact recall both ways, ms", 50.0, False),
@@ -126,7 +136,8 @@ FULL = Shapes(
 )
 QUICK = Shapes(
     images=600, captions=3010, dims={"image": 32, "text": 64},
-    model=ModelConfig(predictor="moe", dim=64, hidden=64, num_experts=4, top_k=2, dropout=0.1, gates="multi",
+    # the paper's structure (12 experts, top-4, two gates) at narrow widths: the same operations per step
+    model=ModelConfig(predictor="moe", dim=64, hidden=64, num_experts=12, top_k=4, dropout=0.1, gates="multi",
                       routing="topk_softmax", cl_dim=32),
     batches=(64, 256), warmup_steps=2, rounds=2, fast_steps=1, coco5k_images=200, check_queries=100,
     retrieval_rounds=2, peak_n=256,
@@ -230,10 +241,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, per_rep: int
 def peak_part(sh: Shapes, device: torch.device, budget: Budget) -> dict:
     bf16 = matmul_tflops(device, torch.bfloat16, sh.peak_n, per_rep=10, reps=5)
     fp32 = matmul_tflops(device, torch.float32, sh.peak_n, per_rep=3, reps=3)
+    sheet = gpu_step.datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     log(f"matmul peak {sh.peak_n}^3: bf16 {bf16:.4g} TFLOP/s, float32 {fp32:.4g} TFLOP/s "
-        f"(float32 matmul precision {torch.get_float32_matmul_precision()!r})")
+        f"(float32 matmul precision {torch.get_float32_matmul_precision()!r}); datasheet bf16 "
+        + (f"{sheet.bf16_tflops} TFLOP/s ({sheet.card})" if sheet else "not in the table"))
     return {"bf16_tflops": bf16, "fp32_tflops": fp32, "n": sh.peak_n,
-            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "datasheet_bf16_tflops": sheet.bf16_tflops if sheet else None,
+            "datasheet_card": sheet.card if sheet else None,
+            "datasheet_source": sheet.source if sheet else None}
 
 
 # ---------------------------------------------------------------- synthetic COCO, resident on the device
@@ -312,7 +328,12 @@ def train_config(sh: Shapes, batch: int, bf16: bool, device: torch.device) -> Pi
 
 
 def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) -> dict[str, Trainer]:
-    """The fast path and the official-release-style reference, from the same initial weights."""
+    """The GPU's code path and the official-release-style reference, from the same initial weights.
+
+    fast: the plain model under bf16 autocast and torch's fused AdamW (`cpu_fast_path=False`: on a CPU too,
+    never m3jepa.accel); on a CPU the grouped expert product is forced, so --quick runs what a GPU runs.
+    reference: dense, float32 at the runtime's matmul precision (TF32 on a GPU), torch's default AdamW.
+    """
     torch.manual_seed(0)
     out = {}
     for name, bf16 in (("fast", True), ("reference", False)):
@@ -321,7 +342,9 @@ def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) 
         with device:  # parameters are created where they train, as the loop does
             objective = Objective(cfg.model, LossConfig(), data.dims())
         if name == "fast":
-            optimizer = build_optimizer(objective, cfg, runtime)
+            if device.type == "cpu":
+                objective.predictor.mixer.expert_product = "grouped"
+            optimizer = build_optimizer(objective, cfg, runtime, cpu_fast_path=False)
         else:
             objective.load_state_dict(out["fast"].objective.state_dict())
             C.make_dense(objective.predictor)
@@ -329,6 +352,19 @@ def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) 
         state = TrainState(dims=data.dims(), directions=list(DIRECTIONS), stores={})
         out[name] = Trainer(objective, optimizer, cfg, runtime, data, state)
     return out
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """e.g. "AdamW(fused)": which update the step runs (the GPU path: torch's fused AdamW)."""
+    impl = next((k for k in ("fused", "foreach") if optimizer.defaults.get(k)), "for-loop")
+    return f"{type(optimizer).__name__}({impl})"
+
+
+def expert_path(trainer: Trainer) -> str:
+    """How the trainer's MoE runs its experts on this device and precision ("grouped", "loop", ...)."""
+    rt = trainer.runtime
+    dtype = torch.bfloat16 if rt.bf16 else torch.float32
+    return trainer.objective.predictor.mixer.expert_path(torch.empty(0, 1, device=rt.device, dtype=dtype))
 
 
 def host_order_ms(n_pairs: int, batch: int, steps: int = 5) -> float:
@@ -344,18 +380,14 @@ def host_order_ms(n_pairs: int, batch: int, steps: int = 5) -> float:
 
 
 def flops_per_sample(model: ModelConfig, dims: dict[str, int]) -> float:
-    """bench/train_step.py's count: exact sparse model FLOPs of one sample, averaged over directions."""
-    return sum(C.train_flops_per_sample(model, dims, d) for d in DIRECTIONS) / len(DIRECTIONS)
+    """`m3jepa model-info`'s count: model FLOPs of one training sample, averaged over both directions."""
+    return sum(flops.train_flops(model, dims, d) for d in DIRECTIONS) / len(DIRECTIONS)
 
 
-def logits_flops_per_sample(model: ModelConfig, batch: int) -> float:
-    # Symmetric InfoNCE: two (B, d_cl) x (d_cl, B) products, 2·B·d_cl per row each, x3 with backward.
-    return 12.0 * batch * model.cl_dim
-
-
-def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, device: torch.device,
+def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak: dict, device: torch.device,
                 budget: Budget) -> dict:
-    """Samples/s of fast and reference at one batch size, in alternating rounds."""
+    """Samples/s of fast and reference at one batch size, in alternating rounds; MFU against the datasheet
+    and the measured peak; the fast step's operations, syncs and kernels."""
     sync = synchronizer(device)
     c = contenders(sh, data, batch, device)
     fast, ref = c["fast"], c["reference"]
@@ -364,6 +396,9 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, d
         for _ in range(sh.warmup_steps):  # allocations, cuBLAS handles, optimizer state
             trainer.step()
     sync()
+    counts = gpu_step.account(fast.step, device, steps=2)  # one step per direction
+    log(f"B={batch}: fast step ({expert_path(fast)} experts): {counts['ops_per_step']['compute']:.0f} "
+        f"operations (compute), {counts['syncs_per_step']} host syncs, {counts['kernels_per_step']} kernels")
     log(f"B={batch}: warmed up; timing up to {sh.rounds} rounds ({budget.left():.0f}s left)")
     m = sh.fast_steps
     times = timed_rounds(
@@ -371,19 +406,27 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak_tflops: float, d
     )
     sps = {k: C.Spread([batch / s for s in v.values]) for k, v in times.items()}
     speedup = C.ratio(times["reference"], times["fast"])
-    flops = flops_per_sample(sh.model, sh.dims)
-    with_logits = flops + logits_flops_per_sample(sh.model, batch)
-    mfu = sps["fast"].median * flops / (peak_tflops * 1e12)
+    model_flops = flops_per_sample(sh.model, sh.dims)
+    with_logits = model_flops + flops.logits_flops(sh.model, batch)
+    fast_sps, sheet = sps["fast"].median, peak.get("datasheet_bf16_tflops")
+    mfu = {
+        "mfu_bf16_datasheet": gpu_step.mfu(fast_sps, model_flops, sheet),
+        "mfu_bf16_measured_peak": gpu_step.mfu(fast_sps, model_flops, peak.get("bf16_tflops")),
+        "mfu_bf16_datasheet_with_logits": gpu_step.mfu(fast_sps, with_logits, sheet),
+        "mfu_bf16_measured_peak_with_logits": gpu_step.mfu(fast_sps, with_logits, peak.get("bf16_tflops")),
+    }
     losses_finite = all(bool(torch.isfinite(t.last_loss)) for t in (fast, ref))
     log(f"B={batch}: samples/s fast {sps['fast']}  reference {sps['reference']}; speed-up {speedup}; "
-        f"MFU {100 * mfu:.1f}%")
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in mfu.items() if v is not None))
     return {
         "batch": batch,
         "samples_per_s": {k: v.to_json() for k, v in sps.items()},
         "step_ms": {k: 1000 * v.median for k, v in times.items()},
         "speedup": speedup.to_json(),
-        "mfu_bf16": mfu,
-        "mfu_bf16_with_logits": sps["fast"].median * with_logits / (peak_tflops * 1e12),
+        **mfu,
+        "fast_step": {"expert_path": expert_path(fast), "optimizer": optimizer_name(fast.optimizer),
+                      **counts},
+        "reference_matmul_precision": ref.runtime.matmul_precision,
         "host_batch_order_ms": host_order_ms(data.num_pairs(DIRECTIONS[0]), batch),
         "rounds": len(speedup.values),
         "complete": len(speedup.values) == sh.rounds,
@@ -419,13 +462,14 @@ def train_part(sh: Shapes, device: torch.device, peak: dict, budget: Budget) -> 
     out: dict = {
         "params": params, "params_millions": round(params / 1e6, 1),
         "gflop_per_sample": flops_per_sample(sh.model, sh.dims) / 1e9,
-        "flops_count": "exact sparse count of bench._common.train_flops_per_sample (top-k experts, forward + "
-                       "backward, no input gradients), mean of both directions; InfoNCE logits excluded",
+        "flops_count": "m3jepa.model.flops.train_flops (top-k experts, forward + backward, no input "
+                       "gradients; what `m3jepa model-info` prints), mean of both directions; InfoNCE logits "
+                       "apart (m3jepa.model.flops.logits_flops, in the *_with_logits figures)",
         "results": [],
     }
     for i, batch in enumerate(sh.batches):
         share = Budget(budget.left() / (len(sh.batches) - i))
-        out["results"].append(train_batch(sh, data, batch, peak["bf16_tflops"], device, share))
+        out["results"].append(train_batch(sh, data, batch, peak, device, share))
         free_device_memory(device)
     last = out["results"][-1]
     out["projection"] = projection(sh, data, last["batch"], last["samples_per_s"]["fast"]["median"])
@@ -579,7 +623,9 @@ def targets(record: dict, sh: Shapes) -> dict:
     train, retrieval = record.get("train", {}), record.get("retrieval", {})
     if train.get("results"):
         last = train["results"][-1]
-        measured["mfu_bf16_at_target_batch"] = last["mfu_bf16"]
+        measured["mfu_bf16_at_target_batch"] = last["mfu_bf16_datasheet"]  # None off the datasheet table
+        syncs = [v for v in last["fast_step"]["syncs_per_step"].values() if v is not None]
+        measured["syncs_per_step_at_target_batch"] = max(syncs) if syncs else None
         measured["speedup_at_target_batch"] = last["speedup"]["median"]
         measured["seconds_20_epochs"] = train["projection"]["seconds_20_epochs"]
     if "ms_both" in retrieval:
@@ -670,7 +716,7 @@ def main() -> None:
         log(f"bench.gpu on {record['device']} (torch {record['torch']}, CUDA {record['cuda']}), "
             f"{'quick' if args.quick else 'full'} shapes")
         record["peak"] = run_part("peak", lambda b: peak_part(sh, device, b), sh, errors)
-        peak = record["peak"] if "bf16_tflops" in record["peak"] else {"bf16_tflops": math.nan}
+        peak = record["peak"] if "bf16_tflops" in record["peak"] else {}
         record["train"] = run_part("train", lambda b: train_part(sh, device, peak, b), sh, errors)
         free_device_memory(device)
         record["retrieval"] = run_part("retrieval", lambda b: retrieval_part(sh, device, b), sh, errors)

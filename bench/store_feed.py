@@ -5,6 +5,7 @@
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
     python -m bench.store_feed --images 4000 --s3-steps 54          # the store feed from S3 vs local disk
+    python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead --small
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
 out as `m3jepa encode` writes them. Each contender is one `m3jepa train-predictor` process training the
@@ -96,8 +97,13 @@ def write_split(root: Path, split: str, images: int, shard_size: int) -> float:
 
 
 def pipeline(root: Path, run: Path, args, steps: int, feed: str) -> PipelineConfig:
-    """The paper's predictor on the bench stores; one validation and one checkpoint, at the last step."""
-    cfg = C.pipeline(paper_preset(), args.batch, bf16=args.precision == "bf16", directions=DIRECTIONS)
+    """The paper's predictor on the bench stores (`--small`: d = 512, h = 1024, 12 experts, top-4, fp32: a
+    step this host trains in a second); one validation and one checkpoint, at the last step."""
+    from m3jepa.config import ModelConfig
+
+    small = ModelConfig(dim=512, hidden=1024, num_experts=12, top_k=4, cl_dim=256)
+    cfg = C.pipeline(small if args.small else paper_preset(), args.batch,
+                     bf16=not args.small and args.precision == "bf16", directions=DIRECTIONS)
     cfg.encode.dataset, cfg.encode.store_root = DATASET, str(root)
     cfg.encode.image_encoder, cfg.encode.text_encoder = ENCODERS["image"], ENCODERS["text"]
     cfg.run_dir = str(run)
@@ -176,8 +182,18 @@ def side_by_side(args, root: Path) -> dict:
     }
 
 
+def paired_only(args, root: Path) -> dict:
+    """Only the one-process comparison of two feeds (--paired-only)."""
+    size = write_split(root, "train", args.images, 4096)
+    write_split(root, "val", 256, 4096)
+    print(f"  train stores: {size:.2f} GB ({CAPTIONS * args.images:,} captions, {args.images:,} images)")
+    return {"train_store_gb": size, "paired": paired_steps(args, root)}
+
+
 def paired_steps(args, root: Path) -> dict:
-    """The loop's `_train_step` on one model, feed alternating M S S M per step; ratio per M/S pair."""
+    """The loop's `_train_step` on one model, feeds A and B (`--paired-feeds`) alternating A B B A per
+    step; the ratio per A/B pair. A feed is `memory` (rows indexed on the loop's thread), `memory+ahead`
+    (the same rows, prepared by the read-ahead thread as the loop does now) or `store`."""
     import torch
 
     from m3jepa.core.checkpoint import TrainState
@@ -187,42 +203,47 @@ def paired_steps(args, root: Path) -> dict:
     from m3jepa.train.loop import _train_step
     from m3jepa.train.optim import build_optimizer
 
+    a, b = args.paired_feeds
     cfg = pipeline(root, root / "runs" / "paired", args, args.paired_steps + 2, "memory")
     t = cfg.train
     if args.threads:
         torch.set_num_threads(args.threads)
-    feeds = {f: load_split(cfg, "train", DIRECTIONS, f) for f in ("memory", "store")}
-    objective = Objective(cfg.model, cfg.loss, feeds["memory"].dims())
+    feeds = {f: load_split(cfg, "train", DIRECTIONS, f.split("+")[0]) for f in (a, b)}
+    objective = Objective(cfg.model, cfg.loss, feeds[a].dims())
     runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
     optimizer = build_optimizer(objective, cfg, runtime)
-    state, info, n = TrainState(dims=feeds["memory"].dims(), directions=DIRECTIONS), DistInfo(), t.max_steps
-    is_store = lambda s: s % 4 in (1, 2)  # noqa: E731  (M S S M: neither feed always goes first)
-    feeds["store"].readahead = read_ahead(
-        feeds["store"],
-        lambda s: directions_at(s, t.directions, t.schedule) if is_store(s) else [],
-        range(n),
-        t.batch_size,
-        t.seed,
-    )
-    seconds = {"memory": [], "store": []}
+    state, info, n = TrainState(dims=feeds[a].dims(), directions=DIRECTIONS), DistInfo(), t.max_steps
+    is_b = lambda s: s % 4 in (1, 2)  # noqa: E731  (A B B A: neither feed always goes first)
+    for f, mine in ((a, lambda s: not is_b(s)), (b, is_b)):
+        if f != "memory":  # "memory" alone: no read-ahead, as before the memory feed read ahead
+            feeds[f].readahead = read_ahead(
+                feeds[f],
+                lambda s, mine=mine: directions_at(s, t.directions, t.schedule) if mine(s) else [],
+                range(n),
+                t.batch_size,
+                t.seed,
+            )
+    seconds = {a: [], b: []}
     for step in range(n):
-        feed = "store" if is_store(step) else "memory"
+        feed = b if is_b(step) else a
         t0 = time.perf_counter()
         _train_step(objective, optimizer, cfg, feeds[feed], state, step, n, info, runtime)
         if step >= 2:  # warm-up
             seconds[feed].append(time.perf_counter() - t0)
-    feeds["store"].close()
-    m, s = np.asarray(seconds["memory"]), np.asarray(seconds["store"])
-    k = min(len(m), len(s))
-    pairs = C.Spread((m[:k] / s[:k]).tolist())
-    whole = float(m.mean() / s.mean())
-    print(f"  one process, {n - 2} steps alternating: s/step memory {C.Spread(m.tolist())}")
-    print(f"  {'':34}s/step store  {C.Spread(s.tolist())}")
-    print(f"  store/memory throughput: {whole:.4f} (mean over steps); per M/S pair {pairs}")
+    for f in feeds.values():
+        f.close()
+    sa, sb = np.asarray(seconds[a]), np.asarray(seconds[b])
+    k = min(len(sa), len(sb))
+    pairs = C.Spread((sa[:k] / sb[:k]).tolist())
+    whole = float(sa.mean() / sb.mean())
+    print(f"  one process, {n - 2} steps alternating: s/step {a:13} {C.Spread(sa.tolist())}")
+    print(f"  {'':34}s/step {b:13} {C.Spread(sb.tolist())}")
+    print(f"  {b}/{a} throughput: {whole:.4f} (mean over steps); per {a}/{b} pair {pairs}")
     return {
-        "memory_s": m.tolist(),
-        "store_s": s.tolist(),
-        "store_over_memory": whole,
+        "feeds": [a, b],
+        "a_s": sa.tolist(),
+        "b_s": sb.tolist(),
+        "b_over_a_throughput": whole,
         "pairs": pairs.to_json(),
     }
 
@@ -423,7 +444,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="steps per run (the first is left out)")
-    p.add_argument("--paired-steps", type=int, default=0, help="also alternate both feeds in one process")
+    p.add_argument("--paired-steps", type=int, default=0, help="also alternate two feeds in one process")
+    p.add_argument("--paired-feeds", type=lambda v: v.split(","), default=["memory", "store"],
+                   help="the two feeds --paired-steps alternates: memory | memory+ahead | store")
+    p.add_argument("--paired-only", action="store_true", help="only --paired-steps (no CLI rounds)")
+    p.add_argument("--small", action="store_true", help="a 19M-parameter fp32 predictor, not the paper's")
     p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
     p.add_argument("--big-steps", type=int, default=20)
     p.add_argument("--s3-steps", type=int, default=0, help="instead, the store feed from S3 vs local disk")
@@ -439,6 +464,8 @@ def main() -> None:
             record["big"] = big_store(args, root)
         elif args.s3_steps:
             record["s3"] = s3_vs_local(args, root)
+        elif args.paired_only:
+            record["paired_only"] = paired_only(args, root)
         else:
             record["side_by_side"] = side_by_side(args, root)
     finally:

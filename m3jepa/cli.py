@@ -1,4 +1,4 @@
-"""The `m3jepa` command line: encode, stores, train-predictor, evaluate, run, pipelines, lora-export.
+"""The `m3jepa` command line: every stage, search and serving, and the tools around them.
 
 Every command imports its stage lazily, so `m3jepa evaluate` never loads encoder code, and
 logging is configured here only.
@@ -19,10 +19,20 @@ import typer
 from m3jepa.config import ConfigError, EncodeConfig, parse_override
 from m3jepa.data import list_datasets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.")
+HELP = """M3-JEPA: align frozen encoders with a multi-gate MoE predictor, then search with it.
+
+Train: run (all three stages), encode, train-predictor, evaluate, compare, model-info.
+Use: export, embed, index, search, serve, lora-export.
+Tools: stores, pipelines.
+
+Example: m3jepa run tuxpaint
+"""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+stores_app = typer.Typer(no_args_is_help=True, help="List, inspect and verify feature stores.\n\n"
+                         "Example: m3jepa stores verify stores/tuxpaint/val/image/efficientnet-lite0")
 app.add_typer(stores_app, name="stores")
-pipelines_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped pipelines.")
+pipelines_app = typer.Typer(no_args_is_help=True, help="List, show and copy the shipped pipelines.\n\n"
+                            "Example: m3jepa pipelines copy tuxpaint my_tuxpaint.toml")
 app.add_typer(pipelines_app, name="pipelines")
 
 log = logging.getLogger("m3jepa")
@@ -66,6 +76,16 @@ Device = Annotated[
 Precision = Annotated[
     str | None, typer.Option(help="runtime.precision: fp32 | bf16 (float32 master weights; bf16 autocast).")
 ]
+Seeds = Annotated[str | None, typer.Option(
+    help="Train one run per seed, e.g. 0,1,2 (train.seed): folders <run>-seed0, <run>-seed1, ...")]
+Root = Annotated[str | None, typer.Option(
+    help="The dataset folder (encode.root): where a folder dataset (jsonl, imagefolder, imagenet) was "
+         "encoded from, which names its stores.")]
+# Every --run is also --run-dir: torchrun's parser reads the whole command line, the script's arguments
+# included, and refuses `--run` as an ambiguous abbreviation of its own --run-path/--run_path, so the
+# documented multi-process commands use --run-dir (docs/training.md, "Multi-process";
+# tests/test_torchrun.py checks every option name against torchrun's parser).
+RUN = ("--run", "--run-dir")
 Pipeline = Annotated[
     str | None, typer.Option(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
 ]
@@ -91,7 +111,9 @@ def _enc(key: str, text: str, *flags: str) -> typer.models.OptionInfo:
 def encode(
     pipeline: Pipeline = None,
     dataset: Annotated[str | None, _enc("dataset", f"One of {', '.join(list_datasets())}.")] = None,
-    root: Annotated[str | None, _enc("root", "Dataset folder.")] = None,
+    root: Annotated[
+        str | None, _enc("root", "Dataset folder (webdataset: a folder, brace pattern or URL of tars).")
+    ] = None,
     split: Annotated[str | None, _enc("splits", "Comma-separated splits, or all.")] = None,
     modality: Annotated[
         str | None, _enc("modalities", "Comma-separated modalities, or all (those with an encoder).")
@@ -123,6 +145,15 @@ def encode(
     force: Annotated[
         bool | None, _enc("force", "Re-encode the requested stores from scratch.", "--force/--no-force")
     ] = None,
+    caption_field: Annotated[
+        str | None, _enc("caption_field", "webdataset: the .json field holding the caption (unset: .txt).")
+    ] = None,
+    split_field: Annotated[
+        str | None, _enc("split_field", "webdataset: the .json field naming each sample's split.")
+    ] = None,
+    train_shards: Annotated[str | None, _enc("train_shards", "webdataset: the train split's shards.")] = None,
+    val_shards: Annotated[str | None, _enc("val_shards", "webdataset: the val split's shards.")] = None,
+    test_shards: Annotated[str | None, _enc("test_shards", "webdataset: the test split's shards.")] = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
@@ -194,6 +225,11 @@ def stores_verify(
     limit: Annotated[
         int | None, typer.Option(help="With --dataset/--root: the --limit it was encoded with.")
     ] = None,
+    caption_field: Annotated[str | None, typer.Option(help="webdataset: encode's --caption-field.")] = None,
+    split_field: Annotated[str | None, typer.Option(help="webdataset: as encode's --split-field.")] = None,
+    train_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --train-shards.")] = None,
+    val_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --val-shards.")] = None,
+    test_shards: Annotated[str | None, typer.Option(help="webdataset: as encode's --test-shards.")] = None,
     verbose: Verbose = False,
 ):
     """Check a store's checksums and row counts, and with --dataset/--root whether it is stale; exit status 1
@@ -209,7 +245,10 @@ def stores_verify(
         if (dataset or root) and report.ok:  # a corrupt store is not judged against its dataset
             from m3jepa.encode.source import check_source
 
-            check_source(report, dataset, root, seed, limit)
+            options = EncodeConfig(caption_field=caption_field, split_field=split_field,
+                                   train_shards=train_shards, val_shards=val_shards,
+                                   test_shards=test_shards).dataset_options()
+            check_source(report, dataset, root, seed, limit, options)
         typer.echo(report.text())
         if not report.ok:
             raise typer.Exit(1)
@@ -262,8 +301,10 @@ def train_predictor(
     pipeline: Pipeline = None,
     store_root: Annotated[str | None, typer.Option(help="Overrides encode.store_root.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Overrides encode.dataset.")] = None,
-    run: Annotated[str | None, typer.Option(help="Run directory (default runs/<name>).")] = None,
+    run: Annotated[str | None, typer.Option(*RUN, help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    seeds: Seeds = None,
+    root: Root = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
@@ -276,24 +317,26 @@ def train_predictor(
     _setup_logging(verbose)
     with _errors():
         cfg = _pipeline(pipeline, set_, store_root=store_root, dataset=dataset, run=run, device=device,
-                        precision=precision)
+                        precision=precision, root=_abs(root))
+        from m3jepa.runner import seed_configs
         from m3jepa.train.loop import train
         from m3jepa.train.recipes import SIZED_KEYS
 
         # no pipeline: the predictor and the steps are sized from the train pairs, except what --set gives
         given = {".".join(parse_override(item)[0]) for item in set_ or []}
         auto = None if pipeline is not None else SIZED_KEYS - given
-        result = train(cfg, resume=resume, auto_keys=auto)
-        typer.echo(result.summary())
+        for one in seed_configs(cfg, _seeds(seeds, given)):
+            typer.echo(train(one, resume=resume, auto_keys=auto).summary())
 
 
 @app.command()
 def evaluate(
-    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory written by train-predictor.")],
     split: Annotated[str | None, typer.Option(help="Split to score (default: eval.split).")] = None,
     protocol: Annotated[str | None, typer.Option(help="multi | paired")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     json_: Annotated[bool, typer.Option("--json", help="Print the metrics JSON on stdout.")] = False,
+    root: Root = None,
     device: Device = None,
     precision: Precision = None,
     verbose: Verbose = False,
@@ -311,7 +354,7 @@ def evaluate(
 
         metrics = evaluate_run(
             Path(run), split=split, protocol=protocol, checkpoint=checkpoint, device=device,
-            precision=precision,
+            precision=precision, root=_abs(root),
         )
         typer.echo(json.dumps(metrics.to_json(), indent=2) if json_ else metrics.table())
 
@@ -321,22 +364,29 @@ def compare(
     runs: Annotated[list[str], typer.Argument(help="Run directories written by train-predictor.")],
     split: Annotated[str, typer.Option(help="The split whose metrics to show (evaluate --split).")] = "test",
     json_: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    plot: Annotated[str | None, typer.Option(
+        help="Where to write the bar plot of mean R@1 ± std (default: compare.png in the runs' common "
+             "folder); 'none' writes none.")] = None,
 ) -> None:
-    """Show runs side by side: the config keys that differ, steps, best validation R@1, test recalls.
+    """Compare runs grouped by config (seeds pooled): mean ± std, chance, which differences beat the noise.
 
-    Example: m3jepa compare runs/tp runs/tp_mlp
+    Example: m3jepa compare runs/tp-seed0 runs/tp-seed1 runs/tp-seed2 runs/tp_mlp-seed0 runs/tp_mlp-seed1
     """
     with _errors():
         _check_options("eval", {"split": split})
-        from m3jepa.eval.compare import compare_runs, markdown
+        from m3jepa.eval.compare import compare_runs, default_plot, markdown, plot_groups
 
-        result = compare_runs([Path(r) for r in runs], split=split)
-        typer.echo(json.dumps(result, indent=2) if json_ else markdown(result), nl=json_)
+        paths = [Path(r) for r in runs]
+        result = compare_runs(paths, split=split)
+        if plot != "none" and any(g["evaluated"] for g in result["groups"]):
+            result["plot"] = str(plot_groups(result, Path(plot) if plot else default_plot(paths)))
+        typer.echo(json.dumps(result, indent=2) if json_ else markdown(result)
+                   + (f"\nplot: {result['plot']}\n" if "plot" in result else ""), nl=json_)
 
 
 @app.command("lora-export")
 def lora_export(
-    run: Annotated[str, typer.Option(help="A LoRA run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A LoRA run directory written by train-predictor.")],
     out: Annotated[str, typer.Option(help="Where to write one folder per tuned modality.")],
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     merge: Annotated[
@@ -367,18 +417,31 @@ def model_info(
     ] = "image=1024,text=4096",
     set_: Sets = None,
 ) -> None:
-    """Print the predictor's parameter count per part (the paper preset by default: 140.6M).
+    """Print the predictor's FLOPs per sample and parameter count per part (the paper preset by default:
+    140.6M parameters).
 
     Example: m3jepa model-info --pipeline tuxpaint --dims image=1280,text=384
     """
     with _errors():
         import torch
 
-        from m3jepa.model import build_predictor
+        from m3jepa.config import PipelineConfig
+        from m3jepa.model import build_predictor, flops
         from m3jepa.model.predictor import count_parameters, paper_preset, parameter_breakdown
 
-        cfg = _pipeline(pipeline, set_).model if pipeline or set_ else paper_preset()
-        sizes = {k.strip(): int(v) for k, v in (item.split("=") for item in dims.split(","))}
+        pipe = _pipeline(pipeline, set_) if pipeline or set_ else PipelineConfig()
+        cfg = pipe.model if pipeline or set_ else paper_preset()
+        sizes = _dims_option(dims)
+        directions = [d for d in pipe.train.directions if _direction_fits(d, sizes)] or [
+            f"{a}->{b}" for a in sizes for b in sizes if a != b
+        ]
+        batch = pipe.train.batch_size
+        typer.echo(f"{'GFLOP/sample':<16}{'forward':>14}{'train step':>14}  (matrix products, top-k experts)")
+        for d in directions:
+            fwd, step = flops.forward_flops(cfg, sizes, d), flops.train_flops(cfg, sizes, d)
+            typer.echo(f"{d:<16}{fwd / 1e9:>14.4f}{step / 1e9:>14.4f}")
+        fwd, step = (flops.logits_flops(cfg, batch, train) / 1e9 for train in (False, True))
+        typer.echo(f"{'InfoNCE logits':<16}{fwd:>14.4f}{step:>14.4f}  (at batch {batch}: they grow with it)")
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = build_predictor(cfg, sizes)
         for part, n in parameter_breakdown(model).items():
@@ -388,32 +451,58 @@ def model_info(
         )
 
 
+def _dims_option(text: str) -> dict[str, int]:
+    """--dims image=1024,text=4096 as {modality: width}; ConfigError naming the item that is not one."""
+    from m3jepa.core.memory import check_dims
+
+    sizes: dict[str, object] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip().isdigit():
+            raise ConfigError(f"--dims {item.strip()[:40]!r} is not modality=width, e.g. image=1024")
+        sizes[name.strip()] = int(value)
+    return check_dims(sizes, "--dims")
+
+
+def _direction_fits(direction: str, dims: dict[str, int]) -> bool:
+    """Whether every modality a direction names has a dimension in `dims` (model-info's --dims)."""
+    from m3jepa.model.predictor import parse_direction
+
+    parsed = parse_direction(direction)
+    return all(m in dims for m in (*parsed.sources, parsed.target))
+
+
 @app.command("run")
 def run_pipeline(
     pipeline: Annotated[
         str, typer.Argument(help="A shipped pipeline's name (m3jepa pipelines list) or a TOML file.")
     ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder holding "
+             "a run of another config is refused; one of this config is continued.")] = None,
+    seeds: Seeds = None,
     device: Device = None,
     precision: Precision = None,
     set_: Sets = None,
     verbose: Verbose = False,
 ) -> None:
-    """Encode (reusing cached stores), train, evaluate, and print the metrics table.
+    """Encode (reusing cached stores), train (continuing this config's run), evaluate, print the metrics.
 
     Example: m3jepa run tuxpaint --workdir /tmp/m3jepa --set train.epochs=5
     """
     _setup_logging(verbose)
     with _errors():
-        cfg = _pipeline(pipeline, set_, device=device, precision=precision)
-        from m3jepa.runner import run_all
+        cfg = _pipeline(pipeline, set_, device=device, precision=precision, run=run)
+        from m3jepa.runner import run_seeds
 
-        typer.echo(run_all(cfg, workdir=Path(workdir) if workdir else None))
+        given = {".".join(parse_override(item)[0]) for item in set_ or []}
+        typer.echo(run_seeds(cfg, _seeds(seeds, given), workdir=Path(workdir) if workdir else None))
 
 
 @app.command("export")
 def export(
-    run: Annotated[str, typer.Option(help="A run directory written by train-predictor.")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory written by train-predictor.")],
     out: Annotated[str, typer.Option(help="The folder to write: config.json, model.safetensors, README.md.")],
     checkpoint: Annotated[str, typer.Option(help="best | latest")] = "best",
     force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
@@ -436,7 +525,7 @@ SearchDevice = Annotated[str, typer.Option(help="Where the model runs: auto | cp
 
 @app.command()
 def embed(
-    run: Annotated[str, typer.Option(help="A run directory (or an m3jepa export folder).")],
+    run: Annotated[str, typer.Option(*RUN, help="A run directory (or an m3jepa export folder).")],
     split: Annotated[str, typer.Option(help="The split whose store to embed, e.g. test.")],
     modality: Annotated[str, typer.Option(help="A modality the model targets (the gallery), e.g. image.")],
     out: Annotated[str | None, typer.Option(help="Default: RUN/embedded/SPLIT/MODALITY.")] = None,
@@ -463,46 +552,105 @@ def embed(
 @app.command()
 def index(
     store: Annotated[str | None, typer.Option(help="An embedded store (written by m3jepa embed).")] = None,
-    run: Annotated[str | None, typer.Option(help="Or: a run to embed first (+ --split, --modality).")] = None,
-    split: Annotated[str | None, typer.Option(help="With --run: the split.")] = None,
-    modality: Annotated[str | None, typer.Option(help="With --run: the gallery modality.")] = None,
-    out: Annotated[str | None, typer.Option(help="The index folder (default: STORE.index).")] = None,
+    run: Annotated[
+        str | None, typer.Option(*RUN, help="Or: a run (or export) to embed with first.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(
+        help="With --run: the split, or all (every split of the run, indexed together).")] = None,
+    modality: Annotated[str | None, typer.Option(help="With --run --split: the gallery modality.")] = None,
+    images: Annotated[str | None, typer.Option(
+        help="With --run: a folder of your own images (recursive; a rerun updates the index).")] = None,
+    texts: Annotated[str | None, typer.Option(
+        help="With --run: a text file of captions, one a line (a rerun updates the index).")] = None,
+    content_hash: Annotated[str, typer.Option(
+        help="With --images: how a changed file is noticed: stat (size and mtime) | sha256 (its bytes).")] = (
+        "stat"),
+    out: Annotated[str | None, typer.Option(
+        help="The index folder (default: STORE.index; with --images DIR / --texts FILE: ./NAME.index).")] = (
+        None),
     kind: Annotated[str, typer.Option(help="auto | flat | ivf-flat | ivf-sq8 | ivf-pq | hnsw")] = "auto",
     memory_budget: Annotated[str, typer.Option(help="The most the index may hold in memory, e.g. 4GB.")] = (
         "4GB"),
     checkpoint: Annotated[str, typer.Option(help="With --run: best | latest")] = "best",
+    root: Root = None,
     device: SearchDevice = "auto",
     force: Annotated[bool, typer.Option(help="Rebuild an existing --out.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Build a faiss index over an embedded gallery, with each row's ids, caption and media path.
+    """Build a faiss index over an embedded gallery, a run's split, or your own images or captions.
 
-    Example: m3jepa index --run runs/tuxpaint --split test --modality image
+    Rows keep their ids, caption and media path; --images and --texts embed the files themselves.
+    A rerun of --images or --texts embeds only new and changed files and drops removed ones.
+
+    Example: m3jepa index --run runs/tuxpaint --images ~/Photos --out my.index
     """
     _setup_logging(verbose)
     with _errors():
         _check_checkpoint(checkpoint)
         from m3jepa.api import load
-        from m3jepa.search import embed_run, index_store
-        from m3jepa.search.embed import read_sidecar
-        from m3jepa.search.gallery import default_out
-        from m3jepa.search.identity import ModelRef, load_model
 
-        if (store is None) == (run is None) or (run is not None and not (split and modality)):
-            raise ConfigError("give --store EMBEDDED, or --run R with --split and --modality")
-        if run is not None:
+        folder = images if images is not None else texts
+        if folder is not None:
+            if run is None or store is not None or split or modality or (images and texts):
+                raise ConfigError("give --run R with one of --images DIR or --texts FILE (and no --store, "
+                                  "--split or --modality)")
+            from m3jepa.search.folder import index_folder
+
+            what = "images" if images is not None else "texts"
+            source = Path(folder).expanduser()
+            name = source.resolve().name if images is not None else source.stem
+            target = Path(out) if out else Path(f"{name}.index")
             model = load(Path(run), checkpoint=checkpoint, device=device)
-            embedded = embed_run(model, split, modality).path
-        else:
-            embedded = Path(store)
-            ref = ModelRef.from_json(read_sidecar(embedded)["model"], embedded)
-            model = load_model(ref, device, embedded)
-        path, cached = index_store(embedded, Path(out) if out else default_out(embedded), model, kind=kind,
-                                   memory_budget=memory_budget, force=force)
+            path, update = index_folder(model, what, source, target,
+                                        content_hash=content_hash, index_kind=kind,
+                                        memory_budget=memory_budget, force=force)
+            m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            typer.echo(f"{_index_line(path, m, False)}\n{update.line(m['rows'], what)}")
+            return
+        path, cached = _index_gallery(store, run, split, modality, out, kind, memory_budget, checkpoint,
+                                      device, force, _abs(root))
         m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        typer.echo(f"{path}{' (cached)' if cached else ''}: {m['kind']} ({m['factory']}) over {m['rows']} "
-                   f"rows x {m['dim']}, {m['search_params'] or 'exact'}, recall@10 {m['recall@10']:.4f} on "
-                   f"{m['recall']['queries']} queries, built in {m['build_seconds']} s")
+        typer.echo(_index_line(path, m, cached))
+
+
+def _index_gallery(store: str | None, run: str | None, split: str | None, modality: str | None,
+                   out: str | None, kind: str, memory_budget: str, checkpoint: str, device: str,
+                   force: bool, root: str | None = None) -> tuple[Path, bool]:
+    """`index --store` or `index --run --split --modality`: (the index folder, whether it was cached).
+
+    `root` (`--root`): where the run's folder dataset is, when its saved encode.root does not say."""
+    from m3jepa.api import load
+    from m3jepa.search import embed_run, index_stores
+    from m3jepa.search.embed import default_out as embedded_out
+    from m3jepa.search.embed import read_sidecar, run_splits
+    from m3jepa.search.gallery import default_out
+    from m3jepa.search.identity import ModelRef, load_model
+
+    if (store is None) == (run is None) or (run is not None and not (split and modality)):
+        raise ConfigError("give --store EMBEDDED, or --run R with --split and --modality (or --images DIR, "
+                          "or --texts FILE)")
+    if run is not None:
+        model = load(Path(run), checkpoint=checkpoint, device=device)
+        if root is not None:  # a folder dataset's stores are named by its folder
+            encode = dataclasses.replace(model.cfg.encode, root=root)
+            model.cfg = dataclasses.replace(model.cfg, encode=encode)
+        splits = run_splits(model, modality) if split == "all" else [split]
+        embedded = [embed_run(model, s, modality).path for s in splits]
+        first = embedded_out(Path(model.source.path), "all", modality, model.source.kind)
+        default = default_out(embedded[0]) if len(embedded) == 1 else default_out(first)
+    else:
+        embedded = [Path(store)]
+        ref = ModelRef.from_json(read_sidecar(embedded[0])["model"], embedded[0])
+        model = load_model(ref, device, embedded[0])
+        default = default_out(embedded[0])
+    return index_stores(embedded, Path(out) if out else default, model, kind=kind,
+                        memory_budget=memory_budget, force=force)
+
+
+def _index_line(path: Path, m: dict, cached: bool) -> str:
+    return (f"{path}{' (cached)' if cached else ''}: {m['kind']} ({m['factory']}) over {m['rows']} "
+            f"rows x {m['dim']}, {m['search_params'] or 'exact'}, recall@10 {m['recall@10']:.4f} on "
+            f"{m['recall']['queries']} queries, built in {m['build_seconds']} s")
 
 
 @app.command()
@@ -533,11 +681,14 @@ def search(
         from m3jepa.search.searcher import hits_table
 
         (modality, value), = given.items()
-        hits = Searcher.open(index, device=device).query(modality, value, k=k)
+        searcher = Searcher.open(index, device=device)
+        hits = searcher.query(modality, value, k=k)
         if json_:
-            typer.echo(json.dumps({"index": index, "query": {modality: value}, "k": k,
-                                   "hits": [h.to_json() for h in hits]}, indent=2, ensure_ascii=False))
+            typer.echo(json.dumps({"index": index, "gallery": searcher.gallery, "gallery_size": searcher.size,
+                                   "query": {modality: value}, "k": k, "hits": [h.to_json() for h in hits]},
+                                  indent=2, ensure_ascii=False))
         else:
+            typer.echo(f"{searcher.gallery} gallery {index}: top {len(hits)} of {searcher.size:,} rows")
             typer.echo(hits_table(hits))
 
 
@@ -547,6 +698,11 @@ def _set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise ConfigError(f"--threads {threads} must be at least 1 (or left out for torch's and faiss's own)")
+    from m3jepa.config import PARALLEL_PER_CPU, cpu_count
+
+    if threads > (ceiling := PARALLEL_PER_CPU * cpu_count()):
+        raise ConfigError(f"--threads {threads:,} is over this machine's ceiling of {ceiling} "
+                          f"({PARALLEL_PER_CPU} per logical CPU; it has {cpu_count()})")
     import faiss
     import torch
 
@@ -610,7 +766,29 @@ def serve(
 
 # The config key each shared command option sets (after --set, so the option wins).
 _OPTION_KEYS = {"device": "runtime.device", "precision": "runtime.precision",
-                "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir"}
+                "store_root": "encode.store_root", "dataset": "encode.dataset", "run": "run_dir",
+                "root": "encode.root"}
+
+
+def _abs(path: str | None) -> str | None:
+    """A dataset folder as an absolute path: a folder dataset's stores are named by it, and the run's
+    saved config must find them again from any working directory (evaluate, index)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _seeds(value: str | None, given: set[str]) -> list[int] | None:
+    """--seeds 0,1,2 as ints (None: one run with train.seed as configured)."""
+    if value is None:
+        return None
+    if "train.seed" in given:
+        raise ConfigError("give the seeds with --seeds or train.seed with --set, not both")
+    try:
+        seeds = [int(v) for v in _csv(value) or []]
+    except ValueError:
+        raise ConfigError(f"--seeds {value!r} must be integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {value!r} must name at least one seed, each once")
+    return seeds
 
 
 def _pipeline(path: str | None, overrides: list[str] | None, **options: str | None):
@@ -670,6 +848,9 @@ def main() -> None:
     # samples/s (docs/benchmarks.md). Set before torch is imported (every stage imports it lazily);
     # an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from m3jepa.progress import quiet_library_bars
+
+    quiet_library_bars()  # a log file gets no `Loading weights: 0%|...|` fragments
     try:
         app()
     except KeyboardInterrupt:

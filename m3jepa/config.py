@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import reprlib
+import sys
 import tomllib
 import types
 import typing
@@ -19,6 +22,51 @@ IMAGE_TEXT = ["image->text", "text->image"]
 
 class ConfigError(ValueError):
     """A configuration that does not fit its schema; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------- ceilings
+# Every count-like setting has a ceiling, so a slip (encode.workers = 100000) is one line instead of a fork
+# storm or an allocation failing deep inside a stage. These are the same on every machine, so a saved
+# run's config loads anywhere; `check_machine` adds what this machine's cores allow where work starts.
+MAX_SEED = 2**32 - 1  # numpy, torch and most tools take seeds in [0, 2^32)
+MAX_STEPS = 10**9  # train.max_steps, the step intervals and patience: 11 days at 1 ms a step
+MAX_EPOCHS = 10**6
+MAX_TRAIN_BATCH = 2**20  # train.batch_size (the split's pairs bound it again when training starts)
+MAX_ENCODE_BATCH = 2**16  # encode.batch_size: 65,536 images at 224 px are 39 GB of float32 pixels
+MAX_SHARD_ROWS = 2**20  # encode.shard_size: a shard is held in memory until it is written
+MAX_LAYERS = 1024  # encode.tunable_layers, lora.layers: the deepest encoders have about 100
+MAX_EXPERTS = 1024  # model.num_experts: each expert is a module (the paper has 12)
+MAX_WIDTH = 2**20  # model.dim / hidden / cl_dim, lora.r, and a store's or an export's latent dims
+MAX_PARALLEL = 4096  # encode.workers / threads, train.num_threads: never more, whatever the machine
+PARALLEL_PER_CPU = 4  # ... and at most 4 per logical CPU of the machine that runs the work (check_machine)
+
+
+_PER_CPU = f"and at most {PARALLEL_PER_CPU} per logical CPU of the machine that runs the work"
+
+
+def cpu_count() -> int:
+    """The machine's logical CPUs (os.cpu_count; 1 when unknown)."""
+    return os.cpu_count() or 1
+
+
+def check_machine(cfg: PipelineConfig | EncodeConfig) -> None:
+    """ConfigError for a parallelism setting beyond PARALLEL_PER_CPU per logical CPU of this machine.
+
+    Called where the work starts (encode, train), not when a config is read: a run's saved config must
+    still load on a smaller machine. More processes or threads than this only wait for each other, and
+    `encode.workers = 100000` forks until the machine stops answering.
+    """
+    ceiling = PARALLEL_PER_CPU * cpu_count()
+    why = f"{PARALLEL_PER_CPU} per logical CPU; this machine has {cpu_count()}"
+    enc = cfg if isinstance(cfg, EncodeConfig) else None
+    settings = (
+        {"encode.workers": enc.workers, "encode.threads": enc.threads} if enc is not None
+        else {"train.num_threads": cfg.train.num_threads}  # type: ignore[union-attr]
+    )
+    for key, value in settings.items():
+        if value is not None and value > ceiling:
+            raise ConfigError(f"{key}={value:,} is over this machine's ceiling of {ceiling} ({why}); "
+                              f"set {key} <= {ceiling}")
 
 
 @dataclass
@@ -60,17 +108,37 @@ class EncodeConfig:
     # read) or "sha256" (its bytes: survives copies that change mtimes, costs a read of every file).
     content_hash: str = "stat"
     force: bool = False  # re-encode the requested stores from scratch, even cached or stale ones
+    # dataset = "webdataset" only (img2dataset's tar shards; docs/datasets.md). caption_field: take each
+    # caption from this field of the sample's .json instead of its .txt. split_field: the .json field that
+    # names each sample's split. train/val/test_shards: each split's own shards (a brace pattern, a folder
+    # or a URL; relative to encode.root). With none of the split keys, a seeded hash of the key splits.
+    caption_field: str | None = None
+    split_field: str | None = None
+    train_shards: str | None = None
+    val_shards: str | None = None
+    test_shards: str | None = None
+
+    def dataset_options(self) -> dict[str, str]:
+        """The dataset's own settings that are set (get_dataset's `options`)."""
+        keys = ("caption_field", "split_field", "train_shards", "val_shards", "test_shards")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def __post_init__(self) -> None:
         _choice("encode.format", self.format, ("zarr", "hdf5"))
         _choice("encode.content_hash", self.content_hash, ("stat", "sha256"))
         _choice("encode.kind", self.kind, ("pooled", "tokens", "prefix"))
-        _positive("encode.tunable_layers", self.tunable_layers)
         _choice("encode.dtype", self.dtype, ("float16", "float32"))
         _choice("encode.device", self.device, ("auto", "cpu", "cuda"))
         _choice("encode.decode_priority", self.decode_priority, ("auto", "low", "normal"))
-        _positive("encode.batch_size", self.batch_size)
-        _positive("encode.shard_size", self.shard_size)
+        _count("encode.tunable_layers", self.tunable_layers, 1, MAX_LAYERS, "the deepest encoders have ~100")
+        _count("encode.batch_size", self.batch_size, 1, MAX_ENCODE_BATCH, "a batch is held in memory")
+        _count("encode.shard_size", self.shard_size, 1, MAX_SHARD_ROWS, "a shard is held in memory")
+        _count("encode.workers", self.workers, 0, MAX_PARALLEL, _PER_CPU, hint="0 decodes in this process")
+        if self.threads is not None:
+            _count("encode.threads", self.threads, 1, MAX_PARALLEL, _PER_CPU, hint="unset: torch's default")
+        if self.limit is not None:
+            _positive("encode.limit", self.limit, hint="leave it unset for every group")
+        _count("encode.seed", self.seed, 0, MAX_SEED, "any seed in range splits as well as another")
         _check_store_root(self.store_root, self.store_cache)
 
 
@@ -98,8 +166,10 @@ class ModelConfig:
         _non_negative("model.router_z_loss_weight", self.router_z_loss_weight, hint="0 turns it off")
         _choice("model.gates", self.gates, ("multi", "shared"))
         _choice("model.routing", self.routing, ("topk_softmax", "softmax_topk"))
-        for name in ("dim", "hidden", "num_experts", "top_k", "cl_dim"):
-            _positive(f"model.{name}", getattr(self, name))
+        for name in ("dim", "hidden", "cl_dim"):
+            _count(f"model.{name}", getattr(self, name), 1, MAX_WIDTH, "the paper's widths are 512 to 2,048")
+        _count("model.num_experts", self.num_experts, 1, MAX_EXPERTS, "the paper has 12")
+        _positive("model.top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
         if not 0.0 <= self.dropout < 1.0:
@@ -225,13 +295,18 @@ class TrainConfig:
             raise ConfigError(f"train.directions lists {', '.join(twice)} more than once; list each once")
 
     def _check_counts(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
-            _positive(f"train.{name}", getattr(self, name))
-        for name in ("max_steps", "num_threads"):  # None: the epochs decide / torch's default threads
-            value = getattr(self, name)
-            if value is not None:
-                _positive(f"train.{name}", value, hint=f"leave train.{name} unset for the default")
+        _count("train.epochs", self.epochs, 1, MAX_EPOCHS)
+        _count("train.batch_size", self.batch_size, 1, MAX_TRAIN_BATCH, "the split's pairs bound it again")
+        for name in ("eval_every", "checkpoint_every", "log_every"):
+            _count(f"train.{name}", getattr(self, name), 1, MAX_STEPS)
+        if self.max_steps is not None:  # None: the epochs decide
+            _count("train.max_steps", self.max_steps, 1, MAX_STEPS, hint="leave it unset for the default")
+        if self.num_threads is not None:  # None: torch's default threads
+            _count("train.num_threads", self.num_threads, 1, MAX_PARALLEL, _PER_CPU,
+                   hint="leave train.num_threads unset for the default")
         _non_negative("train.patience", self.patience, hint="0 never stops early")
+        _count("train.patience", self.patience, 0, MAX_STEPS)
+        _count("train.seed", self.seed, 0, MAX_SEED, "any seed in range trains as well as another")
 
     def _check_rates(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -264,11 +339,19 @@ class RuntimeConfig:
 
     device: str = "auto"  # auto (cuda when one is visible, else cpu) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16
+    # float32 matmuls: auto (TF32 on a GPU, "high"; exact on a CPU, "highest") | highest | high (TF32: a GPU
+    # only); torch.set_float32_matmul_precision where the runtime is resolved (m3jepa.core.precision)
+    matmul_precision: str = "auto"
+    # Under torchrun, the dtype the gradients' all-reduce sends: "none" their own (float32), "bf16" half
+    # the bytes, "auto" the device table's choice for the device type (bf16 on GPUs, none on CPUs)
+    grad_compression: str = "auto"  # auto | none | bf16
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _choice("runtime.precision", self.precision, ("fp32", "bf16"))
+        _choice("runtime.matmul_precision", self.matmul_precision, ("auto", "highest", "high"))
+        _choice("runtime.grad_compression", self.grad_compression, ("auto", "none", "bf16"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -286,6 +369,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _choice("eval.protocol", self.protocol, ("multi", "paired"))
         _choice("eval.headline", self.headline, ("cl", "pred"))
+        _count("eval.faiss_threshold", self.faiss_threshold, 0, 2**62, hint="0 always uses faiss")
 
 
 @dataclass
@@ -315,8 +399,8 @@ class LoraConfig:
         if isinstance(self.layers, str) and self.layers != "all":
             raise ConfigError(f"lora.layers={self.layers!r} must be a positive integer or \"all\"")
         if isinstance(self.layers, int):
-            _positive("lora.layers", self.layers)
-        _positive("lora.r", self.r)
+            _count("lora.layers", self.layers, 1, MAX_LAYERS, "the deepest encoders have ~100")
+        _count("lora.r", self.r, 1, MAX_WIDTH, "the official release uses 4")
         if self.alpha <= 0:
             raise ConfigError(f"lora.alpha={self.alpha} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
@@ -380,12 +464,28 @@ def _check_store_root(root: str, cache: str | None) -> None:
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{key}={_shown(value)} is not one of {', '.join(allowed)}")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a hostile config may be huge or deep)."""
+    return reprlib.repr(value)
 
 
 def _positive(key: str, value: int, hint: str = "") -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be positive" + (f"; {hint}" if hint else ""))
+
+
+def _count(key: str, value: int, lo: int, hi: int, why: str = "", *, hint: str = "") -> None:
+    """A count-like setting: refused below `lo` (positive / >= 0; `hint` says what to set) and above its
+    ceiling `hi` (`why` says why it is there)."""
+    if value < lo:
+        bound = "positive" if lo == 1 else f">= {lo}"
+        raise ConfigError(f"{key}={value} must be {bound}" + (f"; {hint}" if hint else ""))
+    if value > hi:
+        raise ConfigError(f"{key}={value:,} is over its ceiling of {hi:,}" + (f" ({why})" if why else "")
+                          + "; docs/training.md lists the ceilings")
 
 
 def _non_negative(key: str, value: float, hint: str = "") -> None:
@@ -451,30 +551,30 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(arg, value, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {_shown(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):  # `--set train.directions=image->text` is a one-item list
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {_shown(value)}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {_shown(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        raise ConfigError(f"{key} must be a number, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {_shown(value)}")
     if tp is Any:
         return value
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
@@ -492,7 +592,39 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except (ValueError, RecursionError) as e:  # a number of over 4,300 digits; arrays nested too deep
+        raise ConfigError(f"--set {key}: {_unreadable(e)}") from None
     return key.split("."), value
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why TOML text that tomllib accepted cannot become values (too deep, or a number too long)."""
+    if isinstance(e, RecursionError):
+        return "its arrays or tables are nested deeper than Python's parser follows (about 1,000 levels)"
+    if "digits" in str(e):
+        return f"it holds a number of over {sys.get_int_max_str_digits():,} digits (no setting takes one)"
+    return f"it cannot be read ({e})"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError naming the file for bytes that are not UTF-8, text that is not
+    TOML, arrays nested too deep to parse and numbers too long to read."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}); "
+                          "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: {_unreadable(e)}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -535,16 +667,16 @@ def load_pipeline(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"pipeline file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    if written_by_m3jepa:
-        data = migrate(data)
-    data = apply_overrides(data, overrides or [])
-    for key, value in (values or {}).items():
-        _set_key(data, key.split("."), value, key)
-    return from_dict(PipelineConfig, data)
+        data = read_toml(path)
+    try:
+        if written_by_m3jepa:
+            data = migrate(data)
+        data = apply_overrides(data, overrides or [])
+        for key, value in (values or {}).items():
+            _set_key(data, key.split("."), value, key)
+        return from_dict(PipelineConfig, data)
+    except RecursionError:  # tables nested near Python's limit, which tomllib itself still read
+        raise ConfigError(f"{path or 'the config'}: {_unreadable(RecursionError())}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from m3jepa.device_table import CPU_KIND, DeviceKind, auto_kind, kind_of, visible
+
 log = logging.getLogger(__name__)
 
 # Stage 1's ranks meet at a barrier after each store; the wait is at most about one shard of encoding
@@ -72,33 +74,39 @@ def env_info() -> DistInfo:
 def process_group(
     device: str | torch.device = "auto", timeout: timedelta | None = None
 ) -> Iterator[DistInfo]:
-    """Init a gloo (CPU) or nccl (CUDA) group when launched by torchrun; destroy it on the way out.
+    """Init the device table's backend (gloo for CPUs, nccl for GPUs) when launched by torchrun; destroy
+    the group on the way out.
 
-    `device` is a resolved torch.device (stages 2 and 3: m3jepa.core.device.resolve chose it and its
-    backend together) or stage 1's "auto" | "cpu" | "cuda". `timeout` bounds every collective (None:
-    torch's default); one process yields rank 0 of 1.
+    `device` is a resolved torch.device (stages 2 and 3: m3jepa.core.device.resolve chose it from the
+    table) or stage 1's "auto" | "cpu" | "cuda" (the table's first visible accelerator for "auto"; a type
+    this host does not see falls back to the CPU's row, and stage 1's encoder resolution then names the
+    problem). A per-rank device type (GPUs) becomes this rank's current device first. `timeout` bounds
+    every collective (None: torch's default); one process yields rank 0 of 1.
     """
     ctx = env_info()
     if not ctx.enabled:
         yield ctx
         return
-    if isinstance(device, torch.device):
-        use_cuda = device.type == "cuda"
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            # Each rank owns one GPU; "auto"/"cuda" then resolve to it.
-            torch.cuda.set_device(ctx.local_rank)
-    backend = "nccl" if use_cuda else "gloo"
+    kind, where = _rank_device(device, ctx)
+    if kind.per_rank:
+        kind.set_current(where)  # each rank owns one device; "auto"/"cuda" then resolve to it
     started = not dist.is_initialized()
     if started:
         kw = {} if timeout is None else {"timeout": timeout}
-        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size, **kw)
-        log.info("rank %d/%d joined a %s process group", ctx.rank, ctx.world_size, backend)
+        dist.init_process_group(backend=kind.backend, rank=ctx.rank, world_size=ctx.world_size, **kw)
+        log.info("rank %d/%d joined a %s process group", ctx.rank, ctx.world_size, kind.backend)
     try:
         yield ctx
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rank_device(device: str | torch.device, ctx: DistInfo) -> tuple[DeviceKind, torch.device]:
+    """(the table row, this rank's device) of a resolved device or of stage 1's device name."""
+    if isinstance(device, torch.device):
+        return kind_of(device), device
+    kind = auto_kind() if device == "auto" else kind_of(device)
+    if visible(kind) == 0:
+        kind = CPU_KIND
+    return kind, kind.device(ctx.local_rank if kind.per_rank else None)

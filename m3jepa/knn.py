@@ -1,4 +1,5 @@
-"""Exact inner-product top-k search (numpy blocks, or faiss for large query batches) and L2 normalisation."""
+"""Exact inner-product top-k search (numpy blocks, or faiss for large query batches), L2 normalisation, and
+the nearest class of each query (evaluate and m3jepa.load classify with it)."""
 
 from __future__ import annotations
 
@@ -134,4 +135,17 @@ def _faiss_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     return top
 
 
-# ---------------------------------------------------------------- groups and recall
+def classify_by_nearest(queries: np.ndarray, class_latents: np.ndarray) -> np.ndarray:
+    """Index (Q,) int64 of the class latent (K, d) with the highest cosine to each query (Q, d).
+
+    Exact search; equal scores go to the lower class index (topk_search's tie rule).
+    """
+    queries, class_latents = np.asarray(queries, np.float32), np.asarray(class_latents, np.float32)
+    if queries.ndim != 2 or class_latents.ndim != 2 or queries.shape[1] != class_latents.shape[1]:
+        raise ValueError(
+            f"queries (Q, d) and class_latents (K, d) must share d: {queries.shape}, {class_latents.shape}"
+        )
+    if len(class_latents) == 0:
+        raise ValueError("no class latents to classify against")
+    top = topk_search(l2_normalize(queries), l2_normalize(class_latents), 1, use_faiss=False)  # (Q, 1)
+    return top[:, 0].astype(np.int64)

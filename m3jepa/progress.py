@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,18 @@ def progress(
                     dynamic_ncols=True)
     return LineProgress(total, desc=desc, unit=unit, initial=initial, disable=disable, stream=stream,
                         clock=clock)
+
+
+# huggingface_hub's switch for its own tqdm bars, which transformers' bars ("Loading weights") follow too;
+# both read it when they are imported.
+HF_BARS_OFF = "HF_HUB_DISABLE_PROGRESS_BARS"
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """Off a terminal, turn off the bars of huggingface_hub and transformers (set before they are imported)
+    so a log holds lines, not `Loading weights: 0%|...|` redraws; an explicit setting wins."""
+    if not _isatty(sys.stderr if stream is None else stream):
+        os.environ.setdefault(HF_BARS_OFF, "1")
 
 
 def _isatty(stream: TextIO) -> bool:

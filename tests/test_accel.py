@@ -22,6 +22,7 @@ from m3jepa.train.optim import build_optimizer, optimizer_step
 
 PACKAGE = Path(m3jepa.__file__).resolve().parent
 ACCEL = PACKAGE / "accel"
+CLIP = ACCEL / "clip.py"  # clipping folded into fused AdamW: the one piece of the fence on the default path
 # Private torch API as it can appear in our source.
 PRIVATE = re.compile(
     r"\bgrad_scale\b|_get_fused_kernels_supported_devices|\._version\b|ops\.onednn|_foreach_"
@@ -47,8 +48,9 @@ def test_fused_adamw_still_divides_gradients_by_grad_scale() -> None:
         g = g * 0.5 + 0.1
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (
         "torch's fused AdamW no longer divides the gradients by the optimizer's `grad_scale` attribute: "
-        "accel.ShadowAdamW folds gradient clipping into it (m3jepa/accel/adamw.py, ShadowAdamW.step), so "
-        "clipping is now wrong on the CPU fast path; pass the clip factor another way"
+        "accel.ShadowAdamW (m3jepa/accel/adamw.py, ShadowAdamW.step) and accel.clipped_step (m3jepa/accel/"
+        "clip.py, every fused AdamW run) fold gradient clipping into it, so clipping is now wrong; pass the "
+        "clip factor another way (or clip with clip_grad_norm_ in m3jepa/train/optim.py:optimizer_step)"
     )
 
 
@@ -191,11 +193,13 @@ def _train_steps(runtime: Runtime, bf16_autocast: bool) -> _Recorder:
     ],
 )
 def test_the_default_path_touches_no_private_torch_api(runtime: Runtime, autocast: bool) -> None:
+    """The default path runs one piece of the fence, the clip folding of torch's fused AdamW
+    (accel/clip.py, its `grad_scale` guarded above), and no other private torch API anywhere."""
     rec = _train_steps(runtime, autocast)
     ran_accel = sorted({c.co_filename for c in rec.code if c.co_filename.startswith(str(ACCEL))})
-    assert not ran_accel, f"the default path ran m3jepa.accel code: {ran_accel}"
+    assert ran_accel == [str(CLIP)], f"the default path ran other m3jepa.accel code: {ran_accel}"
     assert not rec.private_calls, f"m3jepa code called private torch ops: {sorted(rec.private_calls)}"
-    hits = _private_lines(rec.code)
+    hits = [h for h in _private_lines(rec.code) if not h.startswith("accel/clip.py:")]
     assert not hits, "private torch API in code the default path ran:\n" + "\n".join(hits)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,11 @@ def test_a_single_query_takes_the_query_path_and_equals_the_plain_forward(run):
 
 def test_an_export_loads_to_the_same_outputs_bit_for_bit(run, tmp_path):
     out = export_run(run, tmp_path / "model")
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    files = ("config.json", "model.safetensors", "README.md", "checksums.json")
+    assert {p.name for p in out.iterdir()} == set(files)
+    # made to be shared: world-readable like any file, whatever mode the checkpoint's weights had
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()} == {
+        name: "0o644" for name in files}
     card = (out / "README.md").read_text()
     assert "| image->text |" in card and f"m3jepa export --run {run}" in card
     a, b = m3jepa.load(run), m3jepa.load(out)
@@ -134,7 +139,9 @@ def test_classify_equals_the_nearest_class_evaluate_uses(tmp_path):
     assert set(model.classify(latents=x, labels=["class1", "class3"])) <= {"class1", "class3"}
     with pytest.raises(ApiError, match="choose among the trained labels"):
         model.classify(latents=x, labels=["class9"])
-    exported = m3jepa.load(export_run(run, tmp_path / "model"))  # the vocabulary's latents travel along
+    folder = export_run(run, tmp_path / "model")
+    assert (folder / "vocabularies.safetensors").is_file()  # only a model with a vocabulary has one
+    exported = m3jepa.load(folder)  # the vocabulary's latents travel along
     assert exported.classify(latents=x) == got
 
 

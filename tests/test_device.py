@@ -71,6 +71,100 @@ def test_device_config_is_checked(bad):
         RuntimeConfig(precision="fp16")
 
 
+# ---------------------------------------------------------------- the device table
+
+
+def test_the_config_accepts_exactly_the_tables_devices():
+    from m3jepa.device_table import DEVICE_TABLE, names
+
+    for kind in DEVICE_TABLE.values():  # each row's type, and type:N where ranks own a device each
+        RuntimeConfig(device=kind.type)
+        if kind.per_rank:
+            RuntimeConfig(device=f"{kind.type}:0")
+        else:
+            with pytest.raises(ConfigError):
+                RuntimeConfig(device=f"{kind.type}:0")
+    with pytest.raises(ConfigError) as e:
+        RuntimeConfig(device="gpu")
+    assert str(e.value).endswith("is not one of " + ", ".join(names()))  # a new row needs config's name
+
+
+def test_the_optimizer_fuses_where_the_table_says():
+    from m3jepa.device_table import DEVICE_TABLE
+    from m3jepa.train.optim import FUSED_DEVICE_TYPES
+
+    assert set(FUSED_DEVICE_TYPES) == {t for t, k in DEVICE_TABLE.items() if k.fused_optimizer}
+
+
+def test_the_meta_device_has_no_row():
+    from m3jepa.device_table import kind_of
+
+    with pytest.raises(ValueError, match="not in m3jepa's device table"):
+        kind_of(torch.device("meta"))
+    assert kind_of("cuda:1").type == "cuda" and kind_of(torch.device("cpu")).backend == "gloo"
+
+
+def test_a_changed_row_is_what_every_consumer_sees(monkeypatch, stores):
+    """One row decides the resolver, stage 1's encoder device, process_group's backend, the compression,
+    the RNG state and the memory probe: change the (faked) cuda row and each of them follows."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from m3jepa import distributed
+    from m3jepa.core.collectives import resolve_compression
+    from m3jepa.core.device import fake_cuda
+    from m3jepa.core.memory import device_bytes
+    from m3jepa.device_table import DEVICE_TABLE
+    from m3jepa.encoders import resolve_device
+
+    row = dataclasses.replace(fake_cuda(True, 2), backend="fake-backend", encoder_dtype=torch.float16,
+                              grad_compression="none", set_current=lambda d: None,
+                              free_memory=lambda d: 10**15, total_memory=lambda d: 2 * 10**15)
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", row)
+    rt = resolve(RuntimeConfig(device="auto"), RANK1, table=dict(DEVICE_TABLE))  # table=: a faked host
+    assert (str(rt.device), rt.backend, rt.matmul_precision) == ("cuda:1", "fake-backend", "high")
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", dataclasses.replace(row, tf32=False))
+    no_tf32 = resolve(RuntimeConfig(device="auto"), RANK1, table=dict(DEVICE_TABLE))
+    assert no_tf32.matmul_precision == "highest"
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", row)
+    assert resolve_compression("auto", rt) == "none" and resolve_compression("bf16", rt) == "bf16"
+    assert resolve_device("auto") == (torch.device("cuda"), torch.float16)
+    cfg = load_pipeline(None, overrides(stores, stores / "unused"))
+    assert resolve_feed(cfg, "train", ["image->text"], "auto", torch.device("cuda", 1)) == "device"
+    assert device_bytes(torch.device("cuda", 1)) == 2 * 10**15  # the model-size check's probe
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", dataclasses.replace(row, free_memory=lambda d: 0))
+    assert resolve_feed(cfg, "train", ["image->text"], "auto", torch.device("cuda", 1)) == "memory"
+
+    backends = []  # process_group under a torchrun environment, for stage 1's "auto" and a resolved device
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: backends.append(backend))
+    for device in ("auto", "cpu", rt.device):
+        with distributed.process_group(device):
+            pass
+    assert backends == ["fake-backend", "gloo", "fake-backend"]
+
+
+def test_checkpoints_keep_the_generator_the_table_names(monkeypatch):
+    import dataclasses
+
+    from m3jepa.core import checkpoint
+    from m3jepa.device_table import DEVICE_TABLE
+
+    model = torch.nn.Linear(2, 2)
+    assert set(checkpoint.rng_state(model)) == {"rng"}  # the CPU row has no generator of its own
+    restored = []
+    row = dataclasses.replace(DEVICE_TABLE["cpu"], get_rng_state=lambda d: torch.tensor([7, 8]),
+                              set_rng_state=lambda state, d: restored.append(state.tolist()))
+    monkeypatch.setitem(DEVICE_TABLE, "cpu", row)
+    saved = checkpoint.rng_state(model)
+    assert set(saved) == {"rng", "cpu_rng"}
+    checkpoint.restore_rng(saved, torch.device("cpu"))
+    assert restored == [[7, 8]]
+
+
 def test_autocast_follows_the_device_type_and_precision():
     cpu_bf16 = Runtime(torch.device("cpu"), "bf16")
     with cpu_bf16.autocast():
@@ -196,16 +290,12 @@ def test_both_all_gathers_give_exact_gradients_alone(tmp_path):
     """Alone (no DDP) torch's public autograd all-gather and m3jepa's give the one-process gradients on
     gloo; inside DDP training only m3jepa's does (m3jepa/core/collectives.py says what was measured)."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from launch import torchrun
+
     script = Path(__file__).with_name("gather_check.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
-           str(script), str(tmp_path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    res = torchrun(str(script), str(tmp_path), timeout=120)  # a free port (tests/launch.py)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert len(rows) == 2

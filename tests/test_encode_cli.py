@@ -23,10 +23,12 @@ import torch
 from m3jepa.config import EncodeConfig
 from m3jepa.data.records import BadItemError, Record, membership_fingerprint
 from m3jepa.distributed import DistInfo
-from m3jepa.encode.runner import StoreJob, encode_store, skip_list_path
+from m3jepa.encode.jobs import StoreJob
+from m3jepa.encode.runner import encode_store
 from m3jepa.encoders.base import EncodedBatch, EncoderSpec
 from m3jepa.store import Manifest, open_store, store_path
 from m3jepa.store.manifest import load_manifest, read_rows
+from m3jepa.store.skiplist import skip_list_path
 
 # ---------------------------------------------------------------- component: a fake encoder
 
@@ -89,7 +91,7 @@ def test_text_batches_sorted_within_shards_and_rows_restored(tmp_path):
         assert lengths == sorted(lengths, reverse=True), "text batch not sorted by length"
     feats = open_store(job.path).read_all()  # (37, 4), row order
     assert feats[:, 0].tolist() == list(range(37))  # every row holds its own features
-    assert feats[:, 1].tolist() == [len(r.payload) for r in job.records]
+    assert feats[:, 1].tolist() == [len(r.payload) for r in job.stream.records]
 
 
 def test_bad_item_stops_before_its_shard_then_skip_bad_resumes(tmp_path):
@@ -125,6 +127,16 @@ def test_tokens_kind_writes_ragged_rows_in_row_order(tmp_path):
     assert store.token_counts().tolist() == [0 if i == 4 else i % 3 + 1 for i in range(9)]
     for i, tokens in enumerate(store.read_tokens(list(range(9)))):
         assert (tokens[:, 0] == i).all()  # each row's own tokens, whatever the batch order was
+
+
+def test_the_summary_names_the_rank_that_printed_it():
+    from m3jepa.encode.summary import EncodeSummary, StoreResult
+
+    stores = [StoreResult("val", "image", "fake", "p", rows=4, encoded=2, seconds=1.0)]
+    for rank in (0, 1):
+        table = EncodeSummary(stores=stores, world_size=2, rank=rank).table()
+        assert table.splitlines()[-1] == f"(rank {rank} of 2: encoded/seconds/MB are this rank's share)"
+    assert "rank" not in EncodeSummary(stores=stores).table()  # one process: no label
 
 
 # ---------------------------------------------------------------- the real CLI
@@ -238,7 +250,8 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, tuxpaint_root):
     two = subprocess.run(["torchrun", "--nproc_per_node=2", "--standalone", "-m", "m3jepa", *args,
                           str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "rank 0 of 2" in two.stdout
+    # each rank prints its own table, labelled with its own rank (not rank 0's twice)
+    assert two.stdout.count("(rank 0 of 2:") == 1 and two.stdout.count("(rank 1 of 2:") == 1, two.stdout
     _assert_same_tree(tmp_path / "one", tmp_path / "two")
 
 

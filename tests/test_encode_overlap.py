@@ -20,16 +20,9 @@ from m3jepa.data.records import BadItemError, Record, membership_fingerprint
 from m3jepa.distributed import DistInfo
 from m3jepa.encode import reader as reader_mod
 from m3jepa.encode import runner as runner_mod
-from m3jepa.encode.reader import (
-    WORKER_NICENESS,
-    Collate,
-    Items,
-    ThreadReader,
-    decode_batch,
-    read_batches,
-    split,
-)
-from m3jepa.encode.runner import StoreJob, encode_store, reader_workers
+from m3jepa.encode.jobs import StoreJob
+from m3jepa.encode.reader import WORKER_NICENESS, Decode, ShardWork, decode_shards, split, task_of
+from m3jepa.encode.runner import encode_store, reader_workers
 from m3jepa.encoders.base import EncodedBatch, EncoderSpec
 from m3jepa.store import Manifest, store_path
 from m3jepa.store.manifest import load_manifest
@@ -82,6 +75,37 @@ def _plan(n: int, size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, n, size)]
 
 
+def _works(records: list[Record], plan: list[list[int]], cut: int | None = None) -> list[ShardWork]:
+    """The plan as one shard of all rows, or (cut) two shards: the batches before `cut` and the rest,
+    each shard holding the rows of its batches (rows renumbered so each shard is a row range)."""
+    if cut is None:
+        return [ShardWork(0, 0, len(records), records, plan)]
+    first = sorted(r for b in plan[:cut] for r in b)
+    rest = sorted(r for b in plan[cut:] for r in b)
+    order = first + rest
+    new = {old: i for i, old in enumerate(order)}
+    renumbered = [Record(i, records[old].sample_id, records[old].group_id, records[old].modality,
+                         records[old].payload) for i, old in enumerate(order)]
+    batches = [[new[r] for r in b] for b in plan]
+    return [ShardWork(0, 0, len(first), renumbered[: len(first)], batches[:cut]),
+            ShardWork(1, len(first), len(order), renumbered[len(first):], batches[cut:])]
+
+
+def _reference(works: list[ShardWork], pre, refused=None) -> list[tuple]:
+    """Each planned batch decoded and collated in this thread, one by one."""
+    decode = Decode(pre)
+    return _as_tuples(decode[task_of(w, rows, refused or {})] for w in works for rows in w.batches)
+
+
+def _decoded(works: list[ShardWork], pre, workers: int, refused=None, **kw) -> list[tuple]:
+    out = []
+    for shard in decode_shards(iter(works), pre, refused or {}, workers, **kw):
+        batches = list(shard.batches)
+        assert len(batches) == len(shard.work.batches)
+        out += _as_tuples(batches)
+    return out
+
+
 def _as_tuples(batches) -> list[tuple]:
     return [(b.rows, b.bad, None if b.inputs is None else b.inputs["x"].tolist()) for b in batches]
 
@@ -98,14 +122,15 @@ def test_split_keeps_rows_in_order(parts, n):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_every_reader_yields_the_reference_batches(workers):
+@pytest.mark.parametrize("cut", [None, 3])
+def test_every_reader_yields_the_reference_batches(workers, cut):
     records = _records(41, bad=(3, 17, 18))
     pre = _Pre()
-    plan = _plan(len(records), 6)
-    reference = _as_tuples(ThreadReader(Items(records, pre), Collate(pre), plan, depth=0))
-    assert len(reference) == len(plan) and reference[0][0] == [r for r in plan[0] if r != 3]
-    got = _as_tuples(read_batches(records, pre, plan, workers=workers))
-    assert got == reference
+    works = _works(records, _plan(len(records), 6), cut)
+    refused = {5: "refused before reading"}
+    reference = _reference(works, pre, refused)
+    assert len(reference) == 7 and any(5 in [r for r, _ in bad] for _, bad, _ in reference)
+    assert _decoded(works, pre, workers, refused) == reference
 
 
 @pytest.mark.parametrize(("workers", "first"), [(3, 7), (3, 2), (2, 1), (4, 5)])  # (4, 5): 3 pieces
@@ -115,8 +140,8 @@ def test_worker_layouts_yield_the_reference_batches(workers, first):
     pre = _Pre()
     rest = list(range(first, 30))
     plan = [list(range(first))] + [rest[k : k + 5] for k in range(0, len(rest), 5)]
-    reference = _as_tuples(ThreadReader(Items(records, pre), Collate(pre), plan, depth=0))
-    assert _as_tuples(read_batches(records, pre, plan, workers=workers)) == reference
+    works = _works(records, plan, cut=2)
+    assert _decoded(works, pre, workers) == _reference(works, pre)
 
 
 class _Niceness(_Pre):
@@ -127,11 +152,11 @@ class _Niceness(_Pre):
 @pytest.mark.parametrize(("yield_cpu", "pin", "added"), [(None, False, WORKER_NICENESS), (False, False, 0),
                                                           (True, False, WORKER_NICENESS)])
 def test_workers_yield_the_cpu_only_when_asked_or_encoding_on_the_cpu(yield_cpu, pin, added):
-    records = _records(6)
-    batches = list(read_batches(records, _Niceness(), [[0, 1], [2, 3], [4, 5]], workers=2, pin=pin,
-                                yield_cpu=yield_cpu))
+    works = _works(_records(6), [[0, 1], [2, 3], [4, 5]])
+    batches = [b for s in decode_shards(iter(works), _Niceness(), {}, 2, pin=pin, yield_cpu=yield_cpu)
+               for b in s.batches]
     want = min(19, os.nice(0) + added)
-    assert all(b.inputs["x"].flatten().tolist() == [want, want] for b in batches)
+    assert len(batches) == 3 and all(b.inputs["x"].flatten().tolist() == [want, want] for b in batches)
 
 
 def test_real_image_batches_from_workers_equal_the_reference_bit_for_bit(tuxpaint_root):
@@ -141,16 +166,17 @@ def test_real_image_batches_from_workers_equal_the_reference_bit_for_bit(tuxpain
     records = get_dataset("tuxpaint", limit=12).records("train", "image")[:10]
     pre = ImagePreprocessor()
     plan = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
-    got = list(read_batches(records, pre, plan, workers=2))
+    works = _works(records, plan)
+    got = [b for s in decode_shards(iter(works), pre, {}, workers=2) for b in s.batches]
     for batch, rows in zip(got, plan, strict=True):
-        want = decode_batch(Items(records, pre), Collate(pre), rows)
+        want = Decode(pre)[task_of(works[0], rows, {})]
         assert batch.rows == want.rows == rows
         assert torch.equal(batch.inputs["pixel_values"], want.inputs["pixel_values"])
 
 
 def test_a_batch_of_only_bad_items_passes_through():
-    records = _records(4, bad=(0, 1, 2, 3))
-    batches = list(read_batches(records, _Pre(), [[0, 1], [2, 3]], workers=2))
+    works = _works(_records(4, bad=(0, 1, 2, 3)), [[0, 1], [2, 3]])
+    batches = [b for s in decode_shards(iter(works), _Pre(), {}, workers=2) for b in s.batches]
     got = [(b.rows, b.inputs, [r for r, _ in b.bad]) for b in batches]
     assert got == [([], None, [0, 1]), ([], None, [2, 3])]
 
@@ -159,12 +185,15 @@ def test_thread_reader_raises_unexpected_errors_and_stops_early():
     records = _records(10)
     records[5] = Record(5, "s5", "g5", "text", "CRASH|5")
     pre = _Pre()
-    reader = ThreadReader(Items(records, pre), Collate(pre), [[i] for i in range(10)], depth=2)
+    reader = decode_shards(iter(_works(records, [[i] for i in range(10)])), pre, {}, workers=0)
     with pytest.raises(RuntimeError, match="unexpected failure"):
-        for _ in reader:
-            pass
-    reader = ThreadReader(Items(records, pre), Collate(pre), [[i] for i in range(4)] * 50, depth=2)
-    next(reader)
+        for shard in reader:
+            for _ in shard.batches:
+                pass
+    many = [ShardWork(k, 4 * k, 4 * k + 4, [Record(4 * k + i, "s", "g", "text", f"w|{i}") for i in range(4)],
+                      [[4 * k + i] for i in range(4)]) for k in range(50)]
+    reader = decode_shards(iter(many), pre, {}, workers=0)
+    next(next(reader).batches)
     reader.close()  # must not wait for the other 199 batches
     assert not any(t.name == "m3jepa-encode-reader" and t.is_alive() for t in threading.enumerate())
 
@@ -225,9 +254,10 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Synchronous reading (nothing decoded ahead) and each shard committed before the next is encoded."""
+def _synchronous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synchronous reading (nothing read or decoded ahead) and each shard committed before the next."""
     monkeypatch.setattr(reader_mod, "THREAD_DEPTH", 0)
+    monkeypatch.setattr(reader_mod, "RECORD_DEPTH", 0)
     monkeypatch.setattr(runner_mod, "BACKGROUND_WRITES", False)
     monkeypatch.setattr(runner_mod, "reader_workers", lambda modality, workers: 0)
 
@@ -239,7 +269,7 @@ def test_overlapped_store_equals_the_reference_byte_for_byte(tmp_path, monkeypat
     fast = _job(tmp_path / "fast", records, 8, modality)
     encode_store(fast, _Fake(fast.spec), cfg, DistInfo())
     with monkeypatch.context() as m:
-        _reference(m)
+        _synchronous(m)
         ref = _job(tmp_path / "ref", records, 8, modality)
         encode_store(ref, _Fake(ref.spec), cfg, DistInfo())
     assert load_manifest(fast.path).complete and len(load_manifest(fast.path).shards) == 6
@@ -265,7 +295,7 @@ def test_real_image_store_with_workers_equals_the_reference(tmp_path, monkeypatc
     fast = job(tmp_path / "fast")
     encode_store(fast, encoder, cfg, DistInfo())
     with monkeypatch.context() as m:
-        _reference(m)
+        _synchronous(m)
         ref = job(tmp_path / "ref")
         encode_store(ref, encoder, cfg, DistInfo())
     assert _tree(fast.path) == _tree(ref.path)

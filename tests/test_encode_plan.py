@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3jepa.encode.plan import batch_order
+from m3jepa.encode.plan import batch_order, shard_owners
 from m3jepa.store import plan_shards
 from m3jepa.store.manifest import assign_shards
 
@@ -63,3 +63,30 @@ def test_bad_arguments_are_refused():
         batch_order([1, 2], 3, 4)
     with pytest.raises(ValueError):
         batch_order(None, 3, 0)
+
+
+# ---------------------------------------------------------------- which rank writes which store shard
+
+
+@settings(max_examples=300, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=12), shard_size=st.integers(1, 12),
+       world=st.integers(1, 4))
+def test_shard_owners_deal_whole_parts(counts, shard_size, world):
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    parts = [(s, s + n) for s, n in zip(starts, counts, strict=True)]
+    rows = sum(counts)
+    plan = plan_shards(rows, shard_size)
+    owners = shard_owners(plan, parts, world)
+    if world == 1:
+        assert owners is None
+        return
+    assert owners is not None and len(owners) == len(plan)
+    for (_, lo, _), owner in zip(plan, owners, strict=True):
+        holder = max(p for p, (a, b) in enumerate(parts) if a <= lo < b)  # the part of the first row
+        assert owner == holder % world
+    # a rank reads the parts its shards touch: its own, and a part it does not own only for a shard that
+    # starts in one of its own parts and runs on into the next ones
+    for (_, lo, hi), owner in zip(plan, owners, strict=True):
+        touched = [p for p, (a, b) in enumerate(parts) if a < hi and lo < b]
+        assert touched[0] % world == owner
+    assert shard_owners(plan, None, world) is None

@@ -244,6 +244,29 @@ def test_registry_names_and_cheap_specs():
         get_encoder_spec("resnet-50")
 
 
+def test_the_registry_table_carries_each_encoders_layer_stack_and_lora_family(tiny_dinov2, tmp_path):
+    """One table says which layer stack (and so which LoRA target family) an encoder has; hf: models get
+    theirs from config.json; the layer-stack and LoRA tables cover exactly the same families."""
+    from m3jepa.encoders.layers import STACKS
+    from m3jepa.encoders.registry import ENCODERS, text_stack
+    from m3jepa.lora.tunable import FAMILY_TARGETS, LAYERS_PATTERN, encoder_family
+
+    assert set(STACKS) == set(FAMILY_TARGETS) == set(LAYERS_PATTERN)
+    assert {n: e.stack for n, e in ENCODERS.items()} == {
+        "efficientnet-lite0": "efficientnet", "minilm-l6": "bert", "onehot": None, "aisfx": None,
+        "clap-htsat": None, "languagebind-audio": None, "dinov2-small": "dinov2", "dinov2-base": "dinov2",
+        "dinov2-large": "dinov2", "dinov2-giant": "dinov2", "llama3-8b": "llama"}
+    assert set(list_encoders()) == set(ENCODERS)
+    assert get_encoder_spec("minilm-l6").stack == encoder_family(get_encoder_spec("minilm-l6")) == "bert"
+    assert get_encoder_spec(f"hf:{tiny_dinov2}").stack == "dinov2"
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    assert text_stack(LlamaConfig().to_dict()) == "llama" and text_stack(BertConfig().to_dict()) == "bert"
+    assert text_stack(GPT2Config().to_dict()) is None
+    with pytest.raises(EncoderError, match="no layer stack"):
+        encoder_family(get_encoder_spec("onehot"))
+
+
 def test_import_is_cheap():
     code = "import sys, m3jepa.encoders; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -117,9 +117,13 @@ def test_missing_groups_raise_or_are_dropped(monkeypatch):
         cross_retrieval_metrics(cap, img, cg, img_groups)
     t2i, i2t = cross_retrieval_metrics(cap, img, cg, img_groups, allow_missing=True)
     assert (t2i.n_dropped, t2i.n_queries, i2t.n_dropped, i2t.n_queries) == (5, 195, 1, 39)
-    ref_t2i = retrieval_metrics(cap, img, cg, img_groups, allow_missing=True, use_faiss=False)
-    ref_i2t = retrieval_metrics(img, cap, img_groups, cg, allow_missing=True, use_faiss=False)
-    assert (t2i.recalls, i2t.recalls) == (ref_t2i.recalls, ref_i2t.recalls)
+    # The reference is float64 with the stable tie rule: the float32 matmul search breaks the planted
+    # exact duplicates (images 7 and 8 score equal) by its BLAS's summation order, which differs by host.
+    cap_n, img_n = l2_normalize(cap), l2_normalize(img)
+    a, b = np.isin(cg, img_groups), np.isin(img_groups, cg)
+    ref_t2i = fs.recalls_from_ranks(naive_ranks(cap_n[a], img_n, cg[a], img_groups, 10), (1, 5, 10))
+    ref_i2t = fs.recalls_from_ranks(naive_ranks(img_n[b], cap_n, img_groups[b], cg, 10), (1, 5, 10))
+    assert (t2i.recalls, i2t.recalls) == (ref_t2i, ref_i2t)
 
 
 def test_non_finite_inputs_are_refused():

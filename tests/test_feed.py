@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch import torchrun
 from safetensors.numpy import load_file
 from synthetic_stores import DATASET, make_split, make_stores, overrides
 
@@ -160,7 +160,28 @@ def test_read_ahead_serves_planned_batches_and_reads_the_unplanned(stores, tmp_p
     assert lazy.readahead.misses == 5  # the five text->image steps were read on the spot
     lazy.close()
     assert lazy.readahead is None
-    assert feeder.read_ahead(mem, plan, range(3), 32, 0) is None  # in memory: nothing to read ahead
+    # the memory feed reads ahead the same way (the thread indexes and pins; the loop casts)
+    ahead = load_split(cfg, "train", DIRECTIONS, feed="memory")
+    ahead.readahead = feeder.read_ahead(ahead, plan, range(2, 12), 32, 0)
+    for step in range(2, 12):
+        d = DIRECTIONS[step % 2]
+        x, y = ahead.batch(d, 32, 0, step)
+        xm, ym = mem.batch(d, 32, 0, step)
+        assert torch.equal(x, xm) and torch.equal(y, ym)
+    assert ahead.readahead.misses == 5
+    ahead.close()
+    resident = dataclasses.replace(mem, feed="device")  # rows indexed where they live: nothing to read
+    assert feeder.read_ahead(resident, plan, range(3), 32, 0) is None
+
+
+def test_memory_read_ahead_gives_the_run_of_reading_on_the_spot(stores, tmp_path, monkeypatch):
+    from m3jepa.train import loop
+
+    same = {"train.max_steps": 16, "train.eval_every": 8, "train.schedule": "dynamic", "train.feed": "memory"}
+    train(_cfg(stores, tmp_path / "ahead", **same))
+    monkeypatch.setattr(loop, "read_ahead", lambda *a, **k: None)
+    train(_cfg(stores, tmp_path / "spot", **same))
+    _assert_same_run(tmp_path / "ahead", tmp_path / "spot")
 
 
 # ---------------------------------------------------------------- checks
@@ -250,20 +271,17 @@ def test_store_fed_resume_after_a_failed_read_is_bit_exact(stores, tmp_path, mon
     _assert_same_run(ref, cut)
 
 
-def _torchrun(stores: Path, run: Path, port: int, **extra) -> None:
+def _torchrun(stores: Path, run: Path, **extra) -> None:
     sets = []
     for s in overrides(stores, run, **extra):
         sets += ["--set", s]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    res = subprocess.run(
-        [*cmd, "-m", "m3jepa", "train-predictor", *sets], env=ENV, capture_output=True, text=True
-    )
+    res = torchrun("-m", "m3jepa", "train-predictor", *sets)  # a free port (tests/launch.py)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_two_process_store_feed_matches_two_process_memory(stores, tmp_path):
     same = {"model.dropout": 0.0, "train.max_steps": 12, "train.eval_every": 6, "train.checkpoint_every": 6}
-    _torchrun(stores, tmp_path / "mem", 29541, **same, **{"train.feed": "memory"})
-    _torchrun(stores, tmp_path / "store", 29542, **same, **{"train.feed": "store"})
+    _torchrun(stores, tmp_path / "mem", **same, **{"train.feed": "memory"})
+    _torchrun(stores, tmp_path / "store", **same, **{"train.feed": "store"})
     _assert_same_run(tmp_path / "mem", tmp_path / "store")

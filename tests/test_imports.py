@@ -16,6 +16,7 @@ LAYERS: dict[str, int] = {
     "knn": 0,  # the plain exact search: eval scores with it, accel.search certifies against it
     "progress": 0,  # encode's and train's progress: a tqdm bar on a terminal, summary lines elsewhere
     "config": 0,
+    "device_table": 0,  # the device table: torch only, read by distributed, encoders, encode and core
     "data": 1,
     "prefetch": 1,
     "pipelines": 1,  # the shipped pipeline files and name resolution (raises config's ConfigError)
@@ -30,7 +31,8 @@ LAYERS: dict[str, int] = {
     "eval": 6,
     "train": 7,
     "runner": 8,
-    "api": 8,  # m3jepa.load: the model object over core, eval and (lazily) encoders and lora
+    "api": 6,  # m3jepa.load: the model object over core (its loader) and (lazily) encoders and lora; beside
+    # eval, so neither imports the other
     "search": 9,  # embed / index / search over a loaded model
     "serve": 10,  # the HTTP service and its page, over search
     "cli": 11,
@@ -138,3 +140,25 @@ def _is_init_of(dep: str, mod: str) -> bool:
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_run_folder_layout_has_one_owner():
+    """No module but m3jepa/core/layout.py spells a run folder's file names: where a run keeps its
+    checkpoints, config, stores record, logs and galleries is decided in one place."""
+    names = {"checkpoints", "config.toml", "stores.json", "provenance.json", "metrics.jsonl", "metrics.csv",
+             "trainable.json", "embedded", ".lock", "best", "latest"}
+    found = []
+    for path in ROOT.rglob("*.py"):
+        if path.relative_to(ROOT).as_posix() == "core/layout.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        keys = {id(k) for d in ast.walk(tree) if isinstance(d, ast.Dict) for k in d.keys}  # JSON keys: fine
+        for node in ast.walk(tree):
+            literal = isinstance(node, ast.Constant) and id(node) not in keys
+            if literal and node.value in names - {"best", "latest"}:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+            # a path built from a literal: run / "checkpoints" / "best"
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) \
+                    and isinstance(node.right, ast.Constant) and node.right.value in names:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} / {node.right.value!r}")
+    assert not found, "use m3jepa.core.layout (RunDir, ExportDir):\n" + "\n".join(sorted(set(found)))

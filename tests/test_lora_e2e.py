@@ -17,7 +17,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-LIMIT = 40  # groups per split: seconds of encoding, enough rows to train and score
 
 
 def _m3jepa(*args: str) -> subprocess.CompletedProcess:
@@ -36,12 +35,8 @@ def _sets(stores: Path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, tuxpaint_root) -> Path:
-    root = tmp_path_factory.mktemp("lora") / "stores"
-    _m3jepa("encode", "--dataset", "tuxpaint", "--split", "train,val,test", "--modality", "image,text",
-            "--kind", "prefix", "--tunable-layers", "3", "--limit", str(LIMIT), "--store-root", str(root),
-            "--workers", "0")
-    return root
+def stores(lora_stores) -> Path:
+    return lora_stores  # conftest.py: prefix stores of 40 groups per split, shared with tests/test_ddp.py
 
 
 def test_lora_run_trains_adapters_evaluates_and_exports(stores, tmp_path):

@@ -341,3 +341,81 @@ def test_the_plain_model_is_made_of_torch_layers_only(predictor: str) -> None:
             assert type(m) in (torch.nn.Linear, torch.nn.Dropout), f"{name} is a {type(m).__name__}"
         assert not type(m).__module__.startswith("m3jepa.accel"), name
     assert all(m.row_bucket == 1 for m in model.modules() if isinstance(m, MultiGateMoE))  # no padding
+
+
+def test_l2_normalize_is_f_normalize_forward_and_backward() -> None:
+    """The predictors' normalisation (a shorter backward) against torch's F.normalize, zero rows and rows
+    under the 1e-12 floor included."""
+    from m3jepa.model.predictor import l2_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[1] = 0.0
+    x[2] *= 1e-14  # under the floor: divided by 1e-12, a linear map
+    probe = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    ours = x.clone().requires_grad_(True)
+    ref = x.clone().requires_grad_(True)
+    (l2_normalize(ours) * probe).sum().backward()
+    (torch.nn.functional.normalize(ref, dim=-1) * probe).sum().backward()
+    torch.testing.assert_close(l2_normalize(x), torch.nn.functional.normalize(x, dim=-1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-12, atol=0)
+    unit = x[[0, 3, 4, 5, 6]].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(l2_normalize, (unit,))
+
+
+def test_flops_per_sample_match_a_hand_count() -> None:
+    from m3jepa.model import flops
+
+    cfg = ModelConfig(dim=4, hidden=6, num_experts=3, top_k=2, cl_dim=5)
+    dims = {"image": 2, "text": 3}
+    # multiply-adds of one image->text sample: in_proj 2·4, gates 2 tasks · 4·3, experts 2 tasks · top-2 ·
+    # (4·6 + 6·4), pred head 4·3, cl head 4·5, cl target 3·5
+    data_fed, inner = 2 * 4 + 3 * 5, 2 * 4 * 3 + 2 * 2 * (4 * 6 + 6 * 4) + 4 * 3 + 4 * 5
+    assert flops.forward_flops(cfg, dims, "image->text") == 2 * (data_fed + inner)
+    assert flops.train_flops(cfg, dims, "image->text") == 2 * (2 * data_fed + 3 * inner)
+    assert flops.logits_flops(cfg, 16) == 2 * 16 * 5 * 3
+    mlp = ModelConfig(predictor="mlp", dim=4, hidden=6, cl_dim=5)
+    mlp_inner = 2 * (4 * 6 + 6 * 4) + 4 * 3 + 4 * 5  # one dense MLP for both tasks, no gates
+    assert flops.forward_flops(mlp, dims, "image->text") == 2 * (data_fed + mlp_inner)
+    linear = ModelConfig(predictor="linear", cl_dim=5)
+    assert flops.train_flops(linear, dims, "image->text") == 2 * 2 * (2 * 5 + 3 * 5)
+    concat = flops.forward_flops(cfg, {**dims, "audio": 7}, "image+audio->text")
+    assert concat == flops.forward_flops(cfg, dims, "image->text") + 2 * 7 * 4
+
+
+def test_flops_per_sample_equal_torch_flop_counter_on_a_real_step() -> None:
+    """An independent count: torch's FlopCounterMode over one real forward and backward (the loop over
+    the experts a row chose), less the two products the per-sample count leaves apart: the InfoNCE logits
+    and the (T, 1, k) x (T, k, d) mix of each row's k outputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from m3jepa.config import LossConfig
+    from m3jepa.core.objective import Objective
+    from m3jepa.model import flops
+
+    cfg = ModelConfig(dim=8, hidden=12, num_experts=3, top_k=2, cl_dim=4, dropout=0.0)
+    dims, b = {"image": 6, "text": 10}, 8
+    torch.manual_seed(0)
+    obj = Objective(cfg, LossConfig(), dims)
+    with FlopCounterMode(display=False) as counter:
+        obj("image->text", torch.randn(b, 6), torch.randn(b, 10)).total.backward()
+    mix = 2 * 3 * (2 * b * cfg.top_k * cfg.dim)  # two tasks; forward and the two gradients
+    measured = counter.get_total_flops() - b * flops.logits_flops(cfg, b) - mix
+    assert measured == b * flops.train_flops(cfg, dims, "image->text")
+
+
+def test_model_info_prints_flops_per_sample_beside_the_parameters() -> None:
+    from typer.testing import CliRunner
+
+    from m3jepa import cli
+
+    result = CliRunner().invoke(cli.app, ["model-info"])
+    assert result.exit_code == 0, result.output
+    out = result.output.splitlines()
+    # the paper preset, by hand: (1024·2048 in, 2·2048·12 gates, 2·4·2·2048² experts, 2048·4096 pred,
+    # 2048² cl, 4096·2048 target) multiply-adds
+    data_fed = 1024 * 2048 + 4096 * 2048  # no input gradient: backward costs one product, not two
+    inner = 2 * 2048 * 12 + 2 * 4 * 2 * 2048**2 + 2048 * 4096 + 2048**2
+    train = 2 * (2 * data_fed + 3 * inner)
+    assert out[1].split() == ["image->text", f"{2 * (data_fed + inner) / 1e9:.4f}", f"{train / 1e9:.4f}"]
+    assert out[-1].startswith("total") and "140,641,304" in out[-1]

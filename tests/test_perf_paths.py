@@ -129,6 +129,8 @@ def test_dense_mixer_forward_tasks_matches_forward() -> None:
     for t, x in xs.items():
         torch.testing.assert_close(out[t].y, mixer(x, t).y)
         assert out[t].expert_counts.tolist() == [x.shape[0]]
+        for alone in (out[t], mixer(x, t)):  # no router: both terms 0, whichever way they are built
+            assert float(alone.aux_loss) == 0.0 and float(alone.z_loss) == 0.0
 
 
 def test_build_optimizer_is_fused_on_cpu_and_matches_foreach() -> None:
@@ -155,6 +157,33 @@ def test_build_optimizer_is_fused_on_cpu_and_matches_foreach() -> None:
             opt.zero_grad()
             model("image->text", x, y).total.backward()
             opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["clipping", "not-clipping"])
+def test_clipping_folded_into_fused_adamw_equals_clip_grad_norm(max_norm: float) -> None:
+    """optimizer_step on torch's fused AdamW divides by the clip factor inside the update
+    (accel.clipped_step): the same steps as clip_grad_norm_ then step, with one pass fewer."""
+    from m3jepa.train.audit import StepAudit
+
+    cfg = _cfg(bf16=False)
+    a, b = _objective(cfg), _objective(cfg)
+    opt_a, opt_b = build_optimizer(a, cfg, CPU), _plain_fused_adamw(b, cfg)
+    assert accel.folds_clipping(opt_a) and opt_a.defaults["fused"]
+    for step in range(4):
+        torch.manual_seed(step)
+        x, y = torch.randn(12, 24), torch.randn(12, 40)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            model("image->text", x, y).total.backward()
+        with StepAudit() as audit:
+            optimizer_step(opt_a, a, max_norm)
+        torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm)
+        opt_b.step()
+        ops = audit.total().ops
+        assert "aten._foreach_mul_.Tensor" not in ops and ops["aten._fused_adamw_.default"] == 2
+        assert getattr(opt_a, "grad_scale", None) is None  # not left set for a later step
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 

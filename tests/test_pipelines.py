@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from m3jepa import cli
 from m3jepa.config import ConfigError
-from m3jepa.pipelines import SHIPPED_DIR, copy, resolve, shipped, summary
+from m3jepa.pipelines import SHIPPED_DIR, copy, renamed, resolve, shipped, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,14 +52,15 @@ def test_show_prints_the_toml_and_copy_refuses_to_overwrite(tmp_path):
     assert _invoke("pipelines", "show", "tuxpaint").output == text
     dest = tmp_path / "mine.toml"
     assert _invoke("pipelines", "copy", "tuxpaint", str(dest)).output == f"{dest}\n"
-    assert dest.read_text() == text
+    copied = renamed(text, "mine", str(dest))  # the copy is its own run: runs/mine (test_run_identity.py)
+    assert dest.read_text() == copied and 'name = "mine"' in copied
     dest.write_text("edited")
     refused = _invoke("pipelines", "copy", "tuxpaint", str(dest))
     assert refused.exit_code == 2
     assert refused.output == f"error: {dest} exists; pass --force to overwrite it\n"
     assert dest.read_text() == "edited"
     assert _invoke("pipelines", "copy", "tuxpaint", str(dest), "--force").exit_code == 0
-    assert dest.read_text() == text
+    assert dest.read_text() == copied
     assert copy("tuxpaint", tmp_path) == tmp_path / "tuxpaint.toml"  # a folder gets NAME.toml
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -80,3 +81,16 @@ def test_every_progress_bar_goes_through_the_helper():
         if "tqdm" in p.read_text() and p.name != "progress.py"
     )
     assert users == [], f"route these through m3jepa.progress.progress: {users}"
+
+
+def test_library_bars_are_off_in_a_log_and_left_alone_on_a_terminal(monkeypatch):
+    from m3jepa.progress import HF_BARS_OFF, quiet_library_bars
+
+    monkeypatch.delenv(HF_BARS_OFF, raising=False)
+    quiet_library_bars(_Tty())
+    assert HF_BARS_OFF not in os.environ
+    quiet_library_bars(io.StringIO())  # a log file or a pipe
+    assert os.environ[HF_BARS_OFF] == "1"
+    monkeypatch.setenv(HF_BARS_OFF, "0")  # an explicit setting wins
+    quiet_library_bars(io.StringIO())
+    assert os.environ[HF_BARS_OFF] == "0"

@@ -24,7 +24,8 @@ from m3jepa.model.losses import ContrastiveTemperature
 from m3jepa.model.mixup import mix_plan, mixup_pair
 from m3jepa.train.loop import train
 from m3jepa.train.optim import build_optimizer
-from m3jepa.train.recipes import MIN_STEPS, SIZED_KEYS, auto_size, sized_values, target_statistics
+from m3jepa.train.recipes import MIN_BUDGET, SIZED_KEYS, auto_size, sized_values, target_statistics
+from m3jepa.train.schedule import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_training_without_a_val_split_carves_one(tmp_path, caplog) -> None:
 def test_sized_values_follow_the_documented_rule() -> None:
     tiny = sized_values({"image->text": 200, "text->image": 200}, epochs=20, batch_size=128)
     assert tiny == {"model.dim": 256, "model.hidden": 512, "model.cl_dim": 128, "train.batch_size": 128,
-                    "train.max_steps": MIN_STEPS}
+                    "train.max_steps": MIN_BUDGET}
     assert sized_values({"a->b": 100}, 20, 128)["train.batch_size"] == 64  # halved to fit 100 pairs
     mid = sized_values({"a->b": 50_000}, 20, 128)
     assert (mid["model.dim"], mid["train.max_steps"]) == (512, math.ceil(20 * 50_000 / 128))
@@ -218,20 +219,24 @@ def test_auto_size_keeps_given_keys(stores, tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         sized = auto_size(cfg, data, SIZED_KEYS - {"model.dim"})
     assert sized.model.dim == cfg.model.dim == 64  # given: kept
-    # 512 pairs, the given batch of 32: max(MIN_STEPS, 20 epochs · 512 / 32) = 320
-    assert (sized.model.hidden, sized.model.cl_dim, sized.train.max_steps) == (512, 128, 320)
+    # 512 pairs, the given batch of 32: max(MIN_BUDGET, 20 epochs · 512 / 32 = 320) = 3000
+    assert (sized.model.hidden, sized.model.cl_dim, sized.train.max_steps) == (512, 128, MIN_BUDGET)
     assert "model.hidden=512" in caplog.text and "model.dim" not in caplog.text.split("train pairs")[1]
 
 
 def test_train_with_auto_keys_saves_the_sized_config(stores, tmp_path) -> None:
+    """The budget is a ceiling: early stopping on validation ends the run (patience 2 here), the learning
+    rate's cosine runs over the whole budget, and the saved config holds the budget."""
     run = tmp_path / "run"
-    cfg = _cfg(stores, run, **{"train.eval_every": 100})
+    cfg = _cfg(stores, run, **{"train.eval_every": 20, "train.patience": 2})
     result = train(cfg, auto_keys=frozenset({"train.max_steps", "model.cl_dim"}))
-    assert result.steps == 320  # max(MIN_STEPS, 20 epochs · 512 pairs / batch 32)
+    assert result.stopped_early and result.steps < MIN_BUDGET
     saved = (run / "config.toml").read_text()
-    assert "max_steps = 320" in saved and "cl_dim = 128" in saved and "dim = 64" in saved
+    assert f"max_steps = {MIN_BUDGET}" in saved and "cl_dim = 128" in saved and "dim = 64" in saved
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 320
+    assert lines[-1]["step"] == result.steps and result.steps - result.best_step == 2 * 20
+    last = [x for x in lines if "lr" in x][-1]  # the schedule runs over the budget, not the steps run
+    assert last["lr"] == pytest.approx(lr_at(last["step"] - 1, MIN_BUDGET, 3e-3))
     assert DATASET == "synthetic"
 
 

@@ -26,6 +26,8 @@ from m3jepa.model.moe import (
     route,
     router_z_loss,
     routing_health,
+    routing_summary,
+    warn_unbalanced,
 )
 from m3jepa.model.predictor import PredictorOutput
 from m3jepa.train.loop import train
@@ -182,8 +184,10 @@ def test_prediction_health_r2_matches_numpy(stores, tmp_path) -> None:
     model = M3JepaPredictor(cfg.model, data.dims()).eval()
     got = prediction_health(model, data, ["image->text"], batch_size=7)  # several batches
     rows_s, rows_t = data.pairs["image->text"]
-    with torch.no_grad():
-        pred = model("image", data.rows("image", rows_s), "text").pred.double().numpy()
+    with torch.no_grad():  # the same 7-row batches: a float32 forward's rounding depends on the batch shape
+        src = data.rows("image", rows_s)
+        pred = torch.cat([model("image", src[i : i + 7], "text").pred for i in range(0, len(src), 7)])
+        pred = pred.double().numpy()
     t = data.rows("text", rows_t).double().numpy()
     expected = 1 - ((pred - t) ** 2).sum() / ((t - t.mean(axis=0)) ** 2).sum()
     assert got["r2"]["image->text"] == pytest.approx(expected, rel=1e-9)
@@ -202,3 +206,48 @@ def test_mlp_predictor_logs_no_routing(stores, tmp_path) -> None:
 def test_routing_wrapper_types() -> None:
     r = route(torch.randn(3, 4), top_k=2)
     assert isinstance(r, Routing) and r.logits is not None and r.logits.shape == (3, 4)
+
+
+# ---------------------------------------------------------------- a quiet report (issue 21 item 6)
+
+
+def _collapsed_routing() -> dict:
+    """Top-4 of 12: the pred gate sends every row to e00, e03, e06, e08; the cl gate is uniform."""
+    pred = routing_health([10 if e in (0, 3, 6, 8) else 0 for e in range(12)], rows=10, top_k=4)
+    cl = routing_health([10] * 12, rows=30, top_k=4)
+    return {"text->image": {"pred": pred, "cl": cl}}
+
+
+def test_routing_health_is_one_line_that_explains_a_100_percent_share() -> None:
+    line = routing_summary(_collapsed_routing(), "test split")
+    assert "\n" not in line and line.startswith("routing (test split; each row uses 4 of 12 experts)")
+    assert "0.56-1.00 over 2 gates" in line and "0.56 = every row through the same 4 experts" in line
+    assert "collapsed (below 0.78): text->image pred" in line and "nothing to do" in line
+    uniform = {"a->b": {"cl": routing_health([10] * 12, rows=30, top_k=4)}}
+    assert "collapsed" not in routing_summary(uniform, "val")
+
+
+def test_collapse_is_warned_only_where_load_balancing_was_asked_for(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        warn_unbalanced(_collapsed_routing(), 0.0, "test split")
+    assert not caplog.records  # collapse alone: reported, not warned (docs/results.md)
+    warned: set = set()
+    with caplog.at_level(logging.WARNING):
+        warn_unbalanced(_collapsed_routing(), 0.1, "validation", warned)
+        warn_unbalanced(_collapsed_routing(), 0.1, "validation", warned)  # once per gate
+    assert len(caplog.records) == 1
+    assert "model.load_balance_weight=0.1 did not balance the pred gate of text->image" in caplog.text
+
+
+def test_the_report_explains_shares_and_r2(stores, tmp_path, caplog) -> None:
+    run = tmp_path / "run"
+    train(load_pipeline(None, overrides(stores, run, **{"train.max_steps": 20})))
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate_run(run)
+    assert not [r for r in caplog.records if r.name == "m3jepa.model.moe"]
+    printed = metrics.table()
+    assert sum(x.startswith("- routing (test split") for x in printed.splitlines()) == 1
+    assert "- R² of the predicted latents: image->text" in printed and "below 0 worse" in printed
+    md = (run / "metrics.md").read_text()
+    assert "share of rows¹" in md and "¹ share: the fraction" in md and "so the shares sum to k × 100%" in md
+    assert "| R²² |" in md and "² R²: 1 − SSE/SST" in md

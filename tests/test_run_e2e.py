@@ -64,4 +64,5 @@ def test_run_tuxpaint_pipeline_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stores cached; no encoder loaded" in again.stderr + again.stdout
     assert "resuming" in again.stderr
+    assert f"run {run} was already finished (" in again.stdout and "samples/s" not in again.stdout
     assert json.loads((run / "metrics.json").read_text())["directions"] == metrics["directions"]

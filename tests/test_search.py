@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from synthetic_stores import DATASET, overrides
 from typer.testing import CliRunner
 
@@ -17,7 +18,7 @@ from m3jepa.config import load_pipeline
 from m3jepa.data.records import Record, membership_fingerprint
 from m3jepa.search import Searcher, SearchError, SearchIndex, choose, embed_run, embed_store, index_store
 from m3jepa.search.build import build, perturbed_queries
-from m3jepa.search.index import write_index
+from m3jepa.search.index import manifest_digest, write_index
 from m3jepa.search.plan import parse_bytes
 from m3jepa.store import Manifest, StoreWriter, open_store, rows_from_records, store_path
 from m3jepa.train.loop import train
@@ -235,11 +236,51 @@ def test_a_row_count_mismatch_is_one_line(image_index, tmp_path):
     shutil.copytree(image_index, bad)
     m = json.loads((bad / "manifest.json").read_text())
     m["rows"] = 23
+    m["manifest_sha256"] = manifest_digest(m)  # re-signed: the count check itself is under test
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SearchError) as e:
         SearchIndex.open(bad)
     assert str(e.value) == (f"{bad}: the index holds 24 vectors, rows.jsonl 24 lines, the manifest says 23; "
                             "rebuild with `m3jepa index --force`")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("modality", "text"),  # image vectors ranked as captions
+    ("model", {"path": "/elsewhere", "kind": "run", "checkpoint": "best", "weights_sha256": "0" * 64}),
+    ("media_roots", ["/"]),  # every file on the machine servable
+    ("metric", "l2"),
+    ("recall@10", 0.5),
+])
+def test_every_manifest_field_is_covered_by_its_sha256(image_index, tmp_path, field, value):
+    bad = tmp_path / "bad"
+    shutil.copytree(image_index, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    assert field in m
+    m[field] = value
+    (bad / "manifest.json").write_text(json.dumps(m, indent=2))
+    with pytest.raises(SearchError) as e:
+        Searcher.open(bad, device="cpu")
+    assert str(e.value) == (f"{bad / 'manifest.json'} was changed after the index was built (it no "
+                            "longer matches its manifest_sha256: a field such as its modality, model or "
+                            "stores would change what a search means); rebuild with `m3jepa index --force`")
+    m = json.loads((image_index / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps(m, indent=4, sort_keys=False))  # reformatted: still fine
+    assert SearchIndex.open(bad).modality == "image"
+
+
+def test_a_link_out_of_an_image_folder_is_left_out(tmp_path):
+    from m3jepa.search.folder import scan_images
+
+    photos, private = tmp_path / "photos", tmp_path / "private.png"
+    photos.mkdir()
+    Image.new("RGB", (4, 4)).save(photos / "a.png")
+    Image.new("RGB", (4, 4)).save(private)
+    (photos / "b.png").symlink_to(private)  # out of the folder: never indexed, never served
+    (photos / "c.png").symlink_to(photos / "a.png")  # inside it: indexed, as the file it names
+    items, others = scan_images(photos)
+    assert [(i.key, i.payload) for i in items] == [("a.png", str(photos / "a.png")),
+                                                   ("c.png", str(photos / "a.png"))]
+    assert others == 1
 
 
 def test_edited_rows_are_refused(image_index, tmp_path):
@@ -273,6 +314,8 @@ def test_searcher_and_cli_print_the_exact_hits(model, image_index):
                                    "--device", "cpu"])
     table = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [(int(t[0]), int(t[2])) for t in table] == [(1, want[0]), (2, want[1])]
+    assert res.stdout.splitlines()[0] == f"image gallery {image_index}: top 2 of 24 rows"  # its size
+    assert (out["gallery"], out["gallery_size"]) == ("image", 24)
 
 
 def test_threads_reach_torch_and_faiss_and_keep_the_hits(model, image_index):
@@ -334,3 +377,93 @@ def test_tuxpaint_images_are_found_by_caption(tmp_path):
     hits = searcher.query("text", "Tux—the Linux mascot!", k=10)
     assert all(h.media and Path(h.media).is_file() for h in hits)
     assert len(hits) == 10 and [h.rank for h in hits] == list(range(1, 11))
+
+
+# ---------------------------------------------------------------- your own galleries
+
+
+class _Counting:
+    """The real model, with every input embed_target is given recorded (a spy, not a stand-in)."""
+
+    def __init__(self, model) -> None:
+        self._model, self.embedded = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def embed_target(self, inputs=None, **kwargs):
+        self.embedded += list(inputs or [])
+        return self._model.embed_target(inputs, **kwargs)
+
+
+def test_a_caption_file_is_indexed_then_updated_incrementally(model, tmp_path):
+    from m3jepa.search import index_folder
+
+    texts = tmp_path / "captions.txt"
+    lines = [f"a picture of thing {i} in test" for i in range(6)]
+    texts.write_text("\n".join(lines) + "\n\n")  # a blank line is no caption
+    spy, out = _Counting(model), tmp_path / "captions.index"
+    _, first = index_folder(spy, "texts", texts, out)
+    assert (first.embedded, first.reused, first.removed, spy.embedded) == (6, 0, 0, lines)
+    # an edited file: one caption changed, one removed, one added, and two lines swapped
+    new = [lines[1], lines[0], "a picture of thing 2, edited", lines[3], lines[5], "a brand new caption"]
+    texts.write_text("\n".join(new) + "\n")
+    spy.embedded.clear()
+    _, second = index_folder(spy, "texts", texts, out)
+    assert spy.embedded == ["a picture of thing 2, edited", "a brand new caption"]  # only these ran
+    assert (second.embedded, second.reused, second.removed) == (2, 4, 2)
+    index = SearchIndex.open(out)
+    assert [index.row(i)["caption"] for i in range(index.rows)] == new
+    assert index.manifest["modality"] == "text"
+    stored = np.load(out / "embeddings.npy")  # (6, d): the reused vectors and the new ones, in row order
+    np.testing.assert_allclose(stored, model.embed_target(new, modality="text"), atol=1e-5)
+    searcher = Searcher(index, model)
+    assert searcher.size == 6 and searcher.gallery == "text"
+    hits = searcher.search(model.embed_target(["a brand new caption"], modality="text"), 1)[0]
+    assert (hits[0].row_id, hits[0].caption) == (5, "a brand new caption")
+    # vectors that do not match their sha256 in the manifest are never reused: everything again
+    data = bytearray((out / "embeddings.npy").read_bytes())
+    data[-1] ^= 0x01
+    (out / "embeddings.npy").write_bytes(bytes(data))
+    spy.embedded.clear()
+    _, third = index_folder(spy, "texts", texts, out)
+    assert spy.embedded == new and (third.embedded, third.reused) == (6, 0)
+    other = tmp_path / "other.txt"
+    other.write_text("x\n")
+    with pytest.raises(SearchError, match="holds another index"):
+        index_folder(model, "texts", other, out)
+
+
+def test_a_run_split_all_indexes_every_split_together(run, model, tmp_path):
+    from m3jepa.cli import app
+
+    out = tmp_path / "all.index"
+    res = CliRunner().invoke(app, ["index", "--run", str(run), "--split", "all", "--modality", "image",
+                                   "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    index = SearchIndex.open(out)
+    stores = [open_store(json.loads((out / "manifest.json").read_text())["stores"][i]["path"])
+              for i in range(3)]
+    assert [s.manifest.split for s in stores] == ["train", "val", "test"]
+    assert index.rows == 96 + 24 + 24 == len({index.row(i)["row_id"] for i in range(index.rows)})
+    gallery = np.concatenate([s.read_all() for s in stores])  # (144, d): row_id = offset + store row
+    caption = "a picture of thing 5 in val"
+    query = model.embed_query([caption], source="text", target="image")
+    want = _exact(query, gallery, 5)[0].tolist()
+    assert [h.row_id for h in Searcher(index, model).query("text", caption, k=5)] == want
+    hits = Searcher(index, model).query("text", caption, k=144)
+    assert {h.sample_id for h in hits if h.row_id >= 96 + 24} == {f"test-g{i:03d}" for i in range(24)}
+
+
+def test_indexing_an_export_writes_beside_it_never_into_it(run, model, tmp_path):
+    from m3jepa.api.export import export_run
+    from m3jepa.cli import app
+
+    export = export_run(run, tmp_path / "model")
+    files = sorted(p.relative_to(export) for p in export.rglob("*"))
+    res = CliRunner().invoke(app, ["index", "--run", str(export), "--split", "test", "--modality", "image",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.relative_to(export) for p in export.rglob("*")) == files  # the export is untouched
+    beside = tmp_path / "model.embedded" / "test" / "image.index"
+    assert res.stdout.startswith(f"{beside}:") and SearchIndex.open(beside).rows == 24

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="m3jepa serve needs fastapi (pip install -e .)")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from m3jepa.search.media import media_roots, read_media, record_media  # noqa: E402
 from m3jepa.serve import Engine, Limits, create_app  # noqa: E402
 from m3jepa.serve.uploads import checked_suffix  # noqa: E402
 
@@ -47,11 +49,14 @@ class FakeHit:
     media: str | None
 
 
+HIT_FIELDS = ("row_id", "sample_id", "group_id", "caption", "media")
+
+
 class FakeIndex:
     """A query "embedding" is a set of words; a row scores the share of them its caption holds."""
 
-    def __init__(self, modality: str, rows: list[dict[str, Any]]) -> None:
-        self.modality, self._rows, self.dim = modality, rows, 4
+    def __init__(self, modality: str, rows: list[dict[str, Any]], roots: list[str] = ()) -> None:
+        self.modality, self._rows, self.dim, self.roots = modality, rows, 4, list(roots)
         self.manifest = {"modality": modality}
 
     @property
@@ -67,7 +72,8 @@ class FakeIndex:
             scored = [(len(words & set((row["caption"] or "").split())) / max(len(words), 1), i)
                       for i, row in enumerate(self._rows)]
             scored.sort(key=lambda t: (-t[0], t[1]))
-            out.append([FakeHit(rank, score, **self.row(i)) for rank, (score, i) in enumerate(scored[:k], 1)])
+            out.append([FakeHit(rank, score, **{f: self.row(i)[f] for f in HIT_FIELDS})
+                        for rank, (score, i) in enumerate(scored[:k], 1)])
         return out
 
 
@@ -96,26 +102,60 @@ class FakeModel:
 
 
 class FakeSearcher:
-    """An image embeds as the colour (red, green or blue) of its first pixel; records every file."""
+    """The `m3jepa.search.Searcher` seam over a FakeIndex and a FakeModel: an image embeds as the colour
+    (red, green or blue) of its first pixel; records every file."""
 
     def __init__(self, index: FakeIndex, model: FakeModel) -> None:
-        self.index, self.model, self.files = index, model, []
+        self._index, self._model, self.files = index, model, []
+        self._positions = {index.row(i)["row_id"]: i for i in range(index.rows)}
+
+    @property
+    def model(self) -> FakeModel:  # for the tests' own checks; the engine never reads it
+        return self._model
+
+    gallery = property(lambda self: self._index.modality)
+    size = property(lambda self: self._index.rows)
+    dim = property(lambda self: self._index.dim)
+    directions = property(lambda self: list(self._model.directions))
 
     @property
     def sources(self) -> list[str]:
-        return [d.split("->")[0] for d in self.model.directions if d.endswith("->" + self.index.modality)]
+        return [d.split("->")[0] for d in self._model.directions if d.endswith("->" + self.gallery)]
 
-    def embed(self, modality: str, value: str) -> list[frozenset[str]]:
+    def describe_model(self) -> dict[str, Any]:
+        return {"path": self._model.source.path, "kind": self._model.source.kind,
+                "directions": self.directions, "device": "cpu", "query_encoder_precision": "fp32"}
+
+    def shares_model(self, other: FakeSearcher) -> bool:
+        return self._model is other._model
+
+    def row(self, row_id: int) -> dict[str, Any] | None:
+        position = self._positions.get(row_id)
+        return None if position is None else self._index.row(position)
+
+    def embedding_key(self, modality: str) -> tuple:
+        return id(self._model), modality, self.gallery
+
+    def embed_many(self, modality: str, values: list[str]) -> list[frozenset[str]]:
         assert modality in self.sources
         if modality == "image":
-            path = Path(value)
-            self.files.append((path, stat.S_IMODE(path.parent.stat().st_mode), path.read_bytes()))
-            r, g, b = Image.open(path).convert("RGB").getpixel((0, 0))
-            return [frozenset({max((r, "red"), (g, "green"), (b, "blue"))[1]})]
-        return self.model.embed_query([value], source=modality, target=self.index.modality)
+            out = []
+            for value in values:
+                path = Path(value)
+                self.files.append((path, stat.S_IMODE(path.parent.stat().st_mode), path.read_bytes()))
+                r, g, b = Image.open(path).convert("RGB").getpixel((0, 0))
+                out.append(frozenset({max((r, "red"), (g, "green"), (b, "blue"))[1]}))
+            return out
+        return self._model.embed_query(list(values), source=modality, target=self.gallery)
+
+    def search(self, queries: list[frozenset[str]], k: int) -> list[list[FakeHit]]:
+        return self._index.search(queries, min(k, self.size))
+
+    def media(self, row_id: int, where: str) -> bytes:  # the real check, over the rows' recorded files
+        return read_media(self.row(row_id), self._index.roots, where)
 
     def query(self, modality: str, value: str, k: int = 10) -> list[FakeHit]:
-        return self.index.search(self.embed(modality, value), k)[0]
+        return self.search(self.embed_many(modality, [value]), k)[0]
 
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
@@ -131,37 +171,77 @@ def _png(colour: tuple[int, int, int], size: int = 24) -> bytes:
 def gallery(tmp_path: Path) -> dict[str, FakeSearcher]:
     """Image rows (row ids 10.., a position map the media route must use) and their caption rows."""
     image_rows, text_rows = [], []
+    roots = media_roots([tmp_path])
+
+    def recorded(path: Path) -> dict[str, Any]:  # what `m3jepa index` records of a media file
+        found, why = record_media(path, roots)
+        assert found is not None, why
+        return found
+
     for i, (name, colour) in enumerate(COLOURS.items()):
         (tmp_path / f"{name}.png").write_bytes(_png(colour))
         caption = f"a {name} square"
         image_rows.append({"row_id": 10 + i, "sample_id": f"s{i}", "group_id": name, "caption": caption,
-                           "media": str(tmp_path / f"{name}.png")})
+                           **recorded(tmp_path / f"{name}.png")})
         text_rows.append({"row_id": 20 + i, "sample_id": f"t{i}", "group_id": name, "caption": caption,
                           "media": None})
     (tmp_path / "notes.txt").write_text("not media")
+    (tmp_path / "no.png").write_bytes(_png((9, 9, 9)))
     image_rows += [
         {"row_id": 13, "sample_id": "s3", "group_id": "x", "caption": INJECTION, "media": None},
-        {"row_id": 14, "sample_id": "s4", "group_id": "y", "caption": "a text file", "media":
-         str(tmp_path / "notes.txt")},
+        {"row_id": 14, "sample_id": "s4", "group_id": "y", "caption": "a text file",
+         **recorded(tmp_path / "notes.txt")},
         {"row_id": 15, "sample_id": "s5", "group_id": "z", "caption": "gone",
-         "media": str(tmp_path / "no.png")},
+         **recorded(tmp_path / "no.png")},
     ]
+    (tmp_path / "no.png").unlink()  # gone since it was indexed
     model = FakeModel()
-    return {"image": FakeSearcher(FakeIndex("image", image_rows), model),
-            "text": FakeSearcher(FakeIndex("text", text_rows), model)}
+    return {"image": FakeSearcher(FakeIndex("image", image_rows, roots), model),
+            "text": FakeSearcher(FakeIndex("text", text_rows, roots), model)}
 
 
 @pytest.fixture
 def client(gallery) -> TestClient:
-    app = create_app(Engine(gallery, gallery["image"].model))
+    app = create_app(Engine(gallery))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
+
+
+def _refused(r) -> tuple[int, str]:
+    """(status, message) of a refusal, JSON: {"error": one line, "code": a stable snake_case name}."""
+    body = r.json()
+    assert set(body) == {"error", "code"} and body["code"].replace("_", "").isalpha(), body
+    assert "\n" not in body["error"]
+    return r.status_code, body["error"]
 
 
 def _search_ok(client: TestClient) -> None:
     """The server still answers a good query after whatever came before."""
     r = client.post("/api/search", json={"text": "green", "k": 1, "index": "image"})
     assert r.status_code == 200 and r.json()["hits"][0]["caption"] == "a green square"
+
+
+# ---------------------------------------------------------------- the seam
+
+
+def test_the_server_reaches_indexes_and_the_model_only_through_the_searcher():
+    """No module of m3jepa/serve reads a searcher's index or model (only `answer.index`, a name), and the
+    fake searcher above offers nothing the real Searcher does not: the tests exercise the real seam."""
+    import ast
+
+    from m3jepa.search import Searcher
+
+    reached = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "m3jepa" / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            named_answer = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id == "answer"
+            if isinstance(node, ast.Attribute) and node.attr in ("index", "model", "_index", "_model") \
+                    and not named_answer:
+                reached.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert not reached, reached
+    public = {n for n in dir(FakeSearcher) if not n.startswith("_")} - {"files"}
+    assert public <= {n for n in dir(Searcher) if not n.startswith("_")}
 
 
 # ---------------------------------------------------------------- what works
@@ -186,6 +266,7 @@ def test_a_text_query_returns_ranked_hits_with_media_urls(client, gallery):
     body = r.json()
     assert (body["index"], body["gallery"], body["direction"], body["k"]) == ("image", "image", "text->image",
                                                                               2)
+    assert body["gallery_size"] == 6  # every answer says how many rows it searched
     assert body["hits"] == [
         {"rank": 1, "score": 2 / 3, "row_id": 12, "id": "s2", "group_id": "blue", "caption": "a blue square",
          "media": "/media/image/12"},
@@ -228,7 +309,7 @@ def _wait(condition, timeout: float = 10) -> None:
 @pytest.mark.parametrize("bad", [False, True])
 def test_queries_that_wait_for_the_encoder_are_embedded_in_one_call(gallery, bad):
     model = gallery["image"].model
-    engine, model.gate, out = Engine(gallery, model), threading.Event(), {}
+    engine, model.gate, out = Engine(gallery), threading.Event(), {}
     try:
         first = _query_in_thread(engine, "red", out)
         _wait(model.entered.is_set)  # the encoder is busy with "red"; the next five wait for it
@@ -251,7 +332,7 @@ def test_queries_that_wait_for_the_encoder_are_embedded_in_one_call(gallery, bad
 
 def test_a_lone_client_never_waits_for_the_batch_window(gallery):
     model = gallery["image"].model
-    engine = Engine(gallery, model, batch_window_s=30.0)  # a window no test could sit out
+    engine = Engine(gallery, batch_window_s=30.0)  # a window no test could sit out
     try:
         start = time.monotonic()
         for text in ("red", "green one", "blue"):
@@ -268,7 +349,7 @@ def test_under_load_the_batcher_waits_for_as_many_queries_as_it_has_clients(gall
     sent 0.2 s later, and goes as soon as it comes, long before the 5 s window ends. With no window the
     two go at once and the third alone (the batches alternate, as they did before the window)."""
     model = gallery["image"].model
-    engine, model.gate, out = Engine(gallery, model, batch_window_s=window), threading.Event(), {}
+    engine, model.gate, out = Engine(gallery, batch_window_s=window), threading.Event(), {}
     try:
         first = _query_in_thread(engine, "red", out)
         _wait(model.entered.is_set)
@@ -295,6 +376,35 @@ def test_media_serves_the_file_a_row_records_with_security_headers(client, tmp_p
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-content-type-options"] == "nosniff"
     assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def _replace_by_link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def test_media_is_served_only_while_it_is_the_file_indexed(client, tmp_path, tmp_path_factory):
+    """An image replaced after indexing by a link to a private file (outside the gallery, or inside it), or
+    changed in place (other bytes, even of the same size), is refused; the page's other images still load."""
+    private = tmp_path_factory.mktemp("home") / "id_rsa.png"
+    private.write_bytes(b"-----BEGIN PRIVATE KEY-----")
+    _replace_by_link(tmp_path / "red.png", private)  # row 10
+    _replace_by_link(tmp_path / "green.png", tmp_path / "blue.png")  # row 11: a link inside the gallery
+    blue = tmp_path / "blue.png"
+    data = bytearray(blue.read_bytes())
+    data[-20] ^= 0xFF  # row 12: same size, other bytes
+    blue.write_bytes(bytes(data))
+    moved = ("its media file is now a symbolic link (or under one) and is not served; rebuild the index if "
+             "the gallery changed")
+    assert _refused(client.get("/media/image/10")) == (403, f"row 10 of 'image': {moved}")
+    assert client.get("/media/image/10").json()["code"] == "media_moved"
+    assert _refused(client.get("/media/image/11")) == (403, f"row 11 of 'image': {moved}")
+    r = client.get("/media/image/12")
+    assert _refused(r) == (403, "row 12 of 'image': its media file changed since it was indexed (its size or "
+                                "sha256 differs); not served: rebuild the index with `m3jepa index`")
+    assert r.json()["code"] == "media_changed"
+    blue.write_bytes(bytes(data[:-1]))  # another size
+    assert client.get("/media/image/12").json()["code"] == "media_changed"
 
 
 def test_an_uploaded_image_finds_its_captions_and_is_removed_after(client, gallery):
@@ -369,7 +479,7 @@ BAD_JSON = [
 @pytest.mark.parametrize(("body", "status", "message"), BAD_JSON, ids=range(len(BAD_JSON)))
 def test_a_bad_json_search_is_refused_with_its_message(client, body, status, message):
     r = client.post("/api/search", json=body)
-    assert (r.status_code, r.json()) == (status, {"error": message})
+    assert _refused(r) == (status, message)
     _search_ok(client)
 
 
@@ -385,7 +495,7 @@ BAD_RAW = [
 @pytest.mark.parametrize(("raw", "kind", "status", "message"), BAD_RAW, ids=range(len(BAD_RAW)))
 def test_a_body_that_is_not_a_json_object_is_refused(client, raw, kind, status, message):
     r = client.post("/api/search", content=raw, headers={"content-type": kind})
-    assert (r.status_code, r.json()) == (status, {"error": message})
+    assert _refused(r) == (status, message)
     _search_ok(client)
 
 
@@ -424,7 +534,7 @@ def test_a_bad_upload_is_refused_with_its_message(client, gallery, modality, req
         assert error.startswith("the request body is 10,485,9")
         assert error.endswith("bytes; the limit here is 10,485,760 bytes")
     else:
-        assert r.json() == {"error": message}
+        assert _refused(r) == (status, message)
     assert gallery["text"].files == []  # nothing reached the model
     _search_ok(client)
 
@@ -447,15 +557,14 @@ BAD_MEDIA = [
 @pytest.mark.parametrize(("url", "message"), BAD_MEDIA, ids=range(len(BAD_MEDIA)))
 def test_media_serves_only_files_the_index_records(client, url, message):
     r = client.get(url)
-    assert (r.status_code, r.json()) == (404, {"error": message})
+    assert _refused(r) == (404, message)
     _search_ok(client)
 
 
 def test_a_foreign_host_header_is_refused_against_dns_rebinding(client):
     r = client.get("/health", headers={"host": "evil.example:8000"})
-    assert (r.status_code, r.json()) == (400, {"error": "Host 'evil.example:8000' is not served: this server "
-                                                        "answers 127.0.0.1, [::1], localhost only (a guard "
-                                                        "against DNS rebinding)"})
+    assert _refused(r) == (400, "Host 'evil.example:8000' is not served: this server answers 127.0.0.1, "
+                                "[::1], localhost only (a guard against DNS rebinding)")
     assert client.get("/health", headers={"host": "localhost:8000"}).status_code == 200
     _search_ok(client)
 
@@ -467,8 +576,7 @@ def test_a_chunked_body_is_cut_at_the_limit(client):
 
     r = client.post("/api/search", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in r.request.headers  # sent chunked: only the running count can stop it
-    assert (r.status_code, r.json()) == (413, {"error": "the request body passed the limit here of 16,384 "
-                                                        "bytes"})
+    assert _refused(r) == (413, "the request body passed the limit here of 16,384 bytes")
     _search_ok(client)
 
 
@@ -597,7 +705,7 @@ def threaded_server(gallery):
     import uvicorn
 
     port = _free_port()
-    app = create_app(Engine(gallery, gallery["image"].model))
+    app = create_app(Engine(gallery))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -611,18 +719,46 @@ def threaded_server(gallery):
 
 
 def test_the_page_shows_the_grid_and_escapes_every_caption(browser, threaded_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
     grid = _search_text(browser, threaded_server, "red square", "image")
     assert [(row, caption) for row, caption, _ in grid] == [
         (10, "a red square"), (11, "a green square"), (12, "a blue square"), (13, INJECTION),
         (14, "a text file"), (15, "gone")][: len(grid)]
     assert grid[0][2] == f"{threaded_server}/media/image/10"
-    assert len(grid) == 6  # k = 12 on the page, 6 rows
+    assert len(grid) == 6  # k = 10 on the page (the API's default), 6 rows
+    assert browser.find_element(By.ID, "text-k").get_attribute("value") == str(Limits().default_k)
+    assert browser.find_element(By.ID, "status").text.startswith("6 hits of 6 image rows in image")
     # the injected caption is text on the page, not markup: no image with src x ran its handler
     assert browser.title == "m3jepa search"
     markup = "return document.querySelectorAll('img[src=\"x\"], #results b').length"
     assert browser.execute_script(markup) == 0
     (tmp_path / "q.png").write_bytes(_png(COLOURS["blue"]))
     assert _search_file(browser, tmp_path / "q.png", "text")[0] == (22, "a blue square")
+
+
+def test_a_results_page_opens_by_url(browser, threaded_server):
+    """/?q=...&index=...&k=... renders the results (a link, a headless screenshot), and a search made on
+    the page puts that URL in the address bar."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{threaded_server}/?q=a%20blue%20thing&index=image&k=2")
+    hits = "#results figure.hit"
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, hits)) == 2)
+    figures = browser.find_elements(By.CSS_SELECTOR, hits)
+    assert [int(f.get_attribute("data-row-id")) for f in figures] == [12, 10]  # as the API answers it
+    assert browser.find_element(By.ID, "text-query").get_attribute("value") == "a blue thing"
+    assert browser.find_element(By.ID, "status").text.startswith("2 hits of 6 image rows")
+    grid = _search_text(browser, threaded_server, "green", "image")
+    assert grid[0][1] == "a green square"
+    assert parse_qs(urlsplit(browser.current_url).query) == {"q": ["green"], "index": ["image"], "k": ["10"]}
+    browser.get(f"{threaded_server}/?q=red&index=nowhere")
+    status = browser.find_element(By.ID, "status")
+    WebDriverWait(browser, 30).until(lambda d: "error" in status.get_attribute("class"))
+    assert "nowhere" in status.text and not browser.find_elements(By.CSS_SELECTOR, "#results figure.hit")
 
 
 def test_the_page_shows_a_refusal_as_an_error_line(browser, threaded_server):
@@ -648,14 +784,22 @@ def _m3jepa(*args: str, cwd: Path, timeout: float = 900) -> str:
     return res.stdout
 
 
-@pytest.mark.slow
-def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tmp_path, tuxpaint_root):
-    """Train a small Tux Paint run, index its test images and captions with `m3jepa index`, start
-    `m3jepa serve` on a free loopback port, and check the page against `m3jepa search` (the oracle)."""
+@pytest.fixture(scope="module")
+def tuxpaint_run(tmp_path_factory, tuxpaint_root) -> Path:
+    """A small Tux Paint run trained by `m3jepa run tuxpaint` (the first of the README's commands), shared
+    by the real-server tests of this module."""
+    work = tmp_path_factory.mktemp("tuxpaint")
     small = ["--set", "encode.limit=100", "--set", "train.batch_size=64", "--set", "train.max_steps=40",
              "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
-    _m3jepa("run", "tuxpaint", *small, cwd=tmp_path)
-    run = tmp_path / "runs" / "tuxpaint"
+    _m3jepa("run", "tuxpaint", *small, cwd=work)
+    return work / "runs" / "tuxpaint"
+
+
+@pytest.mark.slow
+def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tmp_path, tuxpaint_run):
+    """Index a small Tux Paint run's test images and captions with `m3jepa index`, start `m3jepa serve` on
+    a free loopback port, and check the page against `m3jepa search` (the oracle)."""
+    run = tuxpaint_run
     indexes = {}
     for modality in ("image", "text"):
         _m3jepa("index", "--run", str(run), "--split", "test", "--modality", modality, "--device", "cpu",
@@ -663,7 +807,7 @@ def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tm
         indexes[modality] = run / "embedded" / "test" / f"{modality}.index"
     rows = [json.loads(line) for line in (indexes["text"] / "rows.jsonl").read_text().splitlines()]
     query = rows[0]["caption"]  # a test caption: its own image is among the answers to find
-    want = json.loads(_m3jepa("search", "--index", str(indexes["image"]), "--text", query, "--k", "12",
+    want = json.loads(_m3jepa("search", "--index", str(indexes["image"]), "--text", query, "--k", "10",
                               "--json", "--device", "cpu", cwd=tmp_path))["hits"]
     port, log = _free_port(), (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "m3jepa", "serve", "--index", str(indexes["image"]),
@@ -690,6 +834,91 @@ def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tm
         log.close()
 
 
+def _m3jepa_full(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "m3jepa", *args], cwd=cwd, env=ENV, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_your_own_photos_to_a_search_page_in_three_commands(tmp_path, tuxpaint_run, tuxpaint_root):
+    """README's three commands: `m3jepa run tuxpaint` (the fixture), `m3jepa index --run R --images PHOTOS
+    --out my.index`, `m3jepa serve --index my.index`. Then photos are added, removed and changed, and the
+    same index command embeds only those (checked by counts, by the vectors, and by an unchanged file
+    whose bytes were swapped behind an unchanged size and mtime: a rerun that re-read it would fail)."""
+    import numpy as np
+
+    pngs = sorted(tuxpaint_root.glob("food/fruit/*.png"))[:14]
+    photos = tmp_path / "photos"
+    for i, png in enumerate(pngs[:12]):  # nested folders, as a photo library has
+        dest = photos / ("2023" if i < 6 else "2024/summer") / f"IMG_{i:04d}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, dest)
+    (photos / "2023" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped, one line
+    (photos / "notes.txt").write_text("not a photo")  # not an image: left out
+    (photos / ".thumbnails").mkdir()
+    shutil.copyfile(pngs[0], photos / ".thumbnails" / "IMG_0000.png")  # hidden: left out
+    index_args = ("index", "--run", str(tuxpaint_run), "--images", str(photos), "--out", "my.index",
+                  "--device", "cpu")
+    first = _m3jepa_full(*index_args, cwd=tmp_path)
+    assert first.stdout.splitlines()[-1] == "12 images: 12 embedded, 0 reused, 0 removed, 1 skipped"
+    assert [line for line in first.stderr.splitlines() if "skipped" in line and "broken.png" in line]
+    before = np.load(tmp_path / "my.index" / "embeddings.npy")  # (12, d)
+    rows_before = [json.loads(line)["sample_id"] for line in
+                   (tmp_path / "my.index" / "rows.jsonl").read_text().splitlines()]
+
+    (photos / "2023" / "IMG_0000.png").unlink()  # removed
+    shutil.copyfile(pngs[12], photos / "2024" / "summer" / "IMG_0100.png")  # added
+    changed = photos / "2023" / "IMG_0001.png"
+    shutil.copyfile(pngs[13], changed)  # changed: other bytes (and another size or mtime)
+    hidden_swap = photos / "2024" / "summer" / "IMG_0007.png"
+    st = hidden_swap.stat()
+    hidden_swap.write_bytes(b"\0" * st.st_size)  # garbage behind the same size and mtime
+    os.utime(hidden_swap, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = _m3jepa_full(*index_args, cwd=tmp_path)
+    assert second.stdout.splitlines()[-1] == "12 images: 2 embedded, 10 reused, 1 removed, 1 skipped"
+    after = np.load(tmp_path / "my.index" / "embeddings.npy")
+    rows_after = [json.loads(line)["sample_id"] for line in
+                  (tmp_path / "my.index" / "rows.jsonl").read_text().splitlines()]
+    assert "2023/IMG_0000.png" not in rows_after and "2024/summer/IMG_0100.png" in rows_after
+    for key in set(rows_before) & set(rows_after) - {"2023/IMG_0001.png"}:  # reused bit for bit
+        assert np.array_equal(before[rows_before.index(key)], after[rows_after.index(key)]), key
+    old, new = before[rows_before.index("2023/IMG_0001.png")], after[rows_after.index("2023/IMG_0001.png")]
+    assert not np.allclose(old, new)  # the changed photo was embedded again
+
+    port, log = _free_port(), (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", "serve", "--index", "my.index", "--port",
+                             str(port), "--device", "cpu"], cwd=tmp_path, env=ENV, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/?q=a+red+apple&index=my.index", timeout=30) as r:
+            assert r.status == 200 and b"app.js" in r.read()  # the page (its script runs the URL's search)
+        answer = _post_json(f"{url}/api/search", {"text": "a red apple"})
+        assert (answer["index"], answer["gallery"], answer["gallery_size"]) == ("my.index", "image", 12)
+        assert len(answer["hits"]) == 10 and all(h["id"] in rows_after for h in answer["hits"])
+        top = answer["hits"][0]
+        with urllib.request.urlopen(url + top["media"], timeout=30) as r:
+            assert r.read() == (photos / top["id"]).read_bytes()  # the photo itself, from its folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
+
+
 @pytest.mark.slow
 def test_screenshot_of_the_page(browser, tmp_path):
     """docs/img/serve.png: the real server over the indexes in $M3JEPA_SERVE_INDEXES (image,text), the
@@ -705,7 +934,7 @@ def test_screenshot_of_the_page(browser, tmp_path):
     try:
         _wait_healthy(url, proc)
         grid = _search_text(browser, url, os.environ.get("M3JEPA_SERVE_QUERY", "a coin"), Path(image).name)
-        assert len(grid) == 12 and browser.execute_script(ALL_IMAGES_DECODED)
+        assert len(grid) == 10 and browser.execute_script(ALL_IMAGES_DECODED)
         browser.save_screenshot(out)
     finally:
         proc.terminate()
@@ -722,3 +951,143 @@ def test_serve_refuses_zero_threads_in_one_line(tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip() == (
         "error: --threads 0 must be at least 1 (or left out for torch's and faiss's own)")
+
+
+# ---------------------------------------------------------------- hostile requests to the real server
+
+
+@pytest.fixture
+def real_server(gallery, caplog):
+    """`m3jepa serve`'s own uvicorn set-up (serve/http.py: the h11 protocol whose refusals are JSON) over the
+    fake searchers, on a free loopback port in this process; its log goes to caplog."""
+    import uvicorn
+
+    from m3jepa.serve.http import server_config
+
+    caplog.set_level(logging.WARNING)
+    port = _free_port()
+    server = uvicorn.Server(server_config(create_app(Engine(gallery)), "127.0.0.1", port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, timeout=30)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _raw(port: int, data: bytes, wait: float = 10) -> tuple[int, dict[bytes, bytes], bytes]:
+    """(status, headers, body) of one raw HTTP exchange; the request must close the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request(method: str, path: str, body: bytes = b"", **headers: str) -> bytes:
+    fields = {"Host": "127.0.0.1", "Connection": "close", "Content-Length": str(len(body)), **headers}
+    head = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in fields.items())
+    return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+def _json_refusal(port: int, data: bytes) -> tuple[int, str, str]:
+    status, headers, body = _raw(port, data)
+    assert headers[b"content-type"] == b"application/json" and b"content-security-policy" in headers
+    found = json.loads(body)
+    assert set(found) == {"error", "code"} and "\n" not in found["error"], found
+    return status, found["code"], found["error"]
+
+
+def _refusal_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("refused", "dropped"))]
+
+
+HEAD = "POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+MALFORMED_HTTP = [
+    (HEAD + "Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}   ").encode(),  # two lengths that differ
+    (HEAD + "Content-Length: -1\r\n\r\n{}").encode(),  # a negative length
+    b"GET /health HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",  # a header line without its colon
+]
+
+
+def test_malformed_http_is_refused_in_json_with_one_log_line(real_server, caplog):
+    from m3jepa.serve.http import BAD_HTTP
+
+    for data in MALFORMED_HTTP:
+        assert _json_refusal(real_server, data) == (400, "bad_http", BAD_HTTP)
+    lines = _refusal_lines(caplog)
+    assert len(lines) == len(MALFORMED_HTTP) and all(" 400 bad_http: " in line for line in lines), lines
+    assert "Invalid HTTP request received." not in caplog.text  # uvicorn's own line: replaced by ours
+    assert _raw(real_server, _request("GET", "/health"))[0] == 200
+
+
+def _form(boundary: str, png: bytes, **fields: str) -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n'
+                 "Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def test_hostile_bodies_are_refused_in_json_with_a_stable_code(real_server, gallery, caplog):
+    port, multipart = real_server, "multipart/form-data; boundary=XyZ"
+    blue = _png(COLOURS["blue"])
+    cases = [
+        (_request("POST", "/api/search", b"[" * 6000, Content_Type="application/json"),
+         (400, "bad_json", "the body is not a search: its JSON nests too deeply")),
+        (_request("POST", "/api/search", b'{"text": "red", "k": ' + b"7" * 5000 + b"}",
+                  Content_Type="application/json"),
+         (400, "bad_json", "the body holds a 5,000-digit number; a search's numbers have at most 18 digits")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue, k="9" * 4000), Content_Type=multipart),
+         (400, "bad_k", "k must be a whole number from 1 to 100; got a 4,000-digit number")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue, k="9" * 5000), Content_Type=multipart),
+         (400, "bad_form", "the form cannot be read: Part exceeded maximum size of 4KB.")),
+        (_request("GET", "/media/image/" + "1" * 5000),
+         (404, "no_row", "index 'image' has no row '" + "1" * 173)),
+        (_request("POST", "/api/search/image", _form("XyZ", blue)[:-60], Content_Type=multipart),
+         (400, "truncated_body", "the multipart body (")),
+        (_request("POST", "/api/search/image", _form("XyZ", blue), Content_Type=multipart,
+                  Origin="http://evil.example"),
+         (403, "cross_origin", "a POST from 'http://evil.example' is refused: only pages of this server "
+                               "(127.0.0.1) may send searches to it")),
+        (_request("POST", "/api/search", b'{"text": "red"}', Content_Type="application/json", Origin="null"),
+         (403, "cross_origin", "a POST from 'null' is refused")),
+    ]
+    for blank in ("\u200b\u200d\ufeff", "\u0301\u0308", "\u3164 \u2800", " \u2060\u00ad "):
+        body = json.dumps({"text": blank}).encode()
+        cases.append((_request("POST", "/api/search", body, Content_Type="application/json"),
+                      (400, "empty_query", "the query is empty; give some text")))
+    for data, (status, code, message) in cases:
+        got = _json_refusal(port, data)
+        assert got[:2] == (status, code) and got[2].startswith(message), (got, message)
+    assert gallery["text"].files == []  # no refused upload reached the model
+    assert len(_refusal_lines(caplog)) == len(cases)
+    ok = _request("POST", "/api/search/image", _form("XyZ", blue), Content_Type=multipart,
+                  Origin=f"http://127.0.0.1:{port}", Host=f"127.0.0.1:{port}")
+    status, _, body = _raw(port, ok)  # the same upload from the server's own page: answered
+    assert status == 200 and json.loads(body)["hits"][0]["caption"] == "a blue square"
+
+
+def test_clients_that_hang_up_mid_body_leave_one_line_each(real_server, caplog):
+    partial = (HEAD + "Content-Length: 1000\r\n\r\n").encode() + b'{"text": "a red'
+    for _ in range(300):
+        with socket.create_connection(("127.0.0.1", real_server), timeout=10) as s:
+            s.sendall(partial)  # and hang up
+    deadline = time.time() + 60
+    while len(_refusal_lines(caplog)) < 300 and time.time() < deadline:
+        time.sleep(0.1)
+    lines = _refusal_lines(caplog)
+    assert len(lines) == 300 and all(line.startswith("dropped POST /api/search from 127.0.0.1:") and
+                                     line.endswith(": the client hung up before its request was read")
+                                     for line in lines)
+    assert not [r for r in caplog.records if r.exc_info] and "Traceback" not in caplog.text
+    status, _, body = _raw(real_server, _request("POST", "/api/search", b'{"text": "green", "k": 1}',
+                                                 Content_Type="application/json"))
+    assert status == 200 and json.loads(body)["hits"][0]["caption"] == "a green square"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from m3jepa.store import (
     verify_store,
 )
 from m3jepa.store.cli_views import inspect_view, list_view
-from m3jepa.store.manifest import assign_shards
+from m3jepa.store.manifest import assign_shards, load_manifest
 
 FORMATS = ["zarr", "hdf5"]
 DIM = 8
@@ -417,3 +418,21 @@ def test_store_import_is_light():
         cwd=Path(__file__).parent.parent,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_finalize_streams_its_rows_and_writes_nothing_for_a_bad_stream(tmp_path):
+    m = make_manifest(20, shard_size=8)
+    feats, _ = make_data(20, "pooled")
+    write_store(tmp_path / "a", m, feats, finalize=False)
+    with StoreWriter(tmp_path / "a", m) as w:
+        rows = (r for r in rows_from_records(make_records(20)))  # a generator: no len(), read once
+        final = w.finalize(rows, [])
+    assert final.complete and (tmp_path / "a" / "rows.jsonl").read_bytes().count(b"\n") == 20
+    assert final.rows_sha256 == hashlib.sha256((tmp_path / "a" / "rows.jsonl").read_bytes()).hexdigest()
+    write_store(tmp_path / "b", m, feats, finalize=False)
+    for bad, message in ((make_records(19), "got 19 rows"), (make_records(21), "more than the 20 rows"),
+                         (make_records(20)[::-1], "position 0 has row_id 19")):
+        with StoreWriter(tmp_path / "b", m) as w, pytest.raises(ValueError, match=message):
+            w.finalize(iter(rows_from_records(bad)), [])
+        leftovers = [p.name for p in (tmp_path / "b").iterdir() if p.name.startswith("rows.jsonl")]
+        assert leftovers == [] and not load_manifest(tmp_path / "b").complete

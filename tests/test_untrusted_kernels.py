@@ -154,3 +154,22 @@ def test_a_library_without_a_record_is_rebuilt(cache: Path, caplog) -> None:
         assert native.build("tiny", TINY, FLAGS).add1(1) == 2
     lines = [r.getMessage() for r in caplog.records]
     assert any("has no sha256 record" in ln and str(lib) in ln for ln in lines), lines
+
+
+def test_a_planted_library_with_a_forged_record_is_one_warning_not_a_traceback(cache: Path, caplog) -> None:
+    """Someone with the user's rights plants another library at the search kernels' path and writes its
+    sha256 as the record: loading it is within the threat model (docs/architecture.md), but what follows
+    is one warning, the torch path with the right ranks, and a rebuild in the next process."""
+    tiny = _tiny(cache)
+    lib = native.library_path("search_kernels", search_native.C_SOURCE, search_native.FLAGS)
+    planted = lib.with_name("planted.so")
+    planted.write_bytes(tiny.read_bytes())  # a real library, without the search functions
+    os.chmod(planted, 0o700)
+    os.replace(planted, lib)
+    lib.with_name(lib.name + ".sha256").write_text(hashlib.sha256(lib.read_bytes()).hexdigest() + "\n")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert search_native.load() is None
+        _search_is_right(native_expected=False)
+    line = _one_refusal(caplog, "search_kernels", lib, "the next run rebuilds it")
+    assert "lacks the function prepare_rows" in line
+    assert not lib.exists() and not lib.with_name(lib.name + ".sha256").exists()

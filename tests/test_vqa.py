@@ -168,7 +168,7 @@ def test_nlvr2_pairs_two_images_with_each_statement(tmp_path):
 
 def test_text_encoders_fill_question_and_answer_stores():
     from m3jepa.config import EncodeConfig
-    from m3jepa.encode.runner import _spec
+    from m3jepa.encode.jobs import encoder_spec as _spec
 
     ds = get_dataset("easy-vqa", limit=2)
     for modality in ("question", "answer"):

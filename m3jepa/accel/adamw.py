@@ -250,7 +250,8 @@ def _lib() -> ctypes.CDLL | None:
     from m3jepa.accel.native import build
 
     # None without a compiler or with M3JEPA_NATIVE=0: the eager paths compute the same thing
-    return build("adamw_bf16_shadow", _KERNEL_SRC, list(_KERNEL_FLAGS), lang="c++")
+    return build("adamw_bf16_shadow", _KERNEL_SRC, list(_KERNEL_FLAGS), lang="c++",
+                 symbols=("adamw_bf16_shadow", "sumsq_bf16"))
 
 
 @cache

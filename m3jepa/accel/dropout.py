@@ -72,7 +72,7 @@ def _kernel() -> Callable | None:
     """The compiled kernel (m3jepa.accel.native), or None: callers then take their torch path."""
     from m3jepa.accel.native import build
 
-    lib = build("dropout_bf16", _SRC, _FLAGS, lang="c++")
+    lib = build("dropout_bf16", _SRC, _FLAGS, lang="c++", symbols=("dropout_bf16",))
     if lib is None:
         return None
     fn = lib.dropout_bf16

@@ -9,16 +9,23 @@ group or others, and match the sha256 recorded beside it (`NAME.so.sha256`) when
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
+
+from m3jepa.files import (
+    cache_dir,
+    make_private_dir,
+    matches_record,
+    sha256_file,
+    sha256_record,
+    why_untrusted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +43,6 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as c10:
   return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(r);  // NaN stays NaN
 }
 """
-
-
-def cache_dir() -> Path:
-    """Where built libraries live: $M3JEPA_CACHE, else $XDG_CACHE_HOME/m3jepa, else ~/.cache/m3jepa."""
-    if os.environ.get("M3JEPA_CACHE"):
-        return Path(os.environ["M3JEPA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3jepa"
 
 
 def enabled() -> bool:
@@ -65,73 +65,54 @@ def library_path(name: str, source: str, flags: list[str], lang: str = "c") -> P
     return cache_dir() / f"{name}-{key}.so"
 
 
-def build(name: str, source: str, flags: list[str], lang: str = "c") -> ctypes.CDLL | None:
-    """Compile `source` into a shared library once and load it; None when unavailable (callers fall back)."""
+def build(
+    name: str, source: str, flags: list[str], lang: str = "c", symbols: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """Compile `source` into a shared library once and load it; None when unavailable (callers fall back).
+
+    `symbols`: the functions the caller will look up; a loaded library that lacks one was not built from
+    `source` (a planted file with a forged record): it is refused and removed, and the torch path runs.
+    """
     if not enabled():
         return None
     lib = library_path(name, source, flags, lang)
     try:
-        _make_private_dir(lib.parent)
+        make_private_dir(lib.parent)
         if (why := _untrusted(lib.parent, "folder")) is not None:
             return _refuse(name, why)
         if not (lib.exists() or lib.is_symlink()):
             _compile(lib, source, flags, lang)
         elif (why := _untrusted(lib, "library")) is not None:
             return _refuse(name, why)
-        elif not _hash_matches(lib):
-            record = _sidecar(lib)
+        elif not matches_record(lib):
+            record = sha256_record(lib)
             why = f"does not match the sha256 in {record}" if record.exists() else "has no sha256 record"
             log.warning("native kernel %s refused: it %s; rebuilding it", lib, why)
             _compile(lib, source, flags, lang)
         # No check between here and the load can be raced: the folder is ours and no one else can write it.
-        return ctypes.CDLL(str(lib))
+        loaded = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("native kernel %s unavailable (%s); using the torch path (slower)", name, e)
         return None
-
-
-def _make_private_dir(path: Path) -> None:
-    # Parents get the usual mode; the cache folder itself is private (an existing one is checked, not changed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
+    missing = [s for s in symbols if not hasattr(loaded, s)]
+    if missing:
+        # Loaded already, so it cannot be rebuilt and loaded again in this process (dlopen keeps the
+        # first library of a name): removed, so the next process builds it.
+        for path in (lib, sha256_record(lib)):
+            path.unlink(missing_ok=True)
+        return _refuse(name, f"the kernel library {lib} lacks the function {missing[0]}, so it was not built "
+                             "from this source; removed it, the next run rebuilds it")
+    return loaded
 
 
 def _untrusted(path: Path, what: str) -> str | None:
     """Why `path` must not be trusted (one line naming it and the fix), or None when it is safe."""
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode):
-        return f"the kernel {what} {path} is a symbolic link; remove it (rm {path})"
-    if st.st_uid != os.getuid():
-        fix = f"remove it (rm -r {path}) or set M3JEPA_CACHE to a folder of yours" if what == "folder" else (
-            f"remove it (rm {path}) to rebuild"
-        )
-        return f"the kernel {what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); {fix}"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        fix = f"run chmod 700 {path}" if what == "folder" else f"remove it (rm {path}) to rebuild"
-        return f"the kernel {what} {path} is writable by group or others (mode {st.st_mode & 0o777:o}); {fix}"
-    return None
+    return why_untrusted(path, f"the kernel {what}", folder=what == "folder")
 
 
 def _refuse(name: str, why: str) -> None:
     log.warning("native kernel %s refused: %s; using the torch path (slower)", name, why)
     return None
-
-
-def _sidecar(lib: Path) -> Path:
-    return lib.with_name(lib.name + ".sha256")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _hash_matches(lib: Path) -> bool:
-    """Whether lib's bytes hash to the sha256 recorded at build time (a missing record does not match)."""
-    side = _sidecar(lib)
-    if not side.is_file() or _untrusted(side, "record") is not None:
-        return False
-    return side.read_text().strip() == _sha256(lib)
 
 
 def _compile(lib: Path, source: str, flags: list[str], lang: str) -> None:
@@ -143,6 +124,6 @@ def _compile(lib: Path, source: str, flags: list[str], lang: str) -> None:
         subprocess.run(cmd, input=source.encode(), check=True, capture_output=True, timeout=300)
         os.chmod(out, 0o700)
         record = Path(tmp) / "sha256"
-        record.write_text(_sha256(out) + "\n")
-        os.replace(record, _sidecar(lib))  # the record first: a reader between the two sees a mismatch
+        record.write_text(sha256_file(out) + "\n")
+        os.replace(record, sha256_record(lib))  # the record first: a reader between the two sees a mismatch
         os.replace(out, lib)

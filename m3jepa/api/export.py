@@ -4,10 +4,16 @@
                             the resolved pipeline config, where it came from and its metrics
     DIR/model.safetensors   the predictor and loss weights (no encoder weights: those are the encoders')
     DIR/adapters/<m>/       a LoRA run's adapters in peft's format (adapter_config.json + safetensors)
-    DIR/vocabularies.safetensors  the stage-1 latents of a class list or candidate answers, if any
+    DIR/vocabularies.safetensors  the stage-1 latents of a class list or candidate answers: only for a
+                            model with a label or answer modality
     DIR/README.md           a model card: what it is, how it was trained, its metrics, how to load it
+    DIR/checksums.json      the sha256 of every file the loader reads and of config.json's meaning, which
+                            the loader verifies (core/exportfiles.py)
 
-`m3jepa.load(DIR)` rebuilds the same model: its outputs equal the run's, bit for bit (tested).
+`m3jepa.load(DIR)` rebuilds the same model: its outputs equal the run's, bit for bit (tested). Every
+file is mode 0644 (folders 0755): an export is made to be shared. Exporting the same checkpoint again
+gives the same bytes (tested): indexes that recorded an export's weights keep matching. The layout's names
+are m3jepa/core/layout.py's; the loader that reads it back is m3jepa/core/trained.py.
 """
 
 from __future__ import annotations
@@ -21,64 +27,112 @@ import torch
 from safetensors.torch import save_file
 
 from m3jepa import __version__
-from m3jepa.api.model import (
-    EXPORT_FORMAT,
-    EXPORT_VERSION,
-    VOCABULARY_MODALITIES,
-    VOCABULARY_WEIGHTS,
-    run_vocabulary,
-)
 from m3jepa.api.raw import ApiError
 from m3jepa.config import to_dict
-from m3jepa.files import atomic_write_text
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.exportfiles import write_export_checksums
+from m3jepa.core.layout import ExportDir, RunDir
+from m3jepa.core.trained import EXPORT_FORMAT, EXPORT_VERSION, open_run
+from m3jepa.files import atomic_write_text, refused_writes
 
-WEIGHTS = "model.safetensors"
+# An export is made to be shared: its files are world-readable, whatever the umask made its checkpoint.
+FILE_MODE = 0o644
 
 
 def export_run(run: Path, out: Path, checkpoint: str = "best", force: bool = False) -> Path:
-    """Write `run`'s `checkpoint` to `out` (refused when `out` holds files, unless `force`)."""
-    from m3jepa.core.checkpoint import load_checkpoint
-    from m3jepa.core.runstores import eval_config
+    """Write `run`'s `checkpoint` to `out` (refused when `out` holds files, unless `force` and it holds an
+    export; refused when `out` and the run lie inside one another)."""
+    _check_out(run, out, force)
+    try:
+        trained = open_run(run, checkpoint)  # the one loader: every file verified against checksums.json
+        names, latents = trained.vocabularies()
+    except CheckpointError as e:
+        raise ApiError(str(e)) from None
+    tmp = ExportDir(out.with_name(out.name + ".tmp-export"))
+    if tmp.path.exists():
+        shutil.rmtree(tmp.path)
+    weights = {k: v.contiguous() for k, v in trained.weights.items()}
+    need = sum(v.numel() * v.element_size() for v in weights.values())
+    need += sum(v.nbytes for v in latents.values())
+    kept = f"the export at {out} as it was" if out.exists() else ""
+    # a full disk: one line, the partial folder removed, a previous export at `out` untouched (files.py)
+    with refused_writes(out.parent, need=need, remove=[tmp.path], removed=f"the partial {tmp.path.name}",
+                        kept=kept):
+        _write(trained, run, checkpoint, tmp, weights, names, latents)
+    _swap(tmp.path, out)
+    return out
 
-    ck_path = run / "checkpoints" / checkpoint
-    if not ck_path.is_dir():
-        raise ApiError(f"{ck_path} does not exist; is {run} a run written by train-predictor?")
-    if out.exists() and any(out.iterdir()) and not force:
+
+def _check_out(run: Path, out: Path, force: bool) -> None:
+    """Refuse an --out the export would damage: the run itself (or a folder inside it, or one holding it,
+    which --force would delete with the run), or with --force a folder that holds something else than an
+    export."""
+    r, o = run.resolve(), out.resolve()
+    if o == r or r in o.parents or o in r.parents:
+        where = "is the run" if o == r else ("is inside the run" if r in o.parents else "holds the run")
+        raise ApiError(f"--out {out} {where} {run}: an export is written beside a run, never in it or around "
+                       "it (--force would delete the run); choose an --out outside the run")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
         raise ApiError(f"{out} is not empty; choose another --out or pass --force")
-    ck = load_checkpoint(ck_path)  # every file verified against checksums.json
-    cfg = eval_config(run, ck.cfg, None, None)
-    tmp = out.with_name(out.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    weights = {k: v.contiguous() for k, v in ck.weights.items() if not k.startswith("encoders.")}
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt", "m3jepa": __version__})
-    if (ck_path / "adapters").is_dir():
-        shutil.copytree(ck_path / "adapters", tmp / "adapters")
-    vocab = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
-    if vocab:
-        save_file({m: torch.from_numpy(v[1]) for m, v in vocab.items()}, str(tmp / VOCABULARY_WEIGHTS))
+    if not ExportDir.holds_export(out):
+        raise ApiError(f"{out} holds files but no m3jepa export (config.json and model.safetensors): --force "
+                       "replaces only an export; choose another --out, or empty it yourself")
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` in place of `out`: the old export is moved aside before the new one is
+    renamed in, so a kill between leaves one of them whole."""
+    old = out.with_name(out.name + ".old-export")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write(trained: Any, run: Path, checkpoint: str, tmp: ExportDir, weights: dict[str, torch.Tensor],
+           names: dict[str, list[str]], latents: dict[str, Any]) -> None:
+    """Every file of the export into `tmp`; byte for byte the same for the same checkpoint."""
+    cfg, state = trained.cfg, trained.state
+    tmp.path.mkdir(parents=True)
+    # one metadata key: safetensors writes its metadata map in a random order, so two keys would make 1 in 2
+    # re-exports differ (the version is config.json's m3jepa_version)
+    save_file(weights, str(tmp.weights), metadata={"format": "pt"})
+    if trained.adapters is not None:
+        shutil.copytree(trained.adapters, tmp.adapters)
+    if latents:
+        save_file({m: torch.from_numpy(v) for m, v in latents.items()}, str(tmp.vocabularies))
     metrics = _metrics(run)
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
         "m3jepa_version": __version__,
         "architecture": f"M3JepaPredictor ({cfg.model.predictor}, gates={cfg.model.gates})",
-        "dims": dict(ck.state.dims),
-        "directions": list(ck.state.directions),
-        "encoders": _encoders(ck.state.stores, ck.state.dims, cfg.encode.dtype),
-        "vocabularies": {m: v[0] for m, v in vocab.items()},
+        "dims": dict(trained.dims),
+        "directions": list(state.directions),
+        "encoders": _encoders(trained.encoders, trained.dims, cfg.encode.dtype),
+        "vocabularies": names,
         "pipeline": to_dict(cfg),
-        "trained": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": ck.state.step,
-                    "best_step": ck.state.best_step, "best_val_mean_r1": ck.state.best_metric},
+        "trained": {"run": str(run.resolve()), "checkpoint": checkpoint, "step": state.step,
+                    "best_step": state.best_step, "best_val_mean_r1": state.best_metric},
         "metrics": metrics,
     }
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    atomic_write_text(tmp / "README.md", model_card(meta, run, checkpoint))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    tmp.config.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(tmp.model_card, model_card(meta, run, checkpoint))
+    write_export_checksums(tmp.path, meta)
+    _share(tmp.path)
+
+
+def _share(folder: Path) -> None:
+    """Every file 0644 and every folder 0755: safetensors (and adapter copies) keep the private 0600 a
+    checkpoint may have, which would keep the export from the people it is for."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else FILE_MODE)
 
 
 def _encoders(stores: dict[str, dict[str, str]], dims: dict[str, int], dtype: str) -> dict[str, Any]:
@@ -88,7 +142,7 @@ def _encoders(stores: dict[str, dict[str, str]], dims: dict[str, int], dtype: st
 
 def _metrics(run: Path) -> dict[str, Any] | None:
     """The run's metrics.json (what `m3jepa evaluate` wrote), when it has been evaluated."""
-    path = run / "metrics.json"
+    path = RunDir(run).metrics()
     if not path.is_file():
         return None
     try:

@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from m3jepa.api.raw import ApiError, RawEncoders
-from m3jepa.config import PipelineConfig, RuntimeConfig, from_dict, migrate
-from m3jepa.core.device import Runtime, resolve
+from m3jepa.config import PipelineConfig
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.device import Runtime
 from m3jepa.core.directions import parse_direction, source_modalities
 from m3jepa.core.objective import Objective, to_pred_space
+from m3jepa.core.trained import ModelSource, open_trained
+from m3jepa.knn import classify_by_nearest
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "m3jepa-predictor"
-EXPORT_VERSION = 1
 SPACES = ("cl", "pred")
-# modalities whose rows are a fixed vocabulary (classes, candidate answers): a model keeps the list
-VOCABULARY_MODALITIES = ("label", "answer")
-VOCABULARY_WEIGHTS = "vocabularies.safetensors"  # an export's (K, D_m) latents of each vocabulary
 
 Inputs = Sequence[str | Path] | Mapping[str, Sequence[str | Path]]
 Latents = np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor]
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model was loaded from: a run directory and checkpoint, or an export folder."""
+def _serialised(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `method` under the model's lock: one forward at a time, whichever thread or Searcher calls."""
 
-    path: Path
-    kind: str  # "run" | "export"
-    checkpoint: str | None = None
+    @functools.wraps(method)
+    def locked(self: M3Model, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class M3Model:
@@ -49,6 +48,10 @@ class M3Model:
     predicted target latents, targets the stage-1 latents themselves). Every embedding is L2-normalised
     float32, one row per input. Inputs are raw (captions, image or audio paths, class names; the
     stage-1 encoder runs, imported lazily) or precomputed stage-1 latents.
+
+    Thread-safe: every embedding runs under the model's one lock (`lock`; torch modules are not
+    documented safe for concurrent forwards, and on a CPU one call at a time keeps torch's threads from
+    fighting). Searchers and the server share it, so one lock guards one model.
     """
 
     def __init__(
@@ -62,8 +65,11 @@ class M3Model:
         tails: dict[str, Any] | None = None,
         vocabulary_latents: dict[str, np.ndarray] | None = None,
         query_encoder_precision: str = "fp32",
+        weights_sha256: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # the sha256 of the weights as verified when loaded (None: not recorded): what indexes record
+        self.weights_sha256 = weights_sha256
         self.objective = objective.eval()
         self.runtime = runtime
         self.encoders = encoders  # modality -> {"encoder": name, "revision": rev}
@@ -72,6 +78,7 @@ class M3Model:
         self.vocabulary_latents = vocabulary_latents or {}
         self.source = source
         self.tails = tails or {}
+        self.lock = threading.RLock()  # reentrant: classify and answer call embed_query and embed_target
         self.raw = RawEncoders(encoders, runtime.device, cfg.encode.dtype, vocabularies, self.tails,
                                cfg.lora.layers if cfg.lora.enabled else None, query_encoder_precision)
 
@@ -110,10 +117,12 @@ class M3Model:
 
     # ------------------------------------------------------------ embeddings
 
+    @_serialised
     def encode(self, modality: str, inputs: Sequence[str | Path]) -> np.ndarray:
         """(N, D_m) float32 stage-1 latents of raw inputs, as a feature store of this model holds them."""
         return self.raw.encode(modality, inputs).cpu().numpy()
 
+    @_serialised
     @torch.inference_mode()
     def embed_query(
         self,
@@ -142,6 +151,7 @@ class M3Model:
         _check_space(space)
         return _normalised(out.cl_query)
 
+    @_serialised
     @torch.no_grad()
     def embed_target(
         self,
@@ -207,8 +217,6 @@ class M3Model:
         space = self.cfg.eval.headline if self.cfg.model.predictor != "linear" else "cl"
         queries = self.embed_query(inputs, source=source, target=target, latents=latents, space=space)
         gallery = self.embed_target(modality=target, latents=rows, space=space)
-        from m3jepa.eval.classification import classify_by_nearest
-
         return [chosen[i] for i in classify_by_nearest(queries, gallery)]
 
     # ------------------------------------------------------------ helpers
@@ -268,68 +276,22 @@ def load(
     folder, on `device` (auto | cpu | cuda | cuda:N) in `precision` (default: the run's).
     `query_encoder_precision="int8"` (CPU only, opt-in) embeds raw text queries with MiniLM's Linear
     layers in int8: ~2x faster, but no longer equal to the stored latents (docs/serve.md)."""
-    path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return _load_export(path, device, precision, query_encoder_precision)
-    if (path / "checkpoints").is_dir():
-        return _load_run(path, checkpoint, device, precision, query_encoder_precision)
-    raise ApiError(f"{path} is neither a run directory (checkpoints/) nor an export (config.json + "
-                   "model.safetensors); pass what `m3jepa train-predictor` or `m3jepa export` wrote")
-
-
-def _runtime(cfg: PipelineConfig, device: str, precision: str | None) -> Runtime:
-    return resolve(RuntimeConfig(device=device, precision=precision or cfg.runtime.precision))
-
-
-def _objective(cfg: PipelineConfig, dims: dict[str, int], weights: dict[str, torch.Tensor],
-               runtime: Runtime, where: Path) -> Objective:
-    with runtime.device:
-        objective = Objective(cfg.model, cfg.loss, dims)
-    mine = {k: v for k, v in weights.items() if not k.startswith("encoders.")}  # adapters load via peft
     try:
-        objective.load_state_dict(mine, strict=True)
-    except RuntimeError as e:
-        raise ApiError(f"{where}: the weights do not fit the model its config describes: {e}") from None
-    return objective
+        trained = open_trained(Path(path), checkpoint)  # the one loader (m3jepa/core/trained.py)
+        runtime = trained.runtime(device, precision)
+        objective = trained.objective(runtime)
+        names, latents = trained.vocabularies()
+    except CheckpointError as e:
+        raise ApiError(str(e)) from None
+    tails = _tails(trained.cfg, trained.encoders, trained.adapters, runtime.device)
+    return M3Model(trained.cfg, objective, runtime, trained.encoders, names, trained.source, tails, latents,
+                   query_encoder_precision, trained.weights_sha256)
 
 
-def _load_run(run: Path, checkpoint: str, device: str, precision: str | None,
-              query_encoder_precision: str = "fp32") -> M3Model:
-    from m3jepa.core.checkpoint import load_checkpoint
-    from m3jepa.core.runstores import eval_config
-
-    if checkpoint not in ("best", "latest"):
-        raise ApiError(f"checkpoint={checkpoint!r} is not one of best, latest")
-    ck_path = run / "checkpoints" / checkpoint
-    if not ck_path.is_dir():
-        raise ApiError(f"{ck_path} does not exist; has {run} finished a validation?")
-    ck = load_checkpoint(ck_path)  # verifies every file against checksums.json
-    cfg = eval_config(run, ck.cfg, None, None)  # the run's absolute store root
-    runtime = _runtime(cfg, device, precision)
-    objective = _objective(cfg, ck.state.dims, ck.weights, runtime, ck_path)
-    found = {m: run_vocabulary(cfg, m) for m in VOCABULARY_MODALITIES if m in ck.state.dims}
-    tails = _tails(cfg, ck.state.stores, ck_path / "adapters", runtime.device)
-    return M3Model(cfg, objective, runtime, dict(ck.state.stores), {m: v[0] for m, v in found.items()},
-                   ModelSource(run, "run", checkpoint), tails, {m: v[1] for m, v in found.items()},
-                   query_encoder_precision)
-
-
-def run_vocabulary(cfg: PipelineConfig, modality: str) -> tuple[list[str], np.ndarray]:
-    """(the group ids, i.e. class names or answers, of a vocabulary modality's train store in row order,
-    their (K, D) stage-1 latents), valid rows only."""
-    from m3jepa.core.paired import modality_store
-    from m3jepa.store import open_store
-
-    store = open_store(modality_store(cfg, cfg.train.train_split, modality))
-    valid = np.asarray(store.rows.valid, dtype=bool)
-    names = [g for g, ok in zip(store.rows.group_ids, valid, strict=True) if ok]
-    return names, store.read(np.flatnonzero(valid))  # (K, D) float32
-
-
-def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: Path,
+def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: Path | None,
            device: torch.device) -> dict[str, Any]:
     """The LoRA run's tuned tails with their adapters (peft format), on `device`."""
-    if not cfg.lora.enabled or not adapters.is_dir():
+    if not cfg.lora.enabled or adapters is None:
         return {}
     from m3jepa.encoders import get_encoder_spec
     from m3jepa.lora.tunable import tail_for
@@ -343,36 +305,3 @@ def _tails(cfg: PipelineConfig, encoders: dict[str, dict[str, str]], adapters: P
         tail.load_adapters(folder)
         tails[m] = tail.eval()
     return tails
-
-
-def _load_export(folder: Path, device: str, precision: str | None,
-                 query_encoder_precision: str = "fp32") -> M3Model:
-    meta = read_export_config(folder)
-    cfg = from_dict(PipelineConfig, migrate(meta["pipeline"]))
-    runtime = _runtime(cfg, device, precision)
-    weights = load_file(str(folder / "model.safetensors"))
-    objective = _objective(cfg, {m: int(d) for m, d in meta["dims"].items()}, weights, runtime, folder)
-    encoders = {m: {"encoder": e["encoder"], "revision": e["revision"]} for m, e in meta["encoders"].items()}
-    tails = _tails(cfg, encoders, folder / "adapters", runtime.device)
-    vocab_latents = {}
-    if (folder / VOCABULARY_WEIGHTS).is_file():
-        vocab_latents = {m: t.numpy() for m, t in load_file(str(folder / VOCABULARY_WEIGHTS)).items()}
-    return M3Model(cfg, objective, runtime, encoders, meta.get("vocabularies", {}),
-                   ModelSource(folder, "export"), tails, vocab_latents, query_encoder_precision)
-
-
-def read_export_config(folder: Path) -> dict[str, Any]:
-    """config.json of an export, checked: the format, its version and the keys load needs."""
-    try:
-        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ApiError(f"{folder / 'config.json'} cannot be read: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise ApiError(f"{folder / 'config.json'} is not an m3jepa export (format {EXPORT_FORMAT!r})")
-    if meta.get("format_version") != EXPORT_VERSION:
-        raise ApiError(f"{folder}: export format version {meta.get('format_version')!r}; this m3jepa "
-                       f"reads version {EXPORT_VERSION}")
-    missing = [k for k in ("pipeline", "dims", "encoders", "directions") if k not in meta]
-    if missing:
-        raise ApiError(f"{folder / 'config.json'} lacks {', '.join(missing)}")
-    return meta

@@ -1,7 +1,9 @@
 """Device and precision, resolved once: the torch device, the process-group backend and autocast.
 
 Every stage-2/3 entry point calls `resolve(cfg.runtime)` once and passes the `Runtime` down; nothing below
-picks a device of its own (as in open_clip's init_distributed_device and nanoGPT's `device_type`).
+picks a device of its own (as in open_clip's init_distributed_device and nanoGPT's `device_type`). What
+each device type means (backend, autocast dtype, pinning, RNG, memory probe) is one row of the device
+table, `m3jepa.device_table.DEVICE_TABLE`, re-exported here with `kind_of`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 
 from m3jepa.config import ConfigError, RuntimeConfig
+from m3jepa.core.precision import with_matmul_precision
+from m3jepa.device_table import DEVICE_TABLE, DeviceKind, auto_kind, kind_of, visible
 from m3jepa.distributed import DistInfo, env_info
 
 log = logging.getLogger(__name__)
@@ -26,11 +30,17 @@ class Runtime:
 
     device: torch.device
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast over float32 master weights
-    backend: str = "gloo"  # nccl (each rank on its own GPU) | gloo (CPUs)
+    backend: str = "gloo"  # the device table's backend for the device type: nccl (GPUs) | gloo (CPUs)
+    matmul_precision: str = "highest"  # torch's float32 matmul precision set for it (m3jepa.core.precision)
 
     @property
     def device_type(self) -> str:
         return self.device.type
+
+    @property
+    def kind(self) -> DeviceKind:
+        """The device table's row of this device type (backend, pinning, RNG, memory probe, dtypes)."""
+        return kind_of(self.device)
 
     @property
     def bf16(self) -> bool:
@@ -42,8 +52,8 @@ class Runtime:
         return self.bf16 and self.device.type == "cpu"
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on this device type when the precision asks for it, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """Autocast to the table's dtype on this device type when the precision asks for it, else a no-op."""
+        return torch.autocast(self.device.type, dtype=self.kind.autocast_dtype, enabled=self.bf16)
 
 
 CPU_DEVICE = torch.device("cpu")
@@ -56,44 +66,61 @@ def resolve(
     *,
     cuda_available: bool | None = None,
     cuda_count: int | None = None,
+    table: dict[str, DeviceKind] | None = None,
 ) -> Runtime:
-    """The Runtime `cfg` asks for on this host, for this torchrun rank.
+    """The Runtime `cfg` asks for on this host, for this torchrun rank, from the device table.
 
-    auto: cuda when a GPU is visible, else cpu. Under torchrun every rank takes the GPU of its local rank
-    (cuda:LOCAL_RANK) with nccl; cpu ranks use gloo. An explicit cuda:N is honoured for one process and
-    refused under torchrun (ranks would share a GPU). `cuda_available`/`cuda_count` exist for tests.
+    auto: the first accelerator of the table that is visible (cuda), else cpu. Under torchrun every rank
+    of a per-rank type takes the device of its local rank (cuda:LOCAL_RANK); the backend is the table's
+    (nccl for GPUs, gloo for CPUs). An explicit cuda:N is honoured for one process and refused under
+    torchrun (ranks would share a GPU). `table` (a faked one) and `cuda_available`/`cuda_count` (which
+    fake the cuda row's probes) exist for tests.
     """
     info = info or env_info()
-    available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    count = (torch.cuda.device_count() if available else 0) if cuda_count is None else cuda_count
+    real = cuda_available is None and cuda_count is None and table is None  # a faked host changes no
+    # process-wide setting
+    table = dict(DEVICE_TABLE if table is None else table)
+    if cuda_available is not None or cuda_count is not None:
+        table["cuda"] = fake_cuda(bool(cuda_available), cuda_count or 0, table["cuda"])
     want = cfg.device
-    if want == "auto":
-        want = "cuda" if available and count > 0 else "cpu"
-    if want == "cpu":
-        return Runtime(torch.device("cpu"), cfg.precision, "gloo")
-    if not available or count == 0:
+    kind = auto_kind(table) if want == "auto" else table[kind_of(want).type]
+    if not kind.accelerator:
+        return with_matmul_precision(Runtime(kind.device(), cfg.precision, kind.backend), cfg, real)
+    count = visible(kind)
+    if count == 0:
         raise ConfigError(
-            f"runtime.device={cfg.device!r} but torch sees no CUDA device (torch {torch.__version__}, "
-            f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); "
+            f"runtime.device={cfg.device!r} but torch sees no {kind.type.upper()} device (torch "
+            f"{torch.__version__}, built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); "
             'set runtime.device = "cpu" or "auto"'
         )
-    if want == "cuda":
-        index = info.local_rank if info.enabled else 0
+    if ":" not in want:
+        index = info.local_rank if info.enabled and kind.per_rank else 0
     else:
         index = int(want.split(":")[1])
         if info.enabled:
             raise ConfigError(
                 f"runtime.device={cfg.device!r} pins every torchrun rank to one GPU; "
-                'set runtime.device = "cuda" (each rank takes cuda:LOCAL_RANK) or "auto"'
+                f'set runtime.device = "{kind.type}" (each rank takes {kind.type}:LOCAL_RANK) or "auto"'
             )
     if index >= count:
         raise ConfigError(
-            f"runtime.device asks for cuda:{index} but only {count} CUDA device(s) are visible; "
-            f"set runtime.device = \"cuda:N\" with N < {count}, or fewer processes per node"
+            f"runtime.device asks for {kind.type}:{index} but only {count} {kind.type.upper()} device(s) "
+            f'are visible; set runtime.device = "{kind.type}:N" with N < {count}, or fewer processes per node'
         )
-    if cfg.precision == "bf16" and cuda_available is None and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"cuda:{index} does not support bf16; set runtime.precision = \"fp32\"")
-    return Runtime(torch.device("cuda", index), cfg.precision, "nccl")
+    device = kind.device(index)
+    if cfg.precision == "bf16" and not kind.supports_bf16(device):
+        raise ConfigError(f'{device} does not support bf16; set runtime.precision = "fp32"')
+    return with_matmul_precision(Runtime(device, cfg.precision, kind.backend), cfg, real)
+
+
+def fake_cuda(available: bool, count: int, row: DeviceKind | None = None) -> DeviceKind:
+    """The cuda row with its probes replaced (tests: a host with `count` GPUs, bf16 on all of them)."""
+    return dataclasses.replace(
+        DEVICE_TABLE["cuda"] if row is None else row,
+        available=lambda: available,
+        count=lambda: count,
+        supports_bf16=lambda device: True,
+    )
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -109,7 +136,7 @@ def to_device(x: Any, device: torch.device) -> Any:
         return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in fields(x)})
     if x.device == device:
         return x
-    if device.type == "cuda":
+    if kind_of(device).pins:
         return pin(x).to(device, non_blocking=True)
     return x.to(device)
 

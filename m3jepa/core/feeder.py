@@ -252,7 +252,7 @@ class BatchSource(Protocol):
 
 
 class ReadAhead:
-    """The batches of a store-fed split, prepared `depth` steps ahead on one thread.
+    """The batches of a store- or memory-fed split, prepared `depth` steps ahead on one thread.
 
     `plan(step)` names the directions the loop will train at `step` (the AGD schedule). Only the dynamic
     schedule can plan wrong: its draw depends on recalls that a validation may change after the step was
@@ -309,7 +309,9 @@ def read_ahead(
     rank: int = 0,
     world: int = 1,
 ) -> ReadAhead | None:
-    """A ReadAhead for a store-fed split; None for an in-memory one, whose rows are indexed in place."""
-    if data.feed != "store":
+    """A ReadAhead for a split fed from the stores or from memory (the thread indexes the rows and, for a
+    GPU, pins them, so the loop only casts and copies); None for a split resident on the device (feed
+    "device"), whose rows are indexed where they are."""
+    if data.feed == "device":
         return None
     return ReadAhead(data, plan, steps, batch_size, seed, rank, world)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from m3jepa.config import ConfigError, EncodeConfig, PipelineConfig
-from m3jepa.core.device import CPU_DEVICE, pin, to_device
+from m3jepa.core.device import CPU_DEVICE, kind_of, pin, to_device
 from m3jepa.core.directions import direction_modalities, parse_direction, source_modalities
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.feeder import ReadAhead, RowReader
@@ -187,7 +187,8 @@ def resolve_feed(
     """
     if feed not in FEEDS:
         raise ConfigError(f"train.feed={feed!r} is not one of {', '.join(FEEDS)}")
-    if feed == "device" and device.type == "cpu":
+    kind = kind_of(device)
+    if feed == "device" and not kind.accelerator:
         raise ConfigError(
             'train.feed="device" keeps the split in GPU memory, but runtime.device is the CPU; '
             'set train.feed = "memory" (or "auto"), or runtime.device = "cuda"'
@@ -198,8 +199,8 @@ def resolve_feed(
     for m in direction_modalities(directions):
         man = load_manifest(modality_store(cfg, split, m))
         stored += man.rows * man.dim * np.dtype(man.dtype).itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] if free_device_bytes is None else free_device_bytes
+    if kind.accelerator:  # the device table's memory probe
+        free = kind.free_memory(device) if free_device_bytes is None else free_device_bytes
         if stored < AUTO_DEVICE_FRACTION * free:
             log.info("train.feed=auto: device (stores %.2f GB, %s free %.1f GB)", stored / 1e9, device,
                      free / 1e9)
@@ -389,7 +390,7 @@ class PairedSplit:
         else:  # rows_s is (P, S): column j holds the rows of store src[j]
             x = {m: self.modalities[m].take(rows_s[idx, j]) for j, m in enumerate(src)}  # m -> (b, D_m)
         y = self.modalities[tgt].take(rows_t[idx])
-        if self.device.type == "cuda":  # pinned here, on the read-ahead thread, so the copy can overlap
+        if kind_of(self.device).pins:  # pinned here, on the read-ahead thread, so the copy can overlap
             x, y = pin(x), pin(y)
         return x, y
 

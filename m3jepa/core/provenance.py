@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from m3jepa.core.layout import PROVENANCE as FILE
 from m3jepa.files import atomic_write_text
 
-FILE = "provenance.json"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # A session still running (or killed) rewrites its times at most this often, so a kill loses little.
 UPDATE_EVERY_S = 30.0
@@ -65,6 +65,18 @@ def _write(run_dir: Path, record: dict[str, Any]) -> None:
     atomic_write_text(Path(run_dir) / FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def float32_matmul_precision() -> str | None:
+    """torch's float32 matmul precision in this process ("highest", or "high": TF32 on a GPU), as the
+    resolved runtime set it (runtime.matmul_precision); None where torch cannot tell (its per-backend
+    settings were mixed with the global one)."""
+    import torch
+
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 class Session:
     """One training process's entry in provenance.json: opened at start, its times updated as it runs."""
 
@@ -76,6 +88,7 @@ class Session:
         self.record["sessions"].append({
             "code": source_identity(), "started_at": now_iso(), "ended_at": None,
             "from_step": step, "to_step": step, "seconds": 0.0, "finished": False,
+            "float32_matmul_precision": float32_matmul_precision(),
         })
         _write(self.run_dir, self.record)
 

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from m3jepa.core.layout import RunDir
 from m3jepa.store.lock import StoreLock, StoreLockedError
-
-LOCK = ".lock"
 
 
 class RunLockedError(ValueError):
     """Another live process is writing this run directory."""
 
-    def __init__(self, run_dir: Path, pid: int | None):
+    def __init__(self, run_dir: Path, pid: int | None, fix: str | None = None):
         holder = f"process {pid}" if pid is not None else "another process"
+        fix = fix or "wait for it to finish or stop it, or choose another --run"
         super().__init__(
-            f"run {run_dir} is being written by {holder} (it holds {run_dir / LOCK}); wait for it to "
-            "finish or stop it, or choose another --run; the lock frees itself when that process exits, "
-            "even if it is killed"
+            f"run {run_dir} is being written by {holder} (it holds {RunDir(run_dir).lock}); {fix}; the lock "
+            "frees itself when that process exits, even if it is killed"
         )
         self.run_dir = run_dir
         self.pid = pid
@@ -32,7 +33,7 @@ class RunLock(StoreLock):
     def __init__(self, run_dir: Path):
         super().__init__(run_dir)
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK
+        self.path = RunDir(self.run_dir).lock
 
     def acquire(self) -> RunLock:
         try:
@@ -40,6 +41,27 @@ class RunLock(StoreLock):
         except StoreLockedError as e:
             raise RunLockedError(self.run_dir, e.pid) from None
         return self
+
+
+def writer_of(run_dir: Path) -> int | None:
+    """The pid of the live process holding the run's lock (training it, or evaluate writing into it); None
+    when no process holds it. Reads only: a reader never creates or takes the lock file."""
+    path = RunDir(run_dir).lock
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: nobody holds it (the holder keeps its file until it releases)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            pid = int(text) if text.isdigit() else -1
+            return None if pid == os.getpid() else pid  # this process's own lock (evaluate holds it)
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a file left by a killed holder: free
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from m3jepa.config import PipelineConfig
 from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.directions import direction_modalities
 from m3jepa.core.errors import StoreDataError
+from m3jepa.core.layout import STORES, RunDir
+from m3jepa.core.memory import check_model_fits
 from m3jepa.core.paired import PairedSplit, modality_store
 from m3jepa.files import atomic_write_text
 from m3jepa.location import location
@@ -19,13 +23,26 @@ from m3jepa.store.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
-STORES = "stores.json"
 
 
-def start_run(cfg: PipelineConfig, run_dir: Path, train_data: PairedSplit, is_main: bool) -> None:
-    """The checks of a run's start, once its train split is loaded: the batch fits the split, and the
-    stores are the ones the run recorded (rank 0 records them on the run's first start)."""
+def start_run(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    train_data: PairedSplit,
+    is_main: bool,
+    device: torch.device | None = None,
+) -> None:
+    """The checks of a run's start, once its train split is loaded and before the run folder is made: the
+    stores still hold the dataset's captions and media (core/freshness.py), the batch fits the split, the
+    predictor fits `device`'s memory (when given), and the stores are the ones the run recorded (rank 0
+    records them on the run's first start)."""
+    from m3jepa.core.freshness import check_fresh
+
+    read = [split for split, reads in _splits(cfg).items() if reads]
+    check_fresh(cfg, read, direction_modalities(cfg.train.directions), "train-predictor")
     check_batch_fits(cfg, train_data)
+    if device is not None:
+        check_model_fits(cfg.model, train_data.dims(), device, training=True)
     if is_main:
         record_stores(cfg, run_dir)
 
@@ -72,7 +89,7 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
 
     A split whose stores did not exist when it was recorded is recorded when they first do.
     """
-    path = Path(run_dir) / STORES
+    path = RunDir(run_dir).stores
     old = read_record(run_dir)
     # a URL is recorded as given (it carries no credentials: they come from the environment)
     record = old or {"store_root": str(location(cfg.encode.store_root).resolve()), "splits": {}}
@@ -89,7 +106,7 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
 
 def read_record(run_dir: Path) -> dict[str, Any] | None:
     """The run's `stores.json`, or None for a run trained before m3jepa recorded its stores."""
-    path = Path(run_dir) / STORES
+    path = RunDir(run_dir).stores
     if not path.is_file():
         return None
     try:
@@ -126,21 +143,24 @@ def _short(value: Any) -> str:
 
 
 def eval_config(
-    run_dir: Path, cfg: PipelineConfig, split: str | None, protocol: str | None
+    run_dir: Path, cfg: PipelineConfig, split: str | None, protocol: str | None, root: str | None = None
 ) -> PipelineConfig:
-    """The checkpoint's config for `evaluate`: the options checked as eval.split/eval.protocol are, and
-    encode.store_root the absolute root the run recorded (a relative root is relative to where it trained).
+    """The checkpoint's config for `evaluate`: the options checked as eval.split/eval.protocol are,
+    encode.store_root the absolute root the run recorded (a relative root is relative to where it trained),
+    and encode.root `root` when given (`evaluate --root`: a folder dataset's folder names its stores).
     """
     ev = dataclasses.replace(cfg.eval, split=split or cfg.eval.split, protocol=protocol or cfg.eval.protocol)
     record = read_record(run_dir)
-    root = cfg.encode.store_root
+    store_root = cfg.encode.store_root
     if record is None:
         log.warning("run %s has no %s (trained before m3jepa recorded its stores): its stores are not "
                     "checked, and encode.store_root=%r is read from the current directory",
-                    run_dir, STORES, root)
+                    run_dir, STORES, store_root)
     else:
-        root = record["store_root"]
-    return dataclasses.replace(cfg, eval=ev, encode=dataclasses.replace(cfg.encode, store_root=root))
+        store_root = record["store_root"]
+    data_root = cfg.encode.root if root is None else root
+    return dataclasses.replace(cfg, eval=ev, encode=dataclasses.replace(cfg.encode, store_root=store_root,
+                                                                        root=data_root))
 
 
 def check_eval_stores(run_dir: Path, cfg: PipelineConfig, split: str) -> None:

@@ -18,6 +18,7 @@ _LOADERS = {
     "coco": ("m3jepa.data.coco", "load_coco"),
     "flickr30k": ("m3jepa.data.flickr30k", "load_flickr30k"),
     "jsonl": ("m3jepa.data.jsonl", "load_jsonl"),
+    "webdataset": ("m3jepa.data.wds", "load_webdataset"),
     "tuxpaint-audio": ("m3jepa.data.audio_datasets", "load_tuxpaint_audio"),
     "tuxpaint-trimodal": ("m3jepa.data.audio_datasets", "load_tuxpaint_trimodal"),
     "asterisk": ("m3jepa.data.asterisk", "load_asterisk"),
@@ -51,6 +52,7 @@ DEFAULT_ENCODERS: dict[str, dict[str, str]] = {
     "coco": dict(_PAPER_ENCODERS),
     "flickr30k": dict(_PAPER_ENCODERS),
     "jsonl": dict(_SMALL_ENCODERS),
+    "webdataset": {"image": "efficientnet-lite0", "text": "minilm-l6"},  # img2dataset shards
     "tuxpaint-audio": {"audio": "aisfx", "text": "minilm-l6"},
     "tuxpaint-trimodal": {"image": "efficientnet-lite0", "audio": "aisfx", "text": "minilm-l6"},
     "asterisk": {"audio": "aisfx", "text": "minilm-l6"},
@@ -87,13 +89,42 @@ def check_dataset_name(name: str) -> None:
         raise DatasetError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(known)}")
 
 
+# Datasets that take settings of their own (encode config keys, passed as `options`).
+OPTION_DATASETS = ("webdataset",)
+
+
 def get_dataset(
-    name: str, root: str | None = None, *, seed: int = 0, limit: int | None = None, skip_bad: bool = False
+    name: str,
+    root: str | None = None,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    rerender: bool = False,
+    options: dict | None = None,
 ) -> Dataset:
-    """Load dataset `name` from `root` (None: its default); `limit` keeps the first N groups per split."""
+    """Load dataset `name` from `root` (None: its default); `limit` keeps the first N groups per split.
+
+    `rerender` (`m3jepa encode --force`): datasets that render their SVGs render them again instead of
+    reusing the render cache. `options` are a dataset's own settings (webdataset: caption_field,
+    split_field, train/val/test_shards); a dataset that takes none refuses them, so a setting never
+    silently does nothing.
+    """
     check_dataset_name(name)
     module, loader = _LOADERS[name]
-    return getattr(importlib.import_module(module), loader)(root, seed=seed, limit=limit, skip_bad=skip_bad)
+    load = getattr(importlib.import_module(module), loader)
+    if name in OPTION_DATASETS:
+        return load(root, seed=seed, limit=limit, skip_bad=skip_bad, **(options or {}))
+    if options:
+        keys = ", ".join(f"encode.{k}" for k in sorted(options))
+        raise DatasetError(f"{keys} apply to --dataset {' or '.join(OPTION_DATASETS)} only, not {name!r}; "
+                           f"unset them")
+    if not rerender:
+        return load(root, seed=seed, limit=limit, skip_bad=skip_bad)
+    from m3jepa.data.svg import rerendering
+
+    with rerendering():
+        return load(root, seed=seed, limit=limit, skip_bad=skip_bad)
 
 
 __all__ = [

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3jepa.data.media import safe_join
+from m3jepa.data.media import SVG_HINT, SVG_SUFFIXES, safe_join
 from m3jepa.data.records import DatasetError
 from m3jepa.data.splits import SPLITS, Item, ItemCollector, ItemDataset, split_groups
 
@@ -121,6 +121,9 @@ def _collect(collector: ItemCollector, base: Path, p: Pair, split: str, where: s
         return
     if not media.is_file():
         collector.reject(p.pair_id, f"{where}: {p.modality} file {media} is missing", group_id=p.pair_id)
+        return
+    if p.modality == "image" and media.suffix.lower() in SVG_SUFFIXES:  # before any encoder loads
+        collector.reject(p.pair_id, f"{where}: {media} is an SVG drawing; {SVG_HINT}", group_id=p.pair_id)
         return
     collector.add(Item(split, p.pair_id, p.pair_id, p.modality, str(media)))
     for k, caption in enumerate(p.captions):

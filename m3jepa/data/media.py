@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -9,14 +10,25 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from m3jepa.data.records import BadItemError, DatasetError
+from m3jepa.data.records import BadItemError, Blob, DatasetError
 
 log = logging.getLogger(__name__)
 
 # A decompression bomb is refused before decoding: 64 megapixels is far beyond any dataset image.
 MAX_IMAGE_PIXELS = 64_000_000
+# An image whose long side is more than this many times its short side is refused from its header, before
+# decoding. Every encoder scales the short side to 256 pixels, so the long side's work grows with the
+# ratio: a 48 KB PNG of 1 x 25,000,000 pixels asked the resize for 6.4 billion columns (a 47.7 GiB index
+# array). At 500:1 a resize makes at most 256 x 128,000 = 32.8 megapixels, half the decoding budget
+# above (a 110 x 55,000 image: 1.3 s and 304 MB peak on 2 loaded cores), and thin strips such as a
+# 256 x 2 gradient are read. 360-degree panoramas are 2:1 to about 10:1.
+MAX_ASPECT_RATIO = 500
+
+SVG_SUFFIXES = (".svg", ".svgz")
+SVG_HINT = ("m3jepa reads SVG only in the datasets that render it (tuxpaint-all, emoji); render it to PNG "
+            "first, e.g. rsvg-convert --width 512 --height 512 --keep-aspect-ratio -o out.png in.svg")
 
 
 def safe_join(root: str | Path, relative: str, item: str) -> Path:
@@ -28,21 +40,50 @@ def safe_join(root: str | Path, relative: str, item: str) -> Path:
     return candidate
 
 
-def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
-    """Decode an image fully as a person sees it, as RGB; BadItemError if unusable.
+def check_image_size(width: int, height: int, item: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """BadItemError naming `item` for a size read from a header that is too large to decode or to resize:
+    over `max_pixels`, or longer than MAX_ASPECT_RATIO times its short side. Costs nothing: call it
+    before decoding (load_image does; so can any reader that opens images itself)."""
+    if width * height > max_pixels:
+        raise BadItemError(item, f"image of {width:,} x {height:,} pixels exceeds {max_pixels:,} pixels "
+                                 "(a decompression bomb?); refused before decoding")
+    short, long = sorted((width, height))
+    if long > MAX_ASPECT_RATIO * short:
+        ratio = long / max(short, 1)
+        raise BadItemError(item, f"image of {width:,} x {height:,} pixels: its long side is {ratio:,.0f} "
+                                 f"times its short side; m3jepa reads images up to {MAX_ASPECT_RATIO}:1 "
+                                 "(crop it into squarer pieces or pad it); refused before decoding")
 
-    The EXIF orientation is applied, transparent pixels are composited on white, and 16- or 32-bit grey
-    is scaled to 8 bits (`to_8bit`). With `keep_gray`, a grey image comes back as L: its RGB would be
-    three copies of it.
+
+def looks_like_svg(path: str | Path | Blob) -> bool:
+    """Whether a file (or a Blob) is an SVG drawing (by its name, or `<svg` in its first kilobyte)."""
+    if str(path).lower().endswith(SVG_SUFFIXES):
+        return True
+    if isinstance(path, Blob):
+        head = path.data[:1024]
+        return b"<svg" in head and head.lstrip()[:1] == b"<"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return b"<svg" in head and head.lstrip()[:1] == b"<"
+
+
+def load_image(path: str | Path | Blob, item: str | None = None, *, keep_gray: bool = False) -> Image.Image:
+    """Decode an image file (or a Blob of its bytes) fully as a person sees it, as RGB; BadItemError if
+    unusable.
+
+    The header's size is checked first (`check_image_size`). The EXIF orientation is applied,
+    transparent pixels are composited on white, and 16- or 32-bit grey is scaled to 8 bits (`to_8bit`).
+    With `keep_gray`, a grey image comes back as L: its RGB would be three copies of it.
     """
     item = item or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise BadItemError(item, f"image of {w}x{h} pixels exceeds {MAX_IMAGE_PIXELS} (bomb?)")
+            with Image.open(_source(path)) as im:
+                check_image_size(*im.size, item)
                 im.load()  # forces a full decode, so truncated files fail here, not later
                 return _on_white(to_8bit(upright(im), item), keep_gray)
     except BadItemError:
@@ -52,7 +93,13 @@ def load_image(path: str | Path, item: str | None = None, *, keep_gray: bool = F
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadItemError(item, f"decompression bomb refused: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, UnidentifiedImageError) and looks_like_svg(path):
+            raise BadItemError(item, f"{path} is an SVG drawing, not a raster image; {SVG_HINT}") from None
         raise BadItemError(item, f"image {path} is corrupt or truncated: {e}") from None
+
+
+def _source(path: str | Path | Blob) -> str | Path | io.BytesIO:
+    return io.BytesIO(path.data) if isinstance(path, Blob) else path
 
 
 # EXIF tag 0x0112: how the camera held the sensor; 1 (or no tag) means the pixels are already upright.
@@ -127,7 +174,7 @@ SILENCE_RMS = 3e-5
 
 
 def load_audio(
-    path: str | Path,
+    path: str | Path | Blob,
     item: str | None = None,
     *,
     sample_rate: int,
@@ -141,12 +188,12 @@ def load_audio(
     silent audio is a BadItemError naming `item`.
     """
     item = item or str(path)
-    if not os.path.isfile(path):
+    if not isinstance(path, Blob) and not os.path.isfile(path):
         raise BadItemError(item, f"audio file {path} is missing")
     import soundfile as sf  # lazily: only audio encoders need libsndfile
 
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(_source(path) if isinstance(path, Blob) else str(path)) as f:
             source_rate = f.samplerate
             frames = -1 if max_seconds is None else int(np.ceil(max_seconds * source_rate))
             wave = f.read(frames=frames, dtype="float32", always_2d=True)  # (samples, channels)

@@ -36,6 +36,7 @@ class EncodeSummary:
     stores: list[StoreResult] = field(default_factory=list)
     note: str = ""  # e.g. "all 6 stores cached; no encoder loaded"
     world_size: int = 1
+    rank: int = 0  # the rank that made (and prints) this summary
 
     @property
     def encoded(self) -> int:
@@ -69,7 +70,7 @@ class EncodeSummary:
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         out = [fmt.format(*head), rule, *(fmt.format(*r) for r in lines), rule, fmt.format(*total)]
         if self.world_size > 1:
-            out.append(f"(rank 0 of {self.world_size}: encoded/seconds/MB are this rank's share)")
+            out.append(f"(rank {self.rank} of {self.world_size}: encoded/seconds/MB are this rank's share)")
         if self.note:
             out.append(self.note)
         return "\n".join(out)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from m3jepa.data.records import BadItemError  # noqa: F401  (re-exported: encoders raise it)
+from m3jepa.data.records import BadItemError, Blob  # noqa: F401  (re-exported: encoders raise it)
 
 
 class EncoderError(ValueError):
@@ -26,6 +26,10 @@ class EncoderSpec:
     revision: str  # a content hash or version of the weights
     layers: str  # which layers feed the latent, e.g. "last", "last2-mean"
     factory: Callable[[torch.device, torch.dtype], Encoder]
+    # its layer stack (a key of encoders.layers.STACKS), which is also its LoRA target family (a key of
+    # lora.tunable.FAMILY_TARGETS): efficientnet | dinov2 | bert | llama; None: no layer stack (audio,
+    # labels). The registry's table sets it (encoders/registry.py).
+    stack: str | None = None
 
 
 @dataclass
@@ -39,8 +43,9 @@ class EncodedBatch:
 class Preprocessor(Protocol):
     """Turns one payload into tensors; picklable, so it runs inside DataLoader worker processes."""
 
-    def __call__(self, payload: str) -> dict[str, torch.Tensor]:
-        """Decode and resize (or tokenize) one item; raise BadItemError on bad input."""
+    def __call__(self, payload: str | Blob) -> dict[str, torch.Tensor]:
+        """Decode and resize (or tokenize) one item (a path, a text, or a Blob of a tar member's bytes);
+        raise BadItemError on bad input."""
         ...
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -59,7 +59,9 @@ class EfficientNetLite0:
     """Pooled = global average of extract_features (B, 1280, 7, 7); tokens = its 49 positions."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.spec = spec()
+        from m3jepa.encoders.registry import get_encoder_spec
+
+        self.spec = get_encoder_spec(NAME)  # the registry's, with its layer stack
         self.device = device
         self.preprocessor = preprocessor()
         # `dtype` is ignored on purpose: a 4.7M-parameter convnet gains nothing from bf16, and its

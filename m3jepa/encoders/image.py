@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from m3jepa.data.media import load_image
+from m3jepa.data.records import Blob
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,7 +147,7 @@ def to_normalized_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[f
 
 @dataclass(frozen=True)
 class ImagePreprocessor:
-    """Path → {"pixel_values": (3, crop, crop)}; plain data, so it pickles into DataLoader workers."""
+    """Path or Blob → {"pixel_values": (3, crop, crop)}; plain data, so it pickles into DataLoader workers."""
 
     resize: int = 256
     crop: int = 224
@@ -160,8 +161,8 @@ class ImagePreprocessor:
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} exceeds resize={self.resize}")
 
-    def __call__(self, payload: str) -> dict[str, torch.Tensor]:
-        """Decode one image file (BadItemError if unusable) and return its normalised crop."""
+    def __call__(self, payload: str | Blob) -> dict[str, torch.Tensor]:
+        """Decode one image file or Blob (BadItemError if unusable) and return its normalised crop."""
         # Grey images stay one channel (L) through the resize: the same bytes as RGB, a third of the work.
         img = load_image(payload, keep_gray=True)  # RGB or L, transparency composited on white
         img = resize_and_crop(img, self.resize, self.crop, self.resample)

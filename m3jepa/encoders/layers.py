@@ -65,6 +65,8 @@ class LayerStack:
     on `tunable_modules()` train through it (stage 2).
     """
 
+    NEEDS: tuple[str, ...] = ()  # the (dotted) attributes of the model this stack runs
+
     def __init__(self, encoder: Any, model: nn.Module, layers: nn.ModuleList, n_tunable: int):
         if not 1 <= n_tunable <= len(layers):
             raise EncoderError(
@@ -116,6 +118,8 @@ class LayerStack:
 
 class DinoV2Stack(LayerStack):
     """Dinov2Model: embeddings + encoder.layer[:L-n] | encoder.layer[L-n:] + layernorm + CLS."""
+
+    NEEDS = ("embeddings", "encoder.layer", "layernorm")
 
     def __init__(self, encoder: Any, n_tunable: int):
         super().__init__(encoder, encoder.model, encoder.model.encoder.layer, n_tunable)
@@ -188,6 +192,8 @@ class _TextStack(LayerStack):
 class BertStack(_TextStack):
     """BertModel (MiniLM): embeddings + encoder.layer[:L-n] | encoder.layer[L-n:] + pooling."""
 
+    NEEDS = ("embeddings", "encoder.layer")
+
     def __init__(self, encoder: Any, n_tunable: int):
         super().__init__(encoder, encoder.model, encoder.model.encoder.layer, n_tunable)
 
@@ -214,6 +220,8 @@ class DecoderStack(_TextStack):
     functions; positions are 0..T-1 (right padding), as in the model's forward, so a state computed in
     one padded batch is valid in any other.
     """
+
+    NEEDS = ("embed_tokens", "layers", "rotary_emb", "norm")
 
     def __init__(self, encoder: Any, n_tunable: int):
         super().__init__(encoder, encoder.model, encoder.model.layers, n_tunable)
@@ -252,6 +260,8 @@ class EfficientNetStack(LayerStack):
 
     A state is the (C, H, W) map entering block 16-n, stored as H*W rows of C (row-major positions).
     """
+
+    NEEDS = ("_blocks",)
 
     def __init__(self, encoder: Any, n_tunable: int):
         super().__init__(encoder, encoder.model, encoder.model._blocks, n_tunable)
@@ -312,32 +322,44 @@ def efficientnet_geometry(n_tunable: int) -> StackGeometry:
 # ---------------------------------------------------------------- entry points
 
 
-def get_layer_stack(encoder: Any, n_tunable: int) -> LayerStack:
-    """The layer stack of a loaded encoder (DINOv2, Llama-family, BERT/MiniLM, EfficientNet-Lite0)."""
-    from m3jepa.encoders.efficientnet import EfficientNetLite0
-    from m3jepa.encoders.hf import DinoV2Encoder, HFTextEncoder
+# name → the layer stack of that family: the registry's entries name one (EncoderSpec.stack), and the
+# same name is the encoder's LoRA target family (lora/tunable.py FAMILY_TARGETS)
+STACKS: dict[str, type[LayerStack]] = {
+    "efficientnet": EfficientNetStack,
+    "dinov2": DinoV2Stack,
+    "bert": BertStack,
+    "llama": DecoderStack,
+}
+SUPPORTED = ("DINOv2, Llama-family decoders (embed_tokens/layers/rotary_emb/norm), BERT-like encoders and "
+             "efficientnet-lite0")
 
-    if isinstance(encoder, EfficientNetLite0):
-        return EfficientNetStack(encoder, n_tunable)
-    if isinstance(encoder, DinoV2Encoder):
-        return DinoV2Stack(encoder, n_tunable)
-    if isinstance(encoder, HFTextEncoder):
-        model = encoder.model
-        if all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm")):
-            return DecoderStack(encoder, n_tunable)
-        if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
-            return BertStack(encoder, n_tunable)
-        raise EncoderError(
-            f"{encoder.spec.name}: {type(model).__name__} has no known layer stack (supported: Llama-family "
-            f"decoders with embed_tokens/layers/rotary_emb/norm, and BERT-like encoders)"
-        )
-    raise EncoderError(f"{encoder.spec.name}: no layer stack for {type(encoder).__name__}; --kind prefix "
-                       f"supports DINOv2, Llama-family and BERT-like models and efficientnet-lite0")
+
+def get_layer_stack(encoder: Any, n_tunable: int) -> LayerStack:
+    """The layer stack of a loaded encoder (or of a meta-device shell of one, lora/tunable.py): the one its
+    spec's registry entry names (EncoderSpec.stack), checked to fit the model it holds."""
+    spec = encoder.spec
+    if spec.stack is None:
+        raise EncoderError(f"{spec.name}: no layer stack for this {spec.modality} encoder; --kind prefix and "
+                           f"LoRA support {SUPPORTED}")
+    cls = STACKS[spec.stack]
+    missing = [a for a in cls.NEEDS if not _has(encoder.model, a)]
+    if missing:
+        raise EncoderError(f"{spec.name}: {type(encoder.model).__name__} has no {', '.join(missing)}, which "
+                           f"a {spec.stack} layer stack needs (supported: {SUPPORTED})")
+    return cls(encoder, n_tunable)
+
+
+def _has(model: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(model, part):
+            return False
+        model = getattr(model, part)
+    return True
 
 
 def stack_geometry(spec: EncoderSpec, n_tunable: int) -> StackGeometry:
     """The geometry a prefix store of `spec` will have, from config.json alone (no weights loaded)."""
-    if spec.name == "efficientnet-lite0":
+    if spec.stack == "efficientnet":
         return efficientnet_geometry(n_tunable)
     config = read_config(_model_dir(spec))
     depth, width = config.get("num_hidden_layers"), config.get("hidden_size")
@@ -349,19 +371,21 @@ def stack_geometry(spec: EncoderSpec, n_tunable: int) -> StackGeometry:
 
 
 def _model_dir(spec: EncoderSpec) -> Path:
+    """The transformers model folder of an encoder with a layer stack (its config.json and weights)."""
     from m3jepa.encoders import registry
 
     name = spec.name
+    if spec.stack is None:
+        raise EncoderError(f"{name}: no layer stack for this {spec.modality} encoder; --kind prefix and LoRA "
+                           f"support {SUPPORTED}")
     if name == "minilm-l6":
         from m3jepa.encoders import minilm
 
         return minilm.model_dir()
     presets = {**registry.DINOV2, **registry.LMS}
     target = presets[name][0] if name in presets else name[len(registry.HF_PREFIX):]
-    if spec.modality not in ("image", "text") or not (name in presets or name.startswith(registry.HF_PREFIX)):
-        raise EncoderError(f"{name}: --kind prefix has no layer stack for this encoder (a {spec.modality} "
-                           f"encoder); use DINOv2, a Llama-family or BERT-like model, minilm-l6 or "
-                           f"efficientnet-lite0")
+    if not (name in presets or name.startswith(registry.HF_PREFIX)):
+        raise EncoderError(f"{name}: no transformers model folder for its {spec.stack} layer stack")
     path = Path(target).expanduser()
     if path.is_dir():
         return path

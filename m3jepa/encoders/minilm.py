@@ -42,5 +42,7 @@ def spec() -> EncoderSpec:
 
 def build(device: torch.device, dtype: torch.dtype) -> HFTextEncoder:
     """Load MiniLM; always float32 (22M parameters: bf16 would only cost precision)."""
-    return HFTextEncoder(spec(), model_dir(), device, torch.float32, max_length=MAX_LENGTH,
+    from m3jepa.encoders.registry import get_encoder_spec
+
+    return HFTextEncoder(get_encoder_spec(NAME), model_dir(), device, torch.float32, max_length=MAX_LENGTH,
                          layers="last", normalize=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,49 +30,7 @@ DINOV2 = {
 # decoder LM presets: hub id and hidden size
 LMS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B", 4096)}
 LM_MAX_LENGTH = 512  # longer texts are truncated; captions are far shorter
-# audio presets: name → (module, spec function); see docs/audio.md
-AUDIO_PRESETS = {
-    "aisfx": ("m3jepa.encoders.aisfx", "spec"),
-    "clap-htsat": ("m3jepa.encoders.audio", "clap_preset_spec"),
-    "languagebind-audio": ("m3jepa.encoders.audio", "languagebind_preset_spec"),
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def list_encoders() -> list[str]:
-    """The named encoders (any local transformers model is also reachable as `hf:<path>`)."""
-    return sorted(["efficientnet-lite0", "minilm-l6", "onehot", *DINOV2, *LMS, *AUDIO_PRESETS])
-
-
-def get_encoder_spec(name: str) -> EncoderSpec:
-    """The spec of a named encoder or `hf:<path or cached hub id>`; loads no weights."""
-    if name == "efficientnet-lite0":
-        from m3jepa.encoders import efficientnet
-
-        return efficientnet.spec()
-    if name == "minilm-l6":
-        from m3jepa.encoders import minilm
-
-        return minilm.spec()
-    if name == "onehot":  # labels; unbound until stage 1 gives it the dataset's classes (onehot.py)
-        from m3jepa.encoders import onehot
-
-        return onehot.spec()
-    if name in AUDIO_PRESETS:
-        module, function = AUDIO_PRESETS[name]
-        return getattr(importlib.import_module(module), function)()
-    if name in DINOV2:
-        repo, dim = DINOV2[name]
-        return _hub_spec(name, repo, "image", dim)
-    if name in LMS:
-        repo, dim = LMS[name]
-        return _hub_spec(name, repo, "text", dim)
-    if name.startswith(HF_PREFIX):
-        return hf_spec(name[len(HF_PREFIX):])
-    raise EncoderError(
-        f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}, "
-        f"or hf:<local path> for a local transformers model"
-    )
 
 
 # ---------------------------------------------------------------- transformers specs
@@ -102,6 +62,7 @@ def hf_spec(target: str) -> EncoderSpec:
     if audio is not None:
         return audio
     modality = "image" if config.get("model_type") == "dinov2" else "text"
+    stack = "dinov2" if modality == "image" else text_stack(config)
     if modality == "text" and _looks_visual(config):
         raise EncoderError(
             f"hf:{target}: model_type {config.get('model_type')!r} is a vision model; only dinov2 image "
@@ -110,7 +71,19 @@ def hf_spec(target: str) -> EncoderSpec:
     dim = config.get("hidden_size")
     if not isinstance(dim, int):
         raise EncoderError(f"hf:{target}: config.json has no integer hidden_size")
-    return _transformers_spec(f"{HF_PREFIX}{target}", modality, dim, revision, None, model_dir)
+    spec = _transformers_spec(f"{HF_PREFIX}{target}", modality, dim, revision, None, model_dir)
+    return dataclasses.replace(spec, stack=stack)
+
+
+def text_stack(config: dict[str, Any]) -> str | None:
+    """The layer stack of a transformers text model, from its config.json: Llama-family decoders (RMS
+    norm and grouped key/value heads: Llama, Mistral, Qwen2, ...) are "llama", BERT-like encoders (token
+    type embeddings) "bert"; None for any other."""
+    if "rms_norm_eps" in config and "num_key_value_heads" in config:
+        return "llama"
+    if "type_vocab_size" in config:
+        return "bert"
+    return None
 
 
 def _audio_dir_spec(name: str, model_dir: Path, revision: str, model_type: Any) -> EncoderSpec | None:
@@ -156,3 +129,57 @@ def _build_text(name: str, model_dir: Path, device: torch.device, dtype: torch.d
 
     return HFTextEncoder(get_encoder_spec(name), model_dir, device, dtype, max_length=LM_MAX_LENGTH,
                          layers="last2-mean")
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """One named encoder: how its spec is computed (cheaply: no weights) and its layer stack, which is
+    also its LoRA target family (None: it has none, so `--kind prefix` and LoRA refuse it)."""
+
+    spec: Callable[[], EncoderSpec]
+    stack: str | None
+
+
+def _module_spec(module: str, function: str = "spec") -> Callable[[], EncoderSpec]:
+    """The spec function of a module, imported only when its encoder is asked for."""
+    return lambda: getattr(importlib.import_module(module), function)()
+
+
+# name → entry, as datasets are (m3jepa/data/__init__.py); `hf:<path>` reaches any local transformers
+# model besides, its stack read from its config.json (hf_spec).
+ENCODERS: dict[str, EncoderEntry] = {
+    "efficientnet-lite0": EncoderEntry(_module_spec("m3jepa.encoders.efficientnet"), "efficientnet"),
+    "minilm-l6": EncoderEntry(_module_spec("m3jepa.encoders.minilm"), "bert"),
+    # labels; unbound until stage 1 gives it the dataset's classes (onehot.py)
+    "onehot": EncoderEntry(_module_spec("m3jepa.encoders.onehot"), None),
+    # audio presets; see docs/audio.md
+    "aisfx": EncoderEntry(_module_spec("m3jepa.encoders.aisfx"), None),
+    "clap-htsat": EncoderEntry(_module_spec("m3jepa.encoders.audio", "clap_preset_spec"), None),
+    "languagebind-audio": EncoderEntry(_module_spec("m3jepa.encoders.audio", "languagebind_preset_spec"),
+                                       None),
+    **{name: EncoderEntry(functools.partial(_hub_spec, name, repo, "image", dim), "dinov2")
+       for name, (repo, dim) in DINOV2.items()},
+    **{name: EncoderEntry(functools.partial(_hub_spec, name, repo, "text", dim), "llama")
+       for name, (repo, dim) in LMS.items()},
+}
+
+
+def list_encoders() -> list[str]:
+    """The named encoders (any local transformers model is also reachable as `hf:<path>`)."""
+    return sorted(ENCODERS)
+
+
+def get_encoder_spec(name: str) -> EncoderSpec:
+    """The spec of a named encoder or `hf:<path or cached hub id>`; loads no weights."""
+    entry = ENCODERS.get(name)
+    if entry is not None:
+        return dataclasses.replace(entry.spec(), stack=entry.stack)
+    if name.startswith(HF_PREFIX):
+        return hf_spec(name[len(HF_PREFIX):])
+    raise EncoderError(
+        f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}, "
+        f"or hf:<local path> for a local transformers model"
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jepa.knn import l2_normalize, topk_search
+from m3jepa.knn import classify_by_nearest  # the nearest class; m3jepa.load uses it too
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +84,6 @@ class ClassificationResult:
             confusion=np.asarray(data["confusion"], dtype=np.int64).reshape(len(classes), len(classes)),
             averaged=(support > 0) | (predicted > 0),
         )
-
-
-def classify_by_nearest(queries: np.ndarray, class_latents: np.ndarray) -> np.ndarray:
-    """Index (Q,) int64 of the class latent (K, d) with the highest cosine to each query (Q, d).
-
-    Exact search; equal scores go to the lower class index (topk_search's tie rule).
-    """
-    queries, class_latents = np.asarray(queries, np.float32), np.asarray(class_latents, np.float32)
-    if queries.ndim != 2 or class_latents.ndim != 2 or queries.shape[1] != class_latents.shape[1]:
-        raise ValueError(
-            f"queries (Q, d) and class_latents (K, d) must share d: {queries.shape}, {class_latents.shape}"
-        )
-    if len(class_latents) == 0:
-        raise ValueError("no class latents to classify against")
-    top = topk_search(l2_normalize(queries), l2_normalize(class_latents), 1, use_faiss=False)  # (Q, 1)
-    return top[:, 0].astype(np.int64)
 
 
 def confusion_matrix(pred_class: np.ndarray, true_class: np.ndarray, n_classes: int) -> np.ndarray:

@@ -12,18 +12,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from m3jepa.config import RuntimeConfig
-from m3jepa.core.checkpoint import CheckpointError, load_checkpoint
-from m3jepa.core.device import CPU, Runtime, resolve
-from m3jepa.core.directions import parse_direction
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.device import CPU, Runtime
+from m3jepa.core.directions import direction_modalities, parse_direction
+from m3jepa.core.freshness import check_fresh
+from m3jepa.core.layout import RunDir
 from m3jepa.core.paired import PairedSplit, load_split
-from m3jepa.core.runstores import check_eval_stores, eval_config
+from m3jepa.core.runlock import RunLock, RunLockedError
+from m3jepa.core.runstores import check_eval_stores
+from m3jepa.core.trained import open_run
 from m3jepa.eval.device_ranks import device_retrieval_metrics
 from m3jepa.eval.embed import SPACES, DirectionEmbeddings, embed_direction, source_batch
 from m3jepa.eval.report import run_provenance
 from m3jepa.eval.retrieval import RetrievalResult, retrieval_metrics
+from m3jepa.files import refused_writes
 from m3jepa.knn import topk_search
-from m3jepa.model.moe import routing_health, warn_collapsed
+from m3jepa.model.moe import routing_health, routing_summary, warn_unbalanced
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +99,36 @@ def prediction_health(
     return {"r2": r2, "routing": routing}
 
 
+SHARE_NOTE = ("share: the fraction of the split's rows that use the expert; each row uses k experts, so the "
+              "shares sum to k × 100%, and 100% means every row uses that expert")
+R2_NOTE = ("R²: 1 − SSE/SST of the predicted latents against the target encoder's latents over the split, "
+           "in the space L_pred trains; 1 is exact, 0 no better than predicting their mean, below 0 worse "
+           "(docs/predictor.md, Routing health)")
+
+
+def routing_brief(metrics: dict[str, Any]) -> str:
+    """The printed report's lines on routing and prediction: one line of routing health, one of R²."""
+    lines = []
+    if metrics.get("routing"):
+        lines.append("- " + routing_summary(metrics["routing"], f"{metrics['split']} split"))
+    r2 = metrics.get("r2")
+    if r2:
+        lines.append("- R² of the predicted latents: " + ", ".join(f"{d} {v:.3f}" for d, v in r2.items())
+                     + f" ({R2_NOTE})")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def routing_lines(metrics: dict[str, Any]) -> str:
-    """Markdown: each gate's routing on the evaluated split (normalised entropy, busiest expert, collapse)."""
+    """Markdown for metrics.md: routing health in one line, then each gate's routing on the evaluated split
+    (normalised entropy, busiest expert, collapse) and R², with what the share and R² mean."""
     routing = metrics.get("routing")
     if not routing:
         return ""
     lines = [
         f"\n### Routing and prediction on the {metrics['split']} split\n",
-        "| direction | gate | normalised entropy | collapse below | busiest expert (share of rows) "
-        "| collapsed | R² |",
+        routing_summary(routing, f"{metrics['split']} split") + "\n",
+        "| direction | gate | normalised entropy | collapse below | busiest expert (share of rows¹) "
+        "| collapsed | R²² |",
         "|---|---|---:|---:|---|---|---:|",
     ]
     r2 = metrics.get("r2", {})
@@ -115,6 +140,7 @@ def routing_lines(metrics: dict[str, Any]) -> str:
                 f"| {d} | {gate} | {h['entropy']:.3f} | {h['threshold']:.3f} | {top} ({h['share'][top]:.0%}) "
                 f"| {'yes' if h['collapsed'] else 'no'} | {r2_cell} |"
             )
+    lines += ["", f"¹ {SHARE_NOTE}.", "", f"² {R2_NOTE}."]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +171,7 @@ class EvalMetrics:
         from m3jepa.eval.vqa import vqa_lines
 
         return (metrics_table(self.data) + _classification_tables(self.data) + vqa_lines(self.data)
-                + routing_lines(self.data))
+                + routing_brief(self.data))
 
 
 def _classification(directions: list[str], space: str, embeddings) -> dict[str, Any]:
@@ -185,25 +211,43 @@ def evaluate_run(
     checkpoint: str = "best",
     device: str | None = None,
     precision: str | None = None,
+    root: str | None = None,
 ) -> EvalMetrics:
     """Score a run directory's checkpoint on `split`; writes metrics.json, metrics.md and plots.
 
-    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host).
+    `device`/`precision` override the run's runtime section (a run trained on a GPU scores on a CPU host);
+    `root` its encode.root (a folder dataset's folder, which names its stores: `evaluate --root`). It holds
+    the run's lock while it reads and writes: a run still training (or being evaluated) is refused.
+    A run folder it cannot write (read-only, or a full disk) is one line (m3jepa/files.py).
     """
-    ck_path = run_dir / "checkpoints" / checkpoint
-    if not ck_path.exists():
-        raise CheckpointError(f"{ck_path} does not exist; is {run_dir} a run written by train-predictor?")
-    ck = load_checkpoint(ck_path)  # verifies checksums.json
+    with refused_writes(Path(run_dir), fix="then evaluate again: it writes its metrics into the run"):
+        try:
+            lock = RunLock(Path(run_dir)).acquire() if RunDir.holds_run(run_dir) else None
+        except RunLockedError as e:  # training, or another evaluate
+            raise RunLockedError(e.run_dir, e.pid, "evaluate writes its metrics into the run: wait for it to "
+                                 "finish (m3jepa.load and m3jepa export read a consistent snapshot of its "
+                                 "checkpoints meanwhile)") from None
+        try:
+            return _evaluate_run(Path(run_dir), split, protocol, checkpoint, device, precision, root)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _evaluate_run(run_dir: Path, split: str | None, protocol: str | None, checkpoint: str,
+                  device: str | None, precision: str | None, root: str | None) -> EvalMetrics:
+    trained = open_run(run_dir, checkpoint, split, protocol, root)  # the one loader; verifies checksums
     # the run's device and precision unless the command line overrides them, checked as the config is
-    rc = ck.cfg.runtime
-    runtime = resolve(RuntimeConfig(device=device or rc.device, precision=precision or rc.precision))
-    cfg = eval_config(run_dir, ck.cfg, split, protocol)  # validated options; the run's absolute store root
+    runtime = trained.runtime(device, precision)
+    cfg = trained.cfg  # validated options; the run's absolute store root
     split, protocol = cfg.eval.split, cfg.eval.protocol
-    predictor = _rebuild(ck, runtime.device)
+    predictor = trained.objective(runtime).predictor
     check_eval_stores(run_dir, cfg, split)  # the stores the run recorded in stores.json, not re-encoded ones
+    check_fresh(cfg, [split], direction_modalities(cfg.train.directions), "evaluate")  # nor edited captions
     data = load_split(cfg, split, cfg.train.directions, device=runtime.device)
-    _check_stores(ck.state.stores, data)
+    _check_stores(trained.encoders, data)
     tuned: list[str] = []
+    ck_path = trained.checkpoint_dir
     if cfg.lora.enabled:  # the tuned modalities' latents come from their tails with the run's adapters
         data, tuned = _apply_lora(cfg, data, ck_path, runtime.device)
 
@@ -224,7 +268,7 @@ def evaluate_run(
         "split": split,
         "protocol": protocol,
         "checkpoint": checkpoint,
-        "step": ck.state.step,
+        "step": trained.state.step,
         "headline_space": headline,
         # `directions` holds the headline space's recalls; `spaces` both spaces of every direction.
         "directions": {d: directions[d][headline] for d in directions},
@@ -235,7 +279,7 @@ def evaluate_run(
         "provenance": run_provenance(run_dir),
     }
     if tuned:
-        metrics["lora"] = {"modalities": tuned, "adapters": str(ck_path / "adapters")}
+        metrics["lora"] = {"modalities": tuned, "adapters": str(trained.adapters)}
     classification = _classification(cfg.train.directions, headline, embeddings)
     if classification:
         metrics["classification"] = classification
@@ -247,7 +291,7 @@ def evaluate_run(
         metrics["r2"] = health["r2"]  # 1 − SSE/SST of the predicted latents, in the space L_pred uses
     if health["routing"]:
         metrics["routing"] = health["routing"]  # each gate's expert shares and normalised entropy
-        warn_collapsed(health["routing"], f"{split} split")
+        warn_unbalanced(health["routing"], cfg.model.load_balance_weight, f"{split} split")
     _write_outputs(run_dir, metrics, embeddings, data, cfg.train.directions, headline, split, protocol)
     return EvalMetrics(metrics)
 
@@ -261,21 +305,6 @@ def _apply_lora(
 
     tails = lora_from_checkpoint(cfg, data, ck_path, device)
     return tuned_split(data, tails, row_sources(cfg, data, tails)), sorted(tails)
-
-
-def _rebuild(ck, device: torch.device) -> nn.Module:
-    from m3jepa.core.objective import Objective
-
-    with device:
-        objective = Objective(ck.cfg.model, ck.cfg.loss, ck.state.dims)
-    # a LoRA run's checkpoint also holds its adapters; evaluate loads those from their peft files
-    weights = {k: v for k, v in ck.weights.items() if not k.startswith("encoders.")}
-    try:
-        objective.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ck.path} does not fit its own config: {e}") from e
-    objective.eval()
-    return objective.predictor
 
 
 def _check_stores(trained: dict[str, dict[str, str]], data: PairedSplit) -> None:
@@ -322,24 +351,24 @@ def _write_outputs(run_dir, metrics, embeddings, data, directions, headline, spl
     from m3jepa.eval.plots import plot_similarity_matrix, plot_training_curves
     from m3jepa.eval.report import write_metrics
 
-    default = (split, protocol) == ("test", "multi")
-    files = write_metrics(run_dir, metrics, stem="metrics" if default else f"metrics-{split}-{protocol}")
+    layout = RunDir(run_dir)
+    files = write_metrics(run_dir, metrics, stem=layout.metrics_stem(split, protocol))
     from m3jepa.eval.vqa import vqa_lines
 
     extra = _classification_tables(metrics) + vqa_lines(metrics) + routing_lines(metrics)
     if extra:
         files.markdown.write_text(files.markdown.read_text() + extra)
-    if (run_dir / "metrics.jsonl").exists():
-        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    if layout.metrics_log.exists():
+        plot_training_curves(layout.metrics_log, layout.training_curves)
         from m3jepa.eval.plot_routing import plot_routing
 
-        plot_routing(run_dir / "metrics.jsonl", run_dir / "routing.png")  # nothing without routed records
+        plot_routing(layout.metrics_log, layout.routing_plot)  # nothing without routed records
     image_text = "image->text" if "image->text" in directions else directions[0]
     emb = embeddings[(image_text, headline)]
     sim, rows, cols, pairs = _similarity_10x10(emb, data, image_text)
     if len(rows) >= 2:
         src, tgt = image_text.split("->")
-        plot_similarity_matrix(sim, rows, cols, run_dir / f"similarity_{split}.png",
+        plot_similarity_matrix(sim, rows, cols, layout.similarity_plot(split),
                                title=f"{image_text} similarity", space=headline,
                                axis_names=(f"query ({src})", f"gallery ({tgt})"), true_pairs=pairs)
 

@@ -133,7 +133,9 @@ def run_provenance(run_dir: str | Path) -> dict[str, Any]:
     from m3jepa.core import provenance, runstores
 
     run_dir = Path(run_dir)
-    path = run_dir / "config.toml"
+    from m3jepa.core.layout import RunDir
+
+    path = RunDir(run_dir).config
     text = path.read_bytes() if path.is_file() else None  # None: a run dir someone took config.toml from
     cfg = tomllib.loads(text.decode("utf-8")) if text is not None else {}
     out: dict[str, Any] = {

@@ -7,8 +7,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from m3jepa.core.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from m3jepa.lora.objective import ADAPTERS
+from m3jepa.core.checkpoint import CheckpointError
+from m3jepa.core.trained import Trained, open_run
 from m3jepa.lora.tunable import TunableEncoder, tail_for
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def export_lora(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool 
         dest = out / modality
         if dest.exists():
             raise FileExistsError(f"{dest} exists; choose another --out or remove it")
-        source = ck.path / ADAPTERS / modality
+        source = ck.adapters / modality
         if merge:
             _write_merged(_tail(ck, modality), dest)
         else:
@@ -39,37 +39,35 @@ def export_lora(run_dir: Path, out: Path, checkpoint: str = "best", merge: bool 
     return written
 
 
-def _checkpoint(run_dir: Path, name: str) -> Checkpoint:
-    path = run_dir / "checkpoints" / name
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; is {run_dir} a run written by train-predictor?")
-    ck = load_checkpoint(path)
+def _checkpoint(run_dir: Path, name: str) -> Trained:
+    ck = open_run(run_dir, name)  # the one loader: every file verified against checksums.json
     if not ck.cfg.lora.enabled:
         raise CheckpointError(f"{run_dir} is not a LoRA run (lora.enabled is false): it has no adapters")
     return ck
 
 
-def _modalities(ck: Checkpoint) -> list[str]:
-    root = ck.path / ADAPTERS
-    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+def _modalities(ck: Trained) -> list[str]:
+    root = ck.adapters
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None else []
     if not found:
-        raise CheckpointError(f"{ck.path} holds no {ADAPTERS}/<modality>/ folders; is it from a LoRA run?")
+        raise CheckpointError(f"{ck.checkpoint_dir} holds no adapters/<modality>/ folders; is it from a LoRA "
+                              "run?")
     return found
 
 
-def _tail(ck: Checkpoint, modality: str) -> TunableEncoder:
+def _tail(ck: Trained, modality: str) -> TunableEncoder:
     """The modality's tail as the run built it, with the checkpoint's adapters loaded."""
     from m3jepa.encoders import get_encoder_spec
 
-    store = ck.state.stores.get(modality)
+    store = ck.encoders.get(modality)
     if store is None:
-        raise CheckpointError(f"{ck.path}: no store record for {modality}")
+        raise CheckpointError(f"{ck.checkpoint_dir}: no store record for {modality}")
     spec = get_encoder_spec(store["encoder"])
     if spec.revision != store["revision"]:
         raise CheckpointError(f"{modality}: the run tuned {store['encoder']}@{store['revision']}, but the "
                               f"installed encoder is {spec.revision}; merging into other weights is wrong")
     tail = tail_for(spec, modality, ck.cfg.lora)
-    tail.load_adapters(ck.path / ADAPTERS / modality)
+    tail.load_adapters(ck.adapters / modality)
     return tail
 
 

@@ -16,6 +16,7 @@ from m3jepa.config import LoraConfig, PipelineConfig
 from m3jepa.core.device import to_device
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.errors import StoreDataError
+from m3jepa.core.layout import ADAPTERS
 from m3jepa.core.objective import Objective
 from m3jepa.core.paired import PairedSplit
 from m3jepa.distributed import DistInfo
@@ -25,8 +26,7 @@ from m3jepa.store.reader import pad_rows
 
 log = logging.getLogger(__name__)
 
-# <checkpoint>/adapters/<modality>/: peft's adapter_config.json + adapter_model.safetensors
-ADAPTERS = "adapters"
+# <checkpoint>/adapters/<modality>/: peft's adapter_config.json + adapter_model.safetensors (core/layout.py)
 
 
 @dataclass

@@ -15,22 +15,15 @@ from torch import nn
 
 from m3jepa.config import LoraConfig
 from m3jepa.encoders.base import EncoderError, EncoderSpec
-from m3jepa.encoders.layers import (
-    BertStack,
-    DecoderStack,
-    DinoV2Stack,
-    EfficientNetStack,
-    LayerStack,
-    StackGeometry,
-    get_layer_stack,
-)
+from m3jepa.encoders.layers import LayerStack, StackGeometry, get_layer_stack
 
 log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 
-# Abstract target names → the module-name suffixes peft matches, per encoder family. A target that is
-# not one of these names is passed to peft as a module name as it is.
+# Abstract target names → the module-name suffixes peft matches, per encoder family (an encoder's family
+# is its registry entry's layer stack, EncoderSpec.stack). A target that is not one of these names is
+# passed to peft as a module name as it is.
 FAMILY_TARGETS: dict[str, dict[str, list[str]]] = {
     "bert": {"q": ["query"], "k": ["key"], "v": ["value"], "o": ["attention.output.dense"]},
     "dinov2": {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"]},  # transformers 5 names
@@ -49,12 +42,8 @@ BUCKET_ROWS = 16
 
 
 def family_of(stack: LayerStack) -> str:
-    """The target family of a layer stack."""
-    for cls, family in ((DinoV2Stack, "dinov2"), (DecoderStack, "llama"), (BertStack, "bert"),
-                        (EfficientNetStack, "efficientnet")):
-        if isinstance(stack, cls):
-            return family
-    raise EncoderError(f"no LoRA target family for {type(stack).__name__}")
+    """The target family of a layer stack: its encoder's registry entry's (EncoderSpec.stack)."""
+    return encoder_family(stack.encoder.spec)
 
 
 def resolve_targets(family: str, targets: list[str]) -> list[str]:
@@ -100,16 +89,19 @@ def load_tail(spec: EncoderSpec, n_tunable: int, device: torch.device = CPU) -> 
 
 
 def encoder_family(spec: EncoderSpec) -> str:
-    """The target family of a registry encoder, from its layer stack on the meta device (no weights read);
-    EncoderError when it has no layer stack."""
-    return family_of(_meta_stack(spec, 1)[0])
+    """The target family of a registry encoder (its registry entry's layer stack; nothing is loaded);
+    EncoderError when it has none."""
+    if spec.stack is None or spec.stack not in FAMILY_TARGETS:
+        raise EncoderError(f"{spec.name}: no layer stack for this {spec.modality} encoder, so no LoRA target "
+                           "family")
+    return spec.stack
 
 
 def _meta_stack(spec: EncoderSpec, n_tunable: int) -> tuple[LayerStack, Path]:
     """(the layer stack of `spec` built on the meta device, its weight file)."""
     model, weights = _skeleton(spec)
     shell = SimpleNamespace(spec=spec, model=model, layers=spec.layers, normalize="l2norm" in spec.pooling)
-    return _stack_for(shell, n_tunable), weights
+    return get_layer_stack(shell, n_tunable), weights
 
 
 def _materialised(model: nn.Module) -> list[torch.Tensor]:
@@ -142,19 +134,6 @@ def _weight_file(model_dir: Path) -> Path:
         if (model_dir / name).is_file():
             return model_dir / name
     raise EncoderError(f"{model_dir} has no model.safetensors(.index.json) or pytorch_model.bin")
-
-
-def _stack_for(shell: Any, n_tunable: int) -> LayerStack:
-    model = shell.model
-    if hasattr(model, "_blocks"):
-        return EfficientNetStack(shell, n_tunable)
-    if hasattr(model, "embeddings") and hasattr(model, "layernorm") and shell.spec.modality == "image":
-        return DinoV2Stack(shell, n_tunable)
-    if all(hasattr(model, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm")):
-        return DecoderStack(shell, n_tunable)
-    if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
-        return BertStack(shell, n_tunable)
-    raise EncoderError(f"{shell.spec.name}: {type(model).__name__} has no known layer stack")
 
 
 def _key_renamer(model: nn.Module) -> Callable[[str], str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3jepa.config import ModelConfig
-from m3jepa.model.predictor import PredictorOutput, as_inputs
+from m3jepa.model.predictor import PredictorOutput, as_inputs, l2_normalize
 
 
 class LinearAligner(nn.Module):
@@ -39,11 +38,11 @@ class LinearAligner(nn.Module):
         first = next(iter(inputs.values()))
         return PredictorOutput(
             pred=None,
-            cl_query=F.normalize(q, dim=-1),  # (B, d_cl)
+            cl_query=l2_normalize(q),  # (B, d_cl)
             aux_loss=first.new_zeros(()),
             expert_counts={},
         )
 
     def encode_target(self, target_modality: str, y: Tensor) -> Tensor:
         """Target latents y (B, D_target) → L2-normalised keys (B, d_cl)."""
-        return F.normalize(self.proj[target_modality](y), dim=-1)  # (B, d_cl)
+        return l2_normalize(self.proj[target_modality](y))  # (B, d_cl)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from m3jepa.config import LossConfig, ModelConfig
 from m3jepa.model.predictor import PredictorOutput
+from m3jepa.model.routing import OnRead
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ class LossOutput:
     total: Tensor  # ()
     pred: Tensor | None  # () L_pred; None when the predictor predicts no latent (linear baseline)
     cl: Tensor  # () symmetric InfoNCE
-    aux: Tensor  # () load-balancing term, unweighted (total adds load_balance_weight · aux)
-    alpha: float  # the α actually used
-    temperature: Tensor  # () τ used (detached), for logging
-    z: Tensor | None = None  # () router z-loss, unweighted (total adds router_z_loss_weight · z); None: none
+    aux: Tensor = OnRead()  # () load-balancing term, unweighted (total adds load_balance_weight · aux)
+    alpha: float = 0.0  # the α actually used
+    temperature: Tensor | None = None  # () τ used (detached), for logging
+    # () router z-loss, unweighted (total adds router_z_loss_weight · z); None: no router. Both router
+    # terms are computed when first read (routing.OnRead), so a run weighting them 0 never builds them.
+    z: Tensor | None = OnRead(default=None)
     # task -> (N,) int64 assignments per expert in this forward (each row counts k times); {} without a router
     expert_counts: dict[str, Tensor] = field(default_factory=dict)
 
@@ -45,19 +48,39 @@ def prediction_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
     raise ValueError(f"loss.pred={kind!r} is not one of mse, smooth_l1")
 
 
+def contrastive_logits(q: Tensor, k: Tensor, temperature: float | Tensor) -> Tensor:
+    """q kᵀ / τ (B, N) in float32 (float64 stays float64), also under autocast, for q (B, d), k (N, d).
+
+    Under bf16 autocast the product would be rounded to bf16 (8 significant bits) before the division
+    by τ = 0.03 magnifies the error 33 times: the loss moved by 1.6-4.6% and its gradients by 2.3-5.8%
+    against float32. The product is 2·B·N·d FLOPs, small beside the predictor's, so it runs in float32
+    (TF32 on a GPU with runtime.matmul_precision "high": 10 significant bits on the inputs, float32 sums
+    and result; tests/test_losses.py bounds both against float64).
+    """
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        return torch.mm(q.to(dtype), k.to(dtype).t()) / temperature  # (B, N)
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    # log-softmax and the mean in the logits' float32, whatever autocast says
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits, labels)
+
+
 def info_nce(q: Tensor, k: Tensor, offset: int = 0, temperature: float | Tensor = 0.03) -> Tensor:
     """One-directional InfoNCE of local queries q (B, d) against keys k (B_all, d).
 
     Row i of q is positive with row offset + i of k; every other row of k is a negative. With DDP,
     k is all_gather'ed from every rank (with gradient) and offset = rank · B; alone, k is the local
-    batch and offset 0. Inputs are expected L2-normalised (the predictors return them so).
+    batch and offset 0. Inputs are expected L2-normalised (the predictors return them so). Logits and
+    log-softmax are float32 under autocast (`contrastive_logits`).
     """
     b = q.shape[0]
     if offset < 0 or offset + b > k.shape[0]:
         raise ValueError(f"offset {offset} + batch {b} exceeds the {k.shape[0]} keys")
-    logits = torch.einsum("bd,nd->bn", q, k) / temperature  # (B, B_all)
     labels = torch.arange(offset, offset + b, device=q.device)  # (B,)
-    return F.cross_entropy(logits, labels)
+    return _cross_entropy(contrastive_logits(q, k, temperature), labels)  # ()
 
 
 def symmetric_info_nce(
@@ -72,8 +95,16 @@ def symmetric_info_nce(
     """½ [InfoNCE(q → k_all) + InfoNCE(k → q_all)] for local pairs (q_i, k_i), q and k (B, d).
 
     q_all / k_all (B_all, d) are the gathered queries / keys of all ranks (default: the local ones);
-    offset is where this rank's rows start in them.
+    offset is where this rank's rows start in them. Alone (no other rank: the "gathered" sides are q
+    and k themselves), the second direction's logits are the first's transpose: one product serves both.
     """
+    if (q_all is None or q_all is q) and (k_all is None or k_all is k) and offset == 0:
+        logits = contrastive_logits(q, k, temperature)  # (B, B)
+        # both directions in one cross-entropy over classes dim 1: [..., 0] rows of q kᵀ, [..., 1] its
+        # columns; the mean over the 2B terms is the mean of the two directions' means
+        both = torch.stack([logits, logits.t()], dim=-1)  # (B, B, 2)
+        labels = torch.arange(q.shape[0], device=q.device).unsqueeze(1).expand(-1, 2)  # (B, 2)
+        return _cross_entropy(both, labels)
     q_all = q if q_all is None else q_all
     k_all = k if k_all is None else k_all
     return 0.5 * (info_nce(q, k_all, offset, temperature) + info_nce(k, q_all, offset, temperature))
@@ -142,12 +173,14 @@ class AlignmentLoss(nn.Module):
         tau = self.temperature()  # ()
         cl = symmetric_info_nce(out.cl_query, keys, tau, q_all=queries_all, k_all=keys_all, offset=offset)
         l_pred = None if pred is None else prediction_loss(pred, target, self.kind)
-        total = (1.0 - self.alpha) * cl + self.load_balance_weight * out.aux_loss  # ()
+        total = (1.0 - self.alpha) * cl  # ()
+        if self.load_balance_weight:  # the router terms are read (so computed) only when weighted in
+            total = total + self.load_balance_weight * out.aux_loss
         if l_pred is not None:
             total = total + self.alpha * l_pred
         if self.router_z_loss_weight and out.z_loss is not None:
             total = total + self.router_z_loss_weight * out.z_loss
         return LossOutput(
-            total=total, pred=l_pred, cl=cl, aux=out.aux_loss, alpha=self.alpha, temperature=tau.detach(),
-            z=out.z_loss, expert_counts=out.expert_counts,
+            total=total, pred=l_pred, cl=cl, aux=lambda: out.aux_loss, alpha=self.alpha,
+            temperature=tau.detach(), z=lambda: out.z_loss, expert_counts=out.expert_counts,
         )

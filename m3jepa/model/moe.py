@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from m3jepa.model.experts import (
+    expert_mlp,
+    grouped_experts,
+    grouped_fits,
+    grouped_mm_runs,
+    grouped_pays,
+    loop_experts,
+    plain_experts,
+)
+from m3jepa.model.routing import (
+    OnRead,
+    Routing,
+    collapse_threshold,
+    expert_counts,
+    load_balance_loss,
+    log_view,
+    route,
+    router_z_loss,
+    routing_health,
+    routing_summary,
+    warn_unbalanced,
+)
+
+# what m3jepa.model.moe has always offered (routing and its health now live in m3jepa.model.routing)
+__all__ = [
+    "SHARED", "DenseMixer", "MoEOutput", "MultiGateMoE", "Routing", "collapse_threshold", "expert_counts",
+    "expert_mlp", "load_balance_loss", "log_view", "route", "router_z_loss", "routing_health",
+    "routing_summary", "warn_unbalanced",
+]
 
 SHARED = "shared"  # the gate key when every task routes through one gate (the official release)
 # `MultiGateMoE.mix` loops over each row's k experts up to this many rows, and dispatches above it. The
@@ -23,136 +48,15 @@ LOOP_ROWS = 2
 
 @dataclass
 class MoEOutput:
-    """One MoE evaluation: the mixed rows, the routing counts and the load-balancing term."""
+    """One MoE evaluation: the mixed rows, the routing counts and the router's auxiliary terms.
+
+    The two terms may be given as functions: they are computed when first read (`routing.OnRead`).
+    """
 
     y: Tensor  # (T, d)
     expert_counts: Tensor  # (N,) int64: rows routed to each expert (each row counts k times)
-    aux_loss: Tensor  # () Switch-style load-balancing term, unweighted
-    z_loss: Tensor  # () ST-MoE router z-loss mean_t(logsumexp_n logits)², unweighted
-
-
-@dataclass
-class Routing:
-    """Top-k routing of T rows among N experts."""
-
-    experts: Tensor  # (T, k) int64 expert ids
-    weights: Tensor  # (T, k) mixing weights of the selected experts
-    probs: Tensor  # (T, N) softmax over all N logits (for the load-balancing term)
-    logits: Tensor | None = None  # (T, N) the gate's logits (for the router z-loss)
-
-
-def expert_mlp(dim: int, hidden: int, dropout: float) -> nn.Sequential:
-    """One expert: d → h → d with GELU and dropout (the official release drops after both layers)."""
-    return nn.Sequential(
-        nn.Linear(dim, hidden),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, dim),
-        nn.Dropout(dropout),
-    )
-
-
-def route(logits: Tensor, top_k: int, routing: str = "topk_softmax") -> Routing:
-    """Pick k experts per row from gate logits (T, N).
-
-    "topk_softmax" (paper, Shazeer-style): softmax over the k selected logits, so weights sum to 1;
-    this is the same as renormalising the top-k of the full softmax.
-    "softmax_topk" (official release): softmax over all N, keep the k largest, no renormalisation,
-    so weights sum to less than 1.
-    """
-    probs = logits.softmax(dim=-1)  # (T, N)
-    top_logits, experts = logits.topk(top_k, dim=-1)  # (T, k), (T, k)
-    if routing == "topk_softmax":
-        weights = top_logits.softmax(dim=-1)  # (T, k)
-    elif routing == "softmax_topk":
-        weights = probs.gather(-1, experts)  # (T, k)
-    else:
-        raise ValueError(f"routing={routing!r} is not one of topk_softmax, softmax_topk")
-    return Routing(experts=experts, weights=weights, probs=probs, logits=logits)
-
-
-def load_balance_loss(r: Routing, num_experts: int) -> Tensor:
-    """Switch-Transformer term N · Σ_e f_e · P_e; equals 1 under perfectly uniform routing.
-
-    f_e is the fraction of the T·k assignments sent to expert e (not differentiable), P_e the mean
-    router probability of e (differentiable), so the gradient pushes probability off busy experts.
-    """
-    one_hot = F.one_hot(r.experts, num_experts).to(r.probs.dtype)  # (T, k, N)
-    frac = one_hot.sum(dim=(0, 1)) / r.experts.numel()  # (N,)
-    mean_prob = r.probs.mean(dim=0)  # (N,)
-    return num_experts * torch.einsum("n,n->", frac, mean_prob)
-
-
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): (1/T) Σ_t (logsumexp_n logits_tn)², logits (T, N).
-
-    It penalises large gate logits, which keeps the router's softmax out of its saturated region.
-    """
-    if logits.shape[0] == 0:
-        return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).square().mean()  # ()
-
-
-# A gate is reported as collapsed when its expert load has fewer effective experts (exp of the entropy
-# of the load distribution) than the geometric midpoint sqrt(k·N) of the floor k (every row sent to the
-# same k experts) and the ceiling N (uniform): normalised entropy H/log N < (log k + log N) / (2 log N).
-# For top-1 routing that is the usual H/log N < 0.5; for N = 12, k = 4 it is 0.779 (docs/predictor.md).
-def collapse_threshold(num_experts: int, top_k: int) -> float:
-    """The normalised-entropy threshold under which a top-k gate over N experts is called collapsed."""
-    if num_experts <= 1:
-        return 0.0
-    return 0.5 * (math.log(top_k) + math.log(num_experts)) / math.log(num_experts)
-
-
-def routing_health(counts: Sequence[float], rows: float, top_k: int) -> dict[str, Any]:
-    """Routing health of one gate from its per-expert assignment counts (host numbers, N of them).
-
-    `rows`: the rows routed (each row makes top_k assignments, to distinct experts). Returns
-    `share` {"e00": fraction of the rows that expert 0 received, ...} (each in [0, 1], summing to k),
-    `entropy` (entropy of the load distribution counts/Σcounts divided by log N, in [0, 1]; 1 = uniform),
-    `max_share`, the `threshold` of `collapse_threshold` and `collapsed` (entropy < threshold).
-    """
-    n = len(counts)
-    total = float(sum(counts))
-    width = len(str(n - 1))
-    share = {f"e{e:0{width}d}": (float(c) / rows if rows else 0.0) for e, c in enumerate(counts)}
-    load = [float(c) / total for c in counts] if total else [0.0] * n
-    h = -sum(p * math.log(p) for p in load if p > 0)
-    entropy = h / math.log(n) if n > 1 else 1.0
-    threshold = collapse_threshold(n, top_k)
-    return {
-        "share": share,
-        "entropy": entropy,
-        "max_share": max(share.values()) if share else 0.0,
-        "threshold": threshold,
-        "collapsed": bool(total > 0 and entropy < threshold),
-    }
-
-
-def log_view(health: dict[str, Any]) -> dict[str, Any]:
-    """What a metrics.jsonl record keeps of `routing_health`: each expert's share of the rows and the
-    normalised entropy (the threshold is a constant of the run; `evaluate` reports it)."""
-    return {"share": health["share"], "entropy": health["entropy"]}
-
-
-def warn_collapsed(
-    routing: dict[str, dict[str, dict[str, Any]]], where: str, warned: set | None = None
-) -> None:
-    """Log a warning for each gate whose routing is collapsed (`routing_health(...)["collapsed"]`), once
-    per (direction, gate) when `warned` is given."""
-    for d, gates in routing.items():
-        for gate, h in gates.items():
-            if not h.get("collapsed") or (warned is not None and (d, gate) in warned):
-                continue
-            if warned is not None:
-                warned.add((d, gate))
-            busiest = sorted(h["share"].items(), key=lambda kv: -kv[1])[:4]
-            log.warning(
-                "routing collapse (%s): the %s gate of %s has normalised entropy %.2f < %.2f; busiest "
-                "experts %s. model.load_balance_weight spreads the load (docs/predictor.md, Routing health)",
-                where, gate, d, h["entropy"], h["threshold"],
-                ", ".join(f"{e} {s:.0%} of rows" for e, s in busiest),
-            )
+    aux_loss: Tensor = OnRead()  # () Switch-style load-balancing term, unweighted
+    z_loss: Tensor = OnRead()  # () ST-MoE router z-loss mean_t(logsumexp_n logits)², unweighted
 
 
 class MultiGateMoE(nn.Module):
@@ -183,6 +87,10 @@ class MultiGateMoE(nn.Module):
         # > 1: under autocast, expert groups are padded to multiples of it (_experts_bucketed); 1 (the
         # plain path) pads nothing. The CPU fast path (m3jepa.accel.install) sets 16.
         self.row_bucket = 1
+        # How the experts run (docs/predictor.md, Sparse dispatch): "auto" takes the grouped product
+        # (`experts.grouped_experts`) on an accelerator whose grouped_mm needs no host sync for the dtype
+        # (`experts.grouped_pays`), else the per-expert loop; "grouped" / "loop" force one (tests).
+        self.expert_product = "auto"
         self.tasks = tuple(tasks)
         self.experts = nn.ModuleList(expert_mlp(dim, hidden, dropout) for _ in range(num_experts))
         gate_keys = self.tasks if gates == "multi" else (SHARED,)
@@ -203,7 +111,7 @@ class MultiGateMoE(nn.Module):
         (T <= LOOP_ROWS) no dispatch either, each row running its own k experts in a loop.
 
         The query path (`M3JepaPredictor.query`): one row through the sparse dispatch is ~30 small
-        ops (argsort, gathers, splits, a scatter-add); the loop is k expert calls and k multiply-adds,
+        ops (sorts, gathers, splits, the k-way mix); the loop is k expert calls and k multiply-adds,
         which is the same function summed in another order (docs/search.md, The query path).
         """
         if not 0 < x.shape[0] <= LOOP_ROWS:
@@ -226,67 +134,109 @@ class MultiGateMoE(nn.Module):
         Each task is routed by its own gate, exactly as `forward(x, task)` would; then all (row,
         expert) assignments of all tasks are grouped by expert, so each expert runs once on a batch
         of ~ΣT·k/N rows instead of once per task. Bigger matmuls, and one weight gradient per expert
-        instead of one per task plus their sum: this is the training fast path.
+        instead of one per task plus their sum: this is the training fast path. Routing counts,
+        offsets and the combine stay on the device (the grouped product reads nothing back).
         """
         tasks = list(xs)
-        routes = [self.route_rows(xs[t], t) for t in tasks]
-        n = self.num_experts
-        counts = [torch.bincount(r.experts.flatten(), minlength=n) for r in routes]  # (N,) each
-        if dense:
-            ys = [self._dense(xs[t], r) for t, r in zip(tasks, routes, strict=True)]  # (T_t, d) each
-        else:
-            ys = self._sparse_many([xs[t] for t in tasks], routes, torch.stack(counts).sum(dim=0))
+        x = xs[tasks[0]] if len(tasks) == 1 else torch.cat([xs[t] for t in tasks])  # (ΣT, d)
+        return self.forward_blocks(x, tasks, [xs[t].shape[0] for t in tasks], dense)
+
+    def forward_blocks(
+        self, x: Tensor, tasks: Sequence[str], sizes: Sequence[int], dense: bool = False
+    ) -> dict[str, MoEOutput]:
+        """`forward_tasks` of rows x (ΣT, d) already concatenated: block i (sizes[i] rows) is tasks[i]'s."""
+        r = self._route(x, tasks, sizes)  # block i of the ΣT rows routed by the gate of tasks[i]
+        expert_ids = torch.arange(self.num_experts, device=x.device)  # (N,)
+        counts = self._block_counts(r.experts, sizes, expert_ids)  # (G, N) int64 assignments per expert
+        y = self._dense(x, r) if dense else self._sparse(x, r, counts, expert_ids)  # (ΣT, d)
         return {
             t: MoEOutput(
-                y=y,
-                expert_counts=c,
-                aux_loss=load_balance_loss(r, self.num_experts),
-                z_loss=router_z_loss(r.logits),
+                y=y_t,
+                expert_counts=counts[i],
+                aux_loss=lambda i=i: load_balance_loss(_block(r, sizes, i), self.num_experts, counts[i]),
+                z_loss=lambda i=i: router_z_loss(_block(r, sizes, i).logits),
             )
-            for t, y, c, r in zip(tasks, ys, counts, routes, strict=True)
+            for i, (t, y_t) in enumerate(zip(tasks, y.split(list(sizes)), strict=True))
         }
 
     def route_rows(self, x: Tensor, task: str) -> Routing:
-        """Route rows x (T, d) with the gate of `task`, in float32 even under autocast.
+        """Route rows x (T, d) with the gate of `task`, in float32 even under autocast."""
+        return self._route(x, [task], [x.shape[0]])
 
-        Routing is a discrete choice: bf16 logits (8 mantissa bits) tie or swap near-equal experts,
-        so the gate (T·d·N FLOPs, negligible) runs in float32 and bf16 training routes like float32.
+    def _route(self, x: Tensor, tasks: Sequence[str], sizes: Sequence[int]) -> Routing:
+        """Routing of rows x (ΣT, d) whose i-th block of sizes[i] rows goes through the gate of tasks[i].
+
+        In float32 even under autocast: routing is a discrete choice, bf16 logits (8 mantissa bits) tie
+        or swap near-equal experts, so the gates (T·d·N FLOPs, negligible) run in float32 and bf16
+        training routes like float32. Each block's logits are the product `route_rows` computes alone.
         """
-        gate = self.gate_for(task)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (tests)
+        gates = [self.gate_for(t) for t in tasks]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 stays (tests)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), gate.weight.to(dtype), gate.bias.to(dtype))  # (T, N)
+            x = x.to(dtype)
+            if all(g is gates[0] for g in gates):  # one gate (shared, or a single task): one product
+                logits = F.linear(x, gates[0].weight.to(dtype), gates[0].bias.to(dtype))  # (ΣT, N)
+            else:
+                blocks = zip(x.split(list(sizes)), gates, strict=True)
+                logits = torch.cat([F.linear(p, g.weight.to(dtype), g.bias.to(dtype)) for p, g in blocks])
         return route(logits, self.top_k, self.routing)
 
-    def _sparse_many(self, xs: Sequence[Tensor], routes: Sequence[Routing], counts: Tensor) -> list[Tensor]:
-        """Sparse dispatch of several row blocks at once; returns one (T_t, d) output per block."""
-        sizes = [x.shape[0] for x in xs]
-        x = xs[0] if len(xs) == 1 else torch.cat(list(xs))  # (ΣT, d)
-        experts = torch.cat([r.experts for r in routes])  # (ΣT, k)
-        weights = torch.cat([r.weights for r in routes])  # (ΣT, k)
-        return list(self._sparse(x, Routing(experts, weights, probs=weights), counts).split(sizes))
+    def _block_counts(self, experts: Tensor, sizes: Sequence[int], ids: Tensor) -> Tensor:
+        """(G, N) int64 assignments per expert of each block of rows of expert ids (ΣT, k)."""
+        n = self.num_experts
+        if len(set(sizes)) == 1:
+            return expert_counts(experts.view(len(sizes), sizes[0], experts.shape[-1]), n, ids)
+        return torch.stack([expert_counts(e, n, ids) for e in experts.split(list(sizes))])
 
-    def _sparse(self, x: Tensor, r: Routing, counts: Tensor) -> Tensor:
-        """Group the T·k (row, expert) assignments by expert, run each expert once, scatter back."""
+    def expert_path(self, x: Tensor) -> str:
+        """How `_sparse` runs the experts on rows like x (after autocast's cast): "grouped" (one grouped
+        product, no host sync), "loop" (the reference) or "bucketed" (the CPU fast path's padded loop)."""
+        if self.row_bucket > 1 and torch.is_autocast_enabled(x.device.type):
+            return "bucketed"
+        fits = plain_experts(self.experts) and grouped_fits(self.experts, x.dtype)
+        if self.expert_product == "grouped":
+            if not (fits and grouped_mm_runs(x.dtype)):
+                raise ValueError(
+                    f"expert_product='grouped' cannot run {x.dtype} rows of width {x.shape[-1]} through "
+                    "these experts (grouped_mm takes float32/bfloat16/float16, 16-byte aligned widths)"
+                )
+            return "grouped"
+        if self.expert_product == "auto" and fits and grouped_pays(x.device, x.dtype):
+            return "grouped"
+        return "loop"
+
+    def _sparse(self, x: Tensor, r: Routing, counts: Tensor, expert_ids: Tensor) -> Tensor:
+        """Group the T·k (row, expert) assignments by expert, run the experts, mix each row's k outputs.
+
+        counts (G, N): assignments per expert of each block; expert_ids (N,) 0..N-1. The grouped product
+        reads nothing back to the host; the loops need the group sizes as Python ints (one host sync on
+        a GPU).
+        """
         t, k = r.experts.shape
         if t == 0:
             return torch.zeros_like(x)
-        order = r.experts.flatten().argsort(stable=True)  # (T·k,) assignments grouped by expert id
-        rows = order // k  # (T·k,) source row of each assignment (flat index = row·k + slot)
-        weights = r.weights.flatten()[order]  # (T·k,)
-        # The one host sync of sparse dispatch: group sizes must be Python ints to slice.
-        sizes = counts.tolist()
-        autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point()
-        if autocast:  # cast the T rows once rather than each expert's T·k/N gathered copy
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        if autocast and self.row_bucket > 1:
-            ys = self._experts_bucketed(x, rows, sizes)  # (T·k, d)
+        # (T·k,) expert ids ascending and, for each, its assignment (flat index row·k + slot); stable, so
+        # each expert's rows keep their order
+        ids, order = r.experts.flatten().sort(stable=True)
+        rows = order.div(k, rounding_mode="floor")  # (T·k,) source row of each assignment
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # cast the T rows once, not T·k gathered ones
+        path = self.expert_path(x)
+        if path == "grouped":
+            offs = torch.searchsorted(ids, expert_ids, right=True, out_int32=True)  # (N,) where groups end
+            # F.embedding as a row gather: its backward is one kernel (index_select's is a fill and an
+            # atomic index_add on a GPU)
+            ys = grouped_experts(self.experts, F.embedding(rows, x), ids, offs)  # (T·k, d)
         else:
-            xs = x.index_select(0, rows)  # (T·k, d) rows in expert order
-            outs = [self.experts[e](c) for e, c in enumerate(xs.split(sizes)) if sizes[e] > 0]  # (n_e, d)
-            ys = torch.cat(outs)  # (T·k, d)
-        ys = ys * weights.unsqueeze(-1).to(ys.dtype)  # (T·k, d)
-        return ys.new_zeros(t, ys.shape[-1]).index_add(0, rows, ys)  # (T, d)
+            sizes = counts.sum(dim=0).tolist()  # N host ints
+            if path == "bucketed":
+                ys = self._experts_bucketed(x, rows, sizes)  # (T·k, d)
+            else:
+                ys = loop_experts(self.experts, x.index_select(0, rows), sizes)  # (T·k, d)
+        # Back to (row, slot) order by the inverse permutation, then each row's k outputs weighted and
+        # summed in one batched product: deterministic, unlike a scatter-add of T·k rows into T.
+        per_row = F.embedding(order.argsort(), ys).view(t, k, ys.shape[-1])  # (T, k, d)
+        return torch.bmm(r.weights.to(ys.dtype).unsqueeze(1), per_row).squeeze(1)  # (T, d)
 
     def _experts_bucketed(self, x: Tensor, rows: Tensor, sizes: list[int]) -> Tensor:
         """Each expert on its rows x[rows] (T·k, d), its group padded with zero rows to a multiple of
@@ -315,8 +265,19 @@ class MultiGateMoE(nn.Module):
     def _dense(self, x: Tensor, r: Routing) -> Tensor:
         """Every expert on every row; weights are zero outside each row's top-k."""
         all_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # (T, N, d)
-        w = torch.zeros_like(r.probs).scatter(-1, r.experts, r.weights)  # (T, N)
+        w = torch.zeros_like(r.logits).scatter(-1, r.experts, r.weights)  # (T, N)
         return torch.einsum("tn,tnd->td", w.to(x.dtype), all_out)  # (T, d)
+
+
+def _zero(like: Tensor):
+    """A function giving a float32 0 on like's device (a router term of a mixer without a router)."""
+    return lambda: like.new_zeros((), dtype=torch.float32)
+
+
+def _block(r: Routing, sizes: Sequence[int], i: int) -> Routing:
+    """The routing of block i of rows (sizes[i] rows), as views of r."""
+    experts, weights, logits = (t.split(list(sizes))[i] for t in (r.experts, r.weights, r.logits))
+    return Routing(experts, weights, probs=lambda: r.probs.split(list(sizes))[i], logits=logits)
 
 
 class DenseMixer(nn.Module):
@@ -339,21 +300,26 @@ class DenseMixer(nn.Module):
             raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
         y = self.mlp(x)  # (T, d)
         counts = torch.full((1,), x.shape[0], dtype=torch.long, device=x.device)  # (1,)
-        return MoEOutput(y=y, expert_counts=counts, aux_loss=x.new_zeros(()), z_loss=x.new_zeros(()))
+        return MoEOutput(y=y, expert_counts=counts, aux_loss=_zero(x), z_loss=_zero(x))
 
     def forward_tasks(self, xs: Mapping[str, Tensor], dense: bool = False) -> dict[str, MoEOutput]:
         """Apply the MLP once to every task's rows {task: (T_t, d)}, as MultiGateMoE.forward_tasks."""
-        for task in xs:
+        return self.forward_blocks(torch.cat(list(xs.values())), list(xs), [x.shape[0] for x in xs.values()])
+
+    def forward_blocks(
+        self, x: Tensor, tasks: Sequence[str], sizes: Sequence[int], dense: bool = False
+    ) -> dict[str, MoEOutput]:
+        """`forward_tasks` of rows x (ΣT, d) already concatenated, as MultiGateMoE.forward_blocks."""
+        for task in tasks:
             if task not in self.tasks:
                 raise KeyError(f"unknown task {task!r}; known: {', '.join(self.tasks)}")
-        sizes = [x.shape[0] for x in xs.values()]
-        ys = self.mlp(torch.cat(list(xs.values()))).split(sizes)  # (T_t, d) each
+        ys = self.mlp(x).split(list(sizes))  # (T_t, d) each
         return {
             t: MoEOutput(
                 y=y,
                 expert_counts=torch.full((1,), n, dtype=torch.long, device=y.device),
-                aux_loss=y.new_zeros((), dtype=torch.float32),
-                z_loss=y.new_zeros((), dtype=torch.float32),
+                aux_loss=_zero(y),  # no router: both terms are 0
+                z_loss=_zero(y),
             )
-            for t, y, n in zip(xs, ys, sizes, strict=True)
+            for t, y, n in zip(tasks, ys, sizes, strict=True)
         }

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from m3jepa.config import ModelConfig
 from m3jepa.model.moe import DenseMixer, MultiGateMoE
+from m3jepa.model.routing import OnRead
 
 TASKS = ("pred", "cl")  # the two tasks of the multi-gate MoE: latent prediction and contrastive
 PAPER_DIMS = {"image": 1024, "text": 4096}  # DINOv2-Large, Llama-3-8B
@@ -18,13 +19,17 @@ PAPER_DIMS = {"image": 1024, "text": 4096}  # DINOv2-Large, Llama-3-8B
 
 @dataclass
 class PredictorOutput:
-    """What every predictor returns for one direction."""
+    """What every predictor returns for one direction.
+
+    The router terms may be given as functions, computed when first read (`routing.OnRead`): the loss
+    reads them only when its weight for them is not 0.
+    """
 
     pred: Tensor | None  # (B, D_target) predicted target latent; None for the linear baseline
     cl_query: Tensor  # (B, d_cl) L2-normalised query in the contrastive space
-    aux_loss: Tensor  # () Switch load-balancing term, UNWEIGHTED (the loss scales it by load_balance_weight)
+    aux_loss: Tensor = OnRead()  # () Switch load-balancing term, UNWEIGHTED (scaled by load_balance_weight)
     expert_counts: dict[str, Tensor]  # task -> (N,) rows routed to each expert
-    z_loss: Tensor | None = None  # () router z-loss averaged over the tasks, UNWEIGHTED; None: no router
+    z_loss: Tensor | None = OnRead(default=None)  # () router z-loss averaged over the tasks, UNWEIGHTED
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,35 @@ def as_inputs(
         if t.ndim != 2 or t.shape[-1] != dims[m]:
             raise ValueError(f"{m} input has shape {tuple(t.shape)}; expected (B, {dims[m]}) pooled latents")
     return inputs
+
+
+# F.normalize's eps: rows shorter than this are divided by it instead of their norm
+NORMALIZE_EPS = 1e-12
+
+
+class _L2Normalize(torch.autograd.Function):
+    """x / max(‖x‖, eps) along the last dim: F.normalize's function with a backward of 6 operations
+    instead of the 11 its autograd records (tests/test_model.py checks both against F.normalize)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+        scale = norm.clamp_min(NORMALIZE_EPS)  # (..., 1)
+        y = x / scale  # (..., D)
+        ctx.save_for_backward(y, scale, norm >= NORMALIZE_EPS)  # the last: rows not clamped
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        y, scale, unclamped = ctx.saved_tensors
+        # d(x/‖x‖) = (g − y⟨g, y⟩)/‖x‖; a clamped row is x/eps, linear: g/eps
+        along = (g * y).sum(dim=-1, keepdim=True) * unclamped  # (..., 1)
+        return (g - y * along) / scale  # (..., D)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Rows of x (..., D) scaled to unit L2 norm (rows under 1e-12 divided by 1e-12), as F.normalize."""
+    return _L2Normalize.apply(x)
 
 
 # A dimension whose training rows never vary has std 0; its standardised target is 0 whatever this floor.
@@ -147,7 +181,7 @@ class M3JepaPredictor(nn.Module):
         """
         inputs = as_inputs(source, x, self.dims)
         parts = [F.gelu(self.in_proj[m](t)) + self.modality_emb[m] for m, t in inputs.items()]  # (B, d)
-        return torch.stack(parts).sum(dim=0)  # (B, d)
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)  # (B, d)
 
     def forward(
         self,
@@ -164,15 +198,21 @@ class M3JepaPredictor(nn.Module):
         if target_modality not in self.dims:
             raise KeyError(f"unknown target {target_modality!r}; built for {', '.join(self.dims)}")
         z = self.embed(source, x)  # (B, d)
-        u = {t: z + self.task_emb[t] for t in TASKS}  # (B, d) each
-        mixed = self.mixer.forward_tasks(u, dense=dense)  # task -> MoEOutput, y (B, d)
-        h = {t: self._residual(t, u[t], mixed[t].y) for t in TASKS}  # (B, d) each
+        tasks = torch.stack([self.task_emb[t] for t in TASKS])  # (2, d)
+        u = z.unsqueeze(0) + tasks.unsqueeze(1)  # (2, B, d): u[i] = z + E_{TASKS[i]}
+        b = z.shape[0]
+        mixed = self.mixer.forward_blocks(u.flatten(0, 1), TASKS, [b] * len(TASKS), dense)  # y (B, d) each
+        h = {t: self._residual(t, u_t, mixed[t].y) for t, u_t in zip(TASKS, u.unbind(0), strict=True)}
         pred = self.pred_head[target_modality](h["pred"])  # (B, D_target)
         query = self._cl_query(target_modality, h["cl"])  # (B, d_cl)
-        aux = sum(m.aux_loss for m in mixed.values()) / len(TASKS)  # ()
-        z = sum(m.z_loss for m in mixed.values()) / len(TASKS)  # ()
         counts = {t: m.expert_counts for t, m in mixed.items()}
-        return PredictorOutput(pred=pred, cl_query=query, aux_loss=aux, expert_counts=counts, z_loss=z)
+        return PredictorOutput(
+            pred=pred,
+            cl_query=query,
+            aux_loss=lambda: sum(m.aux_loss for m in mixed.values()) / len(TASKS),  # ()
+            expert_counts=counts,
+            z_loss=lambda: sum(m.z_loss for m in mixed.values()) / len(TASKS),  # ()
+        )
 
     def query(
         self, source: str | tuple[str, ...], x: Tensor | Mapping[str, Tensor], target_modality: str
@@ -192,7 +232,7 @@ class M3JepaPredictor(nn.Module):
 
     def _cl_query(self, target_modality: str, h: Tensor) -> Tensor:
         """The L2-normalised contrastive query (B, d_cl) from the cl task's trunk output h (B, d)."""
-        return F.normalize(self.cl_head[target_modality](h), dim=-1)  # (B, d_cl)
+        return l2_normalize(self.cl_head[target_modality](h))  # (B, d_cl)
 
     def standardize_targets(self) -> None:
         """Predict standardised target latents (loss.pred_target = "standardized"): adds the per-modality
@@ -208,7 +248,7 @@ class M3JepaPredictor(nn.Module):
 
     def encode_target(self, target_modality: str, y: Tensor) -> Tensor:
         """Target latents y (B, D_target) → L2-normalised keys (B, d_cl) for the contrastive loss."""
-        return F.normalize(self.cl_target[target_modality](y), dim=-1)  # (B, d_cl)
+        return l2_normalize(self.cl_target[target_modality](y))  # (B, d_cl)
 
 
 def paper_preset() -> ModelConfig:

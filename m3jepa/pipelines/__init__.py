@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from m3jepa.config import ConfigError
@@ -54,12 +55,33 @@ def summary(path: Path) -> str:
 
 
 def copy(name: str, dest: str | Path, force: bool = False) -> Path:
-    """Write shipped pipeline `name` to `dest` (a file, or a folder to put NAME.toml in); return the path."""
+    """Write shipped pipeline `name` to `dest` (a file, or a folder to put NAME.toml in); return the path.
+
+    The copy is renamed after its file: `name = "<file stem>"`, so `m3jepa run my.toml` trains runs/my,
+    never the shipped pipeline's runs/<name>; its first line becomes the command that runs it.
+    """
     source = shipped_file(name)
     target = Path(dest)
     if target.is_dir():
         target = target / source.name
     if target.exists() and not force:
         raise ConfigError(f"{target} exists; pass --force to overwrite it")
-    target.write_text(source.read_text())
+    target.write_text(renamed(source.read_text(), _stem(target.name), str(target)))
     return target
+
+
+_NAME = re.compile(r'^name = "[^"\n]*"$', re.MULTILINE)
+
+
+def renamed(text: str, name: str, path: str) -> str:
+    """A pipeline's TOML with its top-level `name` set to `name` and its header command to `m3jepa run
+    PATH`; every other line as it was (comments included)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{name!r} cannot name a run folder; copy to a file named like my_run.toml")
+    text = _NAME.sub(f'name = "{name}"', text, count=1)
+    head = "# m3jepa run "
+    if text.startswith(head):  # "# m3jepa run tuxpaint [--set ...]": the pipeline's own name becomes PATH
+        first, _, rest = text.partition("\n")
+        args = first[len(head):].split(" ", 1)
+        text = head + " ".join([path, *args[1:]]) + "\n" + rest
+    return text

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from m3jepa.core.layout import ExportDir, RunDir
 from m3jepa.files import atomic_write_text
+from m3jepa.progress import progress
 from m3jepa.search.errors import SearchError
 from m3jepa.search.identity import ModelRef, model_ref, store_checksum, targets
 from m3jepa.store import FeatureStore, Manifest, StoreWriter, open_store
@@ -31,8 +33,10 @@ class Embedded:
     cached: bool
 
 
-def default_out(run: Path, split: str, modality: str) -> Path:
-    return run / "embedded" / split / modality
+def default_out(model_path: Path, split: str, modality: str, kind: str = "run") -> Path:
+    """RUN/embedded/SPLIT/MODALITY for a run; EXPORT.embedded/SPLIT/MODALITY, beside it, for an export."""
+    layout = ExportDir(model_path) if kind == "export" else RunDir(model_path)
+    return layout.embedded(split, modality)
 
 
 def embed_store(model: Any, source: Path, out: Path, *, force: bool = False) -> Embedded:
@@ -55,9 +59,12 @@ def embed_store(model: Any, source: Path, out: Path, *, force: bool = False) -> 
     src.check_files()
     with StoreWriter(out, manifest) as writer:
         done = writer.done_shards()  # resume: an interrupted embed keeps its committed shards
-        for index, _, _ in writer.planned_shards():
-            if index not in done:
+        todo = [(i, start, end) for i, start, end in writer.planned_shards() if i not in done]
+        with progress(sum(end - start for _, start, end in todo), desc=f"embedding {src.manifest.split} "
+                      f"{modality}", unit="rows") as bar:
+            for index, start, end in todo:
                 writer.write_shard(index, _embed_rows(model, src, modality, dim, index))
+                bar.update(end - start)
         writer.finalize(rows, src.manifest.skipped,
                         [(d["sample_id"], d["reason"]) for d in src.manifest.dropped])
     log.info("embedded %s (%d rows) into %s", source, src.manifest.rows, out)
@@ -161,12 +168,32 @@ def _embed_rows(model: Any, src: FeatureStore, modality: str, dim: int, index: i
 def embed_run(model: Any, split: str, modality: str, out: Path | None = None, *,
               force: bool = False) -> Embedded:
     """Embed the store of (split, modality) of the model's run (its config names the store) into `out`
-    (default: <run or export>/embedded/<split>/<modality>)."""
+    (default: RUN/embedded/SPLIT/MODALITY; for an export EXPORT.embedded/SPLIT/MODALITY beside it)."""
     from m3jepa.core.paired import modality_store
 
     if modality not in targets(model.directions):
         raise SearchError(f"the model only uses {modality} as a source (its directions are "
                           f"{', '.join(model.directions)}); embed a modality it targets")
     source = modality_store(model.cfg, split, modality)
-    return embed_store(model, source, out or default_out(Path(model.source.path), split, modality),
-                       force=force)
+    return embed_store(model, source, out or default_out(Path(model.source.path), split, modality,
+                                                           model.source.kind), force=force)
+
+
+def run_splits(model: Any, modality: str) -> list[str]:
+    """`--split all`: the splits the model's run names (train, validation, evaluation) whose `modality`
+    store exists, in that order."""
+    from m3jepa.core.errors import StoreDataError
+    from m3jepa.core.paired import modality_store
+
+    cfg = model.cfg
+    found = []
+    for split in dict.fromkeys([cfg.train.train_split, cfg.train.val_split, cfg.eval.split]):
+        try:
+            modality_store(cfg, split, modality)
+        except StoreDataError:
+            continue
+        found.append(split)
+    if not found:
+        raise SearchError(f"no {modality} store of any split of {model.source.path} exists; run "
+                          f"`m3jepa encode --dataset {cfg.encode.dataset} --modality {modality}` first")
+    return found

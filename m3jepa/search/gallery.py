@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,8 @@ from m3jepa.search.build import N_QUERIES, PERTURB_NOISE, build, perturbed_queri
 from m3jepa.search.embed import read_sidecar
 from m3jepa.search.errors import SearchError
 from m3jepa.search.identity import ModelRef, model_ref, sources_into, store_checksum
-from m3jepa.search.index import MANIFEST, write_index
+from m3jepa.search.index import read_manifest, write_index
+from m3jepa.search.media import media_roots, record_media
 from m3jepa.search.plan import choose, parse_bytes
 from m3jepa.store import FeatureStore, open_store
 
@@ -31,42 +32,105 @@ def index_store(embedded: Path, out: Path, model: Any, *, kind: str = "auto", me
                 force: bool = False, seed: int = 0) -> tuple[Path, bool]:
     """Index the embedded store at `embedded` (written by `embed_store` with `model`) into `out`;
     returns (out, cached). An index of the same store, model and request is reused."""
-    store = open_store(embedded)
-    sidecar = read_sidecar(embedded)
+    return index_stores([embedded], out, model, kind=kind, memory_budget=memory_budget, force=force,
+                        seed=seed)
+
+
+def index_stores(embedded: list[Path], out: Path, model: Any, *, kind: str = "auto",
+                 memory_budget: str = "4GB", force: bool = False, seed: int = 0) -> tuple[Path, bool]:
+    """Index one or several embedded stores of one modality (a dataset's splits together: `--split all`)
+    into `out`. With several, a row's `row_id` counts through them in the order given (each store's rows
+    offset by the rows before it), and the manifest lists them under `stores`."""
+    if not embedded:
+        raise SearchError("no embedded store to index")
     ref = model_ref(model)
-    if ModelRef.from_json(sidecar["model"], embedded) != ref:
-        raise SearchError(f"{embedded} was embedded with {sidecar['model'].get('path')} (other weights) than "
-                          f"the model given ({ref.path}); embed it again with this model")
+    stores, infos = [], []
+    for path in embedded:
+        store, sidecar = open_store(path), read_sidecar(path)
+        if ModelRef.from_json(sidecar["model"], path) != ref:
+            raise SearchError(f"{path} was embedded with {sidecar['model'].get('path')} (other weights) than "
+                              f"the model given ({ref.path}); embed it again with this model")
+        stores.append(store)
+        infos.append({"path": str(path.resolve()), "checksum": store_checksum(store.manifest),
+                      "split": store.manifest.split, "source": sidecar["source"]})
+    modalities = sorted({s.manifest.modality for s in stores})
+    if len(modalities) != 1:
+        raise SearchError(f"the stores hold different modalities ({', '.join(modalities)}); index one "
+                          "modality at a time")
     request = {"kind": kind, "memory_budget": parse_bytes(memory_budget)}
-    store_info = {"path": str(embedded.resolve()), "checksum": store_checksum(store.manifest),
-                  "split": store.manifest.split, "source": sidecar["source"]}
-    if _cached(out, store_info, ref, request, force):
+    store_key = {"store": infos[0]} if len(infos) == 1 else {"stores": infos}
+    if _cached(out, store_key, ref, request, force):
         return out, True
-    vectors, row_ids = _valid_rows(store)  # (N, d) float32, (N,) int64
-    queries, query_source = _held_out_queries(model, store, vectors, seed)
-    plan = choose(len(row_ids), vectors.shape[1], kind, request["memory_budget"])
-    log.info("building %s over %d rows (%s)", plan.factory, len(row_ids), plan.reason)
-    built = build(vectors, plan, queries, query_source, seed)
-    media, media_note = media_paths(model.cfg, store)
-    captions, caption_note = group_captions(model, store)
-    table = store.rows
-    rows = [{"row_id": int(r), "sample_id": table.sample_ids[r], "group_id": table.group_ids[r],
-             "caption": table.texts[r] if table.texts[r] is not None else captions.get(table.group_ids[r]),
-             "media": None if media is None else media[r]} for r in row_ids]
-    info = {"modality": store.manifest.modality, "model": ref.to_json(), "store": store_info,
-            "media": media_note, "captions": caption_note, "request": request}
+    vectors, rows, notes, offset, roots = [], [], [], 0, set()
+    for store in stores:
+        v, row_ids = _valid_rows(store)  # (N, d) float32, (N,) int64
+        vectors.append(v)
+        records, note, store_roots = _row_records(model, store, row_ids, offset)
+        rows += records
+        notes.append(note)
+        roots |= set(store_roots)
+        offset += len(store.rows.valid)
+    gallery = np.concatenate(vectors) if len(vectors) > 1 else vectors[0]  # (N, d)
+    queries, query_source = _held_out_queries(model, stores[0], gallery, seed)
+    plan = choose(len(rows), gallery.shape[1], kind, request["memory_budget"])
+    log.info("building %s over %d rows (%s)", plan.factory, len(rows), plan.reason)
+    built = build(gallery, plan, queries, query_source, seed)
+    info = {"modality": stores[0].manifest.modality, "model": ref.to_json(), **store_key,
+            "media": notes[0][0] if len(notes) == 1 else [n[0] for n in notes],
+            "captions": notes[0][1] if len(notes) == 1 else [n[1] for n in notes], "request": request,
+            "media_roots": sorted(roots)}
     return write_index(out, built, rows, info), False
 
 
-def _cached(out: Path, store_info: dict, ref: ModelRef, request: dict, force: bool) -> bool:
+def _row_records(model: Any, store: FeatureStore, row_ids: np.ndarray, offset: int
+                 ) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]], list[str]]:
+    """(the index rows of a store's valid rows: ids, the caption (its own, or its group's) and the media
+    file (its real path, size and sha256: search/media.py); where the media paths and captions came from;
+    the media roots)."""
+    media, media_note = media_paths(model.cfg, store)
+    captions, caption_note = group_captions(model, store)
+    roots = _dataset_roots(model.cfg, store, media) if media is not None else []
+    table = store.rows
+    rows, outside = [], []
+    for r in row_ids:
+        row = {"row_id": offset + int(r), "sample_id": table.sample_ids[r], "group_id": table.group_ids[r],
+               "caption": table.texts[r] if table.texts[r] is not None else captions.get(table.group_ids[r]),
+               "media": None}
+        if media is not None and media[r] is not None:
+            found, why = record_media(media[r], roots)
+            row.update(found or {})
+            if why:
+                outside.append(why)
+        rows.append(row)
+    if outside:
+        log.warning("%d media files of %s are indexed without their file (not served): %s%s", len(outside),
+                    store.path, outside[0], "; ..." if len(outside) > 1 else "")
+        media_note = {**media_note, "not_recorded": len(outside)}
+    return rows, (media_note, caption_note), roots
+
+
+def _dataset_roots(cfg: Any, store: FeatureStore, media: list[str | None]) -> list[str]:
+    """The folders a dataset gallery's media may be served from: the dataset's folder where the config or
+    the store names it, else the deepest folder holding every media file."""
+    root = cfg.encode.root or store.manifest.data_root
+    if root:
+        return media_roots([root])
+    paths = [os.path.realpath(m) for m in media if m is not None]
+    if not paths:
+        return []
+    common = os.path.commonpath(paths)
+    return media_roots([common if os.path.isdir(common) else os.path.dirname(common)])
+
+
+def _cached(out: Path, store_key: dict, ref: ModelRef, request: dict, force: bool) -> bool:
     if not out.exists() or force:
         return False
     try:
-        found = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = read_manifest(out)  # checked: an edited manifest is never taken for a cached index
+    except SearchError:
         found = None
-    if isinstance(found, dict) and found.get("store") == store_info and found.get("model") == ref.to_json() \
-            and found.get("request") == request:
+    if isinstance(found, dict) and all(found.get(k) == v for k, v in store_key.items()) \
+            and found.get("model") == ref.to_json() and found.get("request") == request:
         log.info("%s already indexes this store with this model (cached)", out)
         return True
     raise SearchError(f"{out} exists and holds another index (or another request); pass --force to "

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from m3jepa.core.directions import parse_direction
+from m3jepa.core.layout import WEIGHTS, ExportDir, RunDir
 from m3jepa.search.errors import SearchError
 from m3jepa.store.manifest import Manifest
-
-WEIGHTS = "model.safetensors"  # the weights file of a checkpoint directory and of an export
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ class ModelRef:
 
 
 def weights_file(path: Path, kind: str, checkpoint: str | None) -> Path:
-    return path / "checkpoints" / str(checkpoint) / WEIGHTS if kind == "run" else path / WEIGHTS
+    """The weights file of a run's checkpoint or of an export (core/layout.py)."""
+    return RunDir(path).checkpoint(str(checkpoint)) / WEIGHTS if kind == "run" else ExportDir(path).weights
 
 
 def file_sha256(path: Path) -> str:
@@ -53,9 +53,13 @@ def file_sha256(path: Path) -> str:
 
 
 def model_ref(model: Any) -> ModelRef:
-    """The ModelRef of a loaded `M3Model` (its `.source`), hashing its weights file."""
+    """The ModelRef of a loaded `M3Model` (its `.source`): the sha256 of its weights as verified when they
+    were loaded, else (a model without the record) of its weights file."""
     src = model.source
     path = Path(src.path).resolve()
+    recorded = getattr(model, "weights_sha256", None)
+    if recorded:
+        return ModelRef(str(path), src.kind, src.checkpoint, recorded)
     weights = weights_file(path, src.kind, src.checkpoint)
     if not weights.is_file():
         raise SearchError(f"{weights} is missing: the model at {path} has no weights file to name")

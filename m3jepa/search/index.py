@@ -1,4 +1,9 @@
-"""The index folder (manifest.json, index.faiss, rows.jsonl): written atomically, opened with checks."""
+"""The index folder (manifest.json, index.faiss, rows.jsonl): written atomically, opened with checks.
+
+Every file is covered: manifest.json by its own `manifest_sha256` (the sha256 of its other fields, so every
+field that changes what a search means, the modality, the model, the stores, the media roots, is checked),
+and each other file by the sha256 and size the manifest records.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,21 @@ from typing import Any
 import faiss
 import numpy as np
 
+from m3jepa.files import refused_writes
 from m3jepa.search.build import Built, set_search_params
 from m3jepa.search.errors import SearchError
 from m3jepa.search.identity import ModelRef, file_sha256
 
 FORMAT = "m3jepa-search-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest_sha256, and each media row's size and sha256 (search/media.py)
+SELF_HASH = "manifest_sha256"
 MANIFEST = "manifest.json"
 INDEX = "index.faiss"
 ROWS = "rows.jsonl"
 METRIC = "inner_product"  # on L2-normalised vectors: cosine similarity
 REQUIRED = ("format", "format_version", "kind", "factory", "params", "search_params", "dim", "rows",
             "metric", "modality", "recall@10", "recall", "files")
-ROW_KEYS = ("row_id", "sample_id", "group_id", "caption", "media")
+ROW_KEYS = ("row_id", "sample_id", "group_id", "caption", "media", "media_bytes", "media_sha256")
 
 
 @dataclass(frozen=True)
@@ -45,19 +52,46 @@ class Hit:
                                                "caption", "media")}
 
 
-def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
+def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[str, Any],
+                extra: dict[str, bytes] | None = None) -> Path:
     """Write `built` with its `rows` metadata (one per index position) and manifest `info` to `out`,
-    through a temporary folder renamed into place (a reader never sees half an index)."""
+    through a temporary folder renamed into place (a reader never sees half an index). `extra` files
+    (a folder gallery's vectors and sources, search/folder.py) go in too, their sha256 in the manifest."""
     if built.index.ntotal != len(rows):
         raise SearchError(f"{out}: {built.index.ntotal} vectors but {len(rows)} row records")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    text = "".join(json.dumps({k: r.get(k) for k in ROW_KEYS}, sort_keys=True, ensure_ascii=False) + "\n"
+                   for r in rows)
+    need = built.plan.est_bytes + len(text.encode("utf-8")) + sum(len(d) for d in (extra or {}).values())
+    kept = f"the index at {out} as it was" if out.exists() else ""
+    # a full disk: one line, the partial folder removed, the previous index untouched (m3jepa/files.py)
+    with refused_writes(out.parent, need=need, remove=[tmp], removed=f"the partial {tmp.name}", kept=kept):
+        _write_files(tmp, built, text, info, extra)
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)  # aside, then the new one in: a kill between leaves one of them whole
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The sha256 of a manifest's fields but SELF_HASH: its JSON with keys sorted and no whitespace."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _write_files(tmp: Path, built: Built, text: str, info: dict[str, Any],
+                 extra: dict[str, bytes] | None) -> None:
     tmp.mkdir(parents=True)
     faiss.write_index(built.index, str(tmp / INDEX))
-    text = "".join(json.dumps({k: r[k] for k in ROW_KEYS}, sort_keys=True, ensure_ascii=False) + "\n"
-                   for r in rows)
     (tmp / ROWS).write_text(text, encoding="utf-8")
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": built.plan.kind,
         "factory": built.plan.factory, "params": built.plan.params, "search_params": built.search_params,
@@ -66,14 +100,13 @@ def write_index(out: Path, built: Built, rows: list[dict[str, Any]], info: dict[
         "estimated_bytes": built.plan.est_bytes, "choice": built.plan.reason,
         "files": {INDEX: {"sha256": file_sha256(tmp / INDEX), "bytes": (tmp / INDEX).stat().st_size},
                   ROWS: {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                         "bytes": len(text.encode("utf-8"))}},
+                         "bytes": len(text.encode("utf-8"))},
+                  **{name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                     for name, data in (extra or {}).items()}},
         **info,
     }
+    manifest[SELF_HASH] = manifest_digest(manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -96,6 +129,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise SearchError(f"{where} lacks {', '.join(missing)}; rebuild with `m3jepa index --force`")
+    if m.get(SELF_HASH) != manifest_digest(m):
+        raise SearchError(f"{where} was changed after the index was built (it no longer matches its "
+                          f"{SELF_HASH}: a field such as its modality, model or stores would change what a "
+                          "search means); rebuild with `m3jepa index --force`")
     return m
 
 
@@ -151,6 +188,12 @@ class SearchIndex:
     @property
     def manifest(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._manifest))  # a copy: callers cannot change the index's view
+
+    @property
+    def media_roots(self) -> list[str]:
+        """The folders its rows' media files were recorded in (search/media.py); empty without media."""
+        roots = self._manifest.get("media_roots") or []
+        return [str(r) for r in roots] if isinstance(roots, list) else []
 
     @property
     def model(self) -> ModelRef | None:

@@ -29,18 +29,17 @@ class _Item:
     future: Future = field(default_factory=Future)
 
     @property
-    def key(self) -> tuple[int, str, str | None]:
-        return id(self.searcher.model), self.modality, self.searcher.index.modality
+    def key(self) -> Any:
+        return self.searcher.embedding_key(self.modality)
 
 
 class Batcher:
-    """One worker thread embeds the waiting queries of one direction per model call, under `lock` (the
-    model's lock, which uploads take too). A lone query goes at once; under load the worker first waits
-    up to `window_s` until as many queries wait as the last call embedded plus those that arrived while
-    it ran (WINDOW_S)."""
+    """One worker thread embeds the waiting queries of one direction per model call (`Searcher.embed_many`,
+    under the model's own lock, which uploads take too). A lone query goes at once; under load the worker
+    first waits up to `window_s` until as many queries wait as the last call embedded plus those that
+    arrived while it ran (WINDOW_S)."""
 
-    def __init__(self, lock: threading.Lock, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
-        self._lock = lock
+    def __init__(self, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
         self._max = max_batch
         self._window = window_s
         self._clients = 1  # queries the last call embedded + those that arrived while it ran
@@ -96,15 +95,13 @@ class Batcher:
             self._pending = [item for item in self._pending if id(item) not in taken]
             return batch
 
-    def _waiting(self, key: tuple | None) -> int:
+    def _waiting(self, key: Any) -> int:
         return sum(item.key == key for item in self._pending)
 
     def _embed(self, batch: list[_Item]) -> None:
         first = batch[0]
         try:
-            with self._lock:
-                out = first.searcher.model.embed_query([item.value for item in batch], source=first.modality,
-                                                       target=first.searcher.index.modality)  # (B, d)
+            out = first.searcher.embed_many(first.modality, [item.value for item in batch])  # (B, d)
         except Exception as e:
             if len(batch) == 1:
                 first.future.set_exception(e)

@@ -7,7 +7,6 @@ import logging
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -43,18 +42,14 @@ def open_engine(specs: list[str], device: str = "auto", batch_window_s: float = 
     """The engine over the indexes of `specs`, which must all come from one model (loaded once); text
     queries under load wait up to `batch_window_s` to share an encoder call (m3jepa/serve/batcher.py);
     `query_encoder_precision="int8"` embeds them with the int8 MiniLM (opt-in, CPU only)."""
-    from m3jepa.search import Searcher, SearchIndex
+    from m3jepa.search import Searcher
 
-    named = index_specs(specs)
-    first_name, first_path = next(iter(named.items()))
-    first = Searcher.open(first_path, device=device, query_encoder_precision=query_encoder_precision)
+    # one model, loaded once; a Searcher refuses an index built with other weights
+    searchers = Searcher.open_all(index_specs(specs), device, query_encoder_precision)
     if query_encoder_precision == "int8":  # never silent: the answers differ from the float32 ones
         log.warning("text queries use MiniLM with int8 Linear layers: their embeddings are close to, not "
                     "equal to, the float32 ones (docs/serve.md, 'The int8 query encoder')")
-    searchers: dict[str, Any] = {first_name: first}
-    for name, path in list(named.items())[1:]:  # Searcher refuses an index built with other weights
-        searchers[name] = Searcher(SearchIndex.open(path), first.model)
-    engine = Engine(searchers, first.model, batch_window_s=batch_window_s)
+    engine = Engine(searchers, batch_window_s=batch_window_s)
     warm_up(engine)
     return engine
 
@@ -89,6 +84,7 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: s
     import uvicorn
 
     from m3jepa.serve.app import create_app
+    from m3jepa.serve.http import server_config
 
     engine = open_engine(specs, device, batch_window_s, query_encoder_precision)
     app = create_app(engine, limits, loopback_only=is_loopback(host))
@@ -96,4 +92,4 @@ def serve(specs: list[str], host: str = "127.0.0.1", port: int = 8000, device: s
         log.warning("serving on %s: anyone who can reach it can query the model and read the indexed media",
                     host)
     log.info("serving %s on http://%s:%d", ", ".join(engine.searchers), host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(app, host, port)).run()  # its h11 refusals answered in JSON (serve/http.py)

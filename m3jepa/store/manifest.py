@@ -284,13 +284,19 @@ def _component(kind: str, value: str) -> str:
 
 # Datasets whose identity is their folder (the loader needs --root): two folders are two datasets, so the
 # store path's dataset component carries a short hash of the resolved folder.
-FOLDER_DATASETS = ("jsonl", "imagefolder", "imagenet")
+FOLDER_DATASETS = ("jsonl", "imagefolder", "imagenet", "webdataset")
 
 
 def resolved_root(data_root: str | Path) -> Path:
-    """The absolute dataset folder (a file given as the root, like pairs.jsonl, stands for its folder)."""
+    """The absolute dataset folder (a file given as the root, like pairs.jsonl, stands for its folder).
+
+    An fsspec URL (s3://bucket/cc3m, file:///data/x) names itself: it is kept as written, not resolved
+    against the working directory.
+    """
+    if "://" in str(data_root):
+        return Path(str(data_root))
     root = Path(data_root).expanduser().resolve()
-    return root.parent if root.is_file() else root
+    return root.parent if root.is_file() and root.suffix != ".tar" else root  # one .tar shard is itself
 
 
 def dataset_dir(dataset: str, data_root: str | Path | None = None) -> str:

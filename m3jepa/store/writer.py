@@ -13,14 +13,14 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from m3jepa.data.records import membership_fingerprint
-from m3jepa.location import Location, StoreURL, listing, location, remote_errors, write_text
+from m3jepa.data.records import LineDigest
+from m3jepa.location import Location, StoreURL, listing, location, remote_errors, write_lines, write_text
 from m3jepa.store.backends import checksum, remove_path, shard_files, write_shard_file
 from m3jepa.store.lease import StoreLease
 from m3jepa.store.lock import StoreLock
@@ -39,7 +39,6 @@ from m3jepa.store.manifest import (
     load_manifest,
     mismatches,
     plan_shards,
-    rows_digest,
     save_manifest,
     shard_file,
     shard_stem,
@@ -53,10 +52,13 @@ class StoreWriter:
     """Writes the shards of one store; a context manager holding the store's lock for this rank.
 
     Opening an existing store resumes it when its manifest agrees with `manifest` on every identity
-    field and raises StoreMismatchError otherwise. Each rank writes `my_shards()`; rank 0 finalizes.
+    field and raises StoreMismatchError otherwise. Each rank writes `my_shards()`: shard i goes to rank
+    `owners[i]` when `owners` is given (one rank per planned shard, the same on every rank), else to
+    rank i % world_size. Rank 0 finalizes.
     """
 
-    def __init__(self, path: str | Location, manifest: Manifest, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, path: str | Location, manifest: Manifest, *, rank: int = 0, world_size: int = 1,
+                 owners: Sequence[int] | None = None):
         self.path = location(path)
         self.remote = isinstance(self.path, StoreURL)
         self.manifest = manifest
@@ -64,6 +66,11 @@ class StoreWriter:
         self.world_size = world_size
         self._plan = plan_shards(manifest.rows, manifest.shard_size)
         assign_shards(self._plan, rank, world_size)  # validates rank / world_size early
+        if owners is not None and (len(owners) != len(self._plan)
+                                   or any(not 0 <= o < world_size for o in owners)):
+            raise ValueError(f"owners must name one rank in [0, {world_size}) for each of the "
+                             f"{len(self._plan)} planned shards, got {len(owners)}")
+        self._owners = list(owners) if owners is not None else None
         # a local folder: an flock the OS frees on death; a URL: a lease object with holder and expiry
         self._lock = StoreLease(self.path, rank) if self.remote else StoreLock(self.path, rank)
         # where the start record lives: the incomplete manifest locally, writing.json at a URL, whose
@@ -126,7 +133,9 @@ class StoreWriter:
         return list(self._plan)
 
     def my_shards(self) -> list[tuple[int, int, int]]:
-        """The planned shards this rank writes (index % world_size == rank)."""
+        """The planned shards this rank writes (owners[index] == rank, or index % world_size == rank)."""
+        if self._owners is not None:
+            return [s for s in self._plan if self._owners[s[0]] == self.rank]
         return assign_shards(self._plan, self.rank, self.world_size)
 
     def done_shards(self) -> set[int]:
@@ -267,10 +276,11 @@ class StoreWriter:
     # ------------------------------------------------------------ finishing
 
     def finalize(
-        self, rows: list[RowMeta], skipped: list[dict], dropped: list[tuple[str, str]] = ()
+        self, rows: Iterable[RowMeta], skipped: list[dict], dropped: list[tuple[str, str]] = ()
     ) -> Manifest:
         """Rank 0, after every rank is done: check all shards, write rows.jsonl and the complete manifest.
 
+        `rows` may be a stream (one row at a time: rows.jsonl is written as they come, checked on the way).
         `dropped` are (sample_id, reason) of items the dataset left out while loading (no row of their own).
         """
         if self.rank != 0:
@@ -282,11 +292,10 @@ class StoreWriter:
                 f"committed (first: {', '.join(shard_stem(i) for i in missing[:5])})"
             )
         skipped = sorted(skipped, key=lambda s: int(s["row_id"]))
-        self._check_rows(rows, {int(s["row_id"]) for s in skipped})
-        text = "".join(r.dumps() + "\n" for r in rows)
-        write_text(self.path / ROWS, text)
+        lines = self._checked_lines(rows, {int(s["row_id"]) for s in skipped})
+        digest = write_lines(self.path / ROWS, lines)
         final = Manifest.from_json(self.manifest.to_json())
-        final.rows_sha256 = rows_digest(text.encode("utf-8"))  # checked whenever the rows are read
+        final.rows_sha256 = digest  # of rows.jsonl's bytes, checked whenever the rows are read
         final.shards = [self._read_sidecar(i) for i, _, _ in self._plan]
         final.skipped = [
             {"row_id": int(s["row_id"]), "sample_id": str(s["sample_id"]), "reason": str(s["reason"])}
@@ -308,11 +317,13 @@ class StoreWriter:
         )
         return final
 
-    def _check_rows(self, rows: list[RowMeta], skipped_ids: set[int]) -> None:
-        m = self.manifest
-        if len(rows) != m.rows:
-            raise ValueError(f"{self.path}: finalize got {len(rows)} rows, the manifest plans {m.rows}")
+    def _checked_lines(self, rows: Iterable[RowMeta], skipped_ids: set[int]) -> Iterator[str]:
+        """rows.jsonl's lines, each row checked as it passes; the count and membership checked at the end."""
+        m, members, n = self.manifest, LineDigest(), 0
         for i, r in enumerate(rows):
+            n += 1
+            if i >= m.rows:
+                raise ValueError(f"{self.path}: finalize got more than the {m.rows} rows the manifest plans")
             if r.row_id != i:
                 raise ValueError(
                     f"{self.path}: rows must be in row order; position {i} has row_id {r.row_id}"
@@ -322,7 +333,11 @@ class StoreWriter:
                     f"{self.path}: row {i} ({r.sample_id}) is valid={r.valid} but "
                     f"{'is' if i in skipped_ids else 'is not'} listed as skipped"
                 )
-        if membership_fingerprint(rows) != m.membership:  # type: ignore[arg-type]  (reads .sample_id)
+            members.add(r.sample_id)
+            yield r.dumps() + "\n"
+        if n != m.rows:
+            raise ValueError(f"{self.path}: finalize got {n} rows, the manifest plans {m.rows}")
+        if members.hexdigest() != m.membership:
             raise ValueError(f"{self.path}: the rows' sample ids do not match the manifest's membership")
 
 

@@ -12,18 +12,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3jepa.config import PipelineConfig, save_toml
+from m3jepa.config import PipelineConfig, check_machine, save_toml
 from m3jepa.core import checkpoint as ckpt
 from m3jepa.core import runstores
-from m3jepa.core.collectives import broadcast_float, broadcast_object
+from m3jepa.core.collectives import GradReducer, broadcast_float, broadcast_object, resolve_compression
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
+from m3jepa.core.layout import RunDir
 from m3jepa.core.objective import Objective, loss_scalars, write_parameter_report
 from m3jepa.core.paired import PairedSplit, carve_validation, load_split, split_is_empty
+from m3jepa.core.rankrng import rng_states, seed_ranks
 from m3jepa.core.runlock import hold_run
 from m3jepa.distributed import DistInfo, process_group
+from m3jepa.files import refused_writes
 from m3jepa.model.mixup import mix_plan, mixup_pair
-from m3jepa.model.moe import log_view, warn_collapsed
+from m3jepa.model.moe import log_view, warn_unbalanced
 from m3jepa.progress import progress
 from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
@@ -31,14 +34,6 @@ from m3jepa.train.recipes import RoutingTally, auto_size, fit_target_statistics
 from m3jepa.train.schedule import directions_at, lr_at
 
 log = logging.getLogger(__name__)
-
-# A resumed run must be the same run: these sections have to match the checkpoint's exactly.
-RESUME_SECTIONS = ("encode", "model", "loss", "train", "runtime")
-# ... except keys that cannot change a result: every feed gives the same batches, bit for bit, and a run
-# may resume on another device (its checkpoint loads with map_location of the new one); TensorBoard only
-# mirrors metrics.jsonl
-RESUME_IGNORED = frozenset({"train.feed", "runtime.device", "train.tensorboard"})
-
 
 @dataclass
 class TrainResult:
@@ -52,8 +47,15 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     num_params: int
+    already_finished: bool = False  # resumed at its end: nothing was trained now
 
     def summary(self) -> str:
+        if self.already_finished:
+            how = f"stopped early at step {self.steps}" if self.stopped_early else f"{self.steps} steps"
+            return (
+                f"run {self.run_dir} was already finished ({how}); nothing to train: best validation mean "
+                f"R@1 {self.best_metric:.2f} at step {self.best_step}"
+            )
         return (
             f"run {self.run_dir}: {self.steps} steps in {self.seconds:.1f}s "
             f"({self.samples_per_s:.0f} samples/s), {self.num_params:,} trainable parameters; "
@@ -82,9 +84,14 @@ def train(cfg: PipelineConfig, resume: bool = False, auto_keys: frozenset[str] |
     `train-predictor` without a pipeline passes, less the keys its --set gave.
     """
     runtime = resolve(cfg.runtime)  # the device and its process-group backend, decided once
+    # a full disk or a read-only run folder: one line; a checkpoint being written is removed, the previous
+    # one kept (core/checkpoint.py), and --resume goes on from it (m3jepa/files.py)
+    disk = refused_writes(run_dir_of(cfg), kept="the run's finished checkpoints",
+                          fix="then `m3jepa train-predictor ... --resume` goes on from checkpoints/latest")
     # one process: rank 0 of 1, no group; rank 0 locks the run dir, so a second run into it fails at once
-    with process_group(runtime.device) as info, hold_run(run_dir_of(cfg), info.is_main):
-        log.info("training on %s (%s, process group %s)", runtime.device, runtime.precision, runtime.backend)
+    with process_group(runtime.device) as info, disk, hold_run(run_dir_of(cfg), info.is_main):
+        log.info("training on %s (%s, float32 matmuls %s, process group %s)", runtime.device,
+                 runtime.precision, runtime.matmul_precision, runtime.backend)
         return _train(cfg, resume, info, runtime, auto_keys)
 
 
@@ -96,17 +103,18 @@ def _train(
     auto_keys: frozenset[str] | None = None,
 ) -> TrainResult:
     t = cfg.train
+    check_machine(cfg)  # train.num_threads within this machine's ceiling, before torch starts them
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.batch_size % info.world_size:
         raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over {info.world_size} ranks")
     tensorboard = tracking.use_tensorboard(t.tensorboard)  # "on" without the package fails before any work
     run_dir = run_dir_of(cfg)
-    ck_dir = run_dir / "checkpoints"
+    layout = RunDir(run_dir)
     if cfg.lora.enabled and t.mixup > 0:
         raise ValueError("train.mixup mixes stored latents, the LoRA mode re-encodes them: set train.mixup=0")
     if not resume:
-        _load_resume(cfg, ck_dir, resume, runtime.device)  # "already holds a run", before any data is read
+        _load_resume(cfg, layout, resume, runtime.device)  # "already holds a run", before any data is read
 
     device = runtime.device
     train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
@@ -116,8 +124,8 @@ def _train(
         t = cfg.train
         if t.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")
-    start = _load_resume(cfg, ck_dir, resume, runtime.device)
-    runstores.start_run(cfg, run_dir, train_data, info.is_main)  # batch vs pairs; stores.json
+    start = _load_resume(cfg, layout, resume, runtime.device)
+    runstores.start_run(cfg, run_dir, train_data, info.is_main, device)  # batch, memory; stores.json
     torch.manual_seed(t.seed)
     with device:  # parameters are created where they train
         objective = Objective(cfg.model, cfg.loss, train_data.dims())
@@ -132,24 +140,33 @@ def _train(
         stores={m: {"encoder": f.encoder, "revision": f.revision} for m, f in train_data.modalities.items()},
     )
     if start is not None:
-        _restore(start, objective, optimizer, device)
+        _restore(start, objective, optimizer)
         state = start.state
     elif cfg.loss.pred_target == "standardized":  # a resumed run has its statistics in the checkpoint
         fit_target_statistics(objective.predictor, train_data, t.directions)
-    model = objective
+    # DDP's work, done by m3jepa.core.collectives.GradReducer (its docstring says why not DDP itself):
+    # rank 0's initial state everywhere, then each backward's gradients averaged over the ranks
+    reducer = None
     if info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=ids, find_unused_parameters=True
-        )
+        reducer = GradReducer(objective, info, resolve_compression(cfg.runtime.grad_compression, runtime))
+        reducer.broadcast_from_main(objective)
+    # after the shared initialisation every rank draws its own dropout masks (rank 0 keeps train.seed's
+    # stream, so it is the one-process run's); a resumed run takes each rank's saved generator back
+    seed_ranks(start, t.seed, info, device, state.step)
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    if start is not None and (state.stopped_early or state.step >= n_steps):  # a rerun of a finished run
+        train_data.close()
+        log.info("run %s is already finished at step %d: nothing to train", run_dir, state.step)
+        return TrainResult(run_dir=run_dir, steps=state.step, best_step=state.best_step,
+                           best_metric=state.best_metric, stopped_early=state.stopped_early, seconds=0.0,
+                           samples_per_s=0.0, num_params=n_params, already_finished=True)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_toml(cfg, run_dir / "config.toml")
-        write_parameter_report(objective, run_dir / "trainable.json")
-        _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        save_toml(cfg, layout.config)
+        write_parameter_report(objective, layout.trainable)
+        _truncate_metrics(layout.metrics_log, state.step)
         log.info(
             "training %s trainable parameters for %d steps (from step %d)",
             f"{n_params:,}",
@@ -163,8 +180,10 @@ def _train(
     tracker = tracking.Tracker(run_dir, state.step, tensorboard) if info.is_main else None
     window: dict[str, list] = {}  # direction -> [loss sum, steps] since the last log line
     tally = RoutingTally(getattr(getattr(objective.predictor, "mixer", None), "top_k", None))
-    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about a collapse
-    # Store-fed: a thread reads the batches of the steps ahead (the directions the schedule will draw).
+    warned: set[tuple[str, str]] = set()  # (direction, gate) already warned about (moe.warn_unbalanced)
+    # A thread prepares the batches of the steps ahead (the directions the schedule will draw); under
+    # mixup every rank takes the global batch (it mixes it as one process would, then keeps its slice).
+    whole = t.mixup > 0
     train_data.readahead = read_ahead(
         train_data,
         lambda s: directions_at(
@@ -173,14 +192,15 @@ def _train(
         range(state.step, n_steps),
         t.batch_size,
         t.seed,
-        info.rank,
-        info.world_size,
+        0 if whole else info.rank,
+        1 if whole else info.world_size,
     )
     try:
         for step in range(state.step, n_steps):
             if state.stopped_early:
                 break
-            parts = _train_step(model, optimizer, cfg, train_data, state, step, n_steps, info, runtime)
+            parts = _train_step(objective, optimizer, cfg, train_data, state, step, n_steps, info, runtime,
+                                reducer=reducer)
             _accumulate(window, parts["by_direction"])
             tally.add(parts["routing"])  # expert counts summed on the device; read once per log line
             state.step = step + 1
@@ -199,8 +219,11 @@ def _train(
                 )
             if state.step % t.eval_every == 0 or last:
                 _validate(objective, cfg, val_data, state, tracker, run_dir, info, runtime, warned)
-            if info.is_main and (state.step % t.checkpoint_every == 0 or last or state.stopped_early):
-                ckpt.save_checkpoint(ck_dir / "latest", cfg, objective, state, optimizer, _extra(objective))
+            if state.step % t.checkpoint_every == 0 or last or state.stopped_early:
+                rng = rng_states(objective, info)  # every rank's generators (a collective)
+                if info.is_main:
+                    ckpt.save_checkpoint(layout.latest, cfg, objective, state, optimizer, _extra(objective),
+                                         rng=rng)
             bar.update(1)
     finally:
         train_data.close()
@@ -223,38 +246,30 @@ def _train(
 
 
 def _load_resume(
-    cfg: PipelineConfig, ck_dir: Path, resume: bool, device: torch.device
+    cfg: PipelineConfig, layout: RunDir, resume: bool, device: torch.device
 ) -> ckpt.Checkpoint | None:
-    latest = ck_dir / "latest"
+    latest = layout.latest
     ckpt.recover_interrupted(latest)
     if not resume:
         if latest.exists():
             raise ValueError(
-                f"{ck_dir.parent} already holds a run; pass --resume to continue it, or choose another --run"
+                f"{layout.path} already holds a run; pass --resume to continue it, or choose another --run"
             )
         return None
     if not latest.exists():
         raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
     start = ckpt.load_checkpoint(latest, with_optimizer=True, map_location=device)
-    diff = ckpt.config_differences(cfg, start.cfg, RESUME_SECTIONS, RESUME_IGNORED)
-    if diff:
-        raise ckpt.CheckpointError(
-            f"--resume: the config differs from the checkpoint's ({'; '.join(diff)}); "
-            "resume with the same config, or start a new --run"
-        )
+    ckpt.check_same_run(cfg, start.cfg, layout.path)  # the one rule of run identity (core/checkpoint.py)
     log.info("resuming %s at step %d", latest, start.state.step)
     return start
 
 
-def _restore(
-    start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer, device: torch.device
-) -> None:
+def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer) -> None:
     try:
         objective.load_state_dict(start.weights, strict=True)
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"checkpoint {start.path} does not fit this model: {e}") from e
     optimizer.load_state_dict(start.optimizer["optimizer"])
-    ckpt.restore_rng(start.optimizer, device)
 
 
 def _train_step(
@@ -267,8 +282,10 @@ def _train_step(
     n_steps: int,
     info: DistInfo,
     runtime: Runtime,
+    reducer: GradReducer | None = None,
 ) -> dict:
-    """One AGD step: the step's direction(s), their losses summed, one optimizer update."""
+    """One AGD step: the step's direction(s), their losses summed, one backward, the gradients averaged
+    over the ranks (`reducer`, under torchrun), one optimizer update."""
     t = cfg.train
     lr = lr_at(step, n_steps, t.lr, warmup_frac=t.warmup_frac, min_lr_frac=t.min_lr_frac)
     for group in optimizer.param_groups:
@@ -283,11 +300,14 @@ def _train_step(
     routing = {}  # direction -> ({gate: (N,) expert assignments of this batch, on the device}, rows)
     rows = t.batch_size // info.world_size  # this rank's slice (y may be the LoRA mode's PrefixBatch)
     for d in directions:
-        x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         if t.mixup > 0:  # FuseMix: one partner and one λ per pair, the same in source and target
-            k = t.directions.index(d)
-            plan = mix_plan(rows, t.mixup, t.mixup_alpha, t.seed, step, k, info.rank)
-            x, y = mixup_pair(x, y, plan)
+            # drawn and applied over the global batch, then this rank's slice: the same mixed rows as in
+            # one process, whatever the world size
+            x, y = _batch(data, d, t.batch_size, t.seed, step, DistInfo())  # (B, D) on runtime.device
+            plan = mix_plan(t.batch_size, t.mixup, t.mixup_alpha, t.seed, step, t.directions.index(d))
+            x, y = _rank_slice(mixup_pair(x, y, plan), info)
+        else:
+            x, y = _batch(data, d, t.batch_size, t.seed, step, info)  # on runtime.device
         with runtime.autocast():
             parts = model(d, x, y, info)
         p, c = loss_scalars(parts)
@@ -296,6 +316,8 @@ def _train_step(
         if parts.expert_counts:
             routing[d] = ({g: c.detach() for g, c in parts.expert_counts.items()}, rows)
     loss.backward()
+    if reducer is not None:
+        reducer.reduce()
     optimizer_step(optimizer, model, t.grad_clip)
     return {"loss": loss.detach(), "loss_pred": pred, "loss_cl": cl, "lr": lr, "directions": directions,
             "by_direction": by_direction, "routing": routing}
@@ -308,6 +330,17 @@ def _batch(data: PairedSplit, direction: str, batch_size: int, seed: int, step: 
     from the stores (train.feed), the rows, their order and their float32 values are the same.
     """
     return data.batch(direction, batch_size, seed, step, info.rank, info.world_size)
+
+
+def _rank_slice(batch: tuple, info: DistInfo) -> tuple:
+    """This rank's contiguous slice of a global batch (x (B, D_s) or {m: (B, D_m)}, y (B, D_t)), as
+    PairedSplit.batch slices the batch indices."""
+    if not info.enabled:
+        return batch
+    x, y = batch
+    b = y.shape[0] // info.world_size
+    part = slice(info.rank * b, (info.rank + 1) * b)
+    return ({m: v[part] for m, v in x.items()} if isinstance(x, dict) else x[part]), y[part]
 
 
 def _scalars(parts: dict) -> dict:
@@ -355,7 +388,8 @@ def _validate(
         if health["routing"]:
             record["val_routing"] = {d: {g: log_view(h) for g, h in gates.items()}
                                      for d, gates in health["routing"].items()}
-            warn_collapsed(health["routing"], f"validation at step {state.step}", warned)
+            warn_unbalanced(health["routing"], cfg.model.load_balance_weight,
+                            f"validation at step {state.step}", warned)
         tracker.log(record)
     mean_r1 = broadcast_float(mean_r1, info, runtime.device)
     # Every rank must draw the same dynamic-AGD directions, so every rank needs rank 0's recalls.
@@ -363,7 +397,7 @@ def _validate(
     if mean_r1 > state.best_metric:
         state.best_metric, state.best_step, state.evals_since_best = mean_r1, state.step, 0
         if info.is_main:
-            best = run_dir / "checkpoints" / "best"
+            best = RunDir(run_dir).best
             ckpt.save_checkpoint(best, cfg, objective, state, None, _extra(objective))
     else:
         state.evals_since_best += 1

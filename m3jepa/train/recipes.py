@@ -111,19 +111,23 @@ SIZED_KEYS = frozenset({"model.dim", "model.hidden", "model.cl_dim", "train.batc
 # pairs (4.3M parameters matched 15M on validation R@1); up to 100,000 ModelConfig's defaults; beyond, the
 # paper's preset (d = h = d_cl = 2048), which the paper trained on COCO's 566,000 pairs.
 SIZES = ((5_000, 256, 512, 128), (100_000, 512, 1024, 256), (math.inf, 2048, 2048, 2048))
-MIN_STEPS = 300  # at least this many updates, however few the pairs (eval_every 50: six validations)
+# A step budget, not a schedule: the run stops when validation mean R@1 has not improved for
+# train.patience evaluations (10 × eval_every 50 = 500 steps by default), and the learning rate's cosine
+# runs over the budget. The old fixed 300 steps stopped Tux Paint, emoji and an icon set while validation
+# was still improving (docs/training.md, "Without a pipeline", measured).
+MIN_BUDGET = 3000
 MAX_BATCH = 128  # the batch is train.batch_size, halved until every direction has that many pairs
 
 
 def sized_values(pairs: dict[str, int], epochs: int, batch_size: int) -> dict[str, int]:
     """The rule: width from the largest direction's pairs P (SIZES); batch = train.batch_size halved until
-    it fits the smallest direction; steps = max(MIN_STEPS, ceil(epochs · P / batch))."""
+    it fits the smallest direction; step budget = max(MIN_BUDGET, ceil(epochs · P / batch))."""
     largest, smallest = max(pairs.values()), min(pairs.values())
     _, dim, hidden, cl_dim = next(row for row in SIZES if largest <= row[0])
     batch = batch_size
     while batch > smallest and batch > 1:
         batch //= 2
-    steps = max(MIN_STEPS, math.ceil(epochs * largest / batch))
+    steps = max(MIN_BUDGET, math.ceil(epochs * largest / batch))
     return {"model.dim": dim, "model.hidden": hidden, "model.cl_dim": cl_dim, "train.batch_size": batch,
             "train.max_steps": steps}
 
@@ -144,9 +148,10 @@ def auto_size(cfg: PipelineConfig, data: PairedSplit, keys: frozenset[str]) -> P
         cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()}
     )
     log.warning(
-        "no pipeline: sized from the %s train pairs (largest direction %d): %s (docs/training.md, 'Without a "
-        "pipeline'; --set any of them, or pass --pipeline, to choose yourself)",
+        "no pipeline: sized from the %s train pairs (largest direction %d): %s; a step budget that early "
+        "stopping ends after train.patience=%d validations (every %d steps) without a better mean R@1 "
+        "(docs/training.md, 'Without a pipeline'; --set any of them, or pass --pipeline, to choose yourself)",
         ", ".join(f"{d} {n}" for d, n in pairs.items()), max(pairs.values()),
-        ", ".join(f"{k}={v}" for k, v in sorted(values.items())),
+        ", ".join(f"{k}={v}" for k, v in sorted(values.items())), cfg.train.patience, cfg.train.eval_every,
     )
     return out

@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from m3jepa.config import ConfigError
+from m3jepa.core.layout import METRICS_CSV as CSV  # the run folder's names are core/layout.py's
+from m3jepa.core.layout import METRICS_LOG as JSONL
+from m3jepa.core.layout import TENSORBOARD
 from m3jepa.core.provenance import Session
 from m3jepa.eval.report import flatten
 from m3jepa.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-JSONL = "metrics.jsonl"
-CSV = "metrics.csv"
-TENSORBOARD = "tensorboard"
 
 
 def tensorboard_installed() -> bool:

@@ -197,6 +197,8 @@ int64_t band_count(const uint16_t *restrict s, int64_t rows, int64_t cols, int64
 }
 """
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC"]
+# the functions _build declares: a library without one of them was not built from C_SOURCE
+SYMBOLS = ("prepare_rows", "quantize_rows", "pair_dots", "band_count")
 _KERNEL: ctypes.CDLL | bool | None = None
 _POOL: ThreadPoolExecutor | None = None
 
@@ -212,7 +214,7 @@ def load() -> ctypes.CDLL | None:
 def _build() -> ctypes.CDLL | None:
     from m3jepa.accel.native import build
 
-    kernel = build("search_kernels", C_SOURCE, FLAGS, lang="c")
+    kernel = build("search_kernels", C_SOURCE, FLAGS, lang="c", symbols=SYMBOLS)
     if kernel is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

@@ -1,5 +1,7 @@
 // The m3jepa search page: offers the queries the served indexes and the model's directions allow, and
 // shows the hits. Every text from the server goes into the page with textContent, never as HTML.
+// A text search is also a URL: /?q=...&index=...&k=... opens the page with its results (a link to share,
+// a headless screenshot), and each search made on the page puts its own URL in the address bar.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -30,6 +32,7 @@ async function start() {
     return;
   }
   maxK = health.limits.max_k;
+  for (const k of [$("text-k"), $("file-k")]) k.value = String(health.limits.default_k);
   $("model").textContent = `model ${health.model.path} · directions ${health.model.directions.join(", ")}`;
   for (const index of health.indexes) {
     const label = `${index.name} (${index.rows} ${index.modality} rows)`;
@@ -43,6 +46,35 @@ async function start() {
   for (const k of [$("text-k"), $("file-k")]) k.max = String(maxK);
   if ($("text-form").hidden && $("file-form").hidden) setStatus("no served index answers a query", true);
   else setStatus("");
+  searchFromUrl();
+}
+
+// /?q=...&index=...&k=...: fill the text form from the URL and search (index and k are optional).
+function searchFromUrl() {
+  const params = new URLSearchParams(window.location.search);
+  const query = params.get("q");
+  if (query === null || $("text-form").hidden) return;
+  $("text-query").value = query;
+  if (params.has("index")) {
+    const wanted = params.get("index");
+    if (![...$("text-index").options].some((o) => o.value === wanted)) {
+      setStatus(`error: the URL names index ${JSON.stringify(wanted)}, which is not served here`, true);
+      return;
+    }
+    $("text-index").value = wanted;
+  }
+  if (params.has("k")) $("text-k").value = params.get("k");
+  searchText(false);
+}
+
+function searchText(remember) {
+  const body = { text: $("text-query").value, k: Number($("text-k").value), index: $("text-index").value };
+  if (remember) {  // the address bar now opens these results
+    const url = new URL(window.location.href);
+    url.search = new URLSearchParams({ q: body.text, index: body.index, k: String(body.k) }).toString();
+    window.history.replaceState(null, "", url);
+  }
+  post("/api/search", { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 }
 
 async function post(url, init) {
@@ -64,8 +96,8 @@ async function post(url, init) {
 }
 
 function show(answer) {
-  setStatus(`${answer.hits.length} hits from ${answer.index} (${answer.direction}) in ` +
-            `${answer.took_ms.toFixed(1)} ms`);
+  setStatus(`${answer.hits.length} hits of ${answer.gallery_size.toLocaleString("en")} ${answer.gallery} ` +
+            `rows in ${answer.index} (${answer.direction}), ${answer.took_ms.toFixed(1)} ms`);
   const results = $("results");
   if (answer.gallery === "text") {
     const list = element("ol", { class: "captions" });
@@ -97,8 +129,7 @@ function figure(hit, gallery) {
 
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const body = { text: $("text-query").value, k: Number($("text-k").value), index: $("text-index").value };
-  post("/api/search", { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  searchText(true);
 });
 
 $("file-form").addEventListener("submit", (event) => {

@@ -4,6 +4,7 @@ user would (AWS_ENDPOINT_URL and credentials in the environment)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -259,10 +260,11 @@ def test_encode_train_evaluate_index_with_the_stores_only_in_the_bucket(s3, tmp_
     cache = tmp_path / "cache"
     outputs = []
 
-    def m3jepa(*args: str) -> None:
+    def m3jepa(*args: str) -> str:
         out = _m3jepa(*args, cwd=tmp_path)
         outputs.append(out.stdout + out.stderr)
         assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
 
     m3jepa("run", "tuxpaint", "--workdir", str(tmp_path), "--device", "cpu",
            *_sets(**SMALL, **{"encode.store_root": root, "train.feed": "store",
@@ -277,6 +279,19 @@ def test_encode_train_evaluate_index_with_the_stores_only_in_the_bucket(s3, tmp_
         "efficientnet-lite0"
     assert json.loads((run / "metrics.json").read_text())["directions"]["image->text"]["R@1"] >= 0
     m3jepa("index", "--run", str(run), "--split", "test", "--modality", "image", "--device", "cpu")
+    # the memory feed (no cache: whole chunks GET) and evaluate on a second run, from the same stores
+    mem = tmp_path / "runs" / "memory"
+    m3jepa("train-predictor", "--pipeline", "tuxpaint", "--run", str(mem), "--store-root", root, "--device",
+           "cpu", *_sets(**SMALL, **{"train.feed": "memory"}))
+    m3jepa("evaluate", "--run", str(mem), "--device", "cpu")
+    assert json.loads((mem / "metrics.json").read_text())["directions"]["image->text"]["R@1"] >= 0
+    m3jepa("stores", "inspect", f"{root}/tuxpaint/train/image/efficientnet-lite0")
+    assert "complete   yes" in outputs[-1] and root in outputs[-1]
+    index = next((run / "embedded" / "test").glob("image*.index"))
+    hits = m3jepa("search", "--index", str(index), "--text", "a cat", "--k", "3", "--json", "--device", "cpu")
+    assert len(json.loads(hits)["hits"]) == 3
+    m3jepa("export", "--run", str(run), "--out", str(tmp_path / "runs" / "export"))
+    _serve_one_query(index)
 
     assert not (tmp_path / "stores").exists()  # no local store root: the stores are only in the bucket
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]
@@ -286,6 +301,21 @@ def test_encode_train_evaluate_index_with_the_stores_only_in_the_bucket(s3, tmp_
     assert not any(SECRET.encode() in b for b in written)
     assert not any(SECRET in o for o in outputs)
     assert not any(SECRET.encode() in b for b in _objects("e2e").values())
+
+
+def _serve_one_query(index: Path) -> None:
+    """`m3jepa serve`'s app (in this process: the engine the CLI opens, create_app) answers a
+    caption query over an index whose run's stores are in the bucket."""
+    from fastapi.testclient import TestClient
+
+    from m3jepa.serve.app import create_app
+    from m3jepa.serve.server import index_specs, open_engine
+
+    engine = open_engine([str(index)], "cpu")
+    with TestClient(create_app(engine), base_url="http://127.0.0.1") as client:
+        r = client.post("/api/search", json={"text": "a cat", "k": 2, "index": next(iter(index_specs(
+            [str(index)])))})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 2, r.text
 
 
 def _encode_args(root: str) -> list[str]:
@@ -323,3 +353,71 @@ def test_kill_9_mid_encode_to_the_bucket_resumes_byte_identical(s3, tuxpaint_roo
     assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)  # byte-identical objects
     assert not any(".lease" in k or "writing.json" in k for k in a)
     assert verify_store(store, download=True).ok
+
+
+# ---------------------------------------------------------------- webdataset shards in the bucket
+
+
+def test_webdataset_shards_in_the_bucket_edited_stale_untouched_cached(s3, real_pngs):
+    """`--dataset webdataset` with its tar shards and its stores in the bucket: each shard's fingerprint
+    is its listing's size, time and ETag, so a shard re-uploaded with one image member changed (same size)
+    makes only its rows stale, and the stores of untouched shards stay cached."""
+    from test_webdataset import _Fake, _Pixels, _sample, _tar
+
+    from m3jepa.config import EncodeConfig
+    from m3jepa.data import get_dataset
+    from m3jepa.distributed import DistInfo
+    from m3jepa.encode.jobs import cache_state, plan_jobs
+    from m3jepa.encode.runner import encode_store
+    from m3jepa.encoders.base import EncoderSpec
+
+    fs, pngs = _fs(), [p.read_bytes() for p in real_pngs]
+    shards, root = f"s3://{BUCKET}/wds/shards", f"s3://{BUCKET}/wds/stores"
+
+    def upload(index: int, first: bytes) -> None:
+        """Shard `index` of 4 samples (train, val alternating); its first image's bytes are `first`."""
+        members = []
+        for i in range(4):
+            png = first if i == 0 else pngs[(4 * index + i) % len(pngs)]
+            split = {"split": ("train", "val")[i % 2]}
+            members += _sample(f"{index:05d}{i:04d}", png, f"stamp {index}.{i}", split)
+        fs.pipe_file(f"{shards.removeprefix('s3://')}/{index:05d}.tar", _tar_bytes(members))
+
+    def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return _tar(Path(tmp) / "x.tar", members).read_bytes()
+
+    for index in range(3):
+        upload(index, pngs[(4 * index) % len(pngs)])
+    specs = {m: EncoderSpec(f"fake-{m}", m, 4, "none", "r1", "last", factory=None)  # type: ignore[arg-type]
+             for m in ("image", "text")}
+
+    def plan():
+        cfg = EncodeConfig(dataset="webdataset", root=shards, splits=["train"], modalities=["image", "text"],
+                           store_root=root, shard_size=2, batch_size=2, workers=0, split_field="split")
+        ds = get_dataset("webdataset", shards, options=cfg.dataset_options())
+        return cfg, plan_jobs(cfg, ds)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("m3jepa.encode.jobs.encoder_spec", lambda cfg, modality, ds: specs[modality])
+        cfg, jobs = plan()
+        assert all(isinstance(job.path, StoreURL) for job in jobs)
+        for job in jobs:
+            encoder = _Pixels(specs["image"]) if job.modality == "image" else _Fake(job.spec)
+            encode_store(job, encoder, cfg, DistInfo())
+        assert [cache_state(job, cfg) for job in plan()[1]] == [True, True]
+        edited = bytearray(pngs[4])
+        edited[-20] ^= 0xFF  # one byte inside the PNG's last chunk: same size, other bytes
+        upload(1, bytes(edited))  # shard 1 re-uploaded
+        image, text = (cache_state(job, cfg) for job in plan()[1])
+    assert isinstance(image, str), image
+    # the time has one-second steps: the ETag (the MD5 of a plain upload) tells two same-size uploads apart
+    from m3jepa.data.tars import shard_stat
+
+    tar = f"{shards}/00001.tar"
+    assert shard_stat(tar).endswith(":" + hashlib.md5(fs.cat_file(tar.removeprefix("s3://"))).hexdigest())
+    assert "2 of 6 rows changed since it was written (2 media files; first: 000010000, 000010002)" in image
+    assert text is True  # its captions did not change
+    assert sorted(m.modality for _, m in list_stores(root)) == ["image", "text"]

@@ -479,8 +479,8 @@ def run_pipeline(
     ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
     run: Annotated[str | None, typer.Option(
-        help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder holding "
-             "a run of another config is refused; one of this config is continued.")] = None,
+        *RUN, help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder "
+             "holding a run of another config is refused; one of this config is continued.")] = None,
     seeds: Seeds = None,
     device: Device = None,
     precision: Precision = None,

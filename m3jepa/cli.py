@@ -247,8 +247,8 @@ def stores_verify(
 
 @stores_app.command("import")
 def stores_import(
-    source: Annotated[str, typer.Argument(help="The folder of embeddings (clip-retrieval's output folder).")],
-    dataset: Annotated[str, typer.Option(help="The name the stores get (encode.dataset of the runs on them).")],
+    source: Annotated[str, typer.Argument(help="The folder of embeddings (clip-retrieval's output).")],
+    dataset: Annotated[str, typer.Option(help="The stores' dataset name (encode.dataset of runs on them).")],
     image_encoder: Annotated[
         str | None, typer.Option(help="The model that made the image embeddings (names its stores).")
     ] = None,
@@ -260,7 +260,7 @@ def stores_import(
         "img_emb/img_emb_*.npy"),
     text_glob: Annotated[str, typer.Option(help="Text .npy files under SOURCE; 'none': no text.")] = (
         "text_emb/text_emb_*.npy"),
-    metadata_glob: Annotated[str, typer.Option(help="The .parquet files under SOURCE, one per .npy shard.")] = (
+    metadata_glob: Annotated[str, typer.Option(help="The .parquet files under SOURCE, one per shard.")] = (
         "metadata/metadata_*.parquet"),
     key_column: Annotated[
         str | None, typer.Option(help="The column naming each sample (default: key, else image_path).")
@@ -277,7 +277,8 @@ def stores_import(
     format: Annotated[str, typer.Option("--format", help="zarr | hdf5.")] = "zarr",
     shard_size: Annotated[int, typer.Option(help="Rows per store shard (the unit of resume).")] = 2048,
     skip_bad: Annotated[bool, typer.Option(help="Import rows with NaN/inf as invalid rows.")] = False,
-    allow_gaps: Annotated[bool, typer.Option(help="Accept missing shard numbers (empty partitions).")] = False,
+    allow_gaps: Annotated[bool, typer.Option(help="Accept missing shard numbers (empty partitions).")] = (
+        False),
     content_hash: Annotated[
         str, typer.Option(help="stat | sha256: how the source files are fingerprinted.")
     ] = "stat",
@@ -287,7 +288,7 @@ def stores_import(
     """Turn embeddings computed elsewhere (clip-retrieval's img_emb/, text_emb/, metadata/, or any .npy +
     .parquet pairs) into feature stores that train-predictor, evaluate and index read (docs/feature-store.md).
 
-    Example: m3jepa stores import embeddings --dataset cc3m-clip --image-encoder clip-vit-b-32 --text-encoder clip-vit-b-32
+    Example: m3jepa stores import emb --dataset cc3m-clip --image-encoder clip-b32 --text-encoder clip-b32
     """
     _setup_logging(verbose)
     with _errors():

@@ -250,11 +250,12 @@ def _prepare(path: Path, manifest: Manifest, force: bool) -> bool:
     diffs = mismatches(manifest, found)
     if not diffs:
         return False  # an interrupted import of the same source: StoreWriter resumes it
-    if [d[0] for d in diffs] == ["encoder_revision"] and str(found.encoder_revision).startswith("import:"):
+    rows_or_source = {"encoder_revision", "membership", "rows"}
+    if str(found.encoder_revision).startswith("import:") and {d[0] for d in diffs} <= rows_or_source:
         why = "its source files (or the import's options) changed since it was imported"
     else:
         why = "it holds other rows or another encoding (" + "; ".join(
-            f"{k}: {f!r} there, {a!r} now" for k, a, f in diffs[:3]) + ")"
+            f"{k}: {str(f)[:24]!r} there, {str(a)[:24]!r} now" for k, a, f in diffs[:3]) + ")"
     raise StoreError(f"{path} exists and {why}; pass --force to import it again (runs trained on it will "
                      "refuse the new store), or choose another --dataset or --store-root")
 

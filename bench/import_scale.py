@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workdir", default="/tmp/m3jepa-import-scale")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--stages", default="import,train,index", help="Which stages to measure, in order.")
     ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "
                     "of the first --rows rows at DIR (docs/feature-store.md's example) and stop.")
     ap.add_argument("--one", nargs=3, metavar=("STAGE", "ROWS", "WORK"), help=argparse.SUPPRESS)
@@ -136,7 +137,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_source(work / "source", rows)
         result = {"rows": rows, "source_seconds": round(time.perf_counter() - t0, 1)}
-        stages = ["import", "train", "index"]  # no `m3jepa search --text`: see the module docstring
+        stages = args.stages.split(",")  # no `m3jepa search --text`: see the module docstring
         for stage in stages:
             child = subprocess.run([sys.executable, "-m", "bench.import_scale", "--steps", str(args.steps),
                                     "--one", stage, str(rows), str(work)], capture_output=True, text=True)

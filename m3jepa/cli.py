@@ -23,7 +23,7 @@ HELP = """M3-JEPA: align frozen encoders with a multi-gate MoE predictor, then s
 
 Train: run (all three stages), encode, train-predictor, evaluate, compare, model-info.
 Use: export, embed, index, search, serve, lora-export.
-Tools: stores, pipelines.
+Tools: stores (list, inspect, verify, import embeddings computed elsewhere), pipelines.
 
 Example: m3jepa run tuxpaint
 """
@@ -252,6 +252,71 @@ def stores_verify(
         typer.echo(report.text())
         if not report.ok:
             raise typer.Exit(1)
+
+
+@stores_app.command("import")
+def stores_import(
+    source: Annotated[str, typer.Argument(help="The folder of embeddings (clip-retrieval's output).")],
+    dataset: Annotated[str, typer.Option(help="The stores' dataset name (encode.dataset of runs on them).")],
+    image_encoder: Annotated[
+        str | None, typer.Option(help="The model that made the image embeddings (names its stores).")
+    ] = None,
+    text_encoder: Annotated[
+        str | None, typer.Option(help="The model that made the text embeddings (names its stores).")
+    ] = None,
+    store_root: Annotated[str, typer.Option(help="Where the stores are written.")] = "stores",
+    image_glob: Annotated[str, typer.Option(help="Image .npy files under SOURCE; 'none': no image.")] = (
+        "img_emb/img_emb_*.npy"),
+    text_glob: Annotated[str, typer.Option(help="Text .npy files under SOURCE; 'none': no text.")] = (
+        "text_emb/text_emb_*.npy"),
+    metadata_glob: Annotated[str, typer.Option(help="The .parquet files under SOURCE, one per shard.")] = (
+        "metadata/metadata_*.parquet"),
+    key_column: Annotated[
+        str | None, typer.Option(help="The column naming each sample (default: key, else image_path).")
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option(help="The caption column kept on text rows (default: caption, if present).")
+    ] = None,
+    split_column: Annotated[
+        str | None, typer.Option(help="A column holding train/val/test (default: a seeded hash of the key).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Put every row in this split instead.")] = None,
+    seed: Annotated[int, typer.Option(help="The seed of the key hash split.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float16 | float32: the stores' dtype.")] = "float16",
+    format: Annotated[str, typer.Option("--format", help="zarr | hdf5.")] = "zarr",
+    shard_size: Annotated[int, typer.Option(help="Rows per store shard (the unit of resume).")] = 2048,
+    skip_bad: Annotated[bool, typer.Option(help="Import rows with NaN/inf as invalid rows.")] = False,
+    allow_gaps: Annotated[bool, typer.Option(help="Accept missing shard numbers (empty partitions).")] = (
+        False),
+    content_hash: Annotated[
+        str, typer.Option(help="stat | sha256: how the source files are fingerprinted.")
+    ] = "stat",
+    force: Annotated[bool, typer.Option(help="Import again over stores of another source.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Turn embeddings computed elsewhere (clip-retrieval's img_emb/, text_emb/, metadata/, or any .npy +
+    .parquet pairs) into feature stores that train-predictor, evaluate and index read (docs/feature-store.md).
+
+    Example: m3jepa stores import emb --dataset cc3m-clip --image-encoder clip-b32 --text-encoder clip-b32
+    """
+    _setup_logging(verbose)
+    with _errors():
+        from m3jepa.encode.importer import ImportOptions, run_import
+
+        _check_options("encode", {"dtype": dtype, "format": format, "content_hash": content_hash,
+                                  "shard_size": shard_size})
+        globs = {"image": image_glob, "text": text_glob, "metadata": metadata_glob}
+        encoders = {m: e for m, e in (("image", image_encoder), ("text", text_encoder)) if e}
+        opts = ImportOptions(
+            source=Path(source), dataset=dataset, encoders=encoders, store_root=Path(store_root),
+            globs={k: None if v == "none" else v for k, v in globs.items()}, key_column=key_column,
+            caption_column=caption_column, split_column=split_column, split=split, seed=seed, dtype=dtype,
+            format=format, shard_size=shard_size, skip_bad=skip_bad, force=force, allow_gaps=allow_gaps,
+            content_hash=content_hash,
+        )
+        result = run_import(opts)
+        typer.echo(result.table())
+        typer.echo(result.next_command(store_root))
 
 
 @pipelines_app.command("list")
@@ -808,7 +873,7 @@ def _check_options(section: str, options: dict[str, object]) -> None:
     """Run CLI options that set `section.key` through that config section's own checks, before any work."""
     import m3jepa.config as config
 
-    cls = {"eval": config.EvalConfig, "runtime": config.RuntimeConfig}[section]
+    cls = {"eval": config.EvalConfig, "runtime": config.RuntimeConfig, "encode": config.EncodeConfig}[section]
     for key, value in options.items():
         if value is not None:
             try:

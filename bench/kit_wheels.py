@@ -17,8 +17,9 @@ the node installs with
     python -m pip install --no-index --no-deps wheels/m3jepa-*.whl
 
 (`python -m bench.gpu_kit --wheels wheels` runs both). Left out, because the kit never imports them:
-faiss (galleries are under eval.faiss_threshold), h5py (zarr stores), matplotlib (plots), the serve stack
-(fastapi, uvicorn, python-multipart), webdataset, soundfile, scipy and the offline encoders.
+faiss (galleries are under eval.faiss_threshold), h5py (zarr stores), the serve stack (fastapi, uvicorn,
+python-multipart), webdataset, soundfile, scipy and the offline encoders; tests/test_gpu_kit.py runs the kit
+with those blocked. `--without numpy` (repeatable) leaves out a package the node already has.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the kit imports: the store writer (zarr, numpy), the CLI (typer), training and evaluation
-# (safetensors, tomli-w, tqdm, fsspec), the LoRA mode and stage 1 on tiny random models (transformers,
-# peft, pillow for the jsonl images)
-KIT_PACKAGES = ("numpy", "zarr", "typer", "safetensors", "tomli-w", "tqdm", "fsspec", "transformers", "peft",
-                "pillow")
+# (safetensors, tomli-w, tqdm, fsspec; matplotlib: `evaluate` draws its plots), the LoRA mode and stage 1
+# on tiny random models (transformers, peft, pillow for the jsonl images)
+KIT_PACKAGES = ("numpy", "zarr", "typer", "safetensors", "tomli-w", "tqdm", "fsspec", "matplotlib",
+                "transformers", "peft", "pillow")
 # The node has these already (torch and what only torch pulls): never fetched
 # manylinux x86_64, glibc 2.28 or newer (pip matches the tags as given, so both spellings are listed)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
@@ -90,11 +91,12 @@ Lookup = Callable[[str], tuple[str, list[str]] | None]
 
 
 def needed(
-    roots: list[str], python_version: str, lookup: Lookup = installed_requires
+    roots: list[str], python_version: str, lookup: Lookup = installed_requires, leaves: tuple[str, ...] = ()
 ) -> tuple[dict[str, str], list[str]]:
     """({name: version} pinned to what is installed here, [requirements not installed here]): the closure
     of `roots` over the installed packages' metadata, markers evaluated for the node's Python; torch and
-    its CUDA wheels are leaves (LEAVES), so a package only torch needs is left to the node's torch.
+    its CUDA wheels are leaves (LEAVES), so a package only torch needs is left to the node's torch; so is
+    each of `leaves` (canonical names the node has).
 
     Pinning this machine's versions fetches what the test suite ran against; a requirement that applies
     on the node's Python but not here (a marker) is fetched by its own range, unpinned."""
@@ -105,7 +107,9 @@ def needed(
     while todo:
         req = todo.pop()
         name = canonical(req.name)
-        if name in pins or LEAVES.fullmatch(name) or (req.marker and not req.marker.evaluate(env)):
+        if name in pins or LEAVES.fullmatch(name) or name in leaves:
+            continue
+        if req.marker and not req.marker.evaluate(env):
             continue
         found = lookup(name)
         if found is None:
@@ -133,9 +137,11 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def fetch(dest: Path, python_version: str, platforms: list[str], dry_run: bool = False) -> list[str]:
-    """Download the kit's wheels into `dest` and write dest/requirements.txt; the requirements fetched."""
-    pins, unpinned = needed(requirements(), python_version)
+def fetch(dest: Path, python_version: str, platforms: list[str], dry_run: bool = False,
+          without: tuple[str, ...] = ()) -> list[str]:
+    """Download the kit's wheels into `dest` and write dest/requirements.txt; the requirements fetched.
+    `without`: packages the node has already (left out with what only they need)."""
+    pins, unpinned = needed(requirements(), python_version, leaves=tuple(canonical(w) for w in without))
     wanted = [f"{n}=={v}" for n, v in pins.items()] + unpinned
     commands = [download_command(wanted, dest, python_version, platforms), project_wheel_command(dest)]
     if dry_run:
@@ -156,9 +162,11 @@ def main() -> None:
     p.add_argument("--python-version", default="3.12", help="the node's Python, e.g. 3.12")
     p.add_argument("--platform", action="append", dest="platforms",
                    help=f"pip's platform tags of the node, repeatable (default: {', '.join(PLATFORMS)})")
+    p.add_argument("--without", action="append", default=[], help="a package the node has (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the pip commands, download nothing")
     args = p.parse_args()
-    wanted = fetch(args.dest, args.python_version, args.platforms or list(PLATFORMS), args.dry_run)
+    wanted = fetch(args.dest, args.python_version, args.platforms or list(PLATFORMS), args.dry_run,
+                   tuple(args.without))
     if not args.dry_run:
         size = sum(f.stat().st_size for f in args.dest.glob("*.whl")) / 2**20
         print(f"{len(wanted)} wheels + m3jepa in {args.dest} ({size:.0f} MiB): {' '.join(wanted)}")

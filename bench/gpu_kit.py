@@ -378,7 +378,7 @@ def summary(record: dict) -> str:
     lo = record.get("lora", {})
     if "recall" in lo:
         lines.append(f"lora    {lo['steps']} steps, tuned {', '.join(lo['tuned_modalities'])}; "
-                     f"R@1 {lo['recall']}")
+                     + ", ".join(f"{d} R@1 {r:.2f}" for d, r in lo["recall"].items()))
     b = record.get("bench", {})
     if "errors" in b:
         lines.append(f"bench   bench.gpu --quick: {b['seconds']:.0f}s, errors {b['errors'] or 'none'}")

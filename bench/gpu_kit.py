@@ -158,7 +158,7 @@ def recall_part(args, sz: Sizes, budget: float) -> dict:
     from m3jepa.eval.evaluate import evaluate_run
     from m3jepa.train.loop import train
 
-    out: dict = {"steps": sz.steps, "batch": sz.batch, "trained": {}}
+    out: dict = {"device": args.device, "steps": sz.steps, "batch": sz.batch, "trained": {}}
     runs = {}
     for device in dict.fromkeys([args.device, "cpu"]):  # the device, then the CPU (once when they are one)
         cfg = recipe_config(args, sz, device, f"recipe-{device.replace(':', '')}")
@@ -168,9 +168,9 @@ def recall_part(args, sz: Sizes, budget: float) -> dict:
         out["trained"][device] = {"seconds": time.perf_counter() - began,
                                   "samples_per_s": result.samples_per_s, "precision": cfg.runtime.precision}
     wanted = {  # (run, device) pairs; with --device cpu the three are one evaluation, scored once
-        f"trained on {args.device}, scored on {args.device}": (args.device, args.device),
-        f"trained on {args.device}, scored on cpu": (args.device, "cpu"),
-        "the cpu training, scored on cpu": ("cpu", "cpu"),
+        "device-trained, scored on the device": (args.device, args.device),
+        "device-trained, scored on the CPU": (args.device, "cpu"),
+        "CPU-trained, scored on the CPU": ("cpu", "cpu"),
     }
     done: dict[tuple[str, str], dict] = {}
     for trained_on, scored_on in wanted.values():

@@ -353,7 +353,7 @@ def summary(record: dict) -> str:
                  f"{', '.join(record['errors']) or 'none'}")
     rec = record.get("recall", {})
     for name, r in rec.get("recalls", {}).items():
-        lines.append(f"recall  {name:<34}" + "  ".join(f"{d} R@1 {r[d]['R@1']:5.2f}" for d in DIRECTIONS))
+        lines.append(f"recall  {name:<38}" + "  ".join(f"{d} R@1 {r[d]['R@1']:5.2f}" for d in DIRECTIONS))
     if "same_checkpoint_gap_points" in rec:
         lines.append(f"recall  same checkpoint on two devices: largest gap "
                      f"{rec['same_checkpoint_gap_points']:.2f} points "

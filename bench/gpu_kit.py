@@ -348,7 +348,7 @@ def count(x: float | None) -> str:
 def summary(record: dict) -> str:
     """The readable page: one line per figure, "not measured" where a part did not give it."""
     m, lines = record["machine"], []
-    lines.append(f"m3jepa GPU kit on {m['device_name']} ({m['device']}), torch {m['torch']}, "
+    lines.append(f"GPU kit on {m['device_name']} ({m['device']}), torch {m['torch']}, "
                  f"CUDA {m['cuda']}, Python {m['python']}; {record['seconds_total']:.0f}s; failed parts: "
                  f"{', '.join(record['errors']) or 'none'}")
     rec = record.get("recall", {})

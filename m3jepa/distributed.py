@@ -56,6 +56,15 @@ class DistInfo:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank (picklable; tensors in it must be on the CPU, as a pickle
+        names their device)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
 
 def env_info() -> DistInfo:
     """The rank, world size and local rank torchrun put in the environment (defaults: one process)."""
@@ -68,6 +77,20 @@ def env_info() -> DistInfo:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
     return DistInfo(rank, world_size, local_rank)
+
+
+def launch() -> tuple[str | None, int]:
+    """(the launch's rendezvous id, how many times torchrun restarted this node's workers) from torchrun's
+    TORCHELASTIC_RUN_ID / TORCHELASTIC_RESTART_COUNT; (None, 0) outside torchrun.
+
+    A node whose workers torchrun restarted because another node's failed counts 0 here (its agent
+    restarts them without spending a restart), so the ranks compare theirs (m3jepa.train.resume).
+    """
+    try:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        restarts = 0
+    return os.environ.get("TORCHELASTIC_RUN_ID"), restarts
 
 
 @contextmanager

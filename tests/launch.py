@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,3 +39,70 @@ def printed_env() -> dict[str, str]:
     """The environment for a documented `torchrun ...` line run as printed: its default static rendezvous
     moved to 127.0.0.1 and a free port by torchrun's own environment defaults (PET_<OPTION>)."""
     return {**ENV, "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
+
+
+def node_args(node: int, port: int, run_id: str, nnodes: int = 2, max_restarts: int = 0) -> list[str]:
+    """torchrun's options for node `node` of `nnodes`, one process each: a c10d rendezvous at
+    127.0.0.1:`port`. Node n announces itself as 127.0.0.(n+1) (loopback too): c10d ranks the nodes by
+    that address, so node 0 is always rank 0 (as sorted host names do on a cluster)."""
+    return [f"--nnodes={nnodes}", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}", f"--local-addr=127.0.0.{node + 1}",
+            f"--max-restarts={max_restarts}"]
+
+
+def launch_nodes(root: Path, *args: str, nnodes: int = 2, max_restarts: int = 0) -> list[subprocess.Popen]:
+    """`torchrun ... -m m3jepa ARGS` once per node, each in its own folder `root/node<n>` (its cwd, its
+    m3jepa cache, its output in `root/node<n>/out.txt`): nodes that share no local disk."""
+    port, run_id = free_port(), uuid.uuid4().hex
+    procs = []
+    for node in range(nnodes):
+        home = root / f"node{node}"
+        home.mkdir(parents=True, exist_ok=True)
+        # the rendezvous' own store per round, not one shared across restarts (docs/multinode.md)
+        env = {**ENV, "M3JEPA_CACHE": str(home / "cache"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run",
+               *node_args(node, port, run_id, nnodes, max_restarts), "-m", "m3jepa", *args]
+        with (home / "out.txt").open("w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_nodes(root: Path, procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """Wait for every node's torchrun; each node's output; a node that failed fails with all of them."""
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [(root / f"node{n}" / "out.txt").read_text() for n in range(len(procs))]
+    assert codes == [0] * len(procs), "\n\n".join(f"node {n} (exit {c}):\n{o[-3000:]}"
+                                                 for n, (c, o) in enumerate(zip(codes, outs, strict=True)))
+    return outs
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc: no psutil)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def kill_worker(agent: subprocess.Popen) -> int:
+    """SIGKILL the m3jepa worker process a node's torchrun started; returns its pid."""
+    (worker,) = [c for c in children(agent.pid) if b"m3jepa" in _cmdline(c)]
+    os.kill(worker, signal.SIGKILL)
+    return worker
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

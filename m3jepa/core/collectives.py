@@ -58,11 +58,7 @@ def broadcast_float(value: float, info: DistInfo, device: torch.device) -> float
 
 def broadcast_object(obj: object, info: DistInfo) -> object:
     """Rank 0's object on every rank (the validation recalls that steer the dynamic AGD schedule)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return info.broadcast(obj)
 
 
 # ---------------------------------------------------------------- the gradient all-reduce

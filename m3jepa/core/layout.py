@@ -6,6 +6,7 @@
     RUN/stores.json               the stores the run read (core/runstores.py)
     RUN/provenance.json           what trained it and when (core/provenance.py)
     RUN/.lock                     held by the one process writing the run (core/runlock.py)
+    RUN/launch.json               the torchrun launch writing it, so its restarts resume (train/resume.py)
     RUN/trainable.json            the trainable parameters
     RUN/metrics.jsonl, .csv       the training log; RUN/tensorboard/ where installed
     RUN/metrics.json, .md         what `m3jepa evaluate` scored (metrics-SPLIT-PROTOCOL.* for other splits)
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 STORES = "stores.json"
 PROVENANCE = "provenance.json"
 LOCK = ".lock"
+LAUNCH = "launch.json"
 METRICS_LOG = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"

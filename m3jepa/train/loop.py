@@ -28,6 +28,7 @@ from m3jepa.files import refused_writes
 from m3jepa.model.mixup import mix_plan, mixup_pair
 from m3jepa.model.moe import log_view, warn_unbalanced
 from m3jepa.progress import progress
+from m3jepa.train import resume as run_resume
 from m3jepa.train import tracking
 from m3jepa.train.optim import build_optimizer, optimizer_step
 from m3jepa.train.recipes import RoutingTally, auto_size, fit_target_statistics
@@ -113,8 +114,8 @@ def _train(
     layout = RunDir(run_dir)
     if cfg.lora.enabled and t.mixup > 0:
         raise ValueError("train.mixup mixes stored latents, the LoRA mode re-encodes them: set train.mixup=0")
-    if not resume:
-        _load_resume(cfg, layout, resume, runtime.device)  # "already holds a run", before any data is read
+    # "already holds a run", before any data is read; a torchrun restart resumes (train/resume.py)
+    resume = run_resume.plan(layout, resume, info)
 
     device = runtime.device
     train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
@@ -124,7 +125,7 @@ def _train(
         t = cfg.train
         if t.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")
-    start = _load_resume(cfg, layout, resume, runtime.device)
+    start = run_resume.load(cfg, layout, info, runtime.device) if resume else None
     runstores.start_run(cfg, run_dir, train_data, info.is_main, device)  # batch, memory; stores.json
     torch.manual_seed(t.seed)
     with device:  # parameters are created where they train
@@ -165,6 +166,7 @@ def _train(
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_toml(cfg, layout.config)
+        run_resume.record_launch(layout, info)
         write_parameter_report(objective, layout.trainable)
         _truncate_metrics(layout.metrics_log, state.step)
         log.info(
@@ -243,25 +245,6 @@ def _train(
         samples_per_s=done * t.batch_size / max(seconds, 1e-9),
         num_params=n_params,
     )
-
-
-def _load_resume(
-    cfg: PipelineConfig, layout: RunDir, resume: bool, device: torch.device
-) -> ckpt.Checkpoint | None:
-    latest = layout.latest
-    ckpt.recover_interrupted(latest)
-    if not resume:
-        if latest.exists():
-            raise ValueError(
-                f"{layout.path} already holds a run; pass --resume to continue it, or choose another --run"
-            )
-        return None
-    if not latest.exists():
-        raise ValueError(f"--resume: {latest} does not exist; start the run without --resume")
-    start = ckpt.load_checkpoint(latest, with_optimizer=True, map_location=device)
-    ckpt.check_same_run(cfg, start.cfg, layout.path)  # the one rule of run identity (core/checkpoint.py)
-    log.info("resuming %s at step %d", latest, start.state.step)
-    return start
 
 
 def _restore(start: ckpt.Checkpoint, objective: Objective, optimizer: torch.optim.Optimizer) -> None:

@@ -41,29 +41,23 @@ def printed_env() -> dict[str, str]:
     return {**ENV, "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
 
 
-def node_args(node: int, port: int, run_id: str, nnodes: int = 2, max_restarts: int = 0) -> list[str]:
-    """torchrun's options for node `node` of `nnodes`, one process each: a c10d rendezvous at
-    127.0.0.1:`port`. Node n announces itself as 127.0.0.(n+1) (loopback too): c10d ranks the nodes by
-    that address, so node 0 is always rank 0 (as sorted host names do on a cluster)."""
-    return [f"--nnodes={nnodes}", "--nproc-per-node=1", f"--node-rank={node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}", f"--local-addr=127.0.0.{node + 1}",
-            f"--max-restarts={max_restarts}"]
-
-
-def launch_nodes(root: Path, *args: str, nnodes: int = 2, max_restarts: int = 0) -> list[subprocess.Popen]:
-    """`torchrun ... -m m3jepa ARGS` once per node, each in its own folder `root/node<n>` (its cwd, its
-    m3jepa cache, its output in `root/node<n>/out.txt`): nodes that share no local disk."""
-    port, run_id = free_port(), uuid.uuid4().hex
+def launch_nodes(root: Path, line: str, env: dict[str, str] | None = None,
+                 nnodes: int = 2) -> list[subprocess.Popen]:
+    """The shell `line` (`torchrun --nnodes=... -m m3jepa ...`, as docs/multinode.md prints it) once per
+    node, each in its own folder `root/node<n>`: its cwd, its m3jepa cache, its output in
+    `root/node<n>/out.txt` (nodes that share no local disk). `torchrun` is this interpreter's, exec'd, so
+    each Popen is a node's torchrun. Node n announces itself as 127.0.0.(n+1) (loopback too; torchrun's
+    --local-addr through its PET_ default): c10d numbers the nodes by that address, so node 0 is rank 0."""
+    shell = f'torchrun() {{ exec "{sys.executable}" -m torch.distributed.run "$@"; }}\n{line}'
     procs = []
     for node in range(nnodes):
         home = root / f"node{node}"
         home.mkdir(parents=True, exist_ok=True)
-        # the rendezvous' own store per round, not one shared across restarts (docs/multinode.md)
-        env = {**ENV, "M3JEPA_CACHE": str(home / "cache"), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run",
-               *node_args(node, port, run_id, nnodes, max_restarts), "-m", "m3jepa", *args]
+        node_env = {**ENV, **(env or {}), "M3JEPA_CACHE": str(home / "cache"),
+                    "PET_LOCAL_ADDR": f"127.0.0.{node + 1}"}
         with (home / "out.txt").open("w") as out:
-            procs.append(subprocess.Popen(cmd, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(["bash", "-c", shell], cwd=home, env=node_env, stdout=out,
+                                          stderr=subprocess.STDOUT))
     return procs
 
 

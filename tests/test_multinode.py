@@ -1,49 +1,66 @@
-"""Two nodes that share no local disk (docs/multinode.md): two torchrun launches meeting at a c10d
-rendezvous on 127.0.0.1, each in its own folder (cwd, m3jepa cache, run folder), the stores in a folder
-neither node owns (the bucket's stand-in).
+"""Two nodes that share no local disk, running docs/multinode.md's lines as printed: two torchrun launches
+meeting at a c10d rendezvous on 127.0.0.1, each in its own folder (cwd, m3jepa cache, run folder), the
+stores in a folder neither node owns (the bucket's stand-in), small budgets added to each line.
 
-- encode on two nodes writes the same bytes as one process;
+- encode on two nodes writes the bytes of a one-process encode;
 - train-predictor on two nodes (gloo) ends within docs/training.md's tolerance of one process, and only
   rank 0's node holds the run folder;
-- SIGKILL of one node's worker mid-run: torchrun --max-restarts restarts both nodes' workers, which resume
-  from the last checkpoint (no --resume on the command line) and end with the uninterrupted run's weights;
+- SIGKILL of node 1's process mid-run: torchrun --max-restarts restarts both nodes' processes, which resume
+  from the last checkpoint (no --resume on the line) and end with the uninterrupted run's weights;
 - a rerun whose newest run folder is on the node that is not rank 0: that folder moves to rank 0's node.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from launch import kill_worker, launch_nodes, wait_nodes
+from launch import free_port, kill_worker, launch_nodes, wait_nodes
 from safetensors.numpy import load_file
-from synthetic_stores import make_stores, overrides
 from typer.testing import CliRunner
 
 from m3jepa import cli
 
 pytestmark = pytest.mark.slow
 
-# encode: 24 groups of the train split in 3 shards per store, so both ranks write; one thread each, as
-# torchrun's --nproc-per-node=1 leaves the thread count alone (docs/encode.md: bytes follow threads)
-ENCODE = ["encode", "--dataset", "tuxpaint", "--split", "train", "--limit", "24", "--shard-size", "8",
-          "--workers", "0", "--threads", "1"]
-# train: dropout 0 (ranks draw their own masks), a checkpoint every 4 of 40 steps so a kill has one
-TRAIN = {"model.dropout": 0.0, "train.max_steps": 40, "train.eval_every": 20, "train.checkpoint_every": 4}
-RUN = "runs/two"  # relative: each node's own folder
+DOC = Path(__file__).resolve().parents[1] / "docs" / "multinode.md"
+BUCKET_URL = "s3://my-bucket/stores"  # the docs' bucket; here a folder of neither node
+# added to the documented lines: 16 groups of train and val in 2 shards per store, so both ranks write
+ENCODE = ["--split", "train,val", "--limit", "16", "--shard-size", "8"]
+# dropout 0 (ranks draw their own masks), a checkpoint every 4 of 40 steps so a kill has one to resume
+TRAIN = {"model.dropout": 0.0, "train.max_steps": 40, "train.batch_size": 8, "train.eval_every": 20,
+         "train.checkpoint_every": 4, "train.num_threads": 1}
+RUN = "runs/tux2"  # the documented --run-dir, relative: each node's own folder
 RTOL, ATOL = 1e-4, 5e-5  # docs/training.md, "Multi-process": 2 gloo processes against 1
 
 
-def _train_args(stores: Path, run: str | Path) -> list[str]:
-    args = ["train-predictor", "--run-dir", str(run)]
-    for s in overrides(stores, Path(run), **TRAIN):
-        if not s.startswith("run_dir="):
-            args += ["--set", s]
-    return args
+def _documented() -> tuple[str, dict[str, str]]:
+    """(the `export` line, {m3jepa command: its torchrun line}) of the page's first code block."""
+    block = DOC.read_text().split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    export = next(x for x in block if x.startswith("export "))
+    lines = {re.search(r" -m m3jepa (\S+)", x).group(1): x for x in block if x.startswith("torchrun ")}
+    return export, lines
+
+
+def _run_line(root: Path, command: str, bucket: Path, *extra: str) -> list:
+    """Launch the documented line of `command` on two nodes, the machine's values after the page's export
+    line (the rendezvous on 127.0.0.1 at a free port, a fresh id), the bucket's URL moved to `bucket`."""
+    export, lines = _documented()
+    assert BUCKET_URL in lines[command]
+    line = lines[command].replace(BUCKET_URL, str(bucket))
+    mine = f"export HEAD=127.0.0.1 PORT={free_port()} RUN_ID={uuid.uuid4().hex}"
+    text = "\n".join([export, mine, " ".join([line, *extra])])
+    return launch_nodes(root, text)
+
+
+def _train_extra() -> list[str]:
+    return [w for k, v in TRAIN.items() for w in ("--set", f"{k}={v}")]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -67,42 +84,49 @@ def _log_steps(run: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory) -> Path:
-    """Where the stores live: a folder of neither node (the S3 bucket of docs/multinode.md)."""
-    return tmp_path_factory.mktemp("bucket")
+    """Where the stores live: a folder of neither node (the docs' S3 bucket)."""
+    return tmp_path_factory.mktemp("bucket") / "stores"
 
 
 @pytest.fixture(scope="module")
-def synthetic(bucket) -> Path:
-    return make_stores(bucket / "synthetic")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic) -> Path:
-    """The uninterrupted 2-node run: the folder holding node0/ and node1/."""
-    root = tmp_path_factory.mktemp("train")
-    wait_nodes(root, launch_nodes(root, *_train_args(synthetic, RUN)))
+def encoded(tmp_path_factory, bucket, tuxpaint_root) -> Path:
+    """The documented encode on two nodes: the folder holding node0/ and node1/."""
+    root = tmp_path_factory.mktemp("encode")
+    wait_nodes(root, _run_line(root, "encode", bucket, *ENCODE))
     return root
 
 
-def test_encode_on_two_nodes_writes_one_process_bytes(tmp_path, bucket, tuxpaint_root):
-    stores = bucket / "tux"
-    outs = wait_nodes(tmp_path, launch_nodes(tmp_path, *ENCODE, "--store-root", str(stores)))
-    for rank, out in enumerate(outs):  # node n is rank n (tests/launch.py::node_args); both encoded
-        assert f"(rank {rank} of 2" in out, out[-2000:]
-    res = CliRunner().invoke(cli.app, [*ENCODE, "--store-root", str(tmp_path / "one")])
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, encoded, bucket) -> Path:
+    """The documented train-predictor on two nodes, never interrupted."""
+    root = tmp_path_factory.mktemp("train")
+    wait_nodes(root, _run_line(root, "train-predictor", bucket, *_train_extra()))
+    return root
+
+
+def test_encode_on_two_nodes_writes_one_process_bytes(encoded, bucket, tmp_path):
+    for rank in (0, 1):  # node n is rank n (tests/launch.py), and both ranks encoded shards
+        out = (encoded / f"node{rank}" / "out.txt").read_text()
+        assert f"(rank {rank} of 2" in out and re.search(r"train +image +\S+ +16 +8 ", out), out[-3000:]
+    export, lines = _documented()
+    args = lines["encode"].split(" -m m3jepa ", 1)[1].replace(BUCKET_URL, str(tmp_path / "one")).split()
+    res = CliRunner().invoke(cli.app, [*args, *ENCODE, "--threads", "1"])  # torchrun's OMP_NUM_THREADS=1
     assert res.exit_code == 0, res.output[-3000:]
-    one, two = _files(tmp_path / "one"), _files(stores)
-    assert one.keys() == two.keys() and any("shards/00002" in k for k in one)
+    one, two = _files(tmp_path / "one"), _files(bucket)
+    assert one.keys() == two.keys() and any("shards/00001" in k for k in one)
     assert [k for k in one if one[k] != two[k]] == []
     for node in (0, 1):  # nothing of the stores on a node's own disk
-        assert {p.name for p in (tmp_path / f"node{node}").iterdir()} <= {"out.txt", "cache"}
+        assert {p.name for p in (encoded / f"node{node}").iterdir()} <= {"out.txt", "cache"}
 
 
-def test_train_on_two_nodes_matches_one_process(trained, synthetic, tmp_path):
+def test_train_on_two_nodes_matches_one_process(trained, bucket, tmp_path):
     run = trained / "node0" / RUN
     assert _step(run) == 40
     assert not (trained / "node1" / "runs").exists()  # rank 1 writes nothing of the run
-    res = CliRunner().invoke(cli.app, _train_args(synthetic, tmp_path / "one"))
+    export, lines = _documented()
+    args = lines["train-predictor"].split(" -m m3jepa ", 1)[1].replace(BUCKET_URL, str(bucket)).split()
+    args[args.index("--run-dir") + 1] = str(tmp_path / "one")
+    res = CliRunner().invoke(cli.app, [*args, *_train_extra()])
     assert res.exit_code == 0, res.output[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(run)
     assert a.keys() == b.keys()
@@ -110,10 +134,10 @@ def test_train_on_two_nodes_matches_one_process(trained, synthetic, tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
-def test_a_killed_node_resumes_from_the_last_checkpoint(trained, synthetic, tmp_path):
-    procs = launch_nodes(tmp_path, *_train_args(synthetic, RUN), max_restarts=1)
+def test_a_killed_node_resumes_from_the_last_checkpoint(trained, bucket, tmp_path):
+    procs = _run_line(tmp_path, "train-predictor", bucket, *_train_extra())
     run = tmp_path / "node0" / RUN
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while _step(run) < 8 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.02)
     killed_at = _step(run)
@@ -127,10 +151,10 @@ def test_a_killed_node_resumes_from_the_last_checkpoint(trained, synthetic, tmp_
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
 
-def test_the_newest_run_folder_moves_to_rank_0(trained, synthetic, tmp_path):
+def test_the_newest_run_folder_moves_to_rank_0(trained, bucket, tmp_path):
     """A rerun whose run folder is on node 1 (rank 0 was there last time): rank 0's node receives it."""
     shutil.copytree(trained / "node0" / RUN, tmp_path / "node1" / RUN)
-    outs = wait_nodes(tmp_path, launch_nodes(tmp_path, *_train_args(synthetic, RUN), "--resume"))
+    outs = wait_nodes(tmp_path, _run_line(tmp_path, "train-predictor", bucket, *_train_extra(), "--resume"))
     assert "replaces it" in outs[0] and "already finished" in outs[0], outs[0][-3000:]
     moved = {k: v for k, v in _files(tmp_path / "node0" / RUN).items() if k != ".lock"}
     sent = {k: v for k, v in _files(tmp_path / "node1" / RUN).items() if k != ".lock"}

@@ -118,11 +118,26 @@ def process_group(
         kw = {} if timeout is None else {"timeout": timeout}
         dist.init_process_group(backend=kind.backend, rank=ctx.rank, world_size=ctx.world_size, **kw)
         log.info("rank %d/%d joined a %s process group", ctx.rank, ctx.world_size, kind.backend)
+        if ctx.is_main:
+            _warn_shared_store()
     try:
         yield ctx
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _warn_shared_store() -> None:
+    """Say so when torchrun may restart the processes of several nodes that share the rendezvous agent's
+    store: the nodes count their restarts apart, and with torch 2.13 the second attempt can meet the
+    first one's addresses (pytorch/pytorch#135712; docs/multinode.md)."""
+    env = os.environ
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and env.get("GROUP_WORLD_SIZE", "1") != "1"):
+        log.warning("torchrun --max-restarts=%s across %s nodes shares its rendezvous store between "
+                    "attempts, so a restart may fail to connect (pytorch/pytorch#135712): export "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on every node (docs/multinode.md)",
+                    env["TORCHELASTIC_MAX_RESTARTS"], env["GROUP_WORLD_SIZE"])
 
 
 def _rank_device(device: str | torch.device, ctx: DistInfo) -> tuple[DeviceKind, torch.device]:

@@ -159,3 +159,20 @@ def test_the_newest_run_folder_moves_to_rank_0(trained, bucket, tmp_path):
     moved = {k: v for k, v in _files(tmp_path / "node0" / RUN).items() if k != ".lock"}
     sent = {k: v for k, v in _files(tmp_path / "node1" / RUN).items() if k != ".lock"}
     assert moved == sent and "checkpoints/latest/model.safetensors" in moved
+
+
+def test_restarts_across_nodes_on_the_shared_store_are_warned_about(monkeypatch, caplog):
+    from m3jepa.distributed import _warn_shared_store
+
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3", "GROUP_WORLD_SIZE": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _warn_shared_store()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    caplog.clear()
+    for quiet in ({"TORCHELASTIC_USE_AGENT_STORE": "False"}, {"TORCHELASTIC_MAX_RESTARTS": "0"},
+                  {"GROUP_WORLD_SIZE": "1"}):
+        for k, v in {**env, **quiet}.items():
+            monkeypatch.setenv(k, v)
+        _warn_shared_store()
+    assert caplog.text == ""

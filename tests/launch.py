@@ -10,7 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, **OFFLINE}
 
 
 def torchrun_args(nproc: int = 2) -> list[str]:
@@ -53,7 +54,7 @@ def launch_nodes(root: Path, line: str, env: dict[str, str] | None = None,
     for node in range(nnodes):
         home = root / f"node{node}"
         home.mkdir(parents=True, exist_ok=True)
-        node_env = {**ENV, **(env or {}), "M3JEPA_CACHE": str(home / "cache"),
+        node_env = {**os.environ, **OFFLINE, **(env or {}), "M3JEPA_CACHE": str(home / "cache"),
                     "PET_LOCAL_ADDR": f"127.0.0.{node + 1}"}
         with (home / "out.txt").open("w") as out:
             procs.append(subprocess.Popen(["bash", "-c", shell], cwd=home, env=node_env, stdout=out,

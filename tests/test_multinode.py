@@ -152,13 +152,18 @@ def test_a_killed_node_resumes_from_the_last_checkpoint(trained, bucket, tmp_pat
 
 
 def test_the_newest_run_folder_moves_to_rank_0(trained, bucket, tmp_path):
-    """A rerun whose run folder is on node 1 (rank 0 was there last time): rank 0's node receives it."""
+    """A rerun whose newest run folder is on node 1 (rank 0 was there last time): rank 0's node receives
+    it, and its own older copy (here: a copy whose latest says step 8) is moved aside."""
     shutil.copytree(trained / "node0" / RUN, tmp_path / "node1" / RUN)
+    shutil.copytree(trained / "node0" / RUN, tmp_path / "node0" / RUN)
+    state = tmp_path / "node0" / RUN / "checkpoints" / "latest" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 8}))
     outs = wait_nodes(tmp_path, _run_line(tmp_path, "train-predictor", bucket, *_train_extra(), "--resume"))
     assert "replaces it" in outs[0] and "already finished" in outs[0], outs[0][-3000:]
     moved = {k: v for k, v in _files(tmp_path / "node0" / RUN).items() if k != ".lock"}
     sent = {k: v for k, v in _files(tmp_path / "node1" / RUN).items() if k != ".lock"}
     assert moved == sent and "checkpoints/latest/model.safetensors" in moved
+    assert _step(tmp_path / "node0" / f"{RUN}.step8") == 8
 
 
 def test_restarts_across_nodes_on_the_shared_store_are_warned_about(monkeypatch, caplog):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,19 +112,29 @@ def _folder(layout: RunDir) -> Folder:
 
 
 def _take_folder(layout: RunDir, info: DistInfo, src: int, folders: list[Folder]) -> None:
-    """Rank `src` sends every file of its run folder (but the lock) to rank 0, which replaces its own."""
-    files = None
+    """Rank `src` sends every file of its run folder (but the lock) to rank 0, which moves its own older
+    copy aside (`<run>.step<N>`, never deleted) and writes the files it received."""
+    files, error = None, None
     if info.rank == src:
-        files = {p.relative_to(layout.path).as_posix(): p.read_bytes()
-                 for p in sorted(layout.path.rglob("*")) if p.is_file() and p.name != LOCK}
-    files = info.broadcast(files, src=src)
+        try:
+            files = {p.relative_to(layout.path).as_posix(): p.read_bytes()
+                     for p in sorted(layout.path.rglob("*")) if p.is_file() and p.name != LOCK}
+        except OSError as e:
+            error = f"rank {src} cannot read its copy of {layout.path} to send it to rank 0: {e}"
+    files, error = info.broadcast((files, error), src=src)
+    if error is not None:
+        raise ValueError(error)
     if not info.is_main:
         return
     log.warning("rank 0's copy of %s is at step %s, rank %d's at step %d: rank %d's run folder (%d files) "
                 "replaces it", layout.path, folders[0].step, src, folders[src].step, src, len(files))
-    for child in layout.path.iterdir():  # rank 0 holds the lock file: everything else goes
-        if child.name != LOCK:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    older = [c for c in layout.path.iterdir() if c.name != LOCK]  # rank 0 holds the lock file: it stays
+    if older:
+        aside = layout.path.with_name(f"{layout.path.name}.step{folders[0].step}")
+        aside.mkdir(parents=True, exist_ok=True)
+        for child in older:
+            child.rename(aside / child.name)
+        log.warning("rank 0's older copy of %s is kept in %s", layout.path, aside)
     for name, data in files.items():
         path = layout.path / Path(name)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,10 @@ def plan(layout: RunDir, resume: bool, info: DistInfo) -> bool:
     calls it. When another rank's copy of the folder is the newest, rank 0 receives it first."""
     ckpt.recover_interrupted(layout.latest)  # each rank its own copy: a kill between two renames
     run_id, restarts = launch()
-    folders: list[Folder] = info.gather(_folder(layout))
-    restarted = any(info.gather(restarts > 0))  # a node restarted for another's failure counts 0
+    views = info.gather((_folder(layout), restarts > 0, resume))
+    folders: list[Folder] = [v[0] for v in views]
+    restarted = any(v[1] for v in views)  # a node restarted for another's failure counts 0
+    resume = any(v[2] for v in views)  # `m3jepa run` decides from each node's own copy of the folder
     src = max(range(len(folders)), key=lambda r: (_order(folders[r].step), -r))
     have = folders[src].step is not None
     ours = have and restarted and run_id is not None and folders[src].launch == run_id

@@ -1,6 +1,7 @@
 """Two nodes that share no local disk, running docs/multinode.md's lines as printed: two torchrun launches
 meeting at a c10d rendezvous on 127.0.0.1, each in its own folder (cwd, m3jepa cache, run folder), the
-stores in a folder neither node owns (the bucket's stand-in), small budgets added to each line.
+stores in an S3 bucket (moto's server on 127.0.0.1, bench/s3server.py, reached through s3fs as a user's
+AWS_ENDPOINT_URL points it), small budgets added to each line.
 
 - encode on two nodes writes the bytes of a one-process encode;
 - train-predictor on two nodes (gloo) ends within docs/training.md's tolerance of one process, and only
@@ -25,12 +26,13 @@ from launch import free_port, kill_worker, launch_nodes, wait_nodes
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from bench.s3server import S3Server
 from m3jepa import cli
 
 pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "multinode.md"
-BUCKET_URL = "s3://my-bucket/stores"  # the docs' bucket; here a folder of neither node
+BUCKET, BUCKET_URL = "my-bucket", "s3://my-bucket/stores"  # the docs' bucket, on moto's server here
 # added to the documented lines: 16 groups of train and val in 2 shards per store, so both ranks write
 ENCODE = ["--split", "train,val", "--limit", "16", "--shard-size", "8"]
 # dropout 0 (ranks draw their own masks), a checkpoint every 4 of 40 steps so a kill has one to resume
@@ -48,15 +50,14 @@ def _documented() -> tuple[str, dict[str, str]]:
     return export, lines
 
 
-def _run_line(root: Path, command: str, bucket: Path, *extra: str) -> list:
+def _run_line(root: Path, command: str, *extra: str) -> list:
     """Launch the documented line of `command` on two nodes, the machine's values after the page's export
-    line (the rendezvous on 127.0.0.1 at a free port, a fresh id), the bucket's URL moved to `bucket`."""
+    line: the rendezvous on 127.0.0.1 at a free port, a fresh id (the bucket's endpoint and credentials
+    are in the environment, as a user's are)."""
     export, lines = _documented()
     assert BUCKET_URL in lines[command]
-    line = lines[command].replace(BUCKET_URL, str(bucket))
     mine = f"export HEAD=127.0.0.1 PORT={free_port()} RUN_ID={uuid.uuid4().hex}"
-    text = "\n".join([export, mine, " ".join([line, *extra])])
-    return launch_nodes(root, text)
+    return launch_nodes(root, "\n".join([export, mine, " ".join([lines[command], *extra])]))
 
 
 def _train_extra() -> list[str]:
@@ -65,6 +66,15 @@ def _train_extra() -> list[str]:
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object under `url` by key relative to it, with its bytes."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    base = url.removeprefix("s3://").rstrip("/") + "/"
+    return {k[len(base):]: fs.cat_file(k) for k in fs.find(base)}
 
 
 def _weights(run: Path) -> dict[str, np.ndarray]:
@@ -83,24 +93,31 @@ def _log_steps(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory) -> Path:
-    """Where the stores live: a folder of neither node (the docs' S3 bucket)."""
-    return tmp_path_factory.mktemp("bucket") / "stores"
+def bucket():
+    """moto's S3 server with the docs' bucket; its endpoint and test credentials in this process's
+    environment (and so in every node's), as a user points s3fs at an S3-compatible endpoint."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env().items():
+            mp.setenv(k, v)
+        server.make_bucket(BUCKET)
+        yield BUCKET_URL
 
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, bucket, tuxpaint_root) -> Path:
     """The documented encode on two nodes: the folder holding node0/ and node1/."""
     root = tmp_path_factory.mktemp("encode")
-    wait_nodes(root, _run_line(root, "encode", bucket, *ENCODE))
+    wait_nodes(root, _run_line(root, "encode", *ENCODE))
     return root
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, encoded, bucket) -> Path:
+def trained(tmp_path_factory, encoded) -> Path:
     """The documented train-predictor on two nodes, never interrupted."""
     root = tmp_path_factory.mktemp("train")
-    wait_nodes(root, _run_line(root, "train-predictor", bucket, *_train_extra()))
+    wait_nodes(root, _run_line(root, "train-predictor", *_train_extra()))
     return root
 
 
@@ -112,19 +129,19 @@ def test_encode_on_two_nodes_writes_one_process_bytes(encoded, bucket, tmp_path)
     args = lines["encode"].split(" -m m3jepa ", 1)[1].replace(BUCKET_URL, str(tmp_path / "one")).split()
     res = CliRunner().invoke(cli.app, [*args, *ENCODE, "--threads", "1"])  # torchrun's OMP_NUM_THREADS=1
     assert res.exit_code == 0, res.output[-3000:]
-    one, two = _files(tmp_path / "one"), _files(bucket)
+    one, two = _files(tmp_path / "one"), _objects(bucket)
     assert one.keys() == two.keys() and any("shards/00001" in k for k in one)
     assert [k for k in one if one[k] != two[k]] == []
     for node in (0, 1):  # nothing of the stores on a node's own disk
         assert {p.name for p in (encoded / f"node{node}").iterdir()} <= {"out.txt", "cache"}
 
 
-def test_train_on_two_nodes_matches_one_process(trained, bucket, tmp_path):
+def test_train_on_two_nodes_matches_one_process(trained, tmp_path):
     run = trained / "node0" / RUN
     assert _step(run) == 40
     assert not (trained / "node1" / "runs").exists()  # rank 1 writes nothing of the run
     export, lines = _documented()
-    args = lines["train-predictor"].split(" -m m3jepa ", 1)[1].replace(BUCKET_URL, str(bucket)).split()
+    args = lines["train-predictor"].split(" -m m3jepa ", 1)[1].split()
     args[args.index("--run-dir") + 1] = str(tmp_path / "one")
     res = CliRunner().invoke(cli.app, [*args, *_train_extra()])
     assert res.exit_code == 0, res.output[-3000:]
@@ -134,8 +151,8 @@ def test_train_on_two_nodes_matches_one_process(trained, bucket, tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
-def test_a_killed_node_resumes_from_the_last_checkpoint(trained, bucket, tmp_path):
-    procs = _run_line(tmp_path, "train-predictor", bucket, *_train_extra())
+def test_a_killed_node_resumes_from_the_last_checkpoint(trained, tmp_path):
+    procs = _run_line(tmp_path, "train-predictor", *_train_extra())
     run = tmp_path / "node0" / RUN
     deadline = time.monotonic() + 300
     while _step(run) < 8 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -151,14 +168,14 @@ def test_a_killed_node_resumes_from_the_last_checkpoint(trained, bucket, tmp_pat
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
 
 
-def test_the_newest_run_folder_moves_to_rank_0(trained, bucket, tmp_path):
+def test_the_newest_run_folder_moves_to_rank_0(trained, tmp_path):
     """A rerun whose newest run folder is on node 1 (rank 0 was there last time): rank 0's node receives
     it, and its own older copy (here: a copy whose latest says step 8) is moved aside."""
     shutil.copytree(trained / "node0" / RUN, tmp_path / "node1" / RUN)
     shutil.copytree(trained / "node0" / RUN, tmp_path / "node0" / RUN)
     state = tmp_path / "node0" / RUN / "checkpoints" / "latest" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "step": 8}))
-    outs = wait_nodes(tmp_path, _run_line(tmp_path, "train-predictor", bucket, *_train_extra(), "--resume"))
+    outs = wait_nodes(tmp_path, _run_line(tmp_path, "train-predictor", *_train_extra(), "--resume"))
     assert "replaces it" in outs[0] and "already finished" in outs[0], outs[0][-3000:]
     moved = {k: v for k, v in _files(tmp_path / "node0" / RUN).items() if k != ".lock"}
     sent = {k: v for k, v in _files(tmp_path / "node1" / RUN).items() if k != ".lock"}

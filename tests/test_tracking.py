@@ -76,10 +76,10 @@ def test_csv_is_rewritten_when_a_resume_cuts_the_log_back(stores, tmp_path, monk
     train(_cfg(stores, ref))
     real_save = ckpt.save_checkpoint
 
-    def killed_at_30(path, cfg, objective, state, *args):
+    def killed_at_30(path, cfg, objective, state, *args, **kwargs):
         if path.name == "latest" and state.step == 30:  # lines up to step 30 are logged, latest is at 20
             raise RuntimeError("killed")
-        return real_save(path, cfg, objective, state, *args)
+        return real_save(path, cfg, objective, state, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", killed_at_30)
     with pytest.raises(RuntimeError, match="killed"):

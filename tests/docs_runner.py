@@ -1,0 +1,434 @@
+"""How the suite runs the commands the docs quote: the table of each command's small settings, or the
+reason it is not run here, and the runner that executes them once per session in one work folder.
+
+Every command `doc_commands.shell_commands()` finds must be a key of RUN or of LISTED
+(tests/test_docs_run.py fails otherwise), so a command added to the docs fails the suite until it is
+run here or listed with its reason. RUN entries may only ADD limits (`--limit`, `encode.limit`,
+`train.max_steps` and its eval/checkpoint cadence, a free `--port`, fewer `--seeds`): ALLOWED_ADDITIONS.
+
+The work folder is laid out like the repository for the docs' relative paths (`pipelines/`,
+`scripts/`, `bench/` are links), commands run in it as a newcomer would, one after the other, and
+paths under /tmp in a command are moved into it (`/tmp/x` → `<work>/tmp/x`), so nothing is shared
+with other runs on the machine. Set M3JEPA_DOCS_WORK=DIR to keep the folder between sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from doc_commands import ROOT, SAMPLES, expand
+
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+MEASURED = ROOT / "docs" / "measured.toml"
+
+
+def _sets(**kv: object) -> tuple[str, ...]:
+    return tuple(x for k, v in kv.items() for x in ("--set", f"{k.replace('__', '.')}={v}"))
+
+
+# A shipped offline pipeline's small settings: its own model and batch values, a step budget, and for
+# the slow encodes a subset that still fills its batch (128 unless said). tuxpaint and tuxpaint_audio run
+# in full: their documented results are checked (tests/test_docs_results.py).
+BUDGET: dict[str, tuple[str, ...]] = {
+    "tuxpaint": (),
+    "tuxpaint_audio": (),
+    # the first 130 train stamps (val 78, test 79): the prefix encode is a second full image encode
+    "tuxpaint_lora": _sets(encode__limit=130, train__max_steps=10, train__eval_every=5,
+                           train__checkpoint_every=5),
+    # all 131 stamps (its batch of 100 needs the 100 train sounds), 30 of the 300 steps
+    "tuxpaint_trimodal": _sets(train__max_steps=30),
+    # the first 130 images of each split (the pipeline's 1,000 are 7 minutes of encoding here)
+    "fashion_mnist": _sets(encode__limit=130, train__max_steps=20),
+    # the questions of the first 20 images of each split: about 190 per split
+    "easy_vqa": _sets(encode__limit=20, train__max_steps=25),
+    # the first 150 images of each split (whole concepts: 50 of the 1,525 train concepts, 3 styles each)
+    "emoji": _sets(encode__limit=150, train__max_steps=20),
+}
+STEPS = _sets(train__max_steps=20)  # a train-predictor outside a pipeline run: one evaluation at step 20
+LIMIT = ("--limit",)  # the encode option a RUN entry may add
+
+
+@dataclass(frozen=True)
+class Run:
+    """How the suite runs one documented command."""
+
+    add: tuple[str, ...] = ()  # appended to the command: limits only (ALLOWED_ADDITIONS)
+    fill: dict[str, str] = field(default_factory=dict)  # a placeholder or path → its value here
+    needs: tuple[str, ...] = ()  # commands (RUN or SETUP keys) that must have run first
+    fresh: tuple[str, ...] = ()  # outputs removed first: the command makes them and refuses to overwrite
+    server: bool = False  # runs until stopped: started, its page fetched, stopped
+    expect: str = ""  # text its output must contain
+    xfail: str = ""  # a known failure, owned elsewhere (strict: the test fails once it passes)
+    timeout: int = 900
+
+
+T = "m3jepa run tuxpaint"  # the default run: its stores and run are what most examples use
+TP = "m3jepa train-predictor --pipeline tuxpaint --run runs/tp --set train.lr=1e-3"
+AUDIO = "m3jepa run pipelines/tuxpaint_audio.toml"
+LORA = "m3jepa run tuxpaint_lora"
+FASHION = "m3jepa run pipelines/fashion_mnist.toml"
+VQA = "m3jepa run pipelines/easy_vqa.toml"
+IMAGE_INDEX = "m3jepa index --run runs/tuxpaint --split test --modality image"
+TEXT_INDEX = "m3jepa index --run runs/tuxpaint --split test --modality text"
+
+# Steps the docs leave to the reader (a second run to compare), run first where a command needs them.
+SETUP: dict[str, Run] = {
+    "m3jepa run tuxpaint_trimodal": Run(add=BUDGET["tuxpaint_trimodal"]),
+    "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp":
+        Run(add=STEPS, needs=(T,), fresh=("runs/tp_mlp",)),
+}
+
+# The command that runs each shipped offline pipeline, and why the others are not run here.
+PIPELINE_RUN = {
+    "tuxpaint": T, "tuxpaint_audio": AUDIO, "tuxpaint_lora": LORA, "tuxpaint_trimodal": "m3jepa run tuxpaint_trimodal",
+    "fashion_mnist": FASHION, "easy_vqa": VQA, "emoji": "m3jepa run pipelines/emoji.toml",
+}
+PIPELINE_GPU = {
+    name: "DINOv2-Large / Llama-3-8B / LanguageBind features: a GPU, their weights and the dataset"
+    for name in ("coco_dinov2_llama3", "flickr30k_dinov2_llama3", "clotho_languagebind", "audiocaps_languagebind",
+                 "imagenet_dinov2", "vqav2")
+}
+
+RUN: dict[str, Run] = {
+    # README.md
+    T: Run(),
+    "m3jepa run PIPELINE": Run(needs=(T,)),
+    "m3jepa run NAME": Run(needs=(T,)),
+    "m3jepa encode --dataset tuxpaint": Run(needs=(T,), expect="no encoder loaded"),
+    "m3jepa stores list | inspect PATH | verify PATH": Run(needs=(T,)),
+    "m3jepa encode --pipeline tuxpaint_audio --split val": Run(needs=(AUDIO,), expect="no encoder loaded"),
+    TP: Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),
+    "m3jepa train-predictor --pipeline tuxpaint --run runs/tp --resume": Run(add=STEPS, needs=(TP,)),
+    "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--json]": Run(needs=(TP,)),
+    "m3jepa run tuxpaint [--workdir DIR] [--set key=value ...]": Run(fill={"DIR": "."}, needs=(T,)),
+    "m3jepa run FILE": Run(needs=(T,)),
+    "m3jepa model-info [--pipeline FILE] [--dims image=1024,text=4096]": Run(),
+    LORA: Run(add=BUDGET["tuxpaint_lora"]),
+    "m3jepa lora-export --run runs/tuxpaint_lora --out DIR [--merge]":
+        Run(fill={"DIR": "lora-merged"}, needs=(LORA,), fresh=("lora-merged",)),
+    IMAGE_INDEX: Run(needs=(T,)),
+    'm3jepa search --index runs/tuxpaint/embedded/test/image.index --text "a red flower" [--k 10] [--json]':
+        Run(needs=(IMAGE_INDEX,)),
+    "m3jepa serve --index runs/tuxpaint/embedded/test/image.index --index runs/tuxpaint/embedded/test/text.index":
+        Run(add=("--port", "{port}"), needs=(IMAGE_INDEX, TEXT_INDEX), server=True),
+    "m3jepa evaluate --run runs/tuxpaint --device cpu": Run(needs=(T,)),
+    "m3jepa export --run runs/tuxpaint --out models/tuxpaint": Run(needs=(T,), fresh=("models/tuxpaint",)),
+    "m3jepa pipelines list | show NAME | copy NAME DEST": Run(fill={"DEST": "my.toml"}, fresh=("my.toml",)),
+    "m3jepa pipelines copy NAME DEST": Run(fill={"DEST": "my2.toml"}, fresh=("my2.toml",)),
+    "m3jepa --version": Run(),
+    "m3jepa run pipelines/tuxpaint.toml": Run(needs=(T,)),
+    # docs/api.md (its python blocks run in tests/test_api.py)
+    "m3jepa run fashion_mnist": Run(add=BUDGET["fashion_mnist"]),
+    "m3jepa run easy_vqa": Run(add=BUDGET["easy_vqa"]),
+    # docs/audio.md
+    AUDIO: Run(),
+    "m3jepa encode --dataset asterisk": Run(add=(*LIMIT, "5")),
+    "m3jepa run pipelines/tuxpaint_audio.toml --workdir /tmp/x": Run(fill={"/tmp/x": "."}, needs=(AUDIO,)),
+    # docs/benchmarks.md: the runs the benchmarks read, here the work folder's own
+    "m3jepa encode --decode-priority normal": Run(needs=(T,), expect="no encoder loaded"),
+    "m3jepa run tuxpaint --workdir /tmp/tpwork": Run(fill={"/tmp/tpwork": "."}, needs=(T,)),
+    "m3jepa run tuxpaint --workdir /tmp/rw": Run(fill={"/tmp/rw": "."}, needs=(T,)),
+    "m3jepa run tuxpaint --workdir /tmp/q13": Run(fill={"/tmp/q13": "."}, needs=(T,)),
+    # docs/classification.md
+    "m3jepa encode --dataset fashion-mnist --modality image,label --limit 1000": Run(add=(*LIMIT, "130")),
+    "m3jepa train-predictor --dataset fashion-mnist --run runs/fashion --set 'train.directions=[\"image->label\",\"label->image\"]'":
+        Run(add=STEPS, needs=("m3jepa encode --dataset fashion-mnist --modality image,label --limit 1000",),
+            fresh=("runs/fashion",)),
+    FASHION: Run(add=BUDGET["fashion_mnist"]),
+    # docs/datasets.md
+    "python -c \"from m3jepa.data import get_dataset; print(get_dataset('tuxpaint', seed=0).counts())\"":
+        Run(expect="'train': {'image': 628"),
+    "python -c \"from m3jepa.data import get_dataset; print(get_dataset('emoji', seed=0).counts())\"":
+        Run(expect="'train': {'image': 4575"),
+    "m3jepa run pipelines/emoji.toml": Run(add=BUDGET["emoji"]),
+    # docs/encode.md
+    "m3jepa encode --dataset tuxpaint --limit 40 --split val --store-root /tmp/stores --workers 1": Run(),
+    "m3jepa encode --pipeline tuxpaint_audio --set encode.batch_size=16": Run(needs=(AUDIO,)),
+    "m3jepa stores verify stores/tuxpaint/val/image/efficientnet-lite0": Run(needs=(T,)),
+    "m3jepa stores verify PATH --root DIR": Run(fill={"DIR": str(STAMPS)}, needs=(T,), expect="OK"),
+    "m3jepa encode --dataset tuxpaint --split all --store-root /tmp/bench --workers W": Run(add=(*LIMIT, "10")),
+    # docs/evaluation.md
+    "m3jepa evaluate --run RUN --json": Run(needs=(TP,)),
+    "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--checkpoint best|latest] [--json]":
+        Run(needs=(TP,)),
+    "m3jepa compare runs/tp runs/tp_mlp [--split test] [--json]":
+        Run(needs=(TP, "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp")),
+    # docs/feature-store.md
+    "m3jepa stores verify PATH": Run(needs=(T,)),
+    "m3jepa stores verify <store>": Run(needs=(T,)),
+    "m3jepa stores list [root]": Run(needs=(T,)),
+    "m3jepa stores inspect <store>": Run(needs=(T,)),
+    # docs/lora.md
+    "m3jepa encode --dataset tuxpaint --split val --modality image,text --kind prefix --tunable-layers 3":
+        Run(add=(*LIMIT, "130"), needs=(LORA,), expect="no encoder loaded"),
+    "m3jepa run pipelines/tuxpaint_lora.toml": Run(add=BUDGET["tuxpaint_lora"], needs=(LORA,)),
+    "m3jepa encode --dataset tuxpaint --kind prefix --tunable-layers 3":
+        Run(add=(*LIMIT, "130"), needs=(LORA,), expect="no encoder loaded"),
+    "m3jepa train-predictor --pipeline pipelines/tuxpaint_lora.toml":
+        Run(add=BUDGET["tuxpaint_lora"], needs=(LORA,), fresh=("runs/tuxpaint_lora",)),
+    "m3jepa evaluate --run runs/tuxpaint_lora": Run(needs=(LORA,)),
+    "m3jepa lora-export --run runs/tuxpaint_lora --out exported/ [--merge]": Run(needs=(LORA,), fresh=("exported",)),
+    "m3jepa lora-export --run R --out D":
+        Run(fill={"R": "runs/tuxpaint_lora", "D": "lora-adapters"}, needs=(LORA,), fresh=("lora-adapters",)),
+    # docs/predictor.md
+    "m3jepa encode --dataset tuxpaint --store-root /tmp/i14/stores":
+        Run(fill={"/tmp/i14/stores": "stores"}, needs=(T,), expect="no encoder loaded"),
+    "python -c \"from m3jepa.model import paper_parameter_count as c; print(c('multi'), c('shared'))\"":
+        Run(expect="140641304"),
+    # docs/results.md
+    "python scripts/vqa_baselines.py easy-vqa --limit 300": Run(expect="question-text prior: 65.3%"),
+    # docs/search.md
+    "m3jepa embed --run runs/tuxpaint --split test --modality image [--out DIR] [--checkpoint best] [--device auto] [--force]": Run(fill={"DIR": "embedded-image"}, needs=(T,)),
+    "m3jepa index --store runs/tuxpaint/embedded/test/image [--out DIR] [--kind auto] [--memory-budget 4GB] [--force]": Run(fill={"DIR": "image-index"}, needs=(IMAGE_INDEX,)),
+    TEXT_INDEX: Run(needs=(T,)),
+    "m3jepa search --index runs/tuxpaint/embedded/test/text.index --image PATH":
+        Run(fill={"PATH": str(STAMPS / "food" / "fruit" / "apple_red.png")}, needs=(TEXT_INDEX,), expect="rank"),
+    # docs/training.md
+    "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp [--set key=value ...]":
+        Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),
+    "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp --resume": Run(add=STEPS, needs=(TP,)),
+    "m3jepa train-predictor --store-root /tmp/i14/stores --run /tmp/i14/runs/nopipe-sized --set train.num_threads=1":
+        Run(add=STEPS, fill={"/tmp/i14/stores": "stores"}, needs=(T,), fresh=("tmp/i14/runs/nopipe-sized",)),
+    "m3jepa train-predictor --store-root /tmp/i14/stores --run /tmp/i14/runs/nopipe-old --set train.num_threads=1 --set model.dim=512 --set model.hidden=1024 --set model.cl_dim=256 --set train.batch_size=128 --set train.max_steps=80": Run(fill={"/tmp/i14/stores": "stores"}, needs=(T,), fresh=("tmp/i14/runs/nopipe-old",)),
+    # docs/vqa.md
+    VQA: Run(add=BUDGET["easy_vqa"]),
+    "m3jepa train-predictor --dataset easy-vqa --run runs/vqa --set 'train.directions=[\"image+question->answer\"]'":
+        Run(add=STEPS, needs=(VQA,), fresh=("runs/vqa",)),
+    "m3jepa run pipelines/easy_vqa.toml --set train.num_threads=1":
+        Run(add=BUDGET["easy_vqa"], needs=(VQA,),
+            xfail="a speed-only setting blocks the resume: helper daily's run-identity fix (issue 22)"),
+}
+
+GPU = "needs a GPU and model weights not on this machine"
+BENCH = ("a benchmark: minutes of timed rounds whose timings are measurements, not pass/fail; bench/ code "
+         "is unit-tested in tests/test_perf_paths.py")
+MULTI_SEED = ("a multi-seed table (several runs per seed, 10 min to hours on 2 cores); its pipeline runs in "
+              "the suite")
+FRAGMENT = ("prose naming an option (`--force`, `--limit`), not a command line to paste; parsed by "
+            "tests/test_docs_commands.py")
+TORCHRUN = ("torchrun, two processes on a fixed rendezvous port: tests/test_encode_cli.py::"
+            "test_torchrun_two_ranks_equals_one_process runs the encode form; helper ddp's --run-dir alias "
+            "and its test own the train-predictor form (issue 22)")
+
+LISTED: dict[str, str] = {
+    "bash scripts/setup.sh": "the set-up: scripts/test.sh (CI's .ci/run) runs it before the suite",
+    "bash scripts/test.sh": "the suite itself (CI's .ci/run)",
+    "python3 -m pytest -q tests/test_untrusted_*.py": "a part of the suite itself",
+    "m3jepa encode --dataset coco --root /data/coco": GPU + " (and COCO, 20 GB)",
+    "torchrun --nproc_per_node=2 -m m3jepa encode ...": TORCHRUN,
+    "torchrun --standalone --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint --workers 0": TORCHRUN,
+    "torchrun --nproc_per_node=2 -m m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp2":
+        TORCHRUN,
+    "m3jepa train-predictor --pipeline tuxpaint --run runs/tp-gpu --device cuda --precision bf16": GPU,
+    'm3jepa run pipelines/clotho_languagebind.toml --set encode.root="/data/clotho"': GPU + " (and Clotho)",
+    'm3jepa run pipelines/audiocaps_languagebind.toml --set encode.root="/data/audiocaps"': GPU + " (and AudioCaps)",
+    "m3jepa run pipelines/vqav2.toml --set encode.root=/data/vqav2": GPU + " (and VQAv2)",
+    "m3jepa encode --dataset jsonl --root /path/to/folder": "a folder of the reader's own data; tests/test_encode_cli.py encodes a jsonl miniature through the real CLI",
+    "m3jepa encode --dataset tuxpaint --modality audio,text --audio-encoder aisfx --limit 30 --skip-bad":
+        "what tests/test_audio.py::test_encode_cli_tuxpaint_audio runs, in its own folder (a 30-stamp text store would be refused beside the full one here)",
+    "python -c \"from m3jepa.data import get_dataset; print(get_dataset('fashion-mnist').counts())\"":
+        "the first call writes all 70,000 images as PNGs into ~/.cache (276 MB, 100 s here)",
+    "m3jepa encode --limit 50": FRAGMENT,
+    "m3jepa encode --threads 1 ...": FRAGMENT,
+    "m3jepa encode --force": FRAGMENT,
+    "m3jepa index --force": FRAGMENT,
+    "m3jepa encode --kind prefix --tunable-layers N": FRAGMENT,
+    "M3JEPA_SERVE_SCREENSHOT=docs/img/serve.png M3JEPA_SERVE_QUERY=\"a coin\" M3JEPA_SERVE_INDEXES=runs/tuxpaint/embedded/test/image.index,runs/tuxpaint/embedded/test/text.index python -m pytest tests/test_serve.py -k screenshot":
+        "rewrites docs/img/serve.png; tests/test_serve.py::test_screenshot_of_the_page runs without the variables",
+    "python -m bench.gpu > gpu.json": GPU,
+    "python -m bench.gpu --skip-llama > gpu.json": GPU,
+    "python -m bench.gpu": GPU,
+    "python -m bench.gpu --device cpu --quick": "tests/test_bench_gpu.py::test_quick_run_on_cpu_reports_every_figure",
+    # the stage 1 of multi-seed tables
+    "m3jepa encode --pipeline emoji --store-root /tmp/res/stores": MULTI_SEED + " (15 min of encoding)",
+    "m3jepa encode --pipeline emoji --set encode.dataset=emoji-style-openmoji --store-root /tmp/res/stores":
+        MULTI_SEED + " (15 min of encoding)",
+    "m3jepa encode --dataset tuxpaint --split train,val,test --modality image,text --kind prefix --tunable-layers 3 --store-root /tmp/m3jepa-lora/stores": MULTI_SEED,
+}
+LISTED |= {text: BENCH for text in (
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.train_step --batch 128 512 --rounds 3",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.retrieval",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --images 4000 --rounds 4 --steps 12 --paired-steps 64",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --big-gb 32.5 --big-steps 20",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.growth --steps 3",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.encode --limit 300 --rounds 5",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.train_step --batch 128 --rounds 3",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.retrieval --rounds 2 --no-query",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.retrieval --json /tmp/bench_retrieval4.json",
+    "OMP_WAIT_POLICY=PASSIVE nice -n 5 python -m bench.store_feed --rounds 3 --steps 6 --paired-steps 0",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.growth --steps 3 --json /tmp/bench_growth_final.json",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.encode --limit 300 --rounds 3",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.encode --limit 300 --rounds 5 --json /tmp/bench_encode_final.json",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.encode --limit 300 --rounds 5 --json /tmp/bench_encode_h.json",
+    "python -m bench.encode --limit 200 --rounds 3 --modality text",
+    "OMP_WAIT_POLICY=PASSIVE /usr/bin/time -v python -m bench.index --run /tmp/tpwork/runs/tuxpaint --json /tmp/bench_index.json",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.index --run /tmp/rw/runs/tuxpaint --skip-synthetic",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.index --run /tmp/q13/runs/tuxpaint --skip-synthetic --json index.json",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.index --run /tmp/q13/runs/tuxpaint --skip-synthetic --threads 1 --json index_t1.json",
+    "python -m bench.serve --index runs/tuxpaint/embedded/test/image.index --index runs/tuxpaint/embedded/test/text.index --seconds 20 --stages --json serve.json",
+    "python -m bench.serve --index /tmp/q13/runs/tuxpaint/embedded/test/image.index --index /tmp/q13/runs/tuxpaint/embedded/test/text.index --seconds 10 --stages --query-encoder-precision fp32,int8 --json serve.json",
+    "python -m bench.serve --index /tmp/q13/runs/tuxpaint/embedded/test/image.index --index /tmp/q13/runs/tuxpaint/embedded/test/text.index --seconds 10 --phases distinct --query-encoder-precision int8,fp32 --server-threads 1 --json serve_t1.json",
+    "python -m bench.serve --index /tmp/q13/runs/tuxpaint/embedded/test/image.index --index /tmp/q13/runs/tuxpaint/embedded/test/text.index --seconds 10 --phases distinct --clients 3,4 --batch-window-ms 5,10 --query-encoder-precision int8 --server-threads 1 --json serve_t1b.json",
+    "taskset -c 1 python -m bench.text_encoder --index runs/tuxpaint/embedded/test/image.index --threads 1",
+    "taskset -c 1 env OMP_NUM_THREADS=1 python -m bench.serve --index runs/tuxpaint/embedded/test/image.index --index runs/tuxpaint/embedded/test/text.index --seconds 10 --batch-window-ms 10 --phases distinct --query-encoder-precision fp32,int8,fp32,int8",
+)}
+LISTED |= {text: MULTI_SEED for text in (
+    "python scripts/recipes.py --pipeline pipelines/tuxpaint.toml --seeds 0,1,2 --workdir /tmp/i14 --set train.num_threads=1",
+    "python scripts/recipes.py --pipeline pipelines/tuxpaint.toml --seeds 3,4 --workdir /tmp/i14 --variants default,tau07,learn_tau,mixup,std,lb0.1 --set train.num_threads=1",
+    "python scripts/recipes.py --pipeline pipelines/tuxpaint.toml --seeds 0,1,2,3,4 --workdir /tmp/i14 --variants default,learn_tau,learn_tau_mixup,learn_tau_mixup_std --set train.num_threads=1",
+    "python scripts/recipes.py --pipeline pipelines/tuxpaint.toml --seeds 0,1,2,3,4 --workdir /tmp/i14 --variants learn_tau,learn_tau_drop03,learn_tau_wd05,learn_tau_small --set train.num_threads=1",
+    "python scripts/recipes.py --pipeline m3jepa/pipelines/emoji.toml --seeds 0,1,2 --workdir /tmp/res/emoji_val --variants learn_tau,learn_tau_lb0.1 --set train.num_threads=1 --set 'encode.store_root=\"/tmp/res/stores\"'",
+    "python scripts/results.py --pipeline tuxpaint --workdir /tmp/res/tux --set train.num_threads=1",
+    "python scripts/results.py --pipeline emoji --workdir /tmp/res/emoji --set train.num_threads=1 --set 'encode.store_root=\"/tmp/res/stores\"'",
+    "python scripts/results.py --pipeline emoji --workdir /tmp/res/style --set train.num_threads=1 --set 'encode.store_root=\"/tmp/res/stores\"' --set 'encode.dataset=\"emoji-style-openmoji\"'",
+    "python scripts/results.py --pipeline tuxpaint_audio --workdir /tmp/res/audio --set train.num_threads=1",
+    "python scripts/results.py --pipeline fashion_mnist --workdir /tmp/res/fashion --set train.num_threads=1",
+    "python scripts/lora_compare.py --seeds 0,1,2 --workdir /tmp/m3jepa-lora --set train.num_threads=1 --json /tmp/m3jepa-lora/compare.json",
+    "python scripts/trimodal.py --seeds 0,1,2 --workdir /tmp/tri --set train.num_threads=1",
+    "python scripts/seeds.py pipelines/tuxpaint_audio.toml --seeds 0,1,2 --workdir /tmp/seeds --set train.num_threads=1",
+    "python scripts/seeds.py pipelines/fashion_mnist.toml --seeds 0,1,2 --workdir /tmp/seeds --set train.num_threads=1",
+    "python scripts/seeds.py pipelines/easy_vqa.toml --seeds 0,1,2 --workdir /tmp/seeds_vqa --set train.num_threads=1",
+)}
+
+# What a RUN entry may add to a documented command: a smaller encode, fewer steps, a free port.
+ALLOWED_ADDITIONS = re.compile(
+    r"--limit \d+|--port \{port\}|--set (encode\.limit|train\.max_steps|train\.eval_every"
+    r"|train\.checkpoint_every)=\d+"
+)
+
+# The placeholders' values here (a command's own `fill` comes first).
+RUN_SAMPLES = {**SAMPLES, "DIR": "docs-out", "D": "docs-out", "DEST": "my.toml", "R": "runs/tp", "RUN": "runs/tp"}
+
+
+def reference_threads() -> int:
+    """The torch threads of the machine the documented results were measured on (docs/measured.toml).
+    Every command here runs with as many (OMP_NUM_THREADS), so a run prints what it printed there: the
+    numbers depend on the thread count, and a CI machine may have more cores."""
+    (threads,) = {r["machine"]["threads"] for r in tomllib.loads(MEASURED.read_text())["result"].values()}
+    return threads
+
+
+@dataclass
+class Outcome:
+    """What one command did: its exit status, output, wall and CPU seconds (its expanded forms together)."""
+
+    rc: int
+    out: str
+    seconds: float
+    cpu_seconds: float = 0.0
+
+
+class DocsWork:
+    """The session's work folder and the commands already run in it (each runs once)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: dict[str, Outcome] = {}
+        for name in ("pipelines", "scripts", "bench"):
+            link = root / name
+            if not link.exists():
+                link.symlink_to(ROOT / name)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "OMP_NUM_THREADS": str(reference_threads()),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def ensure(self, key: str) -> Outcome:
+        """Run `key` (a RUN or SETUP command) once, after what it needs; its Outcome."""
+        if key in self.done:
+            return self.done[key]
+        run = RUN.get(key) or SETUP[key]
+        for need in run.needs:
+            got = self.ensure(need)
+            if got.rc != 0:
+                self.done[key] = Outcome(-1, f"needs `{need}`, which failed (exit {got.rc})", 0.0)
+                return self.done[key]
+        for path in run.fresh:
+            target = self.root / path
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        began, cpu = time.perf_counter(), _children_cpu()
+        rc, out = self._server(key, run) if run.server else self._execute(key, run)
+        self.done[key] = Outcome(rc, out, time.perf_counter() - began, _children_cpu() - cpu)
+        return self.done[key]
+
+    def timings(self) -> dict[str, dict[str, float]]:
+        """Command → wall and CPU seconds of its own run (what it needed is counted under those)."""
+        return {k: {"wall_s": round(o.seconds, 1), "cpu_s": round(o.cpu_seconds, 1)} for k, o in self.done.items()}
+
+    def argvs(self, key: str, run: Run) -> list[list[str]]:
+        """The argument vectors `key` runs as: m3jepa commands expanded (synopsis brackets kept, each
+        alternative), the others through bash; placeholders filled, /tmp moved into the work folder."""
+        port = str(_free_port())
+        add = [a.replace("{port}", port) for a in run.add]
+        if key.startswith("m3jepa "):
+            samples = {**RUN_SAMPLES, **run.fill}
+            return [[sys.executable, "-m", "m3jepa", *map(self._tmp, args), *add]
+                    for args in expand(key, samples)]
+        line = key
+        for word, value in run.fill.items():
+            line = re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", value, line)
+        return [["bash", "-c", " ".join([self._tmp(line), *map(shlex.quote, add)])]]
+
+    def _tmp(self, text: str) -> str:
+        return text.replace("/tmp/", f"{self.root}/tmp/")
+
+    def _execute(self, key: str, run: Run) -> tuple[int, str]:
+        out = []
+        for argv in self.argvs(key, run):
+            try:
+                res = subprocess.run(argv, cwd=self.root, env=self.env, capture_output=True, text=True,
+                                     timeout=run.timeout)
+            except subprocess.TimeoutExpired:
+                return 124, f"`{shlex.join(argv)}` ran past {run.timeout} s"
+            out.append(f"$ {shlex.join(argv)}\n{res.stdout}{res.stderr}")
+            if res.returncode != 0:
+                return res.returncode, "\n".join(out)
+        return 0, "\n".join(out)
+
+    def _server(self, key: str, run: Run) -> tuple[int, str]:
+        """Start it, fetch its page once it listens, stop it: 0 when the page came back."""
+        (argv,) = self.argvs(key, run)
+        port = argv[argv.index("--port") + 1]
+        proc = subprocess.Popen(argv, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + run.timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                        return (0 if page.status == 200 else page.status), page.read().decode()[:200]
+                except OSError:
+                    time.sleep(1)
+            return 1, f"the server did not answer on port {port} (exit {proc.poll()})"
+        finally:
+            proc.terminate()
+            try:
+                tail = proc.communicate(timeout=30)[0]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                tail = proc.communicate()[0]
+            if proc.returncode not in (0, -15):
+                print(tail[-3000:])
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

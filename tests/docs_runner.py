@@ -4,12 +4,14 @@ reason it is not run here, and the runner that executes them once per session in
 Every command `doc_commands.shell_commands()` finds must be a key of RUN or of LISTED
 (tests/test_docs_run.py fails otherwise), so a command added to the docs fails the suite until it is
 run here or listed with its reason. RUN entries may only ADD limits (`--limit`, `encode.limit`,
-`train.max_steps` and its eval/checkpoint cadence, a free `--port`, fewer `--seeds`): ALLOWED_ADDITIONS.
+`train.max_steps` and its eval/checkpoint cadence, a free `--port`): ALLOWED_ADDITIONS.
 
 The work folder is laid out like the repository for the docs' relative paths (`pipelines/`,
 `scripts/`, `bench/` are links), commands run in it as a newcomer would, one after the other, and
 paths under /tmp in a command are moved into it (`/tmp/x` → `<work>/tmp/x`), so nothing is shared
-with other runs on the machine. Set M3JEPA_DOCS_WORK=DIR to keep the folder between sessions.
+with other runs on the machine. Every command runs with the torch threads of the machine the documented
+results were measured on (docs/measured.toml). Set M3JEPA_DOCS_WORK=DIR to keep the folder between
+sessions (then outputs the table marks `fresh` are made again; the rest is reused).
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ BUDGET: dict[str, tuple[str, ...]] = {
     "emoji": _sets(encode__limit=150, train__max_steps=20),
 }
 STEPS = _sets(train__max_steps=20)  # a train-predictor outside a pipeline run: one evaluation at step 20
-LIMIT = ("--limit",)  # the encode option a RUN entry may add
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ RUN: dict[str, Run] = {
     "m3jepa run easy_vqa": Run(add=BUDGET["easy_vqa"]),
     # docs/audio.md
     AUDIO: Run(),
-    "m3jepa encode --dataset asterisk": Run(add=(*LIMIT, "5")),
+    "m3jepa encode --dataset asterisk": Run(add=("--limit", "5")),
     "m3jepa run pipelines/tuxpaint_audio.toml --workdir /tmp/x": Run(fill={"/tmp/x": "."}, needs=(AUDIO,)),
     # docs/benchmarks.md: the runs the benchmarks read, here the work folder's own
     "m3jepa encode --decode-priority normal": Run(needs=(T,), expect="no encoder loaded"),
@@ -142,7 +143,7 @@ RUN: dict[str, Run] = {
     "m3jepa run tuxpaint --workdir /tmp/rw": Run(fill={"/tmp/rw": "."}, needs=(T,)),
     "m3jepa run tuxpaint --workdir /tmp/q13": Run(fill={"/tmp/q13": "."}, needs=(T,)),
     # docs/classification.md
-    "m3jepa encode --dataset fashion-mnist --modality image,label --limit 1000": Run(add=(*LIMIT, "130")),
+    "m3jepa encode --dataset fashion-mnist --modality image,label --limit 1000": Run(add=("--limit", "130")),
     "m3jepa train-predictor --dataset fashion-mnist --run runs/fashion --set 'train.directions=[\"image->label\",\"label->image\"]'":
         Run(add=STEPS, needs=("m3jepa encode --dataset fashion-mnist --modality image,label --limit 1000",),
             fresh=("runs/fashion",)),
@@ -158,7 +159,7 @@ RUN: dict[str, Run] = {
     "m3jepa encode --pipeline tuxpaint_audio --set encode.batch_size=16": Run(needs=(AUDIO,)),
     "m3jepa stores verify stores/tuxpaint/val/image/efficientnet-lite0": Run(needs=(T,)),
     "m3jepa stores verify PATH --root DIR": Run(fill={"DIR": str(STAMPS)}, needs=(T,), expect="OK"),
-    "m3jepa encode --dataset tuxpaint --split all --store-root /tmp/bench --workers W": Run(add=(*LIMIT, "10")),
+    "m3jepa encode --dataset tuxpaint --split all --store-root /tmp/bench --workers W": Run(add=("--limit", "10")),
     # docs/evaluation.md
     "m3jepa evaluate --run RUN --json": Run(needs=(TP,)),
     "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--checkpoint best|latest] [--json]":
@@ -172,10 +173,10 @@ RUN: dict[str, Run] = {
     "m3jepa stores inspect <store>": Run(needs=(T,)),
     # docs/lora.md
     "m3jepa encode --dataset tuxpaint --split val --modality image,text --kind prefix --tunable-layers 3":
-        Run(add=(*LIMIT, "130"), needs=(LORA,), expect="no encoder loaded"),
+        Run(add=("--limit", "130"), needs=(LORA,), expect="no encoder loaded"),
     "m3jepa run pipelines/tuxpaint_lora.toml": Run(add=BUDGET["tuxpaint_lora"], needs=(LORA,)),
     "m3jepa encode --dataset tuxpaint --kind prefix --tunable-layers 3":
-        Run(add=(*LIMIT, "130"), needs=(LORA,), expect="no encoder loaded"),
+        Run(add=("--limit", "130"), needs=(LORA,), expect="no encoder loaded"),
     "m3jepa train-predictor --pipeline pipelines/tuxpaint_lora.toml":
         Run(add=BUDGET["tuxpaint_lora"], needs=(LORA,), fresh=("runs/tuxpaint_lora",)),
     "m3jepa evaluate --run runs/tuxpaint_lora": Run(needs=(LORA,)),
@@ -226,6 +227,8 @@ LISTED: dict[str, str] = {
     "bash scripts/setup.sh": "the set-up: scripts/test.sh (CI's .ci/run) runs it before the suite",
     "bash scripts/test.sh": "the suite itself (CI's .ci/run)",
     "python3 -m pytest -q tests/test_untrusted_*.py": "a part of the suite itself",
+    "python scripts/docs_results.py": "re-runs every documented single-run result in full (about 25 minutes "
+        "here); tests/test_docs_results.py runs two of them and the script's machinery",
     "m3jepa encode --dataset coco --root /data/coco": GPU + " (and COCO, 20 GB)",
     "torchrun --nproc_per_node=2 -m m3jepa encode ...": TORCHRUN,
     "torchrun --standalone --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint --workers 0": TORCHRUN,

@@ -46,7 +46,7 @@ def test_the_suite_runs_its_results_as_printed():
 @pytest.mark.parametrize("name", IN_SUITE)
 def test_documented_result_is_what_the_run_prints(name, docs_work):
     r = RESULTS[name]
-    got = docs_work.ensure(r["command"])  # with the recorded machine's threads (docs_runner.reference_threads)
+    got = docs_work.ensure(r["command"])  # with the recorded threads (docs_runner.reference_threads)
     assert got.rc == 0, got.out[-4000:]
     run_dir = docs_work.root / r["run"]
     measured = docs_results.values_of(run_dir, list(r["values"]))

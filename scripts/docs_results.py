@@ -118,7 +118,7 @@ def replace(page: str, old: str, new: str) -> str:
     (the two render the same template, so they have the same number of words)."""
     m = find(page, old)
     if m is None:
-        raise ValueError(f"the quote is not on the page: {old[:80]!r}")
+        raise ValueError(f"the page does not say {' '.join(old.split())[:100]!r}")
     gaps = re.findall(r"\s+", m.group(0))
     words = new.split()
     assert len(words) == len(gaps) + 1, (old, new)
@@ -181,12 +181,21 @@ def rerun(result: dict[str, Any], workdir: Path, threads: int) -> float:
 
 def update(table: dict[str, Any], name: str, measured: dict[str, float], prov: dict[str, Any],
            now: dict[str, Any], root: Path = ROOT) -> None:
-    """Write a re-run into the table and into every page that quotes it."""
+    """Write a re-run into the table and into every page that quotes it (all pages, or none: a quote its
+    page no longer shows is a ValueError naming it)."""
     r = table["result"][name]
+    pages: dict[Path, str] = {}
     for q in r["quoted"]:
-        page = root / q["file"]
+        path = root / q["file"]
         old = render(q["text"], r["values"], r["commit"])
-        page.write_text(replace(page.read_text(), old, render(q["text"], measured, prov["commit"])))
+        try:
+            pages[path] = replace(pages.get(path) or path.read_text(), old,
+                                  render(q["text"], measured, prov["commit"]))
+        except ValueError as e:
+            raise ValueError(f"{q['file']}: {e}; make it say what docs/measured.toml holds "
+                             "(tests/test_docs_results.py names each quote), then run again") from None
+    for path, text in pages.items():
+        path.write_text(text)
     r.update(values={k: round(v, 4) for k, v in measured.items()}, commit=prov["commit"],
              config_sha256=prov["config_sha256"], machine=now)
 
@@ -217,7 +226,10 @@ def main() -> None:
         diff = differences(r, measured, same_machine(r["machine"], now))
         print("  same as documented" if not diff else f"  {len(diff)} differ")
         if args.update:
-            update(table, name, measured, prov, now)
+            try:
+                update(table, name, measured, prov, now)
+            except ValueError as e:
+                sys.exit(f"error: {name}: {e}")
             save(table)
             print(f"  written to docs/measured.toml and {', '.join(q['file'] for q in r['quoted'])}")
     if args.update:

@@ -115,3 +115,13 @@ def test_exact_on_the_recorded_machine_within_tolerance_elsewhere(tmp_path):
     now = docs_results.machine(2)
     assert docs_results.same_machine(now, dict(now)) and not docs_results.same_machine(r["machine"], now)
     assert not docs_results.same_machine(now, {**now, "threads": 1})
+
+
+def test_an_update_whose_quote_is_gone_changes_nothing(tmp_path):
+    page = "R@1 20.3 at step 140 (commit aaaaaaa), and R@1 20.3 again.\n"
+    table = _table(tmp_path, page)
+    table["result"]["r"]["quoted"].append({"file": "page.md", "text": "then {a/R@1:.2f}"})
+    with pytest.raises(ValueError, match=r"page.md: the page does not say 'then 20.25'"):
+        docs_results.update(table, "r", {"a/R@1": 30.0, "state/best_step": 90.0},
+                            {"commit": "bbbbbbb", "config_sha256": ""}, {"threads": 2}, root=tmp_path)
+    assert (tmp_path / "page.md").read_text() == page and table["result"]["r"]["commit"] == "aaaaaaa"

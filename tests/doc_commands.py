@@ -79,9 +79,9 @@ def expand(text: str, samples: dict[str, str] = SAMPLES) -> list[list[str]]:
     out = []
     for args in commands:
         args = [a for a in args if a != "..."]
-        args = [samples.get(a, a) for a in args]
-        # `multi|paired` as a value: the first of the choices
-        out.append([a.split("|")[0] if "|" in a and not a.startswith("-") else a for a in args])
+        # `multi|paired` as a value: the first of the choices (a placeholder too: `PATH|none`)
+        args = [a.split("|")[0] if "|" in a and not a.startswith("-") else a for a in args]
+        out.append([samples.get(a, a) for a in args])
     return out
 
 

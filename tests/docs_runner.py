@@ -66,7 +66,7 @@ class Run:
     """How the suite runs one documented command."""
 
     add: tuple[str, ...] = ()  # appended to the command: limits only (ALLOWED_ADDITIONS)
-    fill: dict[str, str] = field(default_factory=dict)  # a placeholder or path → its value here
+    fill: dict[str, str] = field(default_factory=dict)  # words of the command (a placeholder, a path) → here
     needs: tuple[str, ...] = ()  # commands (RUN or SETUP keys) that must have run first
     fresh: tuple[str, ...] = ()  # outputs removed first: the command makes them and refuses to overwrite
     server: bool = False  # runs until stopped: started, its page fetched, stopped
@@ -89,6 +89,12 @@ SETUP: dict[str, Run] = {
     "m3jepa run tuxpaint_trimodal": Run(add=BUDGET["tuxpaint_trimodal"]),
     "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp":
         Run(add=STEPS, needs=(T,), fresh=("runs/tp_mlp",)),
+    "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --seeds 0,1,2 --set model.predictor=mlp":
+        Run(add=STEPS, needs=(T,), fresh=tuple(f"runs/tp_mlp-seed{s}" for s in range(3))),
+    "m3jepa run my.toml --seeds 0,1,2":  # README's `runs/my-seed*`: a copied pipeline (docs/training.md)
+        Run(add=STEPS, needs=(T, "m3jepa pipelines copy tuxpaint my.toml"),
+            fresh=tuple(f"runs/my-seed{s}" for s in range(3))),
+    "printf 'a red apple\\na blue bird\\n' > captions.txt": Run(),  # README's own captions file
 }
 
 # The command that runs each shipped offline pipeline, and why the others are not run here.
@@ -113,7 +119,20 @@ RUN: dict[str, Run] = {
     TP: Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),
     "m3jepa train-predictor --pipeline tuxpaint --run runs/tp --resume": Run(add=STEPS, needs=(TP,)),
     "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--json]": Run(needs=(TP,)),
-    "m3jepa run tuxpaint [--workdir DIR] [--set key=value ...]": Run(fill={"DIR": "."}, needs=(T,)),
+    "m3jepa run tuxpaint [--workdir DIR] [--run DIR] [--set key=value ...]":
+        Run(fill={"--workdir DIR": "--workdir .", "--run DIR": "--run runs/tuxpaint"}, needs=(T,)),
+    "m3jepa run tuxpaint --seeds 0,1,2": Run(add=STEPS, needs=(T,), fresh=tuple(f"runs/tuxpaint-seed{s}" for s in range(3))),
+    "m3jepa compare runs/tuxpaint-seed0 runs/tuxpaint-seed1 runs/tuxpaint-seed2 runs/my-seed0 runs/my-seed1 runs/my-seed2":
+        Run(needs=("m3jepa run tuxpaint --seeds 0,1,2", "m3jepa run my.toml --seeds 0,1,2")),
+    "m3jepa embed --run runs/tuxpaint --split test --modality image": Run(needs=(T,)),
+    "m3jepa index --run runs/tuxpaint --split all --modality image": Run(needs=(T,)),
+    "m3jepa index --run runs/tuxpaint --images ~/Photos --out my.index":
+        Run(fill={"~/Photos": str(STAMPS / "food" / "fruit")}, needs=(T,), expect="26 images"),
+    "m3jepa index --run runs/tuxpaint --texts captions.txt":
+        Run(needs=(T, "printf 'a red apple\\na blue bird\\n' > captions.txt")),
+    "m3jepa compare runs/tp runs/tp_mlp": Run(needs=(TP, "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp")),
+    "m3jepa serve --index my.index":
+        Run(add=("--port", "{port}"), needs=("m3jepa index --run runs/tuxpaint --images ~/Photos --out my.index",), server=True),
     "m3jepa run FILE": Run(needs=(T,)),
     "m3jepa model-info [--pipeline FILE] [--dims image=1024,text=4096]": Run(),
     LORA: Run(add=BUDGET["tuxpaint_lora"]),
@@ -126,7 +145,7 @@ RUN: dict[str, Run] = {
         Run(add=("--port", "{port}"), needs=(IMAGE_INDEX, TEXT_INDEX), server=True),
     "m3jepa evaluate --run runs/tuxpaint --device cpu": Run(needs=(T,)),
     "m3jepa export --run runs/tuxpaint --out models/tuxpaint": Run(needs=(T,), fresh=("models/tuxpaint",)),
-    "m3jepa pipelines list | show NAME | copy NAME DEST": Run(fill={"DEST": "my.toml"}, fresh=("my.toml",)),
+    "m3jepa pipelines list | show NAME | copy NAME DEST": Run(fill={"DEST": "my1.toml"}, fresh=("my1.toml",)),
     "m3jepa pipelines copy NAME DEST": Run(fill={"DEST": "my2.toml"}, fresh=("my2.toml",)),
     "m3jepa --version": Run(),
     "m3jepa run pipelines/tuxpaint.toml": Run(needs=(T,)),
@@ -164,8 +183,8 @@ RUN: dict[str, Run] = {
     "m3jepa evaluate --run RUN --json": Run(needs=(TP,)),
     "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--checkpoint best|latest] [--json]":
         Run(needs=(TP,)),
-    "m3jepa compare runs/tp runs/tp_mlp [--split test] [--json]":
-        Run(needs=(TP, "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp")),
+    "m3jepa compare runs/tp-seed0 runs/tp-seed1 runs/tp-seed2 runs/tp_mlp-seed0 runs/tp_mlp-seed1 runs/tp_mlp-seed2 [--split test] [--json] [--plot PATH|none]":
+        Run(fill={"PATH|none": "compare.png"}, needs=("m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp --seeds 0,1,2", "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --seeds 0,1,2 --set model.predictor=mlp")),
     # docs/feature-store.md
     "m3jepa stores verify PATH": Run(needs=(T,)),
     "m3jepa stores verify <store>": Run(needs=(T,)),
@@ -186,6 +205,7 @@ RUN: dict[str, Run] = {
     # docs/predictor.md
     "m3jepa encode --dataset tuxpaint --store-root /tmp/i14/stores":
         Run(fill={"/tmp/i14/stores": "stores"}, needs=(T,), expect="no encoder loaded"),
+    "m3jepa model-info": Run(),
     "python -c \"from m3jepa.model import paper_parameter_count as c; print(c('multi'), c('shared'))\"":
         Run(expect="140641304"),
     # docs/results.md
@@ -200,16 +220,18 @@ RUN: dict[str, Run] = {
     "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp [--set key=value ...]":
         Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),
     "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp --resume": Run(add=STEPS, needs=(TP,)),
-    "m3jepa train-predictor --store-root /tmp/i14/stores --run /tmp/i14/runs/nopipe-sized --set train.num_threads=1":
-        Run(add=STEPS, fill={"/tmp/i14/stores": "stores"}, needs=(T,), fresh=("tmp/i14/runs/nopipe-sized",)),
-    "m3jepa train-predictor --store-root /tmp/i14/stores --run /tmp/i14/runs/nopipe-old --set train.num_threads=1 --set model.dim=512 --set model.hidden=1024 --set model.cl_dim=256 --set train.batch_size=128 --set train.max_steps=80": Run(fill={"/tmp/i14/stores": "stores"}, needs=(T,), fresh=("tmp/i14/runs/nopipe-old",)),
+    "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp --seeds 0,1,2":
+        Run(add=STEPS, needs=(T,), fresh=tuple(f"runs/tp-seed{s}" for s in range(3))),
+    "m3jepa pipelines copy tuxpaint my.toml": Run(fresh=("my.toml",)),
+    "python scripts/make_jsonl.py icons /tmp/daily/icons": Run(expect="695 images"),
+    # docs/datasets.md
+    "python scripts/make_jsonl.py icons /tmp/icons": Run(expect="695 images"),
     # docs/vqa.md
     VQA: Run(add=BUDGET["easy_vqa"]),
     "m3jepa train-predictor --dataset easy-vqa --run runs/vqa --set 'train.directions=[\"image+question->answer\"]'":
         Run(add=STEPS, needs=(VQA,), fresh=("runs/vqa",)),
     "m3jepa run pipelines/easy_vqa.toml --set train.num_threads=1":
-        Run(add=BUDGET["easy_vqa"], needs=(VQA,),
-            xfail="a speed-only setting blocks the resume: helper daily's run-identity fix (issue 22)"),
+        Run(add=BUDGET["easy_vqa"], needs=(VQA,), expect="was already finished"),
 }
 
 GPU = "needs a GPU and model weights not on this machine"
@@ -238,7 +260,9 @@ LISTED: dict[str, str] = {
     'm3jepa run pipelines/clotho_languagebind.toml --set encode.root="/data/clotho"': GPU + " (and Clotho)",
     'm3jepa run pipelines/audiocaps_languagebind.toml --set encode.root="/data/audiocaps"': GPU + " (and AudioCaps)",
     "m3jepa run pipelines/vqav2.toml --set encode.root=/data/vqav2": GPU + " (and VQAv2)",
-    "m3jepa encode --dataset jsonl --root /path/to/folder": "a folder of the reader's own data; tests/test_encode_cli.py encodes a jsonl miniature through the real CLI",
+    "m3jepa encode --skip-bad": FRAGMENT,
+    "m3jepa index --images DIR": FRAGMENT,
+    "m3jepa encode --dataset webdataset": "named in prose: bench/encode_shards.py runs it over shards it writes",
     "m3jepa encode --dataset tuxpaint --modality audio,text --audio-encoder aisfx --limit 30 --skip-bad":
         "what tests/test_audio.py::test_encode_cli_tuxpaint_audio runs, in its own folder (a 30-stamp text store would be refused beside the full one here)",
     "python -c \"from m3jepa.data import get_dataset; print(get_dataset('fashion-mnist').counts())\"":
@@ -260,6 +284,49 @@ LISTED: dict[str, str] = {
         MULTI_SEED + " (15 min of encoding)",
     "m3jepa encode --dataset tuxpaint --split train,val,test --modality image,text --kind prefix --tunable-layers 3 --store-root /tmp/m3jepa-lora/stores": MULTI_SEED,
 }
+DAILY = ("docs/training.md's sizing comparison: 3 sets x 2 rules x 3 seeds on full stores (an hour here); "
+         "the sizing itself runs in the suite through `m3jepa train-predictor` without a pipeline")
+LISTED |= {text: DAILY for text in (
+    "m3jepa encode --dataset tuxpaint --store-root /tmp/daily/stores",
+    "m3jepa encode --dataset jsonl --root /tmp/daily/icons --store-root /tmp/daily/stores",
+    "m3jepa encode --dataset emoji --limit 500 --store-root /tmp/daily/stores",
+    "m3jepa train-predictor --store-root /tmp/daily/stores --run /tmp/daily/runs/tux-new --seeds 0,1,2 --set train.num_threads=1",
+    "m3jepa train-predictor --store-root /tmp/daily/stores --run /tmp/daily/runs/tux-old --seeds 0,1,2 --set train.num_threads=1 --set train.max_steps=300",
+    "m3jepa train-predictor --store-root /tmp/daily/stores --dataset jsonl --root /tmp/daily/icons --run /tmp/daily/runs/icons-new --seeds 0,1,2 --set train.num_threads=1",
+    "m3jepa train-predictor --store-root /tmp/daily/stores --dataset emoji --set encode.limit=500 --run /tmp/daily/runs/emoji-new --seeds 0,1,2 --set train.num_threads=1",
+    "m3jepa train-predictor --store-root /tmp/daily/stores --run /tmp/daily/runs/tuxlin-new --seeds 0,1,2 --set train.num_threads=1 --set model.predictor=linear",
+    "m3jepa evaluate --run /tmp/daily/runs/tux-new-seed0",
+    "m3jepa compare /tmp/daily/runs/tux-old-seed0 /tmp/daily/runs/tux-old-seed1 /tmp/daily/runs/tux-old-seed2 /tmp/daily/runs/tux-new-seed0 /tmp/daily/runs/tux-new-seed1 /tmp/daily/runs/tux-new-seed2",
+)}
+JSONL = ("docs/datasets.md's own-folder walkthrough: tests/test_jsonl_workflow.py::test_own_jsonl_folder_to_a_search_page "
+         "runs the sequence through the real CLI on 60 stamps with a 30-step budget")
+LISTED |= {text: JSONL for text in (
+    "python scripts/make_jsonl.py tuxpaint /tmp/mydata --limit 300",
+    "m3jepa encode --dataset jsonl --root /tmp/mydata --store-root stores",
+    "m3jepa train-predictor --dataset jsonl --root /tmp/mydata --store-root stores --run runs/mydata",
+    "m3jepa evaluate --run runs/mydata",
+    "m3jepa index --run runs/mydata --split test --modality image",
+    "m3jepa index --run runs/mydata --split test --modality text",
+    'm3jepa search --index runs/mydata/embedded/test/image.index --text "a red apple"',
+    "m3jepa serve --index runs/mydata/embedded/test/image.index --index runs/mydata/embedded/test/text.index",
+)}
+WDS = ("web-scale shards (CC3M) or an S3 bucket that are not on this machine; tests/test_webdataset.py streams "
+       "miniature shards through the same reader")
+LISTED |= {text: WDS for text in (
+    "m3jepa encode --dataset webdataset --root /data/cc3m",
+    "m3jepa encode --dataset webdataset --root '/data/cc3m/{00000..00331}.tar'",
+    "m3jepa encode --dataset webdataset --root s3://bucket/cc3m --split-field split",
+    "m3jepa encode --dataset webdataset --root /data/cc3m --train-shards '{00000..00329}.tar' --val-shards 00330.tar",
+)}
+LISTED |= {text: BENCH for text in (
+    "python -m bench.step_audit",
+    "flock /tmp/m3jepa-bench.lock env OMP_WAIT_POLICY=PASSIVE python -m bench.clip_step --rounds 5",
+    "python -m bench.encode_shards --ratio-rows 0 --tiny-encoder --rss-rows 5000 10000 20000 --keep /tmp/bench_wds_shards",
+    "python -m bench.encode_shards --ratio-rows 256 --rounds 3 --rss-rows --keep /tmp/bench_wds_shards",
+    "python -m bench.encode_shards --ratio-rows 128 --rounds 3 --rss-rows --keep /tmp/bench_wds_shards",
+    "python -m bench.encode --limit 128 --rounds 3 --modality image --min-seconds 1",
+    "python -m bench.svg_cache --dataset emoji --repeat 3",
+)}
 LISTED |= {text: BENCH for text in (
     "OMP_WAIT_POLICY=PASSIVE python -m bench.train_step --batch 128 512 --rounds 3",
     "OMP_WAIT_POLICY=PASSIVE python -m bench.retrieval",
@@ -312,7 +379,7 @@ ALLOWED_ADDITIONS = re.compile(
 )
 
 # The placeholders' values here (a command's own `fill` comes first).
-RUN_SAMPLES = {**SAMPLES, "DIR": "docs-out", "D": "docs-out", "DEST": "my.toml", "R": "runs/tp", "RUN": "runs/tp"}
+RUN_SAMPLES = {**SAMPLES, "DIR": "docs-out", "D": "docs-out", "DEST": "copied.toml", "R": "runs/tp", "RUN": "runs/tp"}
 
 
 def reference_threads() -> int:
@@ -374,13 +441,12 @@ class DocsWork:
         alternative), the others through bash; placeholders filled, /tmp moved into the work folder."""
         port = str(_free_port())
         add = [a.replace("{port}", port) for a in run.add]
-        if key.startswith("m3jepa "):
-            samples = {**RUN_SAMPLES, **run.fill}
-            return [[sys.executable, "-m", "m3jepa", *map(self._tmp, args), *add]
-                    for args in expand(key, samples)]
         line = key
-        for word, value in run.fill.items():
-            line = re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", value, line)
+        for words, value in run.fill.items():
+            line = re.sub(rf"(?<!\S){re.escape(words)}(?!\S)", value, line)
+        if line.startswith("m3jepa "):
+            return [[sys.executable, "-m", "m3jepa", *map(self._tmp, args), *add]
+                    for args in expand(line, RUN_SAMPLES)]
         return [["bash", "-c", " ".join([self._tmp(line), *map(shlex.quote, add)])]]
 
     def _tmp(self, text: str) -> str:

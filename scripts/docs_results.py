@@ -236,7 +236,8 @@ def main() -> None:
             except ValueError as e:
                 sys.exit(f"error: {name}: {e}")
             save(table)
-            print(f"  written to docs/measured.toml and {', '.join(q['file'] for q in r['quoted'])}")
+            pages = dict.fromkeys(q["file"] for q in r["quoted"])
+            print(f"  written to docs/measured.toml and {', '.join(pages)}")
     if args.update:
         print("\nRead each changed page again: the prose around the numbers may no longer hold.")
 

@@ -145,6 +145,10 @@ RUN: dict[str, Run] = {
         Run(add=("--port", "{port}"), needs=(IMAGE_INDEX, TEXT_INDEX), server=True),
     "m3jepa evaluate --run runs/tuxpaint --device cpu": Run(needs=(T,)),
     "m3jepa export --run runs/tuxpaint --out models/tuxpaint": Run(needs=(T,), fresh=("models/tuxpaint",)),
+    # docs/api.md: the fix an edited export's message prints (exports are byte-reproducible: same folder)
+    "m3jepa export --run /abs/runs/tuxpaint --out DIR --force":
+        Run(fill={"/abs/runs/tuxpaint": "runs/tuxpaint", "DIR": "models/tuxpaint"},
+            needs=("m3jepa export --run runs/tuxpaint --out models/tuxpaint",)),
     "m3jepa pipelines list | show NAME | copy NAME DEST": Run(fill={"DEST": "my1.toml"}, fresh=("my1.toml",)),
     "m3jepa pipelines copy NAME DEST": Run(fill={"DEST": "my2.toml"}, fresh=("my2.toml",)),
     "m3jepa --version": Run(),
@@ -199,6 +203,7 @@ RUN: dict[str, Run] = {
     "m3jepa train-predictor --pipeline pipelines/tuxpaint_lora.toml":
         Run(add=BUDGET["tuxpaint_lora"], needs=(LORA,), fresh=("runs/tuxpaint_lora",)),
     "m3jepa evaluate --run runs/tuxpaint_lora": Run(needs=(LORA,)),
+    "m3jepa encode --pipeline tuxpaint_lora": Run(add=("--limit", "130"), needs=(LORA,), expect="no encoder loaded"),
     "m3jepa lora-export --run runs/tuxpaint_lora --out exported/ [--merge]": Run(needs=(LORA,), fresh=("exported",)),
     "m3jepa lora-export --run R --out D":
         Run(fill={"R": "runs/tuxpaint_lora", "D": "lora-adapters"}, needs=(LORA,), fresh=("lora-adapters",)),
@@ -241,10 +246,8 @@ MULTI_SEED = ("a multi-seed table (several runs per seed, 10 min to hours on 2 c
               "the suite")
 FRAGMENT = ("prose naming an option (`--force`, `--limit`), not a command line to paste; parsed by "
             "tests/test_docs_commands.py")
-TORCHRUN = ("torchrun, two processes on a fixed rendezvous port: tests/test_encode_cli.py::"
-            "test_torchrun_two_ranks_equals_one_process runs the encode form; helper ddp's --run-dir alias "
-            "and its test own the train-predictor form (issue 22)")
-
+TORCHRUN = ("a torchrun line of a code block: tests/test_torchrun.py::test_documented_torchrun_lines_run_as_printed "
+            "runs it as printed (its small budget added), so it is not run twice")
 LISTED: dict[str, str] = {
     "bash scripts/setup.sh": "the set-up: scripts/test.sh (CI's .ci/run) runs it before the suite",
     "bash scripts/test.sh": "the suite itself (CI's .ci/run)",
@@ -252,10 +255,19 @@ LISTED: dict[str, str] = {
     "python scripts/docs_results.py": "re-runs every documented single-run result in full (about 25 minutes "
         "here); tests/test_docs_results.py runs two of them and the script's machinery",
     "m3jepa encode --dataset coco --root /data/coco": GPU + " (and COCO, 20 GB)",
-    "torchrun --nproc_per_node=2 -m m3jepa encode ...": TORCHRUN,
     "torchrun --standalone --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint --workers 0": TORCHRUN,
-    "torchrun --nproc_per_node=2 -m m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp2":
+    "torchrun --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint": TORCHRUN,
+    "torchrun --nproc_per_node=2 -m m3jepa train-predictor --pipeline tuxpaint --run-dir runs/tuxpaint_ddp": TORCHRUN,
+    "torchrun --nproc_per_node=2 -m m3jepa train-predictor --pipeline tuxpaint_lora --run-dir runs/tuxpaint_lora2":
         TORCHRUN,
+    "torchrun --nproc_per_node=2 -m m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run-dir runs/tp2":
+        TORCHRUN,
+    "torchrun ... -m m3jepa train-predictor ... --run runs/tp2":
+        "the form that fails, quoted to say why (`--run` is ambiguous to torchrun's parser); "
+        "tests/test_torchrun.py::test_every_option_name_survives_torchruns_parser checks that refusal",
+    "torchrun --nproc_per_node=2 -m m3jepa train-predictor": "prose: how bench.ddp --accuracy trains each seed (a benchmark)",
+    "m3jepa index --run EXPORT": "a table cell naming the command; tests/test_untrusted_outputs.py::"
+        "test_a_damaged_export_is_one_line_for_index_too runs it on a damaged export",
     "m3jepa train-predictor --pipeline tuxpaint --run runs/tp-gpu --device cuda --precision bf16": GPU,
     'm3jepa run pipelines/clotho_languagebind.toml --set encode.root="/data/clotho"': GPU + " (and Clotho)",
     'm3jepa run pipelines/audiocaps_languagebind.toml --set encode.root="/data/audiocaps"': GPU + " (and AudioCaps)",
@@ -326,7 +338,11 @@ LISTED |= {text: BENCH for text in (
     "python -m bench.encode_shards --ratio-rows 128 --rounds 3 --rss-rows --keep /tmp/bench_wds_shards",
     "python -m bench.encode --limit 128 --rounds 3 --modality image --min-seconds 1",
     "python -m bench.svg_cache --dataset emoji --repeat 3",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead --small --threads 1",
 )}
+DDP_BENCH = ("a benchmark: 2 gloo ranks timed step by step (minutes; timings are measurements, not pass/fail); "
+             "what it compares is tested in tests/test_ddp.py::test_the_reducer_gives_what_torchs_ddp_gives")
+LISTED |= {"python -m bench.ddp --steps 20": DDP_BENCH, "python -m bench.ddp": DDP_BENCH}
 LISTED |= {text: BENCH for text in (
     "OMP_WAIT_POLICY=PASSIVE python -m bench.train_step --batch 128 512 --rounds 3",
     "OMP_WAIT_POLICY=PASSIVE python -m bench.retrieval",

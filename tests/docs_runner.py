@@ -127,7 +127,8 @@ RUN: dict[str, Run] = {
     "m3jepa embed --run runs/tuxpaint --split test --modality image": Run(needs=(T,)),
     "m3jepa index --run runs/tuxpaint --split all --modality image": Run(needs=(T,)),
     "m3jepa index --run runs/tuxpaint --images ~/Photos --out my.index":
-        Run(fill={"~/Photos": str(STAMPS / "food" / "fruit")}, needs=(T,), expect="26 images"),
+        Run(fill={"~/Photos": str(STAMPS / "food" / "fruit")}, needs=(T,),
+            expect="41 images"),  # the 26 PNGs of food/fruit and the 15 of its cartoon/ subfolder
     "m3jepa index --run runs/tuxpaint --texts captions.txt":
         Run(needs=(T, "printf 'a red apple\\na blue bird\\n' > captions.txt")),
     "m3jepa compare runs/tp runs/tp_mlp": Run(needs=(TP, "m3jepa train-predictor --pipeline tuxpaint --run runs/tp_mlp --set model.predictor=mlp")),

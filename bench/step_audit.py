@@ -2,6 +2,7 @@
 
     python -m bench.step_audit                 # fp32 and bf16, grouped experts (a GPU's path) and the loop
     python -m bench.step_audit --json out.json
+    python -m bench.step_audit --casts         # also every dtype cast of the bf16 grouped step, by source
 
 The paper's structure (12 experts, top-4, two tasks with their own gates, dropout 0.1, both directions
 alternating) at narrow widths (the count does not depend on them): forward, backward and the optimizer
@@ -9,13 +10,21 @@ step (torch's fused AdamW, clipping 1.0 folded in) under `m3jepa.train.audit.Ste
 warm-up steps, the mean of one step per direction. "compute" counts the operations that run a kernel;
 "total" adds views, aliases and bare allocations. Syncs are the operations that would make the host wait
 for a GPU. Under bf16 the plain model runs under CPU autocast: the GPU's code path, not the CPU fast path.
+
+`--casts` lists the dtype casts (`aten._to_copy`) that bf16 autocast adds to the grouped step, by what is
+cast: a parameter (autocast's per-call cast of a float32 weight or bias), the experts' stacked parameters,
+an activation, or in backward a parameter's gradient (its float32 .grad) or an activation's gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import traceback
+from collections import Counter
 
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import _common as C
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
@@ -28,8 +37,8 @@ PAPER_NARROW = dict(dim=64, hidden=64, num_experts=12, top_k=4, dropout=0.1, gat
 DIMS = {"image": 32, "text": 48}
 
 
-def audit_steps(precision: str, product: str, batch: int = 32) -> dict:
-    """{phase: counts per step} of `precision` ("fp32"/"bf16") with the experts run as `product`."""
+def _paper_step(precision: str, product: str, batch: int = 32):
+    """(objective, step(i, phase)) of the paper's structure: `phase(name)` is a context per phase."""
     cfg = PipelineConfig()
     cfg.model = ModelConfig(**PAPER_NARROW)
     cfg.runtime.precision = precision
@@ -41,8 +50,7 @@ def audit_steps(precision: str, product: str, batch: int = 32) -> dict:
     batches = [("image->text", torch.randn(batch, 32, generator=g), torch.randn(batch, 48, generator=g)),
                ("text->image", torch.randn(batch, 48, generator=g), torch.randn(batch, 32, generator=g))]
 
-    def step(i: int, audit: StepAudit | None) -> None:
-        phase = audit.phase if audit else (lambda name: contextlib.nullcontext())
+    def step(i: int, phase=lambda name: contextlib.nullcontext()) -> None:
         direction, x, y = batches[i % 2]
         opt.zero_grad(set_to_none=True)
         with phase("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -52,10 +60,78 @@ def audit_steps(precision: str, product: str, batch: int = 32) -> dict:
         with phase("optimizer"):
             optimizer_step(opt, obj, 1.0)
 
-    step(0, None), step(1, None)
+    return obj, step
+
+
+def audit_steps(precision: str, product: str, batch: int = 32) -> dict:
+    """{phase: counts per step} of `precision` ("fp32"/"bf16") with the experts run as `product`."""
+    _, step = _paper_step(precision, product, batch)
+    step(0), step(1)
     with StepAudit() as audit:
-        step(2, audit), step(3, audit)
+        step(2, audit.phase), step(3, audit.phase)
     return {name: _per_step(counts, 2) for name, counts in audit.report().items()}
+
+
+class _Casts(TorchDispatchMode):
+    """Records every dtype-changing `aten._to_copy`: phase, what was cast, dtypes, shape, m3jepa line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.casts: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        src = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") not in (None, src.dtype):
+            frames = [f for f in traceback.extract_stack() if "/m3jepa/" in f.filename]
+            where = f"{frames[-1].filename.split('m3jepa/')[-1]}:{frames[-1].lineno}" if frames else "-"
+            self.casts.append({"phase": self.phase, "kind": _kind(src), "from": str(src.dtype)[6:],
+                               "to": str(out.dtype)[6:], "shape": list(src.shape), "where": where,
+                               "storage": _storage(out)})
+        return out
+
+
+def _kind(src: torch.Tensor) -> str:
+    if isinstance(src, nn.Parameter):
+        return "parameter"
+    fn = src.grad_fn
+    if fn is not None and type(fn).__name__ == "StackBackward0" and all(
+        n is not None and type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions
+    ):
+        return "stacked parameters"  # the experts' weights or biases, stacked for grouped_mm
+    return "activation"
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def cast_sites(product: str = "grouped") -> list[dict]:
+    """Every dtype cast of one bf16 step (image->text, after two warm-up steps), each as {phase, kind,
+    from, to, shape, where}; a backward cast whose result became a parameter's .grad is a "parameter
+    gradient", any other backward cast an "activation gradient"."""
+    obj, step = _paper_step("bf16", product)
+    step(0), step(1)
+    casts = _Casts()
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        casts.phase = name
+        yield
+
+    with casts:
+        step(2, phase)
+    grads = {_storage(p.grad) for p in obj.parameters() if p.grad is not None}
+    later: set[int] = set()  # memory a later cast wrote: an earlier cast there had been freed
+    for c in reversed(casts.casts):
+        storage = c.pop("storage")
+        if c["phase"] == "backward":
+            kept = storage in grads and storage not in later and c["to"] == "float32"
+            c["kind"] = "parameter gradient" if kept else "activation gradient"
+        later.add(storage)
+    return casts.casts
 
 
 def _per_step(counts: dict, steps: int) -> dict:
@@ -66,6 +142,7 @@ def _per_step(counts: dict, steps: int) -> dict:
 
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--casts", action="store_true", help="also list the bf16 grouped step's dtype casts")
     args = p.parse_args()
     C.setup(args)
     record = {"benchmark": "step_audit", "torch": torch.__version__, "git": C.git_sha(), "results": []}
@@ -80,7 +157,18 @@ def main() -> None:
                       f"{c['syncs']:>7.0f}")
             if counts["step"]["sync_ops"]:
                 print(f"{'':<19}syncs: {'; '.join(counts['step']['sync_ops'])}")
+    if args.casts:
+        record["casts"] = cast_sites()
+        _print_casts(record["casts"])
     C.write_json(args.json, record)
+
+
+def _print_casts(casts: list[dict]) -> None:
+    print(f"\ndtype casts of one bf16 grouped step (image->text): {len(casts)}")
+    for (ph, kind), n in sorted(Counter((c["phase"], c["kind"]) for c in casts).items()):
+        print(f"  {ph:<9}{kind:<21}{n:>3}")
+    for c in casts:
+        print(f"    {c['phase']:<9}{c['kind']:<21}{c['from']}->{c['to']:<9}{str(c['shape']):<14}{c['where']}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python -m bench.store_feed --images 4000 --rounds 4 --steps 8   # side by side: feed=memory vs feed=store
     python -m bench.store_feed --big-gb 30 --big-steps 20           # a >= 30 GB store: peak RSS, samples/s
     python -m bench.store_feed --images 4000 --paired-steps 64      # + both feeds in one process
+    python -m bench.store_feed --images 4000 --s3-steps 54          # the store feed from S3 vs local disk
     python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead --small
 
 The stores hold the paper's dims in float16 (images 1024, captions 4096, 5 captions per image), laid
@@ -12,11 +13,19 @@ paper's predictor (bf16, B = 128). The two contenders differ only in train.feed:
   memory  the train split is read into a float16 tensor, and its rows are indexed per step
   store   each batch's rows are pread from the stores' chunk files, 2 steps ahead on a thread
 Seconds per step come from the run's own metrics.jsonl (log_every = 1), leaving out the first step
-(warm-up). Peak RSS is the training process's (ru_maxrss from wait4).
+(warm-up). Peak RSS is the training process's (ru_maxrss from wait4). `--precision fp32` trains in float32
+instead of bf16 (for a CPU whose bf16 matmuls have no fast kernel).
 
 Separate processes see the shared cores' load at different times, which is noisy (±20% per round
 here). `--paired-steps` therefore also runs the loop's own `_train_step` in ONE process on one model,
 alternating the feed step by step (M S S M ...). A slow patch of the machine then hits both feeds alike.
+
+`--s3-steps N` writes the same stores to moto's S3 server on 127.0.0.1 (bench/s3server.py, a process of
+its own) and runs `_train_step` on one model in one process, three store feeds taking turns in blocks of
+BLOCK steps: the local store (preads), the bucket with no cache (one `cat_ranges` call of ranged GETs per
+modality and batch) and the bucket through fsspec's file cache (encode.store_cache). Each block starts its
+own read-ahead (2 steps ahead on a thread, as in a run) and its first step is left out. It also times each
+feed's opening (every shard's sha256 verified, issue #20) and one batch read alone.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ CAPTIONS = 5
 ENCODERS = {m: f"random-{d}" for m, d in PAPER_DIMS.items()}
 
 
-def write_store(root: Path, split: str, modality: str, rows: int, shard_size: int, seed: int) -> Path:
+def write_store(root: Path | str, split: str, modality: str, rows: int, shard_size: int, seed: int):
     """A complete float16 store of random features, written shard by shard (bounded memory)."""
     dim = PAPER_DIMS[modality]
     group = (lambda i: i // CAPTIONS) if modality == "text" else (lambda i: i)  # caption i shows image i // 5
@@ -88,13 +97,13 @@ def write_split(root: Path, split: str, images: int, shard_size: int) -> float:
 
 
 def pipeline(root: Path, run: Path, args, steps: int, feed: str) -> PipelineConfig:
-    """The paper's predictor in bf16 on the bench stores (`--small`: d = 512, h = 1024, 12 experts, top-4,
-    fp32: a step this host trains in a second); one validation and one checkpoint, at the last step."""
+    """The paper's predictor on the bench stores (`--small`: d = 512, h = 1024, 12 experts, top-4, fp32: a
+    step this host trains in a second); one validation and one checkpoint, at the last step."""
     from m3jepa.config import ModelConfig
 
     small = ModelConfig(dim=512, hidden=1024, num_experts=12, top_k=4, cl_dim=256)
-    cfg = C.pipeline(small if args.small else paper_preset(), args.batch, bf16=not args.small,
-                     directions=DIRECTIONS)
+    cfg = C.pipeline(small if args.small else paper_preset(), args.batch,
+                     bf16=not args.small and args.precision == "bf16", directions=DIRECTIONS)
     cfg.encode.dataset, cfg.encode.store_root = DATASET, str(root)
     cfg.encode.image_encoder, cfg.encode.text_encoder = ENCODERS["image"], ENCODERS["text"]
     cfg.run_dir = str(run)
@@ -168,6 +177,7 @@ def side_by_side(args, root: Path) -> dict:
         "per_round": ratio.values,
         "peak_rss_mb": {k: v.to_json() for k, v in rss.items()},
         "read_only_s": read_only(args, root).to_json(),
+        "verify_s": {k: v.to_json() for k, v in verify_cost(root, size).items()},
         **({"paired": paired_steps(args, root)} if args.paired_steps else {}),
     }
 
@@ -251,6 +261,155 @@ def read_only(args, root: Path) -> C.Spread:
     return read
 
 
+BLOCK = 6  # steps each feed trains in a row, its read-ahead running as in a run of its own (L R C L R C ...)
+
+
+def s3_vs_local(args, root: Path) -> dict:
+    """The store feed from moto's S3 on 127.0.0.1 (no cache, and through the file cache) against the same
+    stores on local disk: `_train_step` on one model, the feeds taking turns in blocks of BLOCK steps, each
+    block with its own read-ahead (2 steps ahead, as in a run), its first step (a cold read) left out."""
+    import torch
+
+    from bench.s3server import S3Server
+
+    with S3Server() as s3:
+        os.environ.update(s3.env())
+        s3.make_bucket("bench")
+        remote = "s3://bench/stores"
+        t0 = time.perf_counter()
+        size = write_split(root, "train", args.images, 4096)
+        local_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for modality, rows, seed in (("image", args.images, 1), ("text", CAPTIONS * args.images, 2)):
+            write_store(remote, "train", modality, rows, 4096, seed)
+        upload_s = time.perf_counter() - t0
+        print(f"  train stores {size:.2f} GB: written locally in {local_s:.1f}s, to the bucket in "
+              f"{upload_s:.1f}s")
+        cfgs = {}
+        for name, store_root, store_cache in (("local", str(root), None), ("s3", remote, None),
+                                              ("s3-cached", remote, str(root / "cache"))):
+            cfg = pipeline(root, root / "runs" / "s3", args, args.s3_steps, "store")
+            cfg.encode.store_root, cfg.encode.store_cache = store_root, store_cache
+            cfgs[name] = cfg
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        feeds, opened = {}, {}
+        for name, cfg in cfgs.items():  # opening verifies every shard's sha256 (a read of the whole store)
+            t0 = time.perf_counter()
+            feeds[name] = load_split(cfg, "train", DIRECTIONS, "store")
+            opened[name] = time.perf_counter() - t0
+            print(f"  {name:9s} opened and verified in {opened[name]:.1f}s ({size / opened[name]:.2f} GB/s)")
+        reads = {}
+        for name, data in feeds.items():
+            reads[name] = _read_alone(data, args.batch)
+            print(f"  {name:9s} one batch of both modalities read alone, s: {reads[name]}", flush=True)
+        seconds, misses = _alternate(cfgs["local"], feeds, args.s3_steps)
+    return _s3_summary(size, opened, reads, seconds, misses)
+
+
+def _read_alone(data, batch: int) -> C.Spread:
+    spread = C.Spread()
+    for step in range(10):
+        t0 = time.perf_counter()
+        data.stored_batch(DIRECTIONS[step % 2], batch, 0, 10_000 + step)  # the read-ahead thread's work
+        spread.values.append(time.perf_counter() - t0)
+    return spread
+
+
+def _alternate(cfg: PipelineConfig, feeds: dict, n: int) -> tuple[dict, dict]:
+    """Seconds of each `_train_step`, by feed, the feeds taking BLOCK steps in turn until `n` steps are
+    done (the first step of each block left out: the read-ahead starts with the block); and each feed's
+    read-ahead misses."""
+    import torch
+
+    from m3jepa.core.checkpoint import TrainState
+    from m3jepa.core.device import Runtime
+    from m3jepa.core.objective import Objective
+    from m3jepa.distributed import DistInfo
+    from m3jepa.train.loop import _train_step
+    from m3jepa.train.optim import build_optimizer
+
+    t = cfg.train
+    names = list(feeds)
+    dims = feeds[names[0]].dims()
+    objective = Objective(cfg.model, cfg.loss, dims)
+    runtime = Runtime(torch.device("cpu"), cfg.runtime.precision)
+    optimizer = build_optimizer(objective, cfg, runtime)
+    state, info = TrainState(dims=dims, directions=DIRECTIONS), DistInfo()
+    seconds = {name: [] for name in names}
+    misses = dict.fromkeys(names, 0)
+    plan = lambda s: directions_at(s, t.directions, t.schedule)  # noqa: E731
+    for start in range(0, n, BLOCK):
+        name = names[(start // BLOCK) % len(names)]
+        data = feeds[name]
+        block = range(start, min(start + BLOCK, n))
+        data.readahead = read_ahead(data, plan, block, t.batch_size, t.seed)
+        for step in block:
+            t0 = time.perf_counter()
+            _train_step(objective, optimizer, cfg, data, state, step, n, info, runtime)
+            took = time.perf_counter() - t0
+            print(f"    step {step:3d} {name:9s} {took:.3f}s", flush=True)
+            if step > block.start:
+                seconds[name].append(took)
+        misses[name] += data.readahead.misses
+        data.readahead.close()
+        data.readahead = None
+    for data in feeds.values():
+        data.close()
+    return seconds, misses
+
+
+def _s3_summary(size: float, opened: dict, reads: dict, seconds: dict, misses: dict) -> dict:
+    out = {"train_store_gb": size, "open_verify_s": opened, "readahead_misses": misses,
+           "read_alone_s": {k: v.to_json() for k, v in reads.items()},
+           "seconds_per_step": {k: C.Spread(v).to_json() for k, v in seconds.items()}}
+    base = np.asarray(seconds["local"])
+    print(f"  local     s/step {C.Spread(base.tolist())}")
+    for name in [k for k in seconds if k != "local"]:
+        other = np.asarray(seconds[name])
+        per = BLOCK - 1  # timed steps of a block
+        k = min(len(base), len(other)) // per * per
+        rounds = base[:k].reshape(-1, per).mean(1) / other[:k].reshape(-1, per).mean(1)
+        per_round = C.Spread(rounds.tolist())
+        whole = float(base.mean() / other.mean())
+        out[f"{name}_over_local"] = {"mean": whole, "per_round": per_round.to_json()}
+        print(f"  {name:9s} s/step {C.Spread(other.tolist())}; throughput / local {whole:.3f} (mean over "
+              f"steps), per round {per_round}")
+    print(f"  read-ahead misses {misses}")
+    return out
+
+
+def verify_cost(root: Path, size_gb: float) -> dict[str, C.Spread]:
+    """Seconds to verify both train stores as the store feed does when it opens them (every shard's sha256
+    over its bytes, FeatureStore.verify_data: the chunk files hashed directly), and the same sha256 over
+    the arrays read through zarr (the general path, what it replaced for these stores); warm page cache,
+    alternating, 3 times each."""
+    from m3jepa.store import open_store
+    from m3jepa.store.backends import checksum
+
+    def direct() -> None:
+        for modality in ("image", "text"):
+            with open_store(store_path(root, DATASET, "train", modality, ENCODERS[modality])) as store:
+                store.verify_data()
+
+    def through_zarr() -> None:
+        for modality in ("image", "text"):
+            with open_store(store_path(root, DATASET, "train", modality, ENCODERS[modality])) as store:
+                for info in store.manifest.shards:
+                    assert checksum(store._handle(info.index).arrays)[0] == info.sha256
+
+    out = {"verify_data": C.Spread(), "through_zarr": C.Spread()}
+    for _ in range(3):
+        for name, fn in (("verify_data", direct), ("through_zarr", through_zarr)):
+            t0 = time.perf_counter()
+            fn()
+            out[name].values.append(time.perf_counter() - t0)
+    for name, spread in out.items():
+        print(f"  verifying the train stores ({size_gb:.2f} GB), {name}, s: {spread} "
+              f"({size_gb / spread.median:.2f} GB/s)")
+    return out
+
+
 def big_store(args, root: Path) -> dict:
     images = int(args.big_gb * 1e9 / (CAPTIONS * PAPER_DIMS["text"] * 2 + PAPER_DIMS["image"] * 2)) + 1
     t0 = time.perf_counter()
@@ -292,6 +451,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="a 19M-parameter fp32 predictor, not the paper's")
     p.add_argument("--big-gb", type=float, default=0.0, help="instead, train from a store of this many GB")
     p.add_argument("--big-steps", type=int, default=20)
+    p.add_argument("--s3-steps", type=int, default=0, help="instead, the store feed from S3 vs local disk")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="runtime.precision")
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     args = p.parse_args()
     C.setup(args)
@@ -301,6 +462,8 @@ def main() -> None:
     try:
         if args.big_gb:
             record["big"] = big_store(args, root)
+        elif args.s3_steps:
+            record["s3"] = s3_vs_local(args, root)
         elif args.paired_only:
             record["paired_only"] = paired_only(args, root)
         else:

@@ -23,7 +23,7 @@ HELP = """M3-JEPA: align frozen encoders with a multi-gate MoE predictor, then s
 
 Train: run (all three stages), encode, train-predictor, evaluate, compare, model-info.
 Use: export, embed, index, search, serve, lora-export.
-Tools: stores, pipelines.
+Tools: stores (list, inspect, verify, import embeddings computed elsewhere), pipelines.
 
 Example: m3jepa run tuxpaint
 """
@@ -176,7 +176,9 @@ def encode(
 
 @stores_app.command("list")
 def stores_list(
-    store_root: Annotated[str, typer.Argument(help="Store root to scan.")] = "stores",
+    store_root: Annotated[
+        str, typer.Argument(help="Store root to scan: a folder or a URL (s3://bucket/prefix).")
+    ] = "stores",
     verbose: Verbose = False,
 ) -> None:
     """List the stores under a root with their row counts and encoders.
@@ -187,11 +189,13 @@ def stores_list(
     from m3jepa.store.cli_views import list_view
 
     with _errors():
-        typer.echo(list_view(Path(store_root)))
+        typer.echo(list_view(store_root))
 
 
 @stores_app.command("inspect")
-def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory.")], verbose: Verbose = False):
+def stores_inspect(
+    path: Annotated[str, typer.Argument(help="A store directory or URL.")], verbose: Verbose = False
+):
     """Print a store's manifest summary.
 
     Example: m3jepa stores inspect stores/tuxpaint/val/image/efficientnet-lite0
@@ -200,12 +204,17 @@ def stores_inspect(path: Annotated[str, typer.Argument(help="A store directory."
     from m3jepa.store.cli_views import inspect_view
 
     with _errors():
-        typer.echo(inspect_view(Path(path)))
+        typer.echo(inspect_view(path))
 
 
 @stores_app.command("verify")
 def stores_verify(
-    path: Annotated[str, typer.Argument(help="A store directory.")],
+    path: Annotated[str, typer.Argument(help="A store directory or URL.")],
+    download: Annotated[
+        bool | None,
+        typer.Option("--download/--listing", help="At a URL: also download and hash every byte (default: "
+                     "check the files against the bucket's listing only). A local store is always hashed."),
+    ] = None,
     dataset: Annotated[
         str | None, typer.Option(help="Also check staleness against this dataset (default: the store's).")
     ] = None,
@@ -232,7 +241,7 @@ def stores_verify(
     from m3jepa.store.verify import verify_store
 
     with _errors():
-        report = verify_store(Path(path))
+        report = verify_store(path, download=download)
         if (dataset or root) and report.ok:  # a corrupt store is not judged against its dataset
             from m3jepa.encode.source import check_source
 
@@ -243,6 +252,71 @@ def stores_verify(
         typer.echo(report.text())
         if not report.ok:
             raise typer.Exit(1)
+
+
+@stores_app.command("import")
+def stores_import(
+    source: Annotated[str, typer.Argument(help="The folder of embeddings (clip-retrieval's output).")],
+    dataset: Annotated[str, typer.Option(help="The stores' dataset name (encode.dataset of runs on them).")],
+    image_encoder: Annotated[
+        str | None, typer.Option(help="The model that made the image embeddings (names its stores).")
+    ] = None,
+    text_encoder: Annotated[
+        str | None, typer.Option(help="The model that made the text embeddings (names its stores).")
+    ] = None,
+    store_root: Annotated[str, typer.Option(help="Where the stores are written.")] = "stores",
+    image_glob: Annotated[str, typer.Option(help="Image .npy files under SOURCE; 'none': no image.")] = (
+        "img_emb/img_emb_*.npy"),
+    text_glob: Annotated[str, typer.Option(help="Text .npy files under SOURCE; 'none': no text.")] = (
+        "text_emb/text_emb_*.npy"),
+    metadata_glob: Annotated[str, typer.Option(help="The .parquet files under SOURCE, one per shard.")] = (
+        "metadata/metadata_*.parquet"),
+    key_column: Annotated[
+        str | None, typer.Option(help="The column naming each sample (default: key, else image_path).")
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option(help="The caption column kept on text rows (default: caption, if present).")
+    ] = None,
+    split_column: Annotated[
+        str | None, typer.Option(help="A column holding train/val/test (default: a seeded hash of the key).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Put every row in this split instead.")] = None,
+    seed: Annotated[int, typer.Option(help="The seed of the key hash split.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float16 | float32: the stores' dtype.")] = "float16",
+    format: Annotated[str, typer.Option("--format", help="zarr | hdf5.")] = "zarr",
+    shard_size: Annotated[int, typer.Option(help="Rows per store shard (the unit of resume).")] = 2048,
+    skip_bad: Annotated[bool, typer.Option(help="Import rows with NaN/inf as invalid rows.")] = False,
+    allow_gaps: Annotated[bool, typer.Option(help="Accept missing shard numbers (empty partitions).")] = (
+        False),
+    content_hash: Annotated[
+        str, typer.Option(help="stat | sha256: how the source files are fingerprinted.")
+    ] = "stat",
+    force: Annotated[bool, typer.Option(help="Import again over stores of another source.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Turn embeddings computed elsewhere (clip-retrieval's img_emb/, text_emb/, metadata/, or any .npy +
+    .parquet pairs) into feature stores that train-predictor, evaluate and index read (docs/feature-store.md).
+
+    Example: m3jepa stores import emb --dataset cc3m-clip --image-encoder clip-b32 --text-encoder clip-b32
+    """
+    _setup_logging(verbose)
+    with _errors():
+        from m3jepa.encode.importer import ImportOptions, run_import
+
+        _check_options("encode", {"dtype": dtype, "format": format, "content_hash": content_hash,
+                                  "shard_size": shard_size})
+        globs = {"image": image_glob, "text": text_glob, "metadata": metadata_glob}
+        encoders = {m: e for m, e in (("image", image_encoder), ("text", text_encoder)) if e}
+        opts = ImportOptions(
+            source=Path(source), dataset=dataset, encoders=encoders, store_root=Path(store_root),
+            globs={k: None if v == "none" else v for k, v in globs.items()}, key_column=key_column,
+            caption_column=caption_column, split_column=split_column, split=split, seed=seed, dtype=dtype,
+            format=format, shard_size=shard_size, skip_bad=skip_bad, force=force, allow_gaps=allow_gaps,
+            content_hash=content_hash,
+        )
+        result = run_import(opts)
+        typer.echo(result.table())
+        typer.echo(result.next_command(store_root))
 
 
 @pipelines_app.command("list")
@@ -470,8 +544,8 @@ def run_pipeline(
     ],
     workdir: Annotated[str | None, typer.Option(help="Where runs/ and stores/ go (default: here).")] = None,
     run: Annotated[str | None, typer.Option(
-        help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder holding "
-             "a run of another config is refused; one of this config is continued.")] = None,
+        *RUN, help="The run folder (default: runs/<the pipeline's name>; relative to --workdir). A folder "
+             "holding a run of another config is refused; one of this config is continued.")] = None,
     seeds: Seeds = None,
     device: Device = None,
     precision: Precision = None,
@@ -799,7 +873,7 @@ def _check_options(section: str, options: dict[str, object]) -> None:
     """Run CLI options that set `section.key` through that config section's own checks, before any work."""
     import m3jepa.config as config
 
-    cls = {"eval": config.EvalConfig, "runtime": config.RuntimeConfig}[section]
+    cls = {"eval": config.EvalConfig, "runtime": config.RuntimeConfig, "encode": config.EncodeConfig}[section]
     for key, value in options.items():
         if value is not None:
             try:

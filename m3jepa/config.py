@@ -83,7 +83,12 @@ class EncodeConfig:
     text_encoder: str | None = None
     audio_encoder: str | None = None
     label_encoder: str | None = None  # "onehot" for class labels as a modality
+    # A folder, or an fsspec URL (s3://bucket/prefix, gs://..., memory://...) whose credentials and endpoint
+    # come from the backend's environment (AWS_*, ~/.aws), never from the URL (docs/feature-store.md)
     store_root: str = "stores"
+    # A local folder keeping whole copies of the remote shard files read (fsspec's filecache), so the
+    # store feed and repeated runs read a bucket once; None: no cache. Only for a store_root at a URL.
+    store_cache: str | None = None
     format: str = "zarr"  # zarr | hdf5
     kind: str = "pooled"  # pooled | tokens | prefix (states entering the last tunable_layers; docs/lora.md)
     tunable_layers: int = 3  # kind = prefix: how many final encoder layers stage 2 runs (and may LoRA-tune)
@@ -134,6 +139,7 @@ class EncodeConfig:
         if self.limit is not None:
             _positive("encode.limit", self.limit, hint="leave it unset for every group")
         _count("encode.seed", self.seed, 0, MAX_SEED, "any seed in range splits as well as another")
+        _check_store_root(self.store_root, self.store_cache)
 
 
 @dataclass
@@ -438,6 +444,22 @@ class PipelineConfig:
                 f'encode.kind="prefix" and encode.tunable_layers={lo.layers} '
                 f"(got kind={enc.kind!r}, tunable_layers={enc.tunable_layers})"
             )
+
+
+# scheme://user:secret@host/... or a ?query (a SAS token, a signature): refused before anything is written,
+# so a secret in a URL can never reach a run's config.toml or stores.json (m3jepa.location checks the same).
+_URL_SECRET = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://([^/]*@|[^?#]*[?#])")
+
+
+def _check_store_root(root: str, cache: str | None) -> None:
+    if _URL_SECRET.match(root):
+        raise ConfigError(
+            "encode.store_root: a store URL may not carry credentials, a query or a fragment (the value is "
+            "not repeated here); give credentials through the backend's environment (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3://); the endpoint through AWS_ENDPOINT_URL"
+        )
+    if cache is not None and "://" in cache:
+        raise ConfigError(f"encode.store_cache={cache!r} must be a local folder, not a URL")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

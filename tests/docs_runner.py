@@ -105,7 +105,7 @@ PIPELINE_RUN = {
 PIPELINE_GPU = {
     name: "DINOv2-Large / Llama-3-8B / LanguageBind features: a GPU, their weights and the dataset"
     for name in ("coco_dinov2_llama3", "flickr30k_dinov2_llama3", "clotho_languagebind", "audiocaps_languagebind",
-                 "imagenet_dinov2", "vqav2")
+                 "imagenet_dinov2", "vqav2", "coco_dinov2_llama3_gpu", "flickr30k_dinov2_llama3_gpu")
 }
 
 RUN: dict[str, Run] = {
@@ -195,6 +195,12 @@ RUN: dict[str, Run] = {
     "m3jepa stores verify <store>": Run(needs=(T,)),
     "m3jepa stores list [root]": Run(needs=(T,)),
     "m3jepa stores inspect <store>": Run(needs=(T,)),
+    # docs/feature-store.md: embeddings computed elsewhere, imported as stores (a synthetic source)
+    "python -m bench.import_scale --write-source embeddings --rows 20000": Run(fresh=("embeddings",)),
+    "m3jepa stores import embeddings --dataset synthetic-import --image-encoder efficientnet-lite0 --text-encoder minilm-l6 --split-column split": Run(needs=("python -m bench.import_scale --write-source embeddings --rows 20000",)),
+    "m3jepa train-predictor --dataset synthetic-import --run runs/imported --set encode.image_encoder=efficientnet-lite0 --set encode.text_encoder=minilm-l6 --set train.max_steps=200":
+        Run(add=_sets(train__max_steps=20), needs=("m3jepa stores import embeddings --dataset synthetic-import --image-encoder efficientnet-lite0 --text-encoder minilm-l6 --split-column split",), fresh=("runs/imported",)),
+    "m3jepa evaluate --run runs/imported --split test": Run(needs=("m3jepa train-predictor --dataset synthetic-import --run runs/imported --set encode.image_encoder=efficientnet-lite0 --set encode.text_encoder=minilm-l6 --set train.max_steps=200",)),
     # docs/lora.md
     "m3jepa encode --dataset tuxpaint --split val --modality image,text --kind prefix --tunable-layers 3":
         Run(add=("--limit", "130"), needs=(LORA,), expect="no encoder loaded"),
@@ -341,6 +347,46 @@ LISTED |= {text: BENCH for text in (
     "python -m bench.svg_cache --dataset emoji --repeat 3",
     "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --paired-only --paired-steps 64 --paired-feeds memory,memory+ahead --small --threads 1",
 )}
+S3_WALK = ("docs/feature-store.md's S3 walkthrough: a moto server on the fixed port 5055 and credentials exported "
+           "into the shell; tests/test_store_urls.py::test_encode_train_evaluate_index_with_the_stores_only_in_the_bucket "
+           "runs encode, list and train-predictor against moto on a free port")
+LISTED |= {text: S3_WALK for text in (
+    "python3 -m moto.server -H 127.0.0.1 -p 5055 >/dev/null 2>&1 &",
+    "export AWS_ENDPOINT_URL=http://127.0.0.1:5055 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1",
+    "sleep 3",
+    "python3 -c \"import boto3; boto3.client('s3').create_bucket(Bucket='my-bucket')\"",
+    "m3jepa encode --dataset tuxpaint --limit 40 --store-root s3://my-bucket/stores",
+    "m3jepa stores list s3://my-bucket/stores",
+    "m3jepa train-predictor --store-root s3://my-bucket/stores --run runs/s3 --set train.max_steps=20",
+)}
+GPU_KIT = ("the GPU node's kit (docs/training.md): a GPU, or PyPI downloads of about 84 MiB of wheels; "
+           "tests/test_gpu_kit.py fetches one small wheel the same way and runs the kit on a CPU")
+LISTED |= {
+    "m3jepa stores import embeddings --dataset cc12m-clip --image-encoder clip-b32 --text-encoder clip-b32":
+        "clip-retrieval's CC12M output is not on this machine; tests/test_store_import.py imports Tux Paint stores "
+        "exported in that layout, and docs/feature-store.md's synthetic import runs here",
+    "m3jepa stores verify s3://…/store": FRAGMENT,
+    "python -m bench.step_audit --casts": BENCH + " (tests/test_step_audit.py counts the casts)",
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --rounds 3 --steps 6 --paired-steps 0 --precision fp32": BENCH,
+    "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --images 4000 --s3-steps 54 --threads 2 --precision fp32": BENCH,
+    "python -m bench.import_scale --rows 10000,100000 --steps 100 --workdir /tmp/m3s": BENCH,
+    "python -m bench.kit_wheels": GPU_KIT,
+    "python -m bench.kit_wheels --python-version 3.11 --dry-run": GPU_KIT,
+    "python -m bench.kit_wheels --without numpy": GPU_KIT,
+    "python -m bench.gpu_kit --wheels wheels": GPU_KIT,
+    "python -m bench.gpu_kit --no-install --out gpu-kit": GPU_KIT,
+    "python -m bench.gpu_kit --wheels wheels --pip-arg=--user": GPU_KIT,
+    "python -m bench.gpu_kit --device cpu --small --no-install --out /tmp/kit":
+        "tests/test_gpu_kit.py::test_the_kit_runs_end_to_end_on_a_cpu_without_the_packages_it_does_not_carry runs it",
+    "python -m bench.gpu --quick": GPU,
+    'm3jepa run coco_dinov2_llama3_gpu --set encode.root="/data/coco"': GPU + " (and COCO)",
+    "m3jepa train-predictor --pipeline coco_dinov2_llama3_gpu --run runs/coco-gpu --set runtime.device=cpu":
+        "reads COCO's DINOv2-Large / Llama-3-8B stores, which need a GPU and COCO to make",
+    "python scripts/gpu_recipe.py --workdir /tmp/gpukit/recipe --scale 8 --batch 512 --lr 1e-3 --temperature 0.03 --threads 1":
+        "the recipe search on COCO-shaped synthetic stores: 2,760 steps of batch 512, hours here (neither run finished)",
+    "python scripts/gpu_recipe.py --workdir /tmp/gpukit/recipe --scale 8 --batch 512 --lr 3e-3 --temperature 0.03 --threads 1":
+        "the recipe search on COCO-shaped synthetic stores: 2,760 steps of batch 512, hours here (neither run finished)",
+}
 DDP_BENCH = ("a benchmark: 2 gloo ranks timed step by step (minutes; timings are measurements, not pass/fail); "
              "what it compares is tested in tests/test_ddp.py::test_the_reducer_gives_what_torchs_ddp_gives")
 LISTED |= {"python -m bench.ddp --steps 20": DDP_BENCH, "python -m bench.ddp": DDP_BENCH}

@@ -49,7 +49,8 @@ def write_store(
 
 
 def make_split(
-    root: Path, split: str, n_groups: int, captions: int = 2, seed: int = 0, noise: float = 0.3
+    root: Path, split: str, n_groups: int, captions: int = 2, seed: int = 0, noise: float = 0.3,
+    fmt: str = "zarr",
 ) -> None:
     """Images with random latents; each caption a fixed linear map of its image plus noise."""
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])  # str hash() is salted per process
@@ -62,8 +63,8 @@ def make_split(
         for c in range(captions):
             txt_records.append(Record(len(txt_records), f"{g}#{c}", g, "text", f"caption {c} of {g}"))
             txt.append(images[i] @ mapping + noise * rng.standard_normal(DIMS["text"]))
-    write_store(root, split, "image", img_records, images)
-    write_store(root, split, "text", txt_records, np.asarray(txt, dtype=np.float32))
+    write_store(root, split, "image", img_records, images, fmt=fmt)
+    write_store(root, split, "text", txt_records, np.asarray(txt, dtype=np.float32), fmt=fmt)
 
 
 def make_label_split(root: Path, split: str, per_class: int = 20, classes: int = 5) -> None:

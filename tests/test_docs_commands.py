@@ -106,7 +106,8 @@ def _check_config(name: str, p: dict) -> None:
     elif name == "train-predictor":
         cfg = cli._pipeline(p["pipeline"], p["set_"], store_root=p["store_root"], dataset=p["dataset"],
                             run=p["run"], device=p["device"], precision=p["precision"])
-        check_dataset_name(cfg.encode.dataset)
+        if not (cfg.encode.image_encoder and cfg.encode.text_encoder):  # imported stores name both encoders
+            check_dataset_name(cfg.encode.dataset)
     elif name in ("run", "model-info"):
         cli._pipeline(p["pipeline"], p["set_"], device=p.get("device"), precision=p.get("precision"))
     elif name == "evaluate":

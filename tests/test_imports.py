@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "m3jepa"
 # functions count too: a lazy import is still a dependency.
 LAYERS: dict[str, int] = {
     "files": 0,
+    "location": 0,  # store locations: a local Path or an fsspec URL (StoreURL), and their file operations
     "knn": 0,  # the plain exact search: eval scores with it, accel.search certifies against it
     "progress": 0,  # encode's and train's progress: a tqdm bar on a terminal, summary lines elsewhere
     "config": 0,

@@ -96,3 +96,22 @@ def test_a_plain_install_holds_the_pipelines(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(target / "m3jepa" / "pipelines" / "tuxpaint.toml")
+
+
+@pytest.mark.parametrize("paper", ["coco_dinov2_llama3", "flickr30k_dinov2_llama3"])
+def test_the_gpu_recipe_is_the_papers_pipeline_at_the_gpu_batch(paper):
+    """The *_gpu files change only what the GPU recipe re-tunes (docs/training.md, "The GPU recipe"):
+    a drift in any other setting between the two files fails here."""
+    import dataclasses
+
+    from m3jepa.config import load_pipeline, to_dict
+
+    base, gpu = (load_pipeline(shipped()[n]) for n in (paper, f"{paper}_gpu"))
+    assert (gpu.train.batch_size, gpu.train.lr, gpu.runtime.device) == (4096, 1e-3, "cuda")
+    assert (base.train.batch_size, base.train.lr) == (128, 1e-4)  # the paper's own stays as it was
+    same = dataclasses.replace(
+        gpu, name=base.name, train=dataclasses.replace(
+            gpu.train, batch_size=128, lr=1e-4, eval_every=base.train.eval_every,
+            checkpoint_every=base.train.checkpoint_every),
+        runtime=dataclasses.replace(gpu.runtime, device=base.runtime.device))
+    assert to_dict(same) == to_dict(base)

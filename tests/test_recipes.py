@@ -224,6 +224,29 @@ def test_auto_size_keeps_given_keys(stores, tmp_path, caplog) -> None:
     assert "model.hidden=512" in caplog.text and "model.dim" not in caplog.text.split("train pairs")[1]
 
 
+def test_a_sized_batch_starts_at_the_device_rows_batch(stores, tmp_path, monkeypatch) -> None:
+    """Without a pipeline the batch starts at the device table's train_batch (CPU 128, GPU 4,096), halved
+    to fit the pairs; a batch given by --set is kept. The CUDA rows are read, never probed: no GPU needed."""
+    import dataclasses
+
+    from m3jepa.device_table import DEVICE_TABLE
+
+    cfg = _cfg(stores, tmp_path / "run")  # 512 pairs a direction, train.batch_size = 32 given
+    data = load_split(cfg, "train", cfg.train.directions)
+    keys = frozenset({"train.batch_size"})
+    sized = {d: auto_size(cfg, data, keys, torch.device(d)) for d in ("cpu", "cuda", "cuda:1")}
+    batch = {d: c.train.batch_size for d, c in sized.items()}
+    assert batch == {"cpu": 128, "cuda": 512, "cuda:1": 512}  # 4,096 halved to the 512 pairs
+    assert auto_size(cfg, data, frozenset(), torch.device("cuda")).train.batch_size == 32  # given: kept
+    monkeypatch.setitem(DEVICE_TABLE, "cuda", dataclasses.replace(DEVICE_TABLE["cuda"], train_batch=256))
+    assert auto_size(cfg, data, keys, torch.device("cuda")).train.batch_size == 256  # the row decides
+    # the loop passes its resolved device: a faked CPU row's batch is what the run saves
+    monkeypatch.setitem(DEVICE_TABLE, "cpu", dataclasses.replace(DEVICE_TABLE["cpu"], train_batch=64))
+    run = tmp_path / "sized"
+    train(_cfg(stores, run, **{"train.max_steps": 2, "train.eval_every": 2}), auto_keys=keys)
+    assert "batch_size = 64" in (run / "config.toml").read_text()
+
+
 def test_train_with_auto_keys_saves_the_sized_config(stores, tmp_path) -> None:
     """The budget is a ceiling: early stopping on validation ends the run (patience 2 here), the learning
     rate's cosine runs over the whole budget, and the saved config holds the budget."""

@@ -125,9 +125,130 @@ def test_flipped_byte_is_caught_when_loading_into_memory(stores, tmp_path):
     _refused(
         _cfg(stores, tmp_path),
         "memory",
-        f"store {text}: shard 00001 (rows 64-79) does not match the sha256 in its manifest (its data "
-        f"changed on disk); run `m3jepa stores verify {text}`",
+        _mismatch(text, "00001", "64-79"),
     )
+
+
+def _mismatch(store: Path, shard: str, rows: str) -> str:
+    return (f"store {store}: shard {shard} (rows {rows}) does not match the sha256 in its manifest (its "
+            f"data changed on disk); run `m3jepa stores verify {store}`, and re-encode it: rerun the "
+            "`m3jepa encode` command that wrote it with --force")
+
+
+# ---------------------------------------------------------------- issue 20 item 1: every reader verifies
+# 64 groups, 2 captions each: the text store has two shards of 64 rows, one 8 KiB chunk file each
+
+
+def _flip(store: Path, tmp_path: Path) -> tuple[str, str]:
+    chunk = store / "shards/00001.zarr/features/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[1000] ^= 0x01  # a low mantissa bit: a finite float, the same size
+    chunk.write_bytes(bytes(data))
+    return "00001", "64-127"
+
+
+def _swap(store: Path, tmp_path: Path) -> tuple[str, str]:
+    a, b = (store / f"shards/{s}.zarr/features/c/0/0" for s in ("00000", "00001"))
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)  # rows 0-63 now hold rows 64-127's features: each caption paired with another's
+    b.write_bytes(da)
+    return "00000", "0-63"
+
+
+def _symlinked_copy(store: Path, tmp_path: Path) -> tuple[str, str]:
+    copy = tmp_path / "elsewhere" / "00001.zarr"
+    shutil.copytree(store / "shards/00001.zarr", copy)
+    chunk = copy / "features/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[8] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    shutil.rmtree(store / "shards/00001.zarr")
+    (store / "shards/00001.zarr").symlink_to(copy, target_is_directory=True)
+    return "00001", "64-127"
+
+
+DAMAGE = {"flipped byte": _flip, "chunks swapped between shards": _swap, "symlink to a modified copy":
+          _symlinked_copy}
+
+
+@pytest.fixture
+def stores64(tmp_path: Path) -> Path:
+    make_split(tmp_path / "stores", "train", 64)
+    return tmp_path / "stores"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_store_feed_verifies_every_shard_before_a_batch(stores64, tmp_path, damage):
+    text = _text_store(stores64)
+    shard, rows = DAMAGE[damage](text, tmp_path)
+    _refused(_cfg(stores64, tmp_path), "store", _mismatch(text, shard, rows))
+
+
+def test_store_feed_refuses_a_chunk_file_replaced_after_it_verified_it(stores64, tmp_path):
+    from m3jepa.core.errors import StoreDataError
+
+    text = _text_store(stores64)
+    data = load_split(_cfg(stores64, tmp_path), "train", DIRECTIONS, feed="store")  # verified here
+    chunk = text / "shards/00001.zarr/features/c/0/0"
+    replacement = tmp_path / "new"
+    replacement.write_bytes(chunk.read_bytes())
+    os.replace(replacement, chunk)  # the same bytes even: another file than the one hashed
+    with pytest.raises(StoreDataError, match=r"chunk 0 of shard 00001 \(rows 64\.\.\): shards/00001\.zarr/"
+                       r"features/c/0/0 was replaced or written to after the store feed verified it"):
+        data.modalities["text"].take(np.arange(60, 70))
+    data.close()
+
+
+def test_store_feed_refusal_through_the_cli_is_one_line(stores64, tmp_path):
+    text = _text_store(stores64)
+    _swap(text, tmp_path)
+    sets = [x for s in overrides(stores64, tmp_path / "run", **{"train.feed": "store", "train.max_steps": 2})
+            for x in ("--set", s)]
+    out = _m3jepa("train-predictor", *sets)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: {_mismatch(text, '00000', '0-63')}"
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def embed_model(tmp_path_factory):
+    from m3jepa.api import load
+    from m3jepa.train.loop import train
+
+    root = tmp_path_factory.mktemp("embed")
+    for split in ("train", "val", "test"):
+        make_split(root / "stores", split, 64)
+    sets = {"runtime.device": "cpu", "train.max_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2}
+    train(load_pipeline(None, overrides(root / "stores", root / "run", **sets)))
+    return root, load(root / "run", device="cpu")
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_embed_verifies_every_shard_it_reads(embed_model, tmp_path, damage):
+    from m3jepa.search import embed_store
+
+    root, model = embed_model
+    source = tmp_path / "text"
+    shutil.copytree(_text_store(root / "stores"), source)
+    shard, rows = DAMAGE[damage](source, tmp_path)
+    with pytest.raises(StoreError) as err:
+        embed_store(model, source, tmp_path / "out")
+    assert str(err.value) == _mismatch(source, shard, rows)
+
+
+def test_embed_cli_refuses_a_flipped_test_chunk(embed_model, tmp_path):
+    root, _ = embed_model
+    text = store_path(root / "stores", "synthetic", "test", "text", ENCODERS["text"])
+    chunk = text / "shards/00001.zarr/features/c/0/0"
+    good = chunk.read_bytes()
+    try:
+        _flip(text, tmp_path)
+        out = _m3jepa("embed", "--run", str(root / "run"), "--split", "test", "--modality", "text",
+                      "--out", str(tmp_path / "out"), "--device", "cpu")
+    finally:
+        chunk.write_bytes(good)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: {_mismatch(text, '00001', '64-127')}"
 
 
 @pytest.mark.parametrize("feed", FEEDS)

@@ -1,9 +1,9 @@
-"""Store-fed training: rows pread per batch from the feature stores, read ahead on a background thread,
-so a split larger than RAM trains in bounded memory and the step never waits on I/O (train.feed)."""
+"""Store-fed training: rows pread per batch from the feature stores (or fetched by ranged GETs from a
+bucket), read ahead on a background thread, so a split larger than RAM trains in bounded memory and the
+step never waits on I/O (train.feed). Every store is verified once, by its checksums, before a batch."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -16,7 +16,10 @@ import torch
 
 from m3jepa.core.errors import StoreDataError
 from m3jepa.core.order import batch_indices
+from m3jepa.location import StoreURL, remote_errors
 from m3jepa.prefetch import Prefetcher
+from m3jepa.store.backends import raw_layout
+from m3jepa.store.integrity import Fingerprint
 from m3jepa.store.reader import FeatureStore
 
 T = TypeVar("T")
@@ -34,18 +37,25 @@ class RawRows:
 
     Only for the layout m3jepa writes (zarr v3, regular row chunks, one little-endian `bytes` codec,
     C order, "/" chunk keys); `RawRows.supports(store)` says whether it applies, and the test suite
-    checks it against `FeatureStore.read`.
+    checks it against `FeatureStore.read`. At a URL each batch is one `cat_ranges` call (concurrent
+    ranged GETs, adjacent rows merged), or with a read cache (encode.store_cache) preads of the cached
+    chunk files. `verified`: the fingerprints of the local chunk files the store feed hashed at start
+    (FeatureStore.verify_data); a chunk file opened later must still be that file.
     """
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, verified: dict[str, Fingerprint] | None = None) -> None:
         if not self.supports(store):
             raise ValueError(f"{store.path}: not an uncompressed zarr v3 store; use FeatureStore.read")
         m = store.manifest
         self.dim, self.dtype = m.dim, np.dtype(m.dtype).newbyteorder("<")
         self.shard_size = m.shard_size
+        self.store_path = store.path
         self._dirs = [store.path / "shards" / f"{s.index:05d}.zarr" / "features" for s in m.shards]
-        self._chunk_rows = [_layout(d)[0] for d in self._dirs]
+        self._chunk_rows = [raw_layout(d)[0] for d in self._dirs]
         self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()  # LRU of MAX_OPEN_CHUNKS
+        self._files: dict[tuple[int, int], object] = {}  # cached remote chunk files behind the fds
+        self._ranged = isinstance(store.path, StoreURL) and store.path.cache is None
+        self._verified = verified or {}
 
     @staticmethod
     def supports(store: FeatureStore) -> bool:
@@ -53,13 +63,15 @@ class RawRows:
         if m.format != "zarr" or m.kind != "pooled" or not m.shards:
             return False
         try:
-            _layout(store.path / "shards" / f"{m.shards[0].index:05d}.zarr" / "features")
+            raw_layout(store.path / "shards" / f"{m.shards[0].index:05d}.zarr" / "features")
         except (OSError, ValueError, KeyError):
             return False
         return True
 
     def read(self, row_ids: np.ndarray) -> np.ndarray:
         """(n, D) rows in the stored dtype, in the order given."""
+        if self._ranged:
+            return self._read_ranges(row_ids)
         out = np.empty((len(row_ids), self.dim), dtype=self.dtype)
         row_bytes = self.dim * self.dtype.itemsize
         for i, row in enumerate(np.asarray(row_ids, dtype=np.int64).tolist()):
@@ -77,42 +89,85 @@ class RawRows:
             self._fds.move_to_end(key)
             return fd
         if len(self._fds) >= MAX_OPEN_CHUNKS:
-            os.close(self._fds.popitem(last=False)[1])
+            self._close(*self._fds.popitem(last=False))
         path = self._dirs[shard] / "c" / str(chunk) / "0"
         try:
-            fd = self._fds[key] = os.open(path, os.O_RDONLY)
+            fd = self._open(key, path)
         except OSError as e:  # checked at open, so the store changed while training
-            rows = f"{shard * self.shard_size + chunk * self._chunk_rows[shard]}.."
-            store = self._dirs[shard].parents[2]
             raise StoreDataError(
-                f"store {store}: cannot open chunk {chunk} of shard {shard:05d} (rows {rows}): {e.strerror}; "
-                f"run `m3jepa stores verify {store}`"
+                f"{self._where(shard, chunk)}: cannot open it: {e.strerror}; run `m3jepa stores verify "
+                f"{self.store_path}`"
             ) from None
+        self._fds[key] = fd
         return fd
 
-    def close(self) -> None:
-        for fd in self._fds.values():
+    def _open(self, key: tuple[int, int], path) -> int:
+        if isinstance(path, StoreURL):  # through the read cache: a local copy of the whole chunk file
+            with remote_errors(path):
+                f = path.read_fs.open(path.key, "rb")
+            self._files[key] = f
+            return f.fileno()
+        fd = os.open(path, os.O_RDONLY)
+        rel = path.relative_to(self.store_path).as_posix()
+        want = self._verified.get(rel)
+        if want is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != want:
+                os.close(fd)
+                raise StoreDataError(
+                    f"{self._where(*key)}: {rel} was replaced or written to after the store feed verified "
+                    "it; "
+                    f"run `m3jepa stores verify {self.store_path}`, and re-encode the store (rerun the "
+                    "`m3jepa encode` command that wrote it with --force) if it is corrupt"
+                )
+        return fd
+
+    def _close(self, key: tuple[int, int], fd: int) -> None:
+        f = self._files.pop(key, None)
+        if f is not None:
+            f.close()  # closes fd
+        else:
             os.close(fd)
-        self._fds.clear()
 
+    def _where(self, shard: int, chunk: int) -> str:
+        rows = f"{shard * self.shard_size + chunk * self._chunk_rows[shard]}.."
+        return f"store {self.store_path}: chunk {chunk} of shard {shard:05d} (rows {rows})"
 
-def _layout(array_dir) -> tuple[int, int]:
-    """(chunk rows, dim) of a features array, if it has exactly the raw layout RawRows reads."""
-    meta = json.loads((array_dir / "zarr.json").read_text())
-    codecs = meta["codecs"]
-    ok = (
-        meta["zarr_format"] == 3
-        and meta["chunk_grid"]["name"] == "regular"
-        and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-        and len(codecs) == 1
-        and codecs[0]["name"] == "bytes"
-        and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-        and not meta.get("storage_transformers")
-    )
-    rows, dim = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    if not ok or dim != meta["shape"][1]:
-        raise ValueError(f"{array_dir}: not a raw row-chunked zarr v3 array")
-    return rows, dim
+    def _read_ranges(self, row_ids: np.ndarray) -> np.ndarray:
+        """At a URL without a cache: every row's bytes by ranged GETs, one `cat_ranges` call per batch (s3fs
+        sends them concurrently), rows adjacent in a chunk file merged into one range."""
+        ids = np.asarray(row_ids, dtype=np.int64)
+        out = np.empty((len(ids), self.dim), dtype=self.dtype)
+        if not len(ids):
+            return out
+        row_bytes = self.dim * self.dtype.itemsize
+        order = np.argsort(ids, kind="stable")
+        runs: list[tuple[int, int, int, list[int]]] = []  # (shard, chunk, first row in chunk, positions)
+        for pos in order.tolist():
+            shard, local = divmod(int(ids[pos]), self.shard_size)
+            chunk, r = divmod(local, self._chunk_rows[shard])
+            if runs and runs[-1][:2] == (shard, chunk) and r == runs[-1][2] + len(runs[-1][3]):
+                runs[-1][3].append(pos)  # the next row of the same chunk file: one range
+            else:
+                runs.append((shard, chunk, r, [pos]))
+        paths = [(self._dirs[s] / "c" / str(c) / "0").key for s, c, _, _ in runs]
+        starts = [r * row_bytes for _, _, r, _ in runs]
+        ends = [(r + len(p)) * row_bytes for _, _, r, p in runs]
+        fs = self.store_path.fs
+        with remote_errors(self.store_path):
+            blobs = fs.cat_ranges(paths, starts, ends)
+        for (shard, chunk, _, positions), blob in zip(runs, blobs, strict=True):
+            if isinstance(blob, Exception) or len(blob) != len(positions) * row_bytes:
+                want = len(positions) * row_bytes
+                got = blob if isinstance(blob, Exception) else f"{len(blob)} of {want} bytes"
+                raise StoreDataError(f"{self._where(shard, chunk)}: a ranged read failed ({got}); run "
+                                     f"`m3jepa stores verify {self.store_path}`")
+            out[positions] = np.frombuffer(blob, dtype=self.dtype).reshape(len(positions), self.dim)
+        return out
+
+    def close(self) -> None:
+        while self._fds:
+            self._close(*self._fds.popitem())
 
 
 class RowReader:
@@ -126,9 +181,13 @@ class RowReader:
         # shard files, shapes, dtypes and every chunk file's size, before any batch: a missing chunk would
         # otherwise read as zeros (zarr's fill value) or fail mid-run with a raw OSError
         store.check_files()
+        # every shard's sha256 over its bytes, once, before any batch: the rows read later by offset are
+        # those bytes (a flipped byte, chunks swapped between shards or a shard swapped for a modified
+        # copy are refused here; a chunk file replaced later is refused when it is opened, by fingerprint)
+        verified = store.verify_data()
         self.store, self.dim = store, store.dim
         # pread per row where the layout allows it, zarr/hdf5 chunk decoding otherwise.
-        raw = RawRows(store) if RawRows.supports(store) else None
+        raw = RawRows(store, verified) if RawRows.supports(store) else None
         self._raw = raw
         self._read = raw.read if raw is not None else (lambda ids: store.read(ids, dtype=None))
         self._lock = threading.Lock()

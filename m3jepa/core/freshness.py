@@ -41,6 +41,10 @@ def check_fresh(cfg: PipelineConfig, splits: list[str], modalities: list[str], c
             except StoreDataError:
                 continue  # no such store: the stage's own loading says so
             m = load_manifest(path)
+            if m.content is None and m.encoder_revision.startswith("import:"):
+                log.info("%s was imported (m3jepa stores import): rerunning that import checks its source "
+                         "files", path)
+                continue
             if m.content is None:
                 log.info("%s records no content fingerprints: edited captions or media are not seen", path)
                 continue

@@ -21,6 +21,7 @@ from m3jepa.core.order import batch_indices
 from m3jepa.data import DEFAULT_ENCODERS, check_dataset_name
 from m3jepa.data.records import encoder_modality
 from m3jepa.data.vqa import JoinTable, read_join_table
+from m3jepa.location import Location, StoreURL, location
 from m3jepa.store import open_store, store_path
 from m3jepa.store.manifest import load_manifest, store_variant
 
@@ -57,7 +58,7 @@ class ModalityFeatures:
     """One modality of one split: its row ids, and its features in memory or read from the store."""
 
     modality: str
-    store: Path
+    store: Location  # a local folder or a StoreURL
     features: torch.Tensor | None  # (N, D) stored dtype (float16 by default; cast per batch); None: `reader`
     group_ids: np.ndarray  # (N,) object: the group each row belongs to
     valid: np.ndarray  # (N,) bool
@@ -89,14 +90,28 @@ class ModalityFeatures:
             self.reader.close()
 
 
-def modality_store(cfg: PipelineConfig, split: str, modality: str) -> Path:
-    """The directory of the store of (split, modality); a missing store is an error naming the fix."""
+_WARNED_CACHE: set[str] = set()
+
+
+def store_root(enc: EncodeConfig) -> Location:
+    """encode.store_root as a location: a local folder, or a URL read through encode.store_cache when set."""
+    root = location(enc.store_root, cache=enc.store_cache)
+    if enc.store_cache is not None and not isinstance(root, StoreURL) and enc.store_root not in _WARNED_CACHE:
+        _WARNED_CACHE.add(enc.store_root)
+        log.warning("encode.store_cache=%r does nothing: encode.store_root %r is a local folder, read in "
+                    "place; unset it, or use it with a store root at a URL", enc.store_cache, enc.store_root)
+    return root
+
+
+def modality_store(cfg: PipelineConfig, split: str, modality: str) -> Location:
+    """The directory (or URL) of the store of (split, modality); a missing store is an error naming the
+    fix."""
     enc = cfg.encode
     # encode.kind = "prefix": the prefix stores (their `features` column is the pooled latent, bit for bit)
     variant = store_variant(enc.kind, enc.tunable_layers)
     # the one path rule of stage 1: a folder dataset (jsonl, ...) is found by its root's hash
     encoder = encoder_for(enc, modality)
-    path = store_path(enc.store_root, enc.dataset, split, modality, encoder, variant, enc.root)
+    path = store_path(store_root(enc), enc.dataset, split, modality, encoder, variant, enc.root)
     if not (path / "manifest.json").is_file():
         raise StoreDataError(
             f"no {modality} store for split {split!r} at {path}; run "
@@ -118,6 +133,10 @@ def load_modality(cfg: PipelineConfig, split: str, modality: str, feed: str = "m
     m = store.manifest
     features, reader = None, None
     if feed == "store":
+        if isinstance(path, StoreURL) and path.cache is None:
+            log.warning("train.feed=store from %s without encode.store_cache: every batch costs a ranged GET "
+                        "per row (docs/benchmarks.md §3); set encode.store_cache to a local folder to read "
+                        "the bucket once", path)
         reader = RowReader(store)
     else:
         features = _read_checked(store)
@@ -402,7 +421,7 @@ def load_split(
     if feed == "device":
         for f in mods.values():  # (N, D) stored dtype, resident on the GPU; batches are indexed there
             f.features = f.features.to(device)
-    join = read_join_table(cfg.encode.store_root, cfg.encode.dataset, split)
+    join = read_join_table(store_root(cfg.encode), cfg.encode.dataset, split)
     if join is not None and join.anchor in mods:
         _check_join(join, mods[join.anchor])
     pairs = {}

@@ -18,6 +18,7 @@ from m3jepa.core.layout import STORES, RunDir
 from m3jepa.core.memory import check_model_fits
 from m3jepa.core.paired import PairedSplit, modality_store
 from m3jepa.files import atomic_write_text
+from m3jepa.location import location
 from m3jepa.store.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def record_stores(cfg: PipelineConfig, run_dir: Path) -> None:
     """
     path = RunDir(run_dir).stores
     old = read_record(run_dir)
-    record = old or {"store_root": str(Path(cfg.encode.store_root).resolve()), "splits": {}}
+    # a URL is recorded as given (it carries no credentials: they come from the environment)
+    record = old or {"store_root": str(location(cfg.encode.store_root).resolve()), "splits": {}}
     for split, read in _splits(cfg).items():
         now = _split_record(cfg, split, read)
         before = record["splits"].get(split)

@@ -79,6 +79,7 @@ def _tars_in(folder: str) -> list[str]:
         found = [str(p) for p in Path(folder).glob("*.tar")]
     else:
         fs, path = _fs(folder)
+        fs.invalidate_cache(path)  # list the folder as it is now, not as this process saw it before
         protocol = folder.split("://", 1)[0]
         found = [f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
                  for p in fs.glob(f"{path.rstrip('/')}/*.tar")]
@@ -87,14 +88,19 @@ def _tars_in(folder: str) -> list[str]:
 
 def shard_stat(name: str) -> str:
     """The shard's size-and-mtime fingerprint "stat:<size>:<mtime>" (mtime_ns locally; for a URL the
-    backend's modification time, or its ETag where it has no time): it changes when the shard is rewritten."""
+    backend's modification time and, where it has one, its ETag: "stat:<size>:<time>:<etag>"): it changes
+    when the shard is rewritten."""
     if not is_url(name):
         st = os.stat(name)
         return f"stat:{st.st_size}:{st.st_mtime_ns}"
     fs, path = _fs(name)
+    fs.invalidate_cache(path)  # a listing cached earlier in this process may predate a rewrite
     info = fs.info(path)
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
-    return f"stat:{info.get('size')}:{stamp}"
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    # an object store's time has one-second steps: its ETag (the MD5 of a plain upload) tells apart two
+    # uploads of the same size within one second
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    return f"stat:{info.get('size')}:{stamp}" + (f":{etag}" if etag else "")
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from typing import Any
 
 from m3jepa.data.records import DatasetError, Record, membership_fingerprint
 from m3jepa.data.splits import SKIP_HINT, assign_clusters, natural_key
-from m3jepa.files import atomic_write_text
+from m3jepa.location import Location, location, write_text
 
 log = logging.getLogger(__name__)
 
@@ -207,22 +207,24 @@ def check_images(
 # ---------------------------------------------------------------- the join table on disk
 
 
-def join_path(store_root: str | Path, dataset: str, split: str) -> Path:
-    """`<store_root>/<dataset>/<split>/vqa_join.json`, beside the split's stores."""
-    return Path(store_root) / dataset / split / JOIN_FILE
+def join_path(store_root: str | Location, dataset: str, split: str) -> Location:
+    """`<store_root>/<dataset>/<split>/vqa_join.json`, beside the split's stores (a folder or a URL)."""
+    return location(store_root) / dataset / split / JOIN_FILE
 
 
-def write_join_tables(store_root: str | Path, dataset_name: str, dataset: Any, splits: Sequence[str]) -> None:
+def write_join_tables(
+    store_root: str | Location, dataset_name: str, dataset: Any, splits: Sequence[str]
+) -> None:
     """Write the join table of each split (stage 1, rank 0); rewritten on every encode, it is cheap."""
 
     for split in splits:
         path = join_path(store_root, dataset_name, split)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(dataset.join_table(split).to_json(), sort_keys=True) + "\n")
+        write_text(path, json.dumps(dataset.join_table(split).to_json(), sort_keys=True) + "\n")
         log.info("wrote %s", path)
 
 
-def read_join_table(store_root: str | Path, dataset: str, split: str) -> JoinTable | None:
+def read_join_table(store_root: str | Location, dataset: str, split: str) -> JoinTable | None:
     """The split's join table, or None when the dataset wrote none (not a VQA dataset)."""
     path = join_path(store_root, dataset, split)
     if not path.is_file():

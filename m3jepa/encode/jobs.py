@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from m3jepa.config import EncodeConfig
@@ -22,6 +21,7 @@ from m3jepa.data.records import (
     row_fingerprint,
 )
 from m3jepa.encoders.base import EncoderError, EncoderSpec
+from m3jepa.location import Location
 from m3jepa.store.manifest import FOLDER_DATASETS, Manifest, RowMeta, resolved_root, store_variant
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class StoreJob:
     modality: str
     stream: RecordStream | Sequence[Record]
     spec: EncoderSpec
-    path: Path
+    path: Location  # a local folder or a StoreURL
     manifest: Manifest
     dropped: list[tuple[str, str]] = field(default_factory=list)  # dataset-level drops (--skip-bad)
     refused: dict[int, str] = field(default_factory=dict)  # row -> reason: rows refused before reading

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,8 +28,9 @@ from m3jepa.encode.reader import DecodedShard, decode_shards, read_ahead, shard_
 from m3jepa.encode.summary import EncodeSummary, StoreResult
 from m3jepa.encode.writer import DISK_ERRNOS, ShardSink, disk_error_message
 from m3jepa.encoders.base import Encoder
+from m3jepa.location import remove_tree
 from m3jepa.progress import progress
-from m3jepa.store.manifest import StoreError, StoreMismatchError, plan_shards
+from m3jepa.store.manifest import MANIFEST, WRITING, StoreError, StoreMismatchError, plan_shards
 from m3jepa.store.skiplist import read_skip_lists
 from m3jepa.store.writer import StoreWriter
 
@@ -136,9 +136,9 @@ def _encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistI
     result = StoreResult(job.split, job.modality, job.spec.name, str(job.path), job.manifest.rows)
     start = time.perf_counter()
     if cfg.force:
-        if ctx.is_main and (job.path / "manifest.json").is_file():
+        if ctx.is_main and any((job.path / name).is_file() for name in (MANIFEST, WRITING)):
             log.info("--force: removing %s to re-encode it", job.path)
-            shutil.rmtree(job.path)
+            remove_tree(job.path)
         ctx.barrier()  # no rank opens the store before it is gone
     owners = shard_owners(plan_shards(job.manifest.rows, job.manifest.shard_size), job.stream.parts(),
                           ctx.world_size)

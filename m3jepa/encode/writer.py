@@ -4,13 +4,13 @@ thread, and the one-line message when the disk or the folder refuses a write."""
 from __future__ import annotations
 
 import errno
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m3jepa.encode.jobs import StoreJob
 from m3jepa.encode.mapper import ShardOutput
+from m3jepa.location import Location
 from m3jepa.store.manifest import RAGGED_KINDS
 from m3jepa.store.skiplist import write_skip_list
 from m3jepa.store.writer import BackgroundWrites, StoreWriter
@@ -57,11 +57,14 @@ def write_shard(writer: StoreWriter, out: ShardOutput, kind: str) -> int:
         info = writer.write_shard(out.index, out.features, np.concatenate(parts), offsets)
     else:
         info = writer.write_shard(out.index, out.features)
-    return disk_bytes(writer.path / info.file)
+    return disk_bytes(writer.path, info)
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes a shard takes on disk (an HDF5 file, or a Zarr folder's files)."""
+def disk_bytes(store: Location, info: Any) -> int:
+    """Bytes a shard takes on disk (an HDF5 file, or a Zarr folder's files), or in the bucket."""
+    if info.files:  # recorded by the writer: sizes of the files it wrote (local or uploaded)
+        return sum(size for size, _ in info.files.values())
+    path = store / info.file
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

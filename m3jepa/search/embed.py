@@ -63,7 +63,7 @@ def embed_store(model: Any, source: Path, out: Path, *, force: bool = False) -> 
         with progress(sum(end - start for _, start, end in todo), desc=f"embedding {src.manifest.split} "
                       f"{modality}", unit="rows") as bar:
             for index, start, end in todo:
-                writer.write_shard(index, _embed_rows(model, src, modality, dim, start, end))
+                writer.write_shard(index, _embed_rows(model, src, modality, dim, index))
                 bar.update(end - start)
         writer.finalize(rows, src.manifest.skipped,
                         [(d["sample_id"], d["reason"]) for d in src.manifest.dropped])
@@ -151,9 +151,13 @@ def _manifest(src: Manifest, ref: ModelRef, dim: int) -> Manifest:
     )
 
 
-def _embed_rows(model: Any, src: FeatureStore, modality: str, dim: int, start: int, end: int) -> np.ndarray:
-    """(end - start, cl_dim) float32: the model's gallery embedding of valid rows, zeros for invalid ones."""
-    latents = src.read_range(start, end)  # (n, D_m) float32
+def _embed_rows(model: Any, src: FeatureStore, modality: str, dim: int, index: int) -> np.ndarray:
+    """(n, cl_dim) float32 for the n rows of source shard `index`: the model's gallery embedding of valid
+    rows, zeros for invalid ones. The shard's sha256 is checked on the bytes read (a changed byte, chunks
+    swapped between shards, a shard replaced by a modified copy: refused, naming the shard)."""
+    info = src.manifest.shards[index]
+    start, end = info.row_start, info.row_end
+    latents = src.read_shard_checked(index).astype(np.float32)  # (n, D_m)
     valid = src.rows.valid[start:end]  # (n,) bool
     out = np.zeros((end - start, dim), np.float32)
     if valid.any():

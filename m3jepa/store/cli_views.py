@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
-from m3jepa.store.manifest import load_manifest, shard_stem, sidecar_file
+from m3jepa.location import Location, StoreURL, listing, location
+from m3jepa.store.manifest import MANIFEST, WRITING, load_manifest, shard_stem, sidecar_file
 from m3jepa.store.reader import list_stores
 
 COLUMNS = (
@@ -28,8 +28,10 @@ COLUMNS = (
 UNFINISHED = "NO (rerun `m3jepa encode` with the same settings to finish)"
 
 
-def disk_size(path: Path) -> int:
-    """Bytes on disk under `path` (files only, symlinks not followed)."""
+def disk_size(path: Location) -> int:
+    """Bytes on disk under `path` (files only, symlinks not followed); at a URL, from one listing."""
+    if isinstance(path, StoreURL):
+        return sum(e.size for e in listing(path).values())
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -46,8 +48,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def list_view(root: Path) -> str:
+def list_view(root: str | Location) -> str:
     """A table of every store under `root`, one line each."""
+    root = location(root)
     stores = list_stores(root)
     if not stores:
         return f"no stores under {root} (write some with `m3jepa encode --store-root {root}`)"
@@ -75,11 +78,15 @@ def list_view(root: Path) -> str:
     return "\n".join(lines)
 
 
-def inspect_view(path: Path) -> str:
-    """A readable summary of one store's manifest."""
-    m = load_manifest(path)
+def inspect_view(path: str | Location) -> str:
+    """A readable summary of one store's manifest (at a URL, of its start record while it is written)."""
+    path = location(path)
+    writing = isinstance(path, StoreURL) and not (path / MANIFEST).is_file() and (path / WRITING).is_file()
+    m = load_manifest(path, WRITING if writing else MANIFEST)
     planned = -(-m.rows // m.shard_size)
-    committed = sum((path / sidecar_file(i)).exists() for i in range(planned))
+    have = set(listing(path)) if isinstance(path, StoreURL) else None
+    committed = sum((sidecar_file(i) in have) if have is not None else (path / sidecar_file(i)).exists()
+                    for i in range(planned))
     lines = [
         f"store      {path}",
         f"data       {m.dataset} / {m.split} / {m.modality}: {m.rows} rows (membership {m.membership[:12]}…)",

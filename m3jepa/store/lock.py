@@ -44,6 +44,11 @@ class StoreLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def check(self) -> None:
+        """An flock is held until released, even across a stall: nothing to re-check before a commit."""
+        if self._fd is None:
+            raise StoreError(f"{self.path.parent}: the writer holds no lock for this rank")
+
     def acquire(self) -> StoreLock:
         if self._fd is not None:
             return self

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from m3jepa.data.records import encoder_modality
-from m3jepa.files import atomic_write_text
+from m3jepa.location import Location, StoreURL, location, write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# A store at a URL (object storage, no atomic rename) keeps its start record here while it is written, and
+# gets its manifest.json only at the end: the manifest is the commit marker (docs/feature-store.md).
+WRITING = "writing.json"
 ROWS = "rows.jsonl"
 SHARDS = "shards"
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}  # format → shard file suffix
@@ -69,6 +72,10 @@ class ShardInfo:
     sha256: str  # over the little-endian C-order bytes of features, tokens, offsets (in that order)
     nbytes: int  # raw array bytes hashed (not the size on disk)
     tokens: int | None = None  # total token rows, for kind = tokens
+    # Every file of the shard as written, by path relative to the store: [size in bytes, MD5 hex of the
+    # bytes]. A listing of a bucket reports both (S3's ETag of a single-part upload is that MD5), so a
+    # store at a URL is checked against them without downloading it. None: a store written before.
+    files: dict[str, list] | None = None
 
     @property
     def rows(self) -> int:
@@ -308,22 +315,23 @@ def dataset_dir(dataset: str, data_root: str | Path | None = None) -> str:
 
 
 def store_path(
-    store_root: str | Path,
+    store_root: str | Path | StoreURL,
     dataset: str,
     split: str,
     modality: str,
     encoder: str,
     variant: str = "",
     data_root: str | Path | None = None,
-) -> Path:
+) -> Location:
     """`<store_root>/<dataset-dir>/<split>/<modality>/<encoder-slug>[.<variant>]/`: one store per encoding.
 
     `variant` keeps other encodings of the same rows apart, e.g. "prefix3" for a prefix store. The
-    dataset directory is `dataset_dir(dataset, data_root)`: a folder dataset needs `data_root`.
+    dataset directory is `dataset_dir(dataset, data_root)`: a folder dataset needs `data_root`. A root that
+    is a URL (s3://bucket/prefix) gives a StoreURL, a local one a Path.
     """
     name = encoder_slug(encoder) + (f".{_component('variant', variant)}" if variant else "")
     return (
-        Path(store_root)
+        location(store_root)
         / dataset_dir(dataset, data_root)
         / _component("split", split)
         / _component("modality", modality)
@@ -374,25 +382,30 @@ def assign_shards(plan: list[tuple[int, int, int]], rank: int, world_size: int) 
 # ---------------------------------------------------------------- files
 
 
-def load_manifest(store: Path) -> Manifest:
-    """The store's manifest; StoreError when it is missing or unreadable."""
-    path = Path(store) / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{store} is not a feature store (no {MANIFEST}); write one with `m3jepa encode`")
+def load_manifest(store: str | Location, name: str = MANIFEST) -> Manifest:
+    """The store's manifest (or, with `name` = WRITING, a store's start record at a URL); StoreError when
+    it is missing or unreadable."""
+    path = location(store) / name
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise StoreError(f"{store} is not a feature store (no {MANIFEST}); write one with `m3jepa encode`") \
+            from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e}); delete the store directory and re-encode") from e
     return Manifest.from_json(data, where=str(path))
 
 
-def save_manifest(store: Path, manifest: Manifest) -> None:
-    atomic_write_text(Path(store) / MANIFEST, manifest.dumps())
+def save_manifest(store: str | Location, manifest: Manifest, name: str = MANIFEST) -> None:
+    write_text(location(store) / name, manifest.dumps())
 
 
-def read_rows(store: Path) -> list[RowMeta]:
+def read_rows(store: str | Location) -> list[RowMeta]:
     """The rows.jsonl lines of a store, in row order (StoreError naming the line when one is malformed)."""
-    return parse_rows((Path(store) / ROWS).read_bytes(), Path(store) / ROWS)
+    path = location(store) / ROWS
+    return parse_rows(path.read_bytes(), path)
 
 
 def rows_digest(data: bytes) -> str:
@@ -400,7 +413,7 @@ def rows_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def parse_rows(data: bytes, where: Path) -> list[RowMeta]:
+def parse_rows(data: bytes, where: Location) -> list[RowMeta]:
     """RowMeta of each line of rows.jsonl bytes; a malformed line is a StoreError naming it."""
     out = []
     for n, line in enumerate(data.splitlines(), start=1):

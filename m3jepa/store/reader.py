@@ -7,18 +7,27 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m3jepa.data.records import membership_fingerprint
+from m3jepa.location import Location, StoreURL, location
 from m3jepa.store.backends import ShardHandle, open_shard
-from m3jepa.store.integrity import check_files, check_layout, read_features_checked, verify_hint
+from m3jepa.store.integrity import (
+    Fingerprint,
+    check_files,
+    check_layout,
+    read_features_checked,
+    read_shard_checked,
+    verify_hint,
+    verify_shards,
+)
 from m3jepa.store.manifest import (
     MANIFEST,
     RAGGED_KINDS,
     ROWS,
+    WRITING,
     IncompleteStoreError,
     Manifest,
     RowMeta,
@@ -54,8 +63,8 @@ class FeatureStore:
     Picklable (open handles are dropped and reopened lazily), so it can be handed to DataLoader workers.
     """
 
-    def __init__(self, path: Path, manifest: Manifest):
-        self.path = Path(path)
+    def __init__(self, path: str | Location, manifest: Manifest):
+        self.path = location(path)
         self.manifest = manifest
         self._rows: RowTable | None = None
         self._handles: OrderedDict[int, ShardHandle] = OrderedDict()
@@ -121,6 +130,16 @@ class FeatureStore:
         sha256 recomputed over the bytes read (StoreError naming the shard's rows when one differs)."""
         self.check_files()
         return read_features_checked(self.path, self.manifest, self._handle)
+
+    def verify_data(self) -> dict[str, Fingerprint]:
+        """Every shard's sha256 recomputed from its bytes (the whole store read once, in bounded memory),
+        for a reader that then reads rows by offset (the store feed); returns the (dev, inode, size, mtime)
+        of each local shard file hashed, by path relative to the store, to refuse a file replaced later."""
+        return verify_shards(self.path, self.manifest, self._handle)
+
+    def read_shard_checked(self, index: int) -> np.ndarray:
+        """Shard `index`'s features in the stored dtype, (n, D), its sha256 checked on the bytes read."""
+        return read_shard_checked(self.path, self.manifest, self.manifest.shards[index], self._handle(index))
 
     # ------------------------------------------------------------ features
 
@@ -277,24 +296,33 @@ def _chunk_rows(array: Any) -> int:
     return int(chunks[0]) if chunks else max(int(array.shape[0]), 1)
 
 
-def open_store(path: str | Path) -> FeatureStore:
-    """Open a complete store for reading; refuses incomplete stores and unknown schema versions."""
-    path = Path(path)
+def open_store(path: str | Location) -> FeatureStore:
+    """Open a complete store for reading; refuses incomplete stores and unknown schema versions.
+
+    At a URL a store is complete exactly when its manifest.json exists (the writer puts it last); one
+    being written has only writing.json, and is refused here as incomplete."""
+    path = location(path)
+    if isinstance(path, StoreURL) and not (path / MANIFEST).is_file() and (path / WRITING).is_file():
+        _refuse_incomplete(path, load_manifest(path, WRITING))
     manifest = load_manifest(path)
     if not manifest.complete:
-        planned = -(-manifest.rows // manifest.shard_size)
-        done = sum((path / sidecar_file(i)).exists() for i in range(planned))
-        raise IncompleteStoreError(
-            f"{path} is an incomplete store ({done} of {planned} shards committed); finish it by rerunning "
-            f"`m3jepa encode` with the same settings (it resumes), or delete the directory"
-        )
+        _refuse_incomplete(path, manifest)
     if not (path / ROWS).is_file():
         raise IncompleteStoreError(f"{path} has a complete manifest but no {ROWS}; delete it and re-encode")
     check_layout(path, manifest)
     return FeatureStore(path, manifest)
 
 
-def _warn_unhashed(path: Path) -> None:
+def _refuse_incomplete(path: Location, manifest: Manifest) -> None:
+    planned = -(-manifest.rows // manifest.shard_size)
+    done = sum((path / sidecar_file(i)).exists() for i in range(planned))
+    raise IncompleteStoreError(
+        f"{path} is an incomplete store ({done} of {planned} shards committed); finish it by rerunning "
+        f"`m3jepa encode` with the same settings (it resumes), or delete the directory"
+    )
+
+
+def _warn_unhashed(path: Location) -> None:
     if str(path) in _WARNED_UNHASHED:
         return
     _WARNED_UNHASHED.add(str(path))
@@ -306,10 +334,13 @@ def _warn_unhashed(path: Path) -> None:
     )
 
 
-def list_stores(root: str | Path) -> list[tuple[Path, Manifest]]:
-    """(path, manifest) of every store under `root` (<dataset>/<split>/<modality>/<encoder>/), sorted."""
+def list_stores(root: str | Location) -> list[tuple[Location, Manifest]]:
+    """(path, manifest) of every store under `root` (<dataset>/<split>/<modality>/<encoder>/), sorted.
+
+    A store is found by its manifest.json, so at a URL a store still being written (writing.json only)
+    is not listed: its manifest appears last, as the commit marker."""
     out = []
-    for manifest_path in sorted(Path(root).glob(f"*/*/*/*/{MANIFEST}")):
+    for manifest_path in sorted(location(root).glob(f"*/*/*/*/{MANIFEST}"), key=str):
         try:
             out.append((manifest_path.parent, load_manifest(manifest_path.parent)))
         except StoreError as e:

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from m3jepa.files import atomic_write_text
+from m3jepa.location import Location, location, write_text
 from m3jepa.store.manifest import SHARDS, shard_stem
 
 
-def skip_list_path(store: Path, index: int) -> Path:
+def skip_list_path(store: str | Location, index: int) -> Location:
     """`shards/<index>.skipped.json`: the rows of shard `index` that were skipped (only when any were)."""
-    return Path(store) / SHARDS / f"{shard_stem(index)}.skipped.json"
+    return location(store) / SHARDS / f"{shard_stem(index)}.skipped.json"
 
 
-def write_skip_list(store: Path, index: int, skipped: list[dict[str, Any]]) -> None:
+def write_skip_list(store: Location, index: int, skipped: list[dict[str, Any]]) -> None:
     """Record (or clear) shard `index`'s skipped rows; written before the shard commits, read back by rank 0
     when it finalizes, so a committed shard always has its list."""
     path = skip_list_path(store, index)
     if skipped:
-        atomic_write_text(path, json.dumps(skipped, indent=2, sort_keys=True) + "\n")
+        write_text(path, json.dumps(skipped, indent=2, sort_keys=True) + "\n")
     else:
         path.unlink(missing_ok=True)  # a list from an earlier attempt at this shard must not linger
 
 
-def read_skip_lists(store: Path, num_shards: int) -> list[dict[str, Any]]:
+def read_skip_lists(store: Location, num_shards: int) -> list[dict[str, Any]]:
     """Every shard's skipped rows, in row order: what each rank (in this run or an earlier one) skipped."""
     out: list[dict[str, Any]] = []
     for index in range(num_shards):

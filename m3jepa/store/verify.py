@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from m3jepa.data.records import membership_fingerprint
+from m3jepa.location import Location, StoreURL, listing, location
 from m3jepa.store.backends import checksum, open_shard
-from m3jepa.store.integrity import shard_problems
+from m3jepa.store.integrity import Listing, shard_problems
 from m3jepa.store.manifest import (
     RAGGED_KINDS,
     ROWS,
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class VerifyReport:
     """Problems found in one store: store-wide ones, and per shard index."""
 
-    path: Path
+    path: Location
     problems: list[str] = field(default_factory=list)
     shard_problems: dict[int, list[str]] = field(default_factory=dict)
     shards_checked: int = 0
@@ -68,14 +68,22 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_store(path: str | Path) -> VerifyReport:
-    """Check a store end to end; `report.ok` is False on any problem."""
-    report = VerifyReport(Path(path))
+def verify_store(path: str | Location, download: bool | None = None) -> VerifyReport:
+    """Check a store end to end; `report.ok` is False on any problem.
+
+    A local store is always read whole and every shard's sha256 recomputed. At a URL `download` decides:
+    False (the default there) checks every shard file against the bucket's listing (present, recorded
+    size, recorded MD5 where the listing's ETag is one) and rows.jsonl's sha256, without downloading the
+    shards; True also downloads and hashes every byte, as locally."""
+    report = VerifyReport(location(path))
+    remote = isinstance(report.path, StoreURL)
+    download = (not remote) if download is None else download
     try:
         manifest = load_manifest(report.path)
     except StoreError as e:
         report.problems.append(str(e))
         return report
+    listed = listing(report.path) if remote else None
     if not manifest.complete:
         report.problems.append(
             "manifest is not complete: the writer has not finished; rerun `m3jepa encode` with the same "
@@ -83,12 +91,14 @@ def verify_store(path: str | Path) -> VerifyReport:
         )
     _check_plan(manifest, report)
     for info in manifest.shards:
-        problems = _check_shard(report.path, manifest, info)
+        problems = _check_shard(report.path, manifest, info, listed, download)
         report.shards_checked += 1
         report.rows += info.rows
         if problems:
             report.shard_problems[info.index] = problems
     _check_rows(report.path, manifest, report)
+    if remote:
+        report.notes.append(_remote_note(manifest, listed or {}, download))
     log.info("verified %s: %s", report.path, "ok" if report.ok else "corrupt")
     return report
 
@@ -103,11 +113,30 @@ def _check_plan(m: Manifest, report: VerifyReport) -> None:
         )
 
 
-def _check_shard(store: Path, m: Manifest, info: ShardInfo) -> list[str]:
+def _remote_note(m: Manifest, listed: Listing, download: bool) -> str:
+    """What a check at a URL covered, precisely."""
+    files = [(rel, md5) for s in m.shards for rel, (_, md5) in (s.files or {}).items()]
+    by_md5 = sum(listed.get(rel) is not None and listed[rel].md5 is not None for rel, _ in files)
+    if files:
+        what = (f"{len(files)} shard files checked against the bucket's listing: present at their recorded "
+                f"sizes, {by_md5} of them also by MD5 (their ETag)")
+        if by_md5 < len(files):
+            what += ("; the listing reports no MD5 for the others (a multipart or SSE-KMS upload's ETag is "
+                     "none, and some backends list none): size only")
+    else:
+        what = ("the shards record no file MD5s (written before m3jepa recorded them): their chunk files "
+                "were checked by size from the listing")
+    if download:
+        return f"{what}; every shard downloaded and its sha256 recomputed"
+    return f"{what}; the shards' bytes were not downloaded (pass --download to hash every byte)"
+
+
+def _check_shard(store: Location, m: Manifest, info: ShardInfo, listed: Listing | None = None,
+                 download: bool = True) -> list[str]:
     if info.file != shard_file(info.index, m.format):
         return [f"file {info.file!r} is not the expected {shard_file(info.index, m.format)!r}"]
-    problems = shard_problems(store, m, info)  # presence, arrays, shapes, dtypes, chunk files
-    if problems:
+    problems = shard_problems(store, m, info, listed)  # presence, arrays, shapes, dtypes, chunk files
+    if problems or not download:
         return problems
     handle = open_shard(m.format, store / info.file)
     try:
@@ -132,7 +161,7 @@ def _check_arrays(arrays: dict, m: Manifest, info: ShardInfo) -> list[str]:
     return problems
 
 
-def _check_rows(store: Path, m: Manifest, report: VerifyReport) -> None:
+def _check_rows(store: Location, m: Manifest, report: VerifyReport) -> None:
     if not (store / ROWS).is_file():
         if m.complete:
             report.problems.append(f"{ROWS} is missing")

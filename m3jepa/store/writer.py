@@ -1,10 +1,16 @@
-"""StoreWriter: commit shards one at a time (tmp → rename → sidecar), resume, and finalize a store."""
+"""StoreWriter: commit shards one at a time, resume, and finalize a store, in a local folder or at a URL.
+
+Locally a shard is written under a temporary name and renamed, then its sidecar is written; at a URL
+(object storage: no rename) its objects are uploaded under their final keys, then its sidecar. Either way
+the sidecar is the shard's commit and the complete manifest the store's (docs/feature-store.md).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,13 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from m3jepa.data.records import LineDigest
-from m3jepa.files import atomic_write_lines, atomic_write_text
-from m3jepa.store.backends import checksum, remove_path, write_shard_file
+from m3jepa.location import Location, StoreURL, listing, location, remote_errors, write_lines, write_text
+from m3jepa.store.backends import checksum, remove_path, shard_files, write_shard_file
+from m3jepa.store.lease import StoreLease
 from m3jepa.store.lock import StoreLock
 from m3jepa.store.manifest import (
     MANIFEST,
     ROWS,
     SHARDS,
+    WRITING,
     IncompleteStoreError,
     Manifest,
     RowMeta,
@@ -49,9 +57,10 @@ class StoreWriter:
     rank i % world_size. Rank 0 finalizes.
     """
 
-    def __init__(self, path: str | Path, manifest: Manifest, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, path: str | Location, manifest: Manifest, *, rank: int = 0, world_size: int = 1,
                  owners: Sequence[int] | None = None):
-        self.path = Path(path)
+        self.path = location(path)
+        self.remote = isinstance(self.path, StoreURL)
         self.manifest = manifest
         self.rank = rank
         self.world_size = world_size
@@ -62,12 +71,17 @@ class StoreWriter:
             raise ValueError(f"owners must name one rank in [0, {world_size}) for each of the "
                              f"{len(self._plan)} planned shards, got {len(owners)}")
         self._owners = list(owners) if owners is not None else None
-        self._lock = StoreLock(self.path, rank)
+        # a local folder: an flock the OS frees on death; a URL: a lease object with holder and expiry
+        self._lock = StoreLease(self.path, rank) if self.remote else StoreLock(self.path, rank)
+        # where the start record lives: the incomplete manifest locally, writing.json at a URL, whose
+        # manifest.json appears only complete (the commit marker)
+        self._start = WRITING if self.remote else MANIFEST
 
     # ------------------------------------------------------------ lifecycle
 
     def open(self) -> StoreWriter:
-        (self.path / SHARDS).mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            (self.path / SHARDS).mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         try:
             self._check_or_start()
@@ -86,8 +100,9 @@ class StoreWriter:
         self.close()
 
     def _check_or_start(self) -> None:
-        if (self.path / MANIFEST).exists():
-            found = load_manifest(self.path)
+        name = next((n for n in dict.fromkeys((MANIFEST, self._start)) if (self.path / n).is_file()), None)
+        if name is not None:
+            found = load_manifest(self.path, name)
             diffs = mismatches(self.manifest, found)
             if diffs:
                 raise StoreMismatchError(_mismatch_message(self.path, diffs))
@@ -100,7 +115,7 @@ class StoreWriter:
             log.info(
                 "resuming %s (%d of %d shards committed)", self.path, len(self.done_shards()), len(self._plan)
             )
-            if self.rank == 0:
+            if self.rank == 0 and not self.remote:
                 for tmp in self.path.glob("*.tmp-*"):  # manifest/rows temporaries of a killed rank 0
                     tmp.unlink()
             return
@@ -109,7 +124,7 @@ class StoreWriter:
         # Written before any shard so a half-written directory is recognisably an incomplete store.
         start = Manifest.from_json(self.manifest.to_json())
         start.shards, start.skipped, start.complete = [], [], False
-        save_manifest(self.path, start)
+        save_manifest(self.path, start, self._start)
 
     # ------------------------------------------------------------ planning
 
@@ -125,6 +140,8 @@ class StoreWriter:
 
     def done_shards(self) -> set[int]:
         """Indices of committed shards (sidecar and shard file both present); clears this rank's debris."""
+        if self.remote:
+            return self._remote_done()
         mine = {i for i, _, _ in self.my_shards()}
         self._remove_stray_tmp(mine)
         done = set()
@@ -133,6 +150,22 @@ class StoreWriter:
             if info is None or (info.row_start, info.row_end) != (start, end):
                 continue
             if (self.path / info.file).exists():
+                done.add(index)
+        return done
+
+    def _remote_done(self) -> set[int]:
+        """At a URL: shards whose sidecar is listed and every file it records is listed at its size (one
+        listing; a sidecar is read only for a shard that has one)."""
+        listed = listing(self.path)
+        done = set()
+        for index, start, end in self._plan:
+            if sidecar_file(index) not in listed:
+                continue
+            info = self._read_sidecar(index)
+            if info is None or (info.row_start, info.row_end) != (start, end):
+                continue
+            files = info.files or {}
+            if files and all(rel in listed and listed[rel].size == size for rel, (size, _) in files.items()):
                 done.add(index)
         return done
 
@@ -148,7 +181,7 @@ class StoreWriter:
         path = self.path / sidecar_file(index)
         try:
             return ShardInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
             return None
 
     # ------------------------------------------------------------ writing
@@ -182,16 +215,37 @@ class StoreWriter:
         final = self.path / info.file
         # Uncommit first, so a crash anywhere below leaves this shard "not done" rather than stale.
         (self.path / sidecar_file(index)).unlink(missing_ok=True)
-        remove_path(final)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        remove_path(tmp)
-        write_shard_file(self.manifest.format, tmp, arrays)
-        os.replace(tmp, final)
-        atomic_write_text(
-            self.path / sidecar_file(index), json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
-        )
+        if self.remote:
+            self._upload_shard(info, arrays)
+        else:
+            remove_path(final)
+            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+            remove_path(tmp)
+            write_shard_file(self.manifest.format, tmp, arrays)
+            info.files = shard_files(tmp, info.file)
+            os.replace(tmp, final)
+        self._lock.check()  # a writer that lost its lease must not commit (a URL's lease; an flock holds)
+        sidecar = json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
+        write_text(self.path / sidecar_file(index), sidecar)
         log.debug("committed shard %s of %s (%d rows)", shard_stem(index), self.path, end - start)
         return info
+
+    def _upload_shard(self, info: ShardInfo, arrays: dict[str, np.ndarray]) -> None:
+        """Write the shard to a local temporary folder, record its files' sizes and MD5s, and upload each
+        file to its final key (one PUT each: an object is whole or absent). Objects under the shard's key
+        that the new shard does not have (debris of another attempt) are deleted first."""
+        final = self.path / info.file
+        with tempfile.TemporaryDirectory(prefix="m3jepa-shard-") as tmp:
+            local = Path(tmp) / final.name
+            write_shard_file(self.manifest.format, local, arrays)
+            info.files = shard_files(local, info.file)
+            fs = final.fs
+            with remote_errors(final):
+                stale = set(listing(final)) - {rel.removeprefix(info.file).lstrip("/") for rel in info.files}
+                if stale:
+                    fs.rm([(final / rel).key if rel else final.key for rel in sorted(stale)])
+                sources = [str(Path(tmp) / rel.removeprefix(f"{SHARDS}/")) for rel in info.files]
+                fs.put(sources, [(self.path / rel).key for rel in info.files])
 
     def _validated(self, index, n, features, tokens, offsets) -> dict[str, np.ndarray]:
         m, where = self.manifest, f"{self.path} shard {shard_stem(index)}"
@@ -239,7 +293,7 @@ class StoreWriter:
             )
         skipped = sorted(skipped, key=lambda s: int(s["row_id"]))
         lines = self._checked_lines(rows, {int(s["row_id"]) for s in skipped})
-        digest = atomic_write_lines(self.path / ROWS, lines)
+        digest = write_lines(self.path / ROWS, lines)
         final = Manifest.from_json(self.manifest.to_json())
         final.rows_sha256 = digest  # of rows.jsonl's bytes, checked whenever the rows are read
         final.shards = [self._read_sidecar(i) for i, _, _ in self._plan]
@@ -249,7 +303,10 @@ class StoreWriter:
         ]
         final.dropped = [{"sample_id": str(i), "reason": str(r)} for i, r in dropped]
         final.complete = True
-        save_manifest(self.path, final)
+        self._lock.check()
+        save_manifest(self.path, final)  # the store's commit: at a URL it is invisible until this PUT
+        if self.remote:
+            (self.path / WRITING).unlink(missing_ok=True)
         self.manifest = final
         log.info(
             "finalized %s: %d rows in %d shards, %d skipped",
@@ -340,9 +397,9 @@ def _timed(fn: Callable[..., object], *args: object) -> tuple[object, float]:
     return out, time.perf_counter() - tick
 
 
-def is_complete(path: str | Path, expected: Manifest) -> bool:
+def is_complete(path: str | Location, expected: Manifest) -> bool:
     """True when `path` holds a complete store whose identity fields all equal `expected`'s."""
-    path = Path(path)
+    path = location(path)
     try:
         found = load_manifest(path)
     except StoreError:
@@ -362,10 +419,12 @@ def _cast(array: np.ndarray, dtype: str, name: str, where: str) -> np.ndarray:
     return out
 
 
-def _mismatch_message(path: Path, diffs: list[tuple[str, object, object]]) -> str:
+def _mismatch_message(path: Location, diffs: list[tuple[str, object, object]]) -> str:
     lines = "; ".join(f"{k}: asked {a!r}, found {f!r}" for k, a, f in diffs)
+    remote = isinstance(path, StoreURL)
+    delete = f"`m3jepa encode ... --force` (it deletes {path})" if remote else f"rm -r {path}"
     return (
         f"{path} already holds a store written with different settings ({lines}). Its shards cannot be "
-        f"mixed with new ones: delete the store directory (rm -r {path}) to re-encode it, or pass a "
+        f"mixed with new ones: delete the store directory ({delete}) to re-encode it, or pass a "
         f"different --store-root"
     )

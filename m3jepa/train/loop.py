@@ -120,7 +120,7 @@ def _train(
     train_data = load_split(cfg, t.train_split, t.directions, feed=t.feed, device=device)
     train_data, val_data = _validation_split(cfg, train_data, device)
     if auto_keys:  # train-predictor without a pipeline: sized from the pairs (the log says to what)
-        cfg = auto_size(cfg, train_data, auto_keys)
+        cfg = auto_size(cfg, train_data, auto_keys, device)
         t = cfg.train
         if t.batch_size % info.world_size:
             raise ValueError(f"train.batch_size={t.batch_size} must divide over {info.world_size} ranks")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from m3jepa.config import PipelineConfig
 from m3jepa.core.directions import parse_direction
 from m3jepa.core.paired import ModalityFeatures, PairedSplit
+from m3jepa.device_table import kind_of
 from m3jepa.model.moe import log_view, routing_health
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ SIZES = ((5_000, 256, 512, 128), (100_000, 512, 1024, 256), (math.inf, 2048, 204
 # runs over the budget. The old fixed 300 steps stopped Tux Paint, emoji and an icon set while validation
 # was still improving (docs/training.md, "Without a pipeline", measured).
 MIN_BUDGET = 3000
-MAX_BATCH = 128  # the batch is train.batch_size, halved until every direction has that many pairs
 
 
 def sized_values(pairs: dict[str, int], epochs: int, batch_size: int) -> dict[str, int]:
@@ -132,11 +132,17 @@ def sized_values(pairs: dict[str, int], epochs: int, batch_size: int) -> dict[st
             "train.max_steps": steps}
 
 
-def auto_size(cfg: PipelineConfig, data: PairedSplit, keys: frozenset[str]) -> PipelineConfig:
+def auto_size(
+    cfg: PipelineConfig, data: PairedSplit, keys: frozenset[str], device: torch.device | None = None
+) -> PipelineConfig:
     """`cfg` with `keys` (a subset of SIZED_KEYS) set by `sized_values` from the train split's pairs;
-    the log says what was chosen and why."""
+    the log says what was chosen and why. A batch that is sized (not given) starts at `device`'s row of
+    the device table (`train_batch`: 128 on a CPU, 4,096 on a GPU), else at train.batch_size."""
     pairs = {d: data.num_pairs(d) for d in cfg.train.directions}
-    sized = sized_values(pairs, cfg.train.epochs, cfg.train.batch_size)
+    start = cfg.train.batch_size
+    if device is not None and "train.batch_size" in keys:
+        start = kind_of(device).train_batch
+    sized = sized_values(pairs, cfg.train.epochs, start)
     values = {k: v for k, v in sized.items() if k in keys}
     if not values:
         return cfg

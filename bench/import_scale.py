@@ -1,0 +1,159 @@
+"""`stores import` at scale: import, train-from-store, index and search against rows (issue 18 part 6).
+
+    python -m bench.import_scale --rows 10000,100000,1000000 --workdir /tmp/m3jepa-scale
+
+For each row count: synthetic embeddings at the offline encoders' dims (EfficientNet-Lite0 1280-d image,
+MiniLM-L6 384-d text; float16, as clip-retrieval writes them) in clip-retrieval's layout (shards of
+250,000 rows; a split column: 5,000 val and 5,000 test rows, a tenth each below 50,000, the rest train),
+then each stage as its own `m3jepa` process, timed, with its peak RSS (ru_maxrss of RUSAGE_CHILDREN,
+taken in a fresh helper process per stage, so it is that stage's own high-water mark):
+- `m3jepa stores import` (float16 stores, shards of 2048 rows, local disk);
+- `m3jepa train-predictor` for a fixed number of steps with train.feed = "store" (rows read from the store
+  shards per batch, never all in RAM), the tuxpaint pipeline's predictor (d 256, h 512, 12 experts, top-4);
+- `m3jepa index --run --split train --modality image` (every train image row through the predictor, then
+  faiss). `m3jepa search --text` is not run: it refuses, rightly, to embed a raw caption with the installed
+  minilm-l6 for a model trained on imported embeddings (their encoder_revision is "import:...", not the
+  installed encoder's), so raw-query search needs the encoder that made the embeddings.
+The stores live on local disk: the S3 store backend is not on main yet (docs/benchmarks.md §12 says so).
+The work folder of each size is removed after it is measured unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIMS = {"image": 1280, "text": 384}  # EfficientNet-Lite0 pooled, MiniLM-L6 mean-pooled
+ENCODERS = {"image": "efficientnet-lite0", "text": "minilm-l6"}
+SHARD_ROWS = 250_000
+HELD_OUT = 5_000  # val rows and test rows each (a tenth of the rows each, when fewer)
+
+
+def write_source(folder: Path, rows: int, seed: int = 0) -> None:
+    """clip-retrieval's layout with `rows` synthetic pairs (a caption's embedding: its image's, mapped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    mapping = rng.standard_normal((DIMS["image"], DIMS["text"])).astype(np.float32) / 36
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for n, start in enumerate(range(0, rows, SHARD_ROWS)):
+        end = min(start + SHARD_ROWS, rows)
+        img = np.lib.format.open_memmap(folder / f"img_emb/img_emb_{n}.npy", "w+", np.float16,
+                                        (end - start, DIMS["image"]))
+        txt = np.lib.format.open_memmap(folder / f"text_emb/text_emb_{n}.npy", "w+", np.float16,
+                                        (end - start, DIMS["text"]))
+        for a in range(0, end - start, 16384):
+            b = min(a + 16384, end - start)
+            x = rng.standard_normal((b - a, DIMS["image"]), dtype=np.float32)
+            img[a:b] = x
+            txt[a:b] = x @ mapping + 0.5 * rng.standard_normal((b - a, DIMS["text"]), dtype=np.float32)
+        img.flush()
+        txt.flush()
+        del img, txt
+        ids, held = np.arange(start, end), min(HELD_OUT, rows // 10)
+        split = np.where(ids >= rows - held, "test", np.where(ids >= rows - 2 * held, "val", "train"))
+        table = {"key": [f"s{i:08d}" for i in ids], "caption": [f"synthetic {i}" for i in ids],
+                 "split": split.tolist()}
+        pq.write_table(pa.table(table), folder / f"metadata/metadata_{n}.parquet")
+
+
+def timed(args: list[str]) -> dict:
+    """Run `m3jepa ARGS` at low priority; seconds and the process's peak RSS (wait4)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["nice", sys.executable, "-m", "m3jepa", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"m3jepa {' '.join(args[:2])} failed:\n{err[-3000:]}")
+    # communicate() reaped the child; RUSAGE_CHILDREN holds the largest peak of any child waited for so
+    # far, so each stage runs in a fresh interpreter of its own (see main)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "stdout": out[-2000:]}
+
+
+def measure_one(stage: str, rows: int, work: Path, steps: int) -> dict:
+    """One stage at one size, in this (fresh) process."""
+    src, stores, run = work / "source", work / "stores", work / "run"
+    encoders = ["--image-encoder", ENCODERS["image"], "--text-encoder", ENCODERS["text"]]
+    if stage == "import":
+        return timed(["stores", "import", str(src), "--dataset", "synthetic-scale", "--store-root",
+                      str(stores), *encoders, "--split-column", "split"])
+    if stage == "train":
+        sets = {"encode.dataset": '"synthetic-scale"', "encode.store_root": f'"{stores}"',
+                "encode.image_encoder": f'"{ENCODERS["image"]}"',
+                "encode.text_encoder": f'"{ENCODERS["text"]}"',
+                "train.feed": '"store"', "train.max_steps": steps, "train.epochs": 1000,
+                "train.eval_every": steps, "train.checkpoint_every": steps, "train.batch_size": 128,
+                "train.num_threads": 1}
+        args = ["train-predictor", "--pipeline", "tuxpaint", "--run", str(run)]
+        for k, v in sets.items():
+            args += ["--set", f"{k}={v}"]
+        return timed(args)
+    if stage == "index":
+        return timed(["index", "--run", str(run), "--split", "train", "--modality", "image", "--out",
+                      str(work / "train.index")])
+    if stage == "search":
+        return timed(["search", "--index", str(work / "train.index"), "--text", "synthetic 42", "--k", "5"])
+    raise ValueError(stage)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="10000,100000,1000000")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--workdir", default="/tmp/m3jepa-import-scale")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--stages", default="import,train,index", help="Which stages to measure, in order.")
+    ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "
+                    "of the first --rows rows at DIR (docs/feature-store.md's example) and stop.")
+    ap.add_argument("--one", nargs=3, metavar=("STAGE", "ROWS", "WORK"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:  # a child measuring one stage, so RUSAGE_CHILDREN is that stage's alone
+        stage, rows, work = args.one
+        print(json.dumps(measure_one(stage, int(rows), Path(work), args.steps)))
+        return
+    sizes = [int(r) for r in args.rows.split(",")]
+    if args.write_source:
+        write_source(Path(args.write_source), sizes[0])
+        return
+    print(f"# load before: {os.getloadavg()}", flush=True)
+    for rows in sizes:
+        work = Path(args.workdir) / f"rows{rows}"
+        shutil.rmtree(work, ignore_errors=True)
+        t0 = time.perf_counter()
+        write_source(work / "source", rows)
+        result = {"rows": rows, "source_seconds": round(time.perf_counter() - t0, 1)}
+        stages = args.stages.split(",")  # no `m3jepa search --text`: see the module docstring
+        for stage in stages:
+            child = subprocess.run([sys.executable, "-m", "bench.import_scale", "--steps", str(args.steps),
+                                    "--one", stage, str(rows), str(work)], capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(child.stderr[-3000:])
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            result[stage] = {k: v for k, v in r.items() if k != "stdout"}
+            if stage == "search":
+                result["search"]["hits"] = r["stdout"].strip().splitlines()[:3]
+        result["store_mb"] = round(sum(f.stat().st_size for f in (work / "stores").rglob("*") if f.is_file())
+                                   / 2**20)
+        result["load"] = os.getloadavg()
+        print(json.dumps(result), flush=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

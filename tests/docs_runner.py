@@ -119,8 +119,10 @@ RUN: dict[str, Run] = {
     TP: Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),
     "m3jepa train-predictor --pipeline tuxpaint --run runs/tp --resume": Run(add=STEPS, needs=(TP,)),
     "m3jepa evaluate --run runs/tp [--split test] [--protocol multi|paired] [--json]": Run(needs=(TP,)),
+    # the work folder's stores, a run of its own: 20 steps (a fresh --workdir would encode everything again)
     "m3jepa run tuxpaint [--workdir DIR] [--run DIR] [--set key=value ...]":
-        Run(fill={"--workdir DIR": "--workdir .", "--run DIR": "--run runs/tuxpaint"}, needs=(T,)),
+        Run(fill={"--workdir DIR": "--workdir .", "--run DIR": "--run runs/tuxpaint_lr"}, add=STEPS, needs=(T,),
+            fresh=("runs/tuxpaint_lr",)),
     "m3jepa run tuxpaint --seeds 0,1,2": Run(add=STEPS, needs=(T,), fresh=tuple(f"runs/tuxpaint-seed{s}" for s in range(3))),
     "m3jepa compare runs/tuxpaint-seed0 runs/tuxpaint-seed1 runs/tuxpaint-seed2 runs/my-seed0 runs/my-seed1 runs/my-seed2":
         Run(needs=("m3jepa run tuxpaint --seeds 0,1,2", "m3jepa run my.toml --seeds 0,1,2")),
@@ -259,8 +261,8 @@ LISTED: dict[str, str] = {
     "bash scripts/setup.sh": "the set-up: scripts/test.sh (CI's .ci/run) runs it before the suite",
     "bash scripts/test.sh": "the suite itself (CI's .ci/run)",
     "python3 -m pytest -q tests/test_untrusted_*.py": "a part of the suite itself",
-    "python scripts/docs_results.py": "re-runs every documented single-run result in full (about 25 minutes "
-        "here); tests/test_docs_results.py runs two of them and the script's machinery",
+    "python scripts/docs_results.py": "re-runs every documented single-run result in full (25-37 minutes "
+        "here, with the load); tests/test_docs_results.py runs two of them and the script's machinery",
     "m3jepa encode --dataset coco --root /data/coco": GPU + " (and COCO, 20 GB)",
     "torchrun --standalone --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint --workers 0": TORCHRUN,
     "torchrun --nproc_per_node=2 -m m3jepa encode --dataset tuxpaint": TORCHRUN,
@@ -505,8 +507,8 @@ class DocsWork:
         port = str(_free_port())
         add = [a.replace("{port}", port) for a in run.add]
         line = key
-        for words, value in run.fill.items():
-            line = re.sub(rf"(?<!\S){re.escape(words)}(?!\S)", value, line)
+        for words, value in run.fill.items():  # whole words; a synopsis bracket is a boundary too
+            line = re.sub(rf"(?<![^\s\[]){re.escape(words)}(?![^\s\]])", value, line)
         if line.startswith("m3jepa "):
             return [[sys.executable, "-m", "m3jepa", *map(self._tmp, args), *add]
                     for args in expand(line, RUN_SAMPLES)]

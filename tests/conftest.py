@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +37,20 @@ def copy_png(real_pngs: list[Path]):
         return dest
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def docs_work(tmp_path_factory, tuxpaint_root):
+    """The folder where the docs' commands run, one after the other, each once (tests/docs_runner.py);
+    M3JEPA_DOCS_WORK=DIR keeps it between sessions."""
+    from docs_runner import DocsWork
+
+    kept = os.environ.get("M3JEPA_DOCS_WORK")
+    root = Path(kept).resolve() if kept else tmp_path_factory.mktemp("docs")
+    root.mkdir(parents=True, exist_ok=True)
+    work = DocsWork(root)
+    yield work
+    (root / "timings.json").write_text(json.dumps(work.timings(), indent=1))  # what each command cost
 
 
 # ---------------------------------------------------------------- tiny random transformers models

@@ -3,11 +3,8 @@ example of docs/api.md run on real small runs."""
 
 from __future__ import annotations
 
-import os
 import re
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,6 @@ from m3jepa.store import open_store
 from m3jepa.train.loop import train
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -148,24 +144,18 @@ def test_classify_equals_the_nearest_class_evaluate_uses(tmp_path):
 # ---------------------------------------------------------------- docs/api.md, run for real
 
 
-def _m3jepa(*args: str, cwd: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "m3jepa", *args], cwd=cwd, env=ENV, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-
 @pytest.mark.slow
-def test_every_example_in_docs_api_runs(tmp_path, tuxpaint_root, monkeypatch):
+def test_every_example_in_docs_api_runs(docs_work, monkeypatch):
     pytest.importorskip("easy_vqa", reason="needs easy-vqa (pip install '.[offline]')")
     if not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("needs `apt-get install dataset-fashion-mnist`")
-    small = ["--set", "train.max_steps=40", "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
-    _m3jepa("run", "tuxpaint", "--set", "encode.limit=200", *small, cwd=tmp_path)
-    _m3jepa("run", "fashion_mnist", "--set", "encode.limit=200", *small, cwd=tmp_path)
-    _m3jepa("run", "easy_vqa", "--set", "encode.limit=60", *small, cwd=tmp_path)
+    # the page starts from these three runs; the docs work folder makes each once (tests/docs_runner.py)
+    for command in ("m3jepa run tuxpaint", "m3jepa run fashion_mnist", "m3jepa run easy_vqa"):
+        got = docs_work.ensure(command)
+        assert got.rc == 0, got.out[-3000:]
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
     assert len(blocks) >= 7
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(docs_work.root)
     scope: dict = {}
     for i, block in enumerate(blocks):
         try:

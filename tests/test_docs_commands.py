@@ -15,33 +15,13 @@ from pathlib import Path
 
 import pytest
 import typer
+from doc_commands import DOCS, ROOT, expand, lines
 from typer.testing import CliRunner
 
 from m3jepa import __version__, cli
 from m3jepa.data import check_dataset_name
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 APP = typer.main.get_command(cli.app)
-
-# The docs' placeholders, each replaced by a sample value of its kind (whole arguments only).
-SAMPLES = {
-    "PATH": "stores/tuxpaint/val/image/efficientnet-lite0",
-    "<store>": "stores/tuxpaint/val/image/efficientnet-lite0",
-    "root": "stores",
-    "DIR": "/tmp/m3jepa-docs",
-    "D": "/tmp/m3jepa-docs",
-    "DEST": "/tmp/m3jepa-docs/my.toml",
-    "FILE": "pipelines/tuxpaint.toml",
-    "PIPELINE.toml": "pipelines/tuxpaint.toml",
-    "PIPELINE": "tuxpaint",
-    "NAME": "tuxpaint",
-    "R": "runs/tp",
-    "RUN": "runs/tp",
-    "W": "2",
-    "N": "3",
-    "key=value": "train.lr=1e-3",
-}
 
 
 @dataclass
@@ -51,29 +31,11 @@ class Quoted:
     named_only: bool  # prose naming a command (`m3jepa evaluate`), not a command line to parse
 
 
-def _lines(path: Path) -> list[tuple[int, str, bool]]:
-    """(line number, text, in a code block), with backslash continuations joined."""
-    out: list[tuple[int, str, bool]] = []
-    fence, pending = False, None
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.lstrip().startswith("```"):
-            fence = not fence
-            continue
-        if pending is not None:
-            line, number = pending[1] + " " + line.strip(), pending[0]
-            pending = None
-        if fence and line.rstrip().endswith("\\"):
-            pending = (number, line.rstrip()[:-1])
-            continue
-        out.append((number, line, fence))
-    return out
-
-
 def _quoted_in(path: Path) -> list[tuple[int, str, bool]]:
     """(line, command text from `m3jepa` on, inline) for each command in code blocks and inline code."""
     found = []
-    for number, line, fence in _lines(path):
-        if fence:
+    for number, line, lang in lines(path):
+        if lang is not None:
             # a command starts its line, or follows `&&`, `time` or `-m` (`torchrun ... -m m3jepa ...`)
             m = re.match(r"\s*(?:.*&&\s*|time\s+|.*\s-m\s+)?(m3jepa\s.*)", line)
             if m:
@@ -84,30 +46,6 @@ def _quoted_in(path: Path) -> list[tuple[int, str, bool]]:
                 if m:
                     found.append((number, m.group(1), True))
     return found
-
-
-def _expand(text: str) -> list[list[str]]:
-    """A quoted command as argument lists: optional [parts] kept, `a | b` alternatives split, samples in."""
-    text = re.sub(r"\s+#.*$", "", text)  # a trailing comment
-    group = re.search(r"(?<!\S)\(([^()]*\|[^()]*)\)", text)
-    if group:  # `(--text T | --image PATH)`: one command per choice
-        return [args for choice in group.group(1).split(" | ")
-                for args in _expand(text[: group.start()] + choice.strip() + text[group.end():])]
-    while re.search(r"(?<!\S)\[([^\[\]]*)\]", text):
-        text = re.sub(r"(?<!\S)\[([^\[\]]*)\]", r"\1", text)
-    first, *others = [part.strip() for part in text.split(" | ")]
-    words = shlex.split(first)[1:]
-    commands = [words]
-    if others:  # `m3jepa stores list | inspect PATH`: the others are siblings under the same group
-        group = words[:1]
-        commands += [group + shlex.split(part) for part in others]
-    out = []
-    for args in commands:
-        args = [a for a in args if a != "..."]
-        args = [SAMPLES.get(a, a) for a in args]
-        # `multi|paired` as a value: the first of the choices
-        out.append([a.split("|")[0] if "|" in a and not a.startswith("-") else a for a in args])
-    return out
 
 
 def _command_words(args: list[str]) -> bool:
@@ -140,10 +78,10 @@ def _all_quoted() -> list[Quoted]:
     for path in DOCS:
         rel = path.relative_to(ROOT)
         for number, text, inline in _quoted_in(path):
-            for args in _expand(text):
+            for args in expand(text):
                 quoted.append(Quoted(f"{rel}:{number}", args, inline and _command_words(args)))
     for command, example in _help_examples():
-        quoted += [Quoted(f"m3jepa {command} --help", args, False) for args in _expand(example)]
+        quoted += [Quoted(f"m3jepa {command} --help", args, False) for args in expand(example)]
     return quoted
 
 

@@ -1,68 +1,42 @@
-"""`m3jepa run pipelines/tuxpaint.toml` end to end through the real CLI on a real Tux Paint subset."""
+"""`m3jepa run tuxpaint` end to end through the real CLI on the real Tux Paint stamps, then run again.
+
+Both runs are the docs' own commands in the docs work folder (tests/docs_runner.py): README's
+`m3jepa run tuxpaint`, in full, and `m3jepa run pipelines/tuxpaint.toml`, which finds it done.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not STAMPS.is_dir(), reason="needs Debian's tuxpaint-stamps-default (scripts/setup.sh)"
-    ),
-]
-
-SUBSET = [
-    "encode.workers=1",
-    "model.dim=256",
-    "model.hidden=512",
-    "model.cl_dim=128",
-    "train.max_steps=120",
-    "train.eval_every=20",
-    "train.checkpoint_every=20",
-    "train.lr=1e-3",
-]
+pytestmark = pytest.mark.slow
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "m3jepa", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
+def _recalls(out: str) -> list[str]:
+    """The rows of the printed retrieval table: direction, space, R@1, R@5, R@10, mean."""
+    row = re.compile(r"\| \**(image|text)->\S+( \| [^|]+){5} \|")
+    return [line for line in out.splitlines() if row.fullmatch(line)]
 
 
-def test_run_tuxpaint_pipeline_end_to_end(tmp_path):
-    sets = [x for s in SUBSET for x in ("--set", s)]
-    out = _run(
-        "run", str(ROOT / "pipelines" / "tuxpaint.toml"), "--workdir", str(tmp_path), *sets, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "| direction | space |" in out.stdout and "image->text" in out.stdout
-    run = tmp_path / "runs" / "tuxpaint"
-    metrics = json.loads((run / "metrics.json").read_text())
+def test_run_tuxpaint_pipeline_end_to_end_then_again(docs_work):
+    first = docs_work.ensure("m3jepa run tuxpaint")
+    assert first.rc == 0, first.out[-3000:]
+    assert "| direction | space |" in first.out and "image->text" in first.out
+    metrics = json.loads((docs_work.root / "runs" / "tuxpaint" / "metrics.json").read_text())
     gallery = metrics["gallery"]["image->text"]["gallery"]
-    # the whole Tux Paint split (628 / 78 / 79 stamps): smaller training sets barely learn (measured:
-    # R@1 5-8% with 200 training stamps, against ~20% with all 628)
+    # the whole Tux Paint split (628 / 78 / 79 stamps)
     assert gallery == 79 and metrics["gallery"]["text->image"]["queries"] == 79
     chance = 100.0 / gallery  # R@1 of a random ranking: 1.3%
     for direction in ("image->text", "text->image"):
         assert metrics["directions"][direction]["R@1"] > 5 * chance, metrics["directions"]
-    assert (tmp_path / "stores" / "tuxpaint" / "test" / "image").is_dir()
+    assert (docs_work.root / "stores" / "tuxpaint" / "test" / "image").is_dir()
 
     # Run again: every store is cached (no encoder loaded) and the finished run is resumed, not redone.
-    again = _run(
-        "run", str(ROOT / "pipelines" / "tuxpaint.toml"), "--workdir", str(tmp_path), *sets, cwd=tmp_path
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "stores cached; no encoder loaded" in again.stderr + again.stdout
-    assert "resuming" in again.stderr
-    assert f"run {run} was already finished (" in again.stdout and "samples/s" not in again.stdout
-    assert json.loads((run / "metrics.json").read_text())["directions"] == metrics["directions"]
+    again = docs_work.ensure("m3jepa run pipelines/tuxpaint.toml")
+    assert again.rc == 0, again.out[-3000:]
+    assert "stores cached; no encoder loaded" in again.out
+    assert "resuming" in again.out
+    assert "run runs/tuxpaint was already finished (" in again.out
+    assert len(_recalls(first.out)) == 4 and _recalls(again.out) == _recalls(first.out)

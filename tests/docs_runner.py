@@ -436,6 +436,29 @@ LISTED |= {text: MULTI_SEED for text in (
     "python scripts/seeds.py pipelines/fashion_mnist.toml --seeds 0,1,2 --workdir /tmp/seeds --set train.num_threads=1",
     "python scripts/seeds.py pipelines/easy_vqa.toml --seeds 0,1,2 --workdir /tmp/seeds_vqa --set train.num_threads=1",
 )}
+MULTINODE = "a line of docs/multinode.md's two-node block: tests/test_multinode.py runs it as printed (two launches)"
+SLURM = "the sbatch example of docs/multinode.md: needs Slurm"
+CC3M = "needs CC3M's img2dataset shards in a bucket (tests/test_store_urls.py encodes webdataset shards from moto)"
+LISTED |= {
+    "export HEAD=10.0.0.1 PORT=29400 RUN_ID=tux2 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1": MULTINODE,
+    "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-encode "
+    "-m m3jepa encode --dataset tuxpaint --workers 0 --store-root s3://my-bucket/stores": MULTINODE,
+    "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-train "
+    "--max-restarts=3 -m m3jepa train-predictor --pipeline tuxpaint --store-root s3://my-bucket/stores "
+    "--run-dir runs/tux2": MULTINODE,
+    "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-cc3m-encode "
+    "-m m3jepa encode --dataset webdataset --root s3://my-bucket/cc3m --split-field split "
+    "--store-root s3://my-bucket/stores": CC3M,
+    "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-cc3m-train "
+    "--max-restarts=3 -m m3jepa train-predictor --dataset webdataset --root s3://my-bucket/cc3m "
+    "--store-root s3://my-bucket/stores --run-dir runs/cc3m": CC3M,
+    'export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)': SLURM,
+    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1": SLURM,
+    "cd /local/scratch/$USER": SLURM,
+    "srun torchrun --nnodes=$SLURM_NNODES --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29400 "
+    "--rdzv-id=$SLURM_JOB_ID --max-restarts=3 -m m3jepa train-predictor --pipeline tuxpaint "
+    "--store-root s3://my-bucket/stores --run-dir runs/tux2": SLURM,
+}
 
 # What a RUN entry may add to a documented command: a smaller encode, fewer steps, a free port.
 ALLOWED_ADDITIONS = re.compile(

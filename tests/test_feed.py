@@ -151,25 +151,18 @@ def test_read_ahead_serves_planned_batches_and_reads_the_unplanned(stores, tmp_p
     mem = load_split(cfg, "train", DIRECTIONS, feed="memory")
     # a plan that is wrong on odd steps (as the dynamic schedule can be after a validation)
     plan = lambda s: ["image->text"]  # noqa: E731
-    lazy.readahead = feeder.read_ahead(lazy, plan, range(2, 12), 32, 0)
-    for step in range(2, 12):
-        d = DIRECTIONS[step % 2]
-        x, y = lazy.batch(d, 32, 0, step)
-        xm, ym = mem.batch(d, 32, 0, step)
-        assert torch.equal(x, xm) and torch.equal(y, ym)
-    assert lazy.readahead.misses == 5  # the five text->image steps were read on the spot
-    lazy.close()
-    assert lazy.readahead is None
     # the memory feed reads ahead the same way (the thread indexes and pins; the loop casts)
     ahead = load_split(cfg, "train", DIRECTIONS, feed="memory")
-    ahead.readahead = feeder.read_ahead(ahead, plan, range(2, 12), 32, 0)
-    for step in range(2, 12):
-        d = DIRECTIONS[step % 2]
-        x, y = ahead.batch(d, 32, 0, step)
-        xm, ym = mem.batch(d, 32, 0, step)
-        assert torch.equal(x, xm) and torch.equal(y, ym)
-    assert ahead.readahead.misses == 5
-    ahead.close()
+    for split in (lazy, ahead):
+        split.readahead = feeder.read_ahead(split, plan, range(2, 12), 32, 0)
+        for step in range(2, 12):
+            d = DIRECTIONS[step % 2]
+            x, y = split.batch(d, 32, 0, step)
+            xm, ym = mem.batch(d, 32, 0, step)
+            assert torch.equal(x, xm) and torch.equal(y, ym)
+        assert split.readahead.misses == 5  # the five text->image steps were read on the spot
+        split.close()
+        assert split.readahead is None
     resident = dataclasses.replace(mem, feed="device")  # rows indexed where they live: nothing to read
     assert feeder.read_ahead(resident, plan, range(3), 32, 0) is None
 

@@ -231,16 +231,21 @@ def read_features_checked(path: Location, m: Manifest, handle_of: Any) -> np.nda
     out = np.empty((m.rows, m.dim), dtype=np.dtype(m.dtype))  # (N, D)
     for info in m.shards:
         handle = handle_of(info.index)
-        h = hashlib.sha256()
         part = out[info.row_start : info.row_end]  # (n, D), C-contiguous rows of `out`
         part[...] = handle["features"][:]
-        h.update(little_endian(part))
-        nbytes = part.nbytes
-        for name in ("tokens", "offsets"):
-            if name in handle:
-                nbytes += hash_rows(h, handle[name])
-        _check_digest(path, info, h.hexdigest(), nbytes)
+        _check_part(path, info, part, handle)
     return out
+
+
+def _check_part(path: Location, info: ShardInfo, part: np.ndarray, handle: Any) -> None:
+    """Hash a shard's features as read (`part`, (n, D)), then its tokens and offsets, against its manifest."""
+    h = hashlib.sha256()
+    h.update(little_endian(part))
+    nbytes = part.nbytes
+    for name in ("tokens", "offsets"):
+        if name in handle:
+            nbytes += hash_rows(h, handle[name])
+    _check_digest(path, info, h.hexdigest(), nbytes)
 
 
 def _check_digest(path: Location, info: ShardInfo, digest: str, nbytes: int) -> None:
@@ -255,14 +260,8 @@ def _check_digest(path: Location, info: ShardInfo, digest: str, nbytes: int) -> 
 def read_shard_checked(path: Location, m: Manifest, info: ShardInfo, handle: ShardHandle) -> np.ndarray:
     """One shard's features in the stored dtype, (n, D), its sha256 checked on the bytes read (the tokens
     and offsets of ragged kinds are hashed too): a reader that streams a store shard by shard."""
-    h = hashlib.sha256()
     part = np.ascontiguousarray(handle["features"][:], dtype=np.dtype(m.dtype))  # (n, D)
-    h.update(little_endian(part))
-    nbytes = part.nbytes
-    for name in ("tokens", "offsets"):
-        if name in handle:
-            nbytes += hash_rows(h, handle[name])
-    _check_digest(path, info, h.hexdigest(), nbytes)
+    _check_part(path, info, part, handle)
     return part
 
 

@@ -25,6 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def forget_s3_clients() -> None:
+    """Drop this process's cached S3 filesystems: fsspec reuses one instance per set of arguments, and an
+    instance keeps the endpoint it was made with, so after one server stops and another starts on a new
+    port (two test modules in one session) it would still call the dead one."""
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 class S3Server:
     """One moto server process; `env()` is what points boto3/s3fs at it."""
 
@@ -82,9 +91,11 @@ class S3Server:
         self.proc = None
 
     def __enter__(self) -> S3Server:
+        forget_s3_clients()
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        forget_s3_clients()
         if self._log is not subprocess.DEVNULL:
             self._log.close()

@@ -52,6 +52,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 # not writable by group or others, and matches the sha256 recorded beside it when it was made.
 
 
+def replace_dir(tmp: Path, out: Path, aside: str) -> None:
+    """Put the finished folder `tmp` in place of `out`: the old one is moved to `out` + `aside` before the
+    new one is renamed in, so a kill between the renames leaves one of them whole (the caller's recovery
+    knows `aside`)."""
+    old = out.with_name(out.name + aside)
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def cache_dir() -> Path:
     """m3jepa's cache: $M3JEPA_CACHE, else $XDG_CACHE_HOME/m3jepa, else ~/.cache/m3jepa."""
     if os.environ.get("M3JEPA_CACHE"):

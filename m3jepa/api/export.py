@@ -33,7 +33,7 @@ from m3jepa.core.checkpoint import CheckpointError
 from m3jepa.core.exportfiles import write_export_checksums
 from m3jepa.core.layout import ExportDir, RunDir
 from m3jepa.core.trained import EXPORT_FORMAT, EXPORT_VERSION, open_run
-from m3jepa.files import atomic_write_text, refused_writes
+from m3jepa.files import atomic_write_text, refused_writes, replace_dir
 
 # An export is made to be shared: its files are world-readable, whatever the umask made its checkpoint.
 FILE_MODE = 0o644
@@ -59,7 +59,7 @@ def export_run(run: Path, out: Path, checkpoint: str = "best", force: bool = Fal
     with refused_writes(out.parent, need=need, remove=[tmp.path], removed=f"the partial {tmp.path.name}",
                         kept=kept):
         _write(trained, run, checkpoint, tmp, weights, names, latents)
-    _swap(tmp.path, out)
+    replace_dir(tmp.path, out, ".old-export")
     return out
 
 
@@ -79,19 +79,6 @@ def _check_out(run: Path, out: Path, force: bool) -> None:
     if not ExportDir.holds_export(out):
         raise ApiError(f"{out} holds files but no m3jepa export (config.json and model.safetensors): --force "
                        "replaces only an export; choose another --out, or empty it yourself")
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` in place of `out`: the old export is moved aside before the new one is
-    renamed in, so a kill between leaves one of them whole."""
-    old = out.with_name(out.name + ".old-export")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _write(trained: Any, run: Path, checkpoint: str, tmp: ExportDir, weights: dict[str, torch.Tensor],

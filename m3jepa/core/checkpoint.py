@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from m3jepa.config import PipelineConfig, dump_toml, load_pipeline
 from m3jepa.core.layout import CHECKSUMS, CONFIG, OPTIMIZER, STATE, WEIGHTS
 from m3jepa.device_table import kind_of
-from m3jepa.files import refused_writes
+from m3jepa.files import refused_writes, replace_dir
 
 log = logging.getLogger(__name__)
+ASIDE = ".old"  # the previous checkpoint's name while save_checkpoint swaps in the new one
 
 # a checkpoint directory's files (their names are core/layout.py's): WEIGHTS, STATE, CONFIG, OPTIMIZER,
 # and CHECKSUMS, the sha256 and size of every other file in it
@@ -85,14 +86,7 @@ def save_checkpoint(
         if extra is not None:
             extra(tmp)
         write_checksums(tmp)  # last, so it covers the adapters `extra` wrote too
-    old = directory.with_name(directory.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, directory, ASIDE)
 
 
 def _sha256(path: Path) -> str:
@@ -174,7 +168,7 @@ def _verify_file(directory: Path, name: str, sha256: str, size: int | None) -> N
 
 def recover_interrupted(directory: Path) -> None:
     """If a kill fell between the two renames of save_checkpoint, put the previous checkpoint back."""
-    old = directory.with_name(directory.name + ".old")
+    old = directory.with_name(directory.name + ASIDE)
     if not directory.exists() and old.exists():
         old.rename(directory)
 

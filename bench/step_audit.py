@@ -37,20 +37,22 @@ PAPER_NARROW = dict(dim=64, hidden=64, num_experts=12, top_k=4, dropout=0.1, gat
 DIMS = {"image": 32, "text": 48}
 
 
-def _paper_step(precision: str, product: str, batch: int = 32):
-    """(objective, step(i, phase)) of the paper's structure: `phase(name)` is a context per phase."""
+def _paper_step(precision: str, product: str, batch: int = 32, device: str = "cpu"):
+    """(objective, step(i, phase) -> loss) of the paper's structure: `phase(name)` is a context per phase.
+    `device` only picks the optimizer build_optimizer makes (a "cuda" runtime: torch's fused AdamW, the
+    GPU's path); the step itself runs on the CPU."""
     cfg = PipelineConfig()
     cfg.model = ModelConfig(**PAPER_NARROW)
     cfg.runtime.precision = precision
     torch.manual_seed(0)
     obj = Objective(cfg.model, LossConfig(), DIMS)
     obj.predictor.mixer.expert_product = product
-    opt = build_optimizer(obj, cfg, Runtime(torch.device("cpu"), precision), cpu_fast_path=False)
+    opt = build_optimizer(obj, cfg, Runtime(torch.device(device), precision), cpu_fast_path=False)
     g = torch.Generator().manual_seed(1)
     batches = [("image->text", torch.randn(batch, 32, generator=g), torch.randn(batch, 48, generator=g)),
                ("text->image", torch.randn(batch, 48, generator=g), torch.randn(batch, 32, generator=g))]
 
-    def step(i: int, phase=lambda name: contextlib.nullcontext()) -> None:
+    def step(i: int, phase=lambda name: contextlib.nullcontext()) -> torch.Tensor:
         direction, x, y = batches[i % 2]
         opt.zero_grad(set_to_none=True)
         with phase("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -59,6 +61,7 @@ def _paper_step(precision: str, product: str, batch: int = 32):
             loss.backward()
         with phase("optimizer"):
             optimizer_step(opt, obj, 1.0)
+        return loss
 
     return obj, step
 

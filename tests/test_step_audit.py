@@ -9,14 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.step_audit import _paper_step as paper_step
 from m3jepa import accel
-from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
-from m3jepa.core.device import Runtime
-from m3jepa.core.objective import Objective
+from m3jepa.config import ModelConfig
 from m3jepa.model import experts
 from m3jepa.model.moe import MultiGateMoE
 from m3jepa.train.audit import HostSyncError, StepAudit
-from m3jepa.train.optim import build_optimizer, optimizer_step
 
 # The paper's structure (12 experts, top-4, two tasks with their own gates, dropout 0.1, both directions)
 # at narrow widths: the operation count does not depend on the widths.
@@ -168,34 +166,13 @@ def _wrap(moe: MultiGateMoE) -> torch.nn.Module:
 
 def _paper_step(precision: str) -> tuple[StepAudit, torch.Tensor]:
     """Two warm-up steps, then one audited step (both directions alternate) of the GPU code path on the
-    CPU: the plain model with the grouped expert product, torch's fused AdamW with clipping folded in,
-    under bf16 autocast for "bf16"."""
-    cfg = PipelineConfig()
-    cfg.model = ModelConfig(**PAPER_NARROW)
-    cfg.runtime.precision = precision
-    torch.manual_seed(0)
-    obj = Objective(cfg.model, LossConfig(), DIMS)
-    obj.predictor.mixer.expert_product = "grouped"
-    # a CUDA runtime: build_optimizer takes torch's fused AdamW, never the CPU fast path
-    opt = build_optimizer(obj, cfg, Runtime(torch.device("cuda"), precision))
-    batches = [("image->text", torch.randn(32, 32), torch.randn(32, 48)),
-               ("text->image", torch.randn(32, 48), torch.randn(32, 32))]
-
-    def step(i: int, audit: StepAudit | None) -> torch.Tensor:
-        phase = audit.phase if audit else (lambda name: contextlib.nullcontext())
-        direction, x, y = batches[i % 2]
-        opt.zero_grad(set_to_none=True)
-        with phase("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = obj(direction, x, y).total
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            optimizer_step(opt, obj, 1.0)
-        return loss
-
-    step(0, None), step(1, None)
+    CPU: bench.step_audit's paper-structured step with the grouped expert product and a CUDA runtime's
+    optimizer (torch's fused AdamW with clipping folded in, never the CPU fast path), under bf16 autocast
+    for "bf16"."""
+    _, step = paper_step(precision, "grouped", device="cuda")
+    step(0), step(1)
     with StepAudit(strict=True) as audit:
-        loss = step(2, audit)
+        loss = step(2, audit.phase)
     return audit, loss.detach()
 
 

@@ -345,6 +345,9 @@ class RuntimeConfig:
     # Under torchrun, the dtype the gradients' all-reduce sends: "none" their own (float32), "bf16" half
     # the bytes, "auto" the device table's choice for the device type (bf16 on GPUs, none on CPUs)
     grad_compression: str = "auto"  # auto | none | bf16
+    # torch.compile of the training step's forward and backward (the objective: predictor and losses):
+    # off | default | max-autotune | reduce-overhead (CUDA graphs: a GPU only). m3jepa.core.compiled
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
@@ -352,6 +355,7 @@ class RuntimeConfig:
         _choice("runtime.precision", self.precision, ("fp32", "bf16"))
         _choice("runtime.matmul_precision", self.matmul_precision, ("auto", "highest", "high"))
         _choice("runtime.grad_compression", self.grad_compression, ("auto", "none", "bf16"))
+        _choice("runtime.compile", self.compile, ("off", "default", "max-autotune", "reduce-overhead"))
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -427,6 +431,12 @@ class PipelineConfig:
         lo, enc = self.lora, self.encode
         if not lo.enabled:
             return
+        if self.runtime.compile != "off":
+            raise ConfigError(
+                f"runtime.compile={self.runtime.compile!r} compiles the predictor's objective, and the LoRA "
+                'mode runs encoder layers inside it that it is not built for; set runtime.compile = "off" '
+                "for a LoRA run"
+            )
         if self.train.mixup > 0:
             raise ConfigError(
                 "train.mixup mixes latents, but with lora.enabled the tuned modalities arrive as encoder "

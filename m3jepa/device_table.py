@@ -47,6 +47,9 @@ class DeviceKind:
     # pairs: m3jepa.train.recipes.sized_values): 128 keeps a CPU step short; a GPU needs thousands of rows
     # a step to leave the launch-bound regime (docs/training.md, "The GPU recipe")
     train_batch: int = 128
+    # torch.compile's "reduce-overhead" mode captures the compiled step as device graphs (CUDA graphs):
+    # one launch for the whole graph, where the launches themselves are the cost (runtime.compile)
+    graphs: bool = False
 
     @property
     def accelerator(self) -> bool:
@@ -106,6 +109,7 @@ DEVICE_TABLE: dict[str, DeviceKind] = {
         free_memory=lambda device: int(torch.cuda.mem_get_info(device)[0]),
         total_memory=lambda device: int(torch.cuda.get_device_properties(device).total_memory),
         train_batch=4096,
+        graphs=True,
     ),
 }
 CPU_KIND = DEVICE_TABLE["cpu"]

@@ -32,6 +32,7 @@ class Runtime:
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast over float32 master weights
     backend: str = "gloo"  # the device table's backend for the device type: nccl (GPUs) | gloo (CPUs)
     matmul_precision: str = "highest"  # torch's float32 matmul precision set for it (m3jepa.core.precision)
+    compile: str = "off"  # torch.compile mode of the training step, or off (m3jepa.core.compiled)
 
     @property
     def device_type(self) -> str:
@@ -85,7 +86,7 @@ def resolve(
     want = cfg.device
     kind = auto_kind(table) if want == "auto" else table[kind_of(want).type]
     if not kind.accelerator:
-        return with_matmul_precision(Runtime(kind.device(), cfg.precision, kind.backend), cfg, real)
+        return _runtime(kind.device(), kind, cfg, real)
     count = visible(kind)
     if count == 0:
         raise ConfigError(
@@ -110,7 +111,26 @@ def resolve(
     device = kind.device(index)
     if cfg.precision == "bf16" and not kind.supports_bf16(device):
         raise ConfigError(f'{device} does not support bf16; set runtime.precision = "fp32"')
-    return with_matmul_precision(Runtime(device, cfg.precision, kind.backend), cfg, real)
+    return _runtime(device, kind, cfg, real)
+
+
+def _runtime(device: torch.device, kind: DeviceKind, cfg: RuntimeConfig, apply: bool) -> Runtime:
+    """The Runtime of `device`, or a ConfigError for a runtime.compile it cannot honour (a mode the device
+    lacks, or the CPU fast path, whose own kernels compile is not built for)."""
+    runtime = with_matmul_precision(Runtime(device, cfg.precision, kind.backend, compile=cfg.compile), cfg, apply)
+    mode = runtime.compile
+    if mode == "reduce-overhead" and not kind.graphs:
+        raise ConfigError(
+            f'runtime.compile = "reduce-overhead" captures the step as CUDA graphs, which {device} has no '
+            'equivalent of; set runtime.compile = "default" (or "off")'
+        )
+    if mode != "off" and runtime.cpu_fast_path:
+        raise ConfigError(
+            f"runtime.compile = {mode!r} compiles the plain training step, but bf16 on a CPU takes the CPU "
+            "fast path (m3jepa.accel: its own kernels, bf16 weight shadows); set runtime.precision = "
+            '"fp32" to compile on a CPU, or runtime.compile = "off"'
+        )
+    return runtime
 
 
 def fake_cuda(available: bool, count: int, row: DeviceKind | None = None) -> DeviceKind:

@@ -16,6 +16,7 @@ from m3jepa.config import PipelineConfig, check_machine, save_toml
 from m3jepa.core import checkpoint as ckpt
 from m3jepa.core import runstores
 from m3jepa.core.collectives import GradReducer, broadcast_float, broadcast_object, resolve_compression
+from m3jepa.core.compiled import compiled
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.feeder import read_ahead
 from m3jepa.core.layout import RunDir
@@ -154,6 +155,7 @@ def _train(
     # after the shared initialisation every rank draws its own dropout masks (rank 0 keeps train.seed's
     # stream, so it is the one-process run's); a resumed run takes each rank's saved generator back
     seed_ranks(start, t.seed, info, device, state.step)
+    stepper = compiled(objective, runtime)  # what the step calls: the objective, or its compiled wrapper
 
     n_steps = total_steps(cfg, train_data)
     n_params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
@@ -201,7 +203,7 @@ def _train(
         for step in range(state.step, n_steps):
             if state.stopped_early:
                 break
-            parts = _train_step(objective, optimizer, cfg, train_data, state, step, n_steps, info, runtime,
+            parts = _train_step(stepper, optimizer, cfg, train_data, state, step, n_steps, info, runtime,
                                 reducer=reducer)
             _accumulate(window, parts["by_direction"])
             tally.add(parts["routing"])  # expert counts summed on the device; read once per log line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -196,6 +197,68 @@ def test_a_second_writer_is_refused_by_the_lease_and_a_lost_lease_stops_commits(
         StoreWriter("s3://no-such-bucket-m3/x", _manifest(records)).open()
 
 
+_HOLD = """
+import sys, time
+from m3jepa.location import location
+from m3jepa.store.lease import StoreLease
+StoreLease(location(sys.argv[1]), 0).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holders_lease_is_taken_over_at_once_on_its_machine_and_waited_out_elsewhere(s3, caplog):
+    """kill -9 of a real process holding a lease (the default 60 s): on its machine the next writer takes
+    the lease at once, with a line saying why; the same lease naming another machine is refused until it
+    expires; a live holder, or a PID that a new process has taken, is told apart by its start time."""
+    import socket
+
+    from m3jepa.store.lease import LeaseHeldError, machine_id, process_start
+
+    path = location(f"s3://{BUCKET}/lease-kill/store")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+    finally:
+        proc.kill()  # SIGKILL: no release, the lease object stays
+        proc.wait(timeout=60)
+    key, fs = (path / ".lease.rank0").key, _fs()
+    dead = json.loads(fs.cat_file(key))
+    assert dead["holder"]["pid"] == proc.pid and dead["holder"]["machine"] == machine_id()
+    assert dead["expires"] - time.time() > 50  # nowhere near expiring
+
+    def take(body: dict) -> str:
+        """Put `body` as the lease, take it; the line that says why it was taken."""
+        fs.pipe_file(key, json.dumps(body).encode())
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="m3jepa.store.lease"):
+            StoreLease(path, 0).acquire().release()
+        return caplog.text
+
+    start = time.monotonic()
+    line = take(dead)
+    assert time.monotonic() - start < 10  # at once, not after the expiry
+    assert (f"took over the lease {path}/.lease.rank0 of process {proc.pid} on {socket.gethostname()}: that "
+            "process no longer runs on this machine (killed?)") in line, line
+    # another machine's holder (another host, or another container's PID namespace): waited out
+    elsewhere = {**dead, "holder": {**dead["holder"], "machine": "node7/other-boot/pid:[1]", "host": "node7"}}
+    fs.pipe_file(key, json.dumps(elsewhere).encode())
+    with pytest.raises(LeaseHeldError, match=rf"is being written by process {proc.pid} on node7 .*for 5\d s "
+                                             r"more .*at most 60 s"):
+        StoreLease(path, 0).acquire()
+    assert "it expired 2 s ago" in take({**elsewhere, "expires": time.time() - 2})
+    # this machine, a live holder: refused; the same PID with another start time (reused): taken
+    me = {**dead, "holder": {**dead["holder"], "pid": os.getpid(), "started": process_start(os.getpid())}}
+    fs.pipe_file(key, json.dumps(me).encode())
+    with pytest.raises(LeaseHeldError, match=f"process {os.getpid()} on "):
+        StoreLease(path, 0).acquire()
+    me["holder"]["started"] = 1  # not when this process started
+    assert "no longer runs on this machine" in take(me)
+    assert not fs.exists(key)
+
+
 def test_listing_checks_catch_a_replaced_object_without_a_download(s3, tmp_path):
     root = location(f"s3://{BUCKET}/listing")
     records = _records(16)
@@ -347,6 +410,7 @@ def test_kill_9_mid_encode_to_the_bucket_resumes_byte_identical(s3, tuxpaint_roo
     resumed = _m3jepa(*_encode_args(killed))  # the dead holder's lease (this machine) is taken over at once
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already written; resuming" in resumed.stderr
+    assert f"took over the lease {store}/.lease.rank0 of process {proc.pid} on " in resumed.stderr
     fresh = _m3jepa(*_encode_args(f"s3://{BUCKET}/clean"))
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     a, b = _objects("killed"), _objects("clean")

@@ -11,12 +11,16 @@ import hashlib
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from launch import ENV, torchrun
 
 from m3jepa.config import EncodeConfig
 from m3jepa.data import get_dataset, wds
@@ -282,6 +286,59 @@ def test_ranks_take_whole_shards_and_write_the_one_process_store(shards, tmp_pat
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     # train rows per shard: 2, 2, 1 → store shards of 2 rows start in tar 0, 1, 2 → ranks 0, 1, 0
     assert opened == [(1, "00001.tar"), (0, "00000.tar"), (0, "00002.tar")]
+
+
+TORCHRUN_TARS = (4, 2, 6, 3)  # train rows per tar: parts 0..4, 4..6, 6..12, 12..15 (store shards of 2 rows)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_take_whole_tar_shards_and_write_the_one_process_bytes(tmp_path, pngs):
+    """The real launcher: `torchrun` (c10d rendezvous on 127.0.0.1, gloo, CPU) with two ranks, against a
+    one-process encode of the same tars. Tars p = 0, 2 (10 rows) go to rank 0 and 1, 3 (5 rows) to rank 1;
+    each rank's `--verbose` log names the tars it read for each store."""
+    root, k = tmp_path / "shards", 0
+    for s, n in enumerate(TORCHRUN_TARS):
+        members = []
+        for i in range(n):
+            key, png = f"{s:05d}{i:04d}", pngs[k % len(pngs)]
+            members += _sample(key, png, f"stamp number {k}", {"split": "train"})
+            k += 1
+        _tar(root / f"{s:05d}.tar", members)
+    args = ["encode", "--dataset", "webdataset", "--root", str(root), "--split-field", "split", "--split",
+            "train", "--shard-size", "2", "--workers", "0", "--verbose", "--store-root"]
+    # torchrun runs each rank with OMP_NUM_THREADS=1; --threads 1 gives the one-process run the same
+    one = subprocess.Popen([sys.executable, "-m", "m3jepa", *args[:1], "--threads", "1", *args[1:],
+                            str(tmp_path / "one")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        two = torchrun("--tee", "3", "-m", "m3jepa", *args, str(tmp_path / "two"), timeout=300)
+    finally:
+        out_one = one.communicate(timeout=300)[0]
+    assert one.returncode == 0, out_one[-3000:]
+    out = two.stdout + two.stderr
+    assert two.returncode == 0, out[-3000:]
+
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
+    manifests = sorted(n for n in a if n.endswith("/manifest.json"))
+    assert [n.split("/")[-3] for n in manifests] == ["image", "text"]
+    for n in manifests:  # complete stores of every row (the manifest holds no timing field)
+        m = json.loads(a[n])
+        assert m["complete"] and m["rows"] == sum(TORCHRUN_TARS) and len(m["shards"]) == 8
+    assert a.keys() == b.keys() and sum(".zarr/features/c/" in n for n in a) == 16
+    assert [n for n in a if a[n] != b[n]] == []  # every shard array, sidecar, manifest and rows.jsonl
+
+    def lines(rank: int, text: str) -> list[str]:
+        prefix = f"[default{rank}]:"  # torchrun --tee's label of local rank `rank`'s lines
+        return [x[len(prefix):] for x in out.splitlines() if x.startswith(prefix) and text in x]
+
+    for rank, (tars, rows, shards) in enumerate([((0, 2), 10, 5), ((1, 3), 5, 3)]):
+        share = f"rank {rank} of 2 takes whole parts {tars[0]}, {tars[1]} of the dataset's 4 ({rows} rows)"
+        assert len(lines(rank, share + f"; writes {shards} of 8 store shards")) == 2, out[-3000:]  # per store
+        reads = lines(rank, "webdataset train: reading")
+        read = [re.search(r"reading \S*/(\d{5})\.tar ", x).group(1) for x in reads]
+        assert read == [f"{t:05d}" for t in tars] * 2, read  # the image store's, then the text store's
+        table = [x for x in lines(rank, "train  ") if re.search(r"(image|text) ", x)]
+        assert len(table) == 2 and all(re.search(rf" 15 +{rows} +0 ", x) for x in table), table
 
 
 # ---------------------------------------------------------------- through the runner: bad pixels, staleness

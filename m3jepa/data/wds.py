@@ -242,6 +242,9 @@ class _SplitIndex:
                     row += n
                     continue
             stat = shard_stat(tar)
+            if wanted is not None:  # which process read which tar shard (tests/test_webdataset.py checks)
+                log.debug("webdataset %s: reading %s (rows %d..%d)", self.split, tar, row,
+                          row + self.counts[i] - 1)  # type: ignore[index]
             before = row
             for sample in self.dataset.samples(tar, self.split, data):
                 if limit is not None and row >= limit:

@@ -140,8 +140,10 @@ def _encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistI
             log.info("--force: removing %s to re-encode it", job.path)
             remove_tree(job.path)
         ctx.barrier()  # no rank opens the store before it is gone
-    owners = shard_owners(plan_shards(job.manifest.rows, job.manifest.shard_size), job.stream.parts(),
-                          ctx.world_size)
+    parts = job.stream.parts() if ctx.world_size > 1 else None  # one process reads every part anyway
+    owners = shard_owners(plan_shards(job.manifest.rows, job.manifest.shard_size), parts, ctx.world_size)
+    if parts is not None:
+        _log_share(job, ctx, parts, owners)
     with StoreWriter(job.path, job.manifest, rank=ctx.rank, world_size=ctx.world_size,
                      owners=owners) as writer:
         done = writer.done_shards()
@@ -166,6 +168,16 @@ def _encode_store(job: StoreJob, encoder: Encoder, cfg: EncodeConfig, ctx: DistI
             result.seconds, result.rows_per_s, result.read_s, result.compute_s, result.write_s,
         )
     return result
+
+
+def _log_share(job: StoreJob, ctx: DistInfo, parts: list[tuple[int, int]], owners: list[int] | None) -> None:
+    """One line per rank: the dataset's parts (tar shards) it takes, and its rows and store shards."""
+    mine = [p for p in range(len(parts)) if p % ctx.world_size == ctx.rank]
+    shards = [i for i, o in enumerate(owners or []) if o == ctx.rank]
+    rows = sum(parts[p][1] - parts[p][0] for p in mine)
+    log.info("%s/%s: rank %d of %d takes whole parts %s of the dataset's %d (%d rows); writes %d of %d "
+             "store shards", job.split, job.modality, ctx.rank, ctx.world_size,
+             ", ".join(map(str, mine)) or "none", len(parts), rows, len(shards), len(owners or []))
 
 
 def encode_shards(

@@ -3,8 +3,11 @@
 Object storage has no flock, so a writer takes a lease instead (docs/feature-store.md, "The lease"):
 - **taking it** writes the lease object only if there is none (S3's conditional PUT, `If-None-Match: *`);
   if there is one, it is taken over only when it has expired, or when its holder is a process of this
-  machine that no longer exists (so a rerun after kill -9 goes on at once), by a PUT conditional on the
-  ETag read (`If-Match`): of two writers that both see it expire, exactly one wins;
+  machine that no longer runs (so a rerun after kill -9, or torchrun's restart of a killed rank, goes on
+  at once), by a PUT conditional on the ETag read (`If-Match`): of two writers that both see it expire,
+  exactly one wins. "This machine" is the host name, boot and PID namespace (a PID means nothing in
+  another container with the same host name); "no longer runs" is no process with that PID, or one that
+  started at another time (the PID was reused). On another machine the lease is waited out;
 - **holding it**: a thread renews it every TTL / 4, again conditional on its own last ETag; a renewal that
   fails (the lease was taken over after this process stalled past its expiry) marks it lost, and the
   writer then refuses to commit another shard;
@@ -49,13 +52,37 @@ class LeaseLostError(StoreError):
 
 
 def machine_id() -> str:
-    """This machine (and boot): a PID is only meaningful on the machine, and within the boot, it ran in."""
+    """Where a PID means something: this host, boot and PID namespace (containers sharing a host name and
+    a kernel have PID namespaces of their own; `?` where /proc cannot say, which matches only itself)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = "?"
-    return f"{socket.gethostname()}/{boot}"
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")  # e.g. pid:[4026531836]
+    except OSError:
+        pidns = "?"
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), None if unknown:
+    with the PID it names one process of a boot, even after the PID is reused."""
+    stat = _proc_stat(pid)
+    try:
+        return int(stat[19]) if stat is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3, the state, first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces and ")"
+    except (OSError, IndexError):
+        return None
 
 
 @dataclass
@@ -117,7 +144,7 @@ class StoreLease:
         if seen is None or not self._replace(body, seen):
             now = self._read()
             raise LeaseHeldError(self._held_message(now.body if now else {}))
-        log.info("took over the lease %s of %s", self.url, _holder(seen.body))
+        log.info("took over the lease %s of %s: %s", self.url, _holder(seen.body), _why_free(seen.body))
         self._start(body)
         return self
 
@@ -172,18 +199,16 @@ class StoreLease:
     # ------------------------------------------------------------ the object
 
     def _body(self) -> dict[str, Any]:
-        return {"holder": {"machine": machine_id(), "pid": os.getpid(), "host": socket.gethostname()},
-                "nonce": self._nonce, "expires": time.time() + self.ttl, "ttl": self.ttl, "rank": self.rank}
+        pid = os.getpid()
+        holder = {"machine": machine_id(), "pid": pid, "started": process_start(pid),
+                  "host": socket.gethostname()}
+        return {"holder": holder, "nonce": self._nonce, "expires": time.time() + self.ttl, "ttl": self.ttl,
+                "rank": self.rank}
 
     def _takeable(self, body: dict[str, Any]) -> bool:
-        """An expired lease, a malformed one, or one whose holder is a dead process of this machine."""
-        try:
-            if float(body["expires"]) <= time.time():
-                return True
-            holder = body["holder"]
-            return holder["machine"] == machine_id() and not _alive(int(holder["pid"]))
-        except (KeyError, TypeError, ValueError):
-            return True
+        """An expired lease, a malformed one, or one whose holder is a process of this machine that no
+        longer runs."""
+        return _why_free(body) is not None
 
     def _held_message(self, body: dict[str, Any]) -> str:
         left, ttl = "", self.ttl
@@ -272,6 +297,40 @@ def _holder(body: dict[str, Any]) -> str:
     if isinstance(holder, dict):
         return f"process {holder.get('pid')} on {holder.get('host')}"
     return "another writer"
+
+
+def _why_free(body: dict[str, Any]) -> str | None:
+    """Why the lease `body` may be taken over, or None while its holder may still be writing."""
+    try:
+        late = time.time() - float(body["expires"])
+        if late >= 0:
+            return f"it expired {late:.0f} s ago"
+        holder = body["holder"]
+        if holder["machine"] != machine_id():
+            return None  # another machine's process: only the expiry frees it
+        pid, started = int(holder["pid"]), holder.get("started")
+        if pid <= 0:
+            raise ValueError(pid)  # kill(0 or -1, ...) would ask about a group of processes, not one
+        if not _running(pid, None if started is None else int(started)):
+            return (f"that process no longer runs on this machine (killed?), so its lease, {-late:.0f} s "
+                    "from expiring, is not waited out")
+        return None
+    except (KeyError, TypeError, ValueError):
+        return "it is not a lease this version can read"
+
+
+def _running(pid: int, started: int | None) -> bool:
+    """Whether process `pid` of this machine still runs: it exists, is no zombie (killed, not yet reaped
+    by its parent), and, where its start time was recorded, is the process that started then."""
+    stat = _proc_stat(pid)
+    if stat is None:
+        return _alive(pid)  # no /proc entry: gone, or a system without /proc (then the kernel says)
+    if stat[0] in (b"Z", b"X"):
+        return False
+    try:
+        return started is None or int(stat[19]) == started
+    except (IndexError, ValueError):
+        return True  # unreadable: assume it is the holder (the lease then expires)
 
 
 def _alive(pid: int) -> bool:

@@ -112,7 +112,9 @@ class StoreWriter:
                     f"{self.path} was started from other captions or media files than the dataset holds now "
                     f"(its content fingerprint differs); re-encode it: rerun `m3jepa encode` with --force"
                 )
-            log.info(
+            # rank 0 writes the start record, so another rank finds one on a fresh run too: only rank 0's
+            # line says "resuming" (the runner names each rank's own resumed shards)
+            (log.info if self.rank == 0 else log.debug)(
                 "resuming %s (%d of %d shards committed)", self.path, len(self.done_shards()), len(self._plan)
             )
             if self.rank == 0 and not self.remote:

@@ -40,6 +40,7 @@ ids linking each caption to its image; 4.9 GB on the GPU, none of it in host RAM
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.metadata
@@ -61,6 +62,7 @@ from bench import gpu_step
 from bench.train_step import default_adamw
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.core.checkpoint import TrainState
+from m3jepa.core.compiled import compiled
 from m3jepa.core.device import Runtime, resolve
 from m3jepa.core.objective import Objective
 from m3jepa.core.order import batch_indices
@@ -311,10 +313,12 @@ class Trainer:
     state: TrainState
     step_no: int = 0
     last_loss: torch.Tensor | None = None
+    stepper: torch.nn.Module | None = None  # what the step calls: the objective, or its compiled wrapper
 
     def step(self) -> None:
-        parts = _train_step(self.objective, self.optimizer, self.cfg, self.data, self.state, self.step_no,
-                            10**9, DistInfo(), self.runtime)
+        model = self.objective if self.stepper is None else self.stepper
+        parts = _train_step(model, self.optimizer, self.cfg, self.data, self.state, self.step_no, 10**9,
+                            DistInfo(), self.runtime)
         self.last_loss = parts["loss"]
         self.step_no += 1
 
@@ -327,8 +331,11 @@ def train_config(sh: Shapes, batch: int, bf16: bool, device: torch.device) -> Pi
     return cfg
 
 
-def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) -> dict[str, Trainer]:
-    """The GPU's code path and the official-release-style reference, from the same initial weights.
+def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device,
+               compile_mode: str = "off") -> dict[str, Trainer]:
+    """The GPU's code path and the official-release-style reference, from the same initial weights; with
+    `compile_mode` also "compiled": the fast contender's step under torch.compile in that mode
+    (runtime.compile, m3jepa.core.compiled), its own copy of the same weights.
 
     fast: the plain model under bf16 autocast and torch's fused AdamW (`cpu_fast_path=False`: on a CPU too,
     never m3jepa.accel); on a CPU the grouped expert product is forced, so --quick runs what a GPU runs.
@@ -351,7 +358,24 @@ def contenders(sh: Shapes, data: PairedSplit, batch: int, device: torch.device) 
             optimizer = default_adamw(objective, cfg.train.lr, cfg.train.weight_decay)
         state = TrainState(dims=data.dims(), directions=list(DIRECTIONS), stores={})
         out[name] = Trainer(objective, optimizer, cfg, runtime, data, state)
+    if compile_mode != "off":
+        out["compiled"] = compiled_contender(out["fast"], data, compile_mode)
     return out
+
+
+def compiled_contender(fast: Trainer, data: PairedSplit, mode: str) -> Trainer:
+    """The fast contender's twin whose step runs through torch.compile in `mode`. Its runtime is the fast
+    one's with the mode set directly: the bench runs the plain path on a CPU too (never the CPU fast
+    path that `resolve` refuses to compile), so --quick compiles what a GPU compiles."""
+    cfg = dataclasses.replace(fast.cfg, runtime=dataclasses.replace(fast.cfg.runtime, compile=mode))
+    runtime = dataclasses.replace(fast.runtime, compile=mode)
+    with runtime.device:
+        objective = Objective(cfg.model, LossConfig(), data.dims())
+    objective.load_state_dict(fast.objective.state_dict())
+    objective.predictor.mixer.expert_product = fast.objective.predictor.mixer.expert_product
+    optimizer = build_optimizer(objective, cfg, runtime, cpu_fast_path=False)
+    state = TrainState(dims=data.dims(), directions=list(DIRECTIONS), stores={})
+    return Trainer(objective, optimizer, cfg, runtime, data, state, stepper=compiled(objective, runtime))
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
@@ -385,25 +409,31 @@ def flops_per_sample(model: ModelConfig, dims: dict[str, int]) -> float:
 
 
 def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak: dict, device: torch.device,
-                budget: Budget) -> dict:
-    """Samples/s of fast and reference at one batch size, in alternating rounds; MFU against the datasheet
-    and the measured peak; the fast step's operations, syncs and kernels."""
+                budget: Budget, compile_mode: str = "off") -> dict:
+    """Samples/s of fast and reference (and compiled, with `compile_mode`) at one batch size, in alternating
+    rounds; MFU against the datasheet and the measured peak; the fast step's operations, syncs and kernels."""
     sync = synchronizer(device)
-    c = contenders(sh, data, batch, device)
+    c = contenders(sh, data, batch, device, compile_mode)
     fast, ref = c["fast"], c["reference"]
 
-    for trainer in (fast, ref):
-        for _ in range(sh.warmup_steps):  # allocations, cuBLAS handles, optimizer state
+    began = time.perf_counter()
+    for trainer in c.values():
+        for _ in range(sh.warmup_steps):  # allocations, cuBLAS handles, optimizer state; compiles
             trainer.step()
     sync()
+    log(f"B={batch}: warm-up of {', '.join(c)} took {time.perf_counter() - began:.1f}s")
     counts = gpu_step.account(fast.step, device, steps=2)  # one step per direction
     log(f"B={batch}: fast step ({expert_path(fast)} experts): {counts['ops_per_step']['compute']:.0f} "
         f"operations (compute), {counts['syncs_per_step']} host syncs, {counts['kernels_per_step']} kernels")
+    compiled_counts = None
+    if "compiled" in c:
+        compiled_counts = gpu_step.account(c["compiled"].step, device, steps=2, dispatch=False)
+        log(f"B={batch}: compiled step ({compile_mode}): {compiled_counts['syncs_per_step']} host syncs, "
+            f"{compiled_counts['kernels_per_step']} kernels")
     log(f"B={batch}: warmed up; timing up to {sh.rounds} rounds ({budget.left():.0f}s left)")
     m = sh.fast_steps
-    times = timed_rounds(
-        {"reference": ref.step, "fast": fast.step}, {"reference": 2, "fast": 2 * m}, sh.rounds, budget, sync,
-    )
+    steps = {"reference": 2, "fast": 2 * m, **({"compiled": 2 * m} if "compiled" in c else {})}
+    times = timed_rounds({k: t.step for k, t in c.items()}, steps, sh.rounds, budget, sync)
     sps = {k: C.Spread([batch / s for s in v.values]) for k, v in times.items()}
     speedup = C.ratio(times["reference"], times["fast"])
     model_flops = flops_per_sample(sh.model, sh.dims)
@@ -415,9 +445,16 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak: dict, device: t
         "mfu_bf16_datasheet_with_logits": gpu_step.mfu(fast_sps, with_logits, sheet),
         "mfu_bf16_measured_peak_with_logits": gpu_step.mfu(fast_sps, with_logits, peak.get("bf16_tflops")),
     }
-    losses_finite = all(bool(torch.isfinite(t.last_loss)) for t in (fast, ref))
+    losses_finite = all(bool(torch.isfinite(t.last_loss)) for t in c.values())
     log(f"B={batch}: samples/s fast {sps['fast']}  reference {sps['reference']}; speed-up {speedup}; "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in mfu.items() if v is not None))
+    compiled_record = None
+    if compiled_counts is not None:
+        over_fast = C.ratio(times["fast"], times["compiled"])
+        compiled_record = {"mode": compile_mode, "speedup_over_fast": over_fast.to_json(),
+                           "mfu_bf16_datasheet": gpu_step.mfu(sps["compiled"].median, model_flops, sheet),
+                           **compiled_counts}
+        log(f"B={batch}: compiled ({compile_mode}) samples/s {sps['compiled']}; over fast {over_fast}")
     return {
         "batch": batch,
         "samples_per_s": {k: v.to_json() for k, v in sps.items()},
@@ -432,6 +469,7 @@ def train_batch(sh: Shapes, data: PairedSplit, batch: int, peak: dict, device: t
         "complete": len(speedup.values) == sh.rounds,
         "losses_finite": losses_finite,
         "gpu_peak_mem_gb": gpu_mem_gb(device),
+        "compiled_step": compiled_record,
     }
 
 
@@ -451,7 +489,8 @@ def projection(sh: Shapes, data: PairedSplit, batch: int, samples_per_s: float) 
     }
 
 
-def train_part(sh: Shapes, device: torch.device, peak: dict, budget: Budget) -> dict:
+def train_part(sh: Shapes, device: torch.device, peak: dict, budget: Budget,
+               compile_mode: str = "off") -> dict:
     data = coco_split(sh, device)
     log(f"synthetic COCO on {device}: image {tuple(data.modalities['image'].features.shape)}, text "
         f"{tuple(data.modalities['text'].features.shape)} float16; pairs per direction "
@@ -469,7 +508,7 @@ def train_part(sh: Shapes, device: torch.device, peak: dict, budget: Budget) -> 
     }
     for i, batch in enumerate(sh.batches):
         share = Budget(budget.left() / (len(sh.batches) - i))
-        out["results"].append(train_batch(sh, data, batch, peak, device, share))
+        out["results"].append(train_batch(sh, data, batch, peak, device, share, compile_mode))
         free_device_memory(device)
     last = out["results"][-1]
     out["projection"] = projection(sh, data, last["batch"], last["samples_per_s"]["fast"]["median"])
@@ -703,6 +742,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --quick only)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke test, even on a CPU")
     p.add_argument("--skip-llama", action="store_true", help="leave out the Llama-3-8B-shaped forward pass")
+    p.add_argument("--compile", default="off", choices=("off", "default", "max-autotune", "reduce-overhead"),
+                   help="also time the fast step under torch.compile in this mode (runtime.compile)")
     args = p.parse_args()
     device = parse_device(args)
     C.setup(args)
@@ -717,7 +758,8 @@ def main() -> None:
             f"{'quick' if args.quick else 'full'} shapes")
         record["peak"] = run_part("peak", lambda b: peak_part(sh, device, b), sh, errors)
         peak = record["peak"] if "bf16_tflops" in record["peak"] else {}
-        record["train"] = run_part("train", lambda b: train_part(sh, device, peak, b), sh, errors)
+        record["train"] = run_part("train", lambda b: train_part(sh, device, peak, b, args.compile), sh,
+                                   errors)
         free_device_memory(device)
         record["retrieval"] = run_part("retrieval", lambda b: retrieval_part(sh, device, b), sh, errors)
         free_device_memory(device)

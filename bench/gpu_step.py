@@ -69,27 +69,33 @@ def mfu(samples_per_s: float, flops_per_sample: float, peak_tflops: float | None
     return samples_per_s * flops_per_sample / (peak_tflops * 1e12)
 
 
-def account(step: Callable[[], None], device: torch.device, steps: int = 2) -> dict:
+def account(step: Callable[[], None], device: torch.device, steps: int = 2, dispatch: bool = True) -> dict:
     """Run `step` `steps` times under the dispatch audit (and, on CUDA, `steps` more under torch's sync
     debug mode and `steps` more under the profiler); per-step operations, syncs and kernels.
 
-    Use an even `steps` when the step alternates directions, so both are in the mean.
+    Use an even `steps` when the step alternates directions, so both are in the mean. `dispatch=False`
+    leaves the dispatch audit out (a compiled step: under a dispatch mode torch.compile would not run its
+    compiled graphs, so the count would be the eager step's); its operations are then None.
     """
-    with StepAudit() as audit:
-        for _ in range(steps):
-            step()
-    total = audit.total()
     out = {
         "steps": steps,
-        "ops_per_step": {"total": total.total / steps, "compute": total.compute / steps,
-                         "views": total.views / steps},
-        "syncs_per_step": {"dispatch_audit": len(total.syncs) / steps, "cuda_sync_debug_mode": None},
-        "sync_ops": sorted(set(total.syncs)),
+        "ops_per_step": None,
+        "syncs_per_step": {"dispatch_audit": None, "cuda_sync_debug_mode": None},
+        "sync_ops": None,
         "kernels_per_step": None,
         "device_copies_per_step": None,
         "counted_by": "ops and dispatch-audit syncs: m3jepa.train.audit.StepAudit (aten operations); "
                       "cuda_sync_debug_mode: torch.cuda.set_sync_debug_mode('warn'); kernels: torch.profiler",
     }
+    if dispatch:
+        with StepAudit() as audit:
+            for _ in range(steps):
+                step()
+        total = audit.total()
+        out["ops_per_step"] = {"total": total.total / steps, "compute": total.compute / steps,
+                               "views": total.views / steps}
+        out["syncs_per_step"]["dispatch_audit"] = len(total.syncs) / steps
+        out["sync_ops"] = sorted(set(total.syncs))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         with cuda_syncs(device) as found:

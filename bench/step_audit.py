@@ -3,6 +3,8 @@
     python -m bench.step_audit                 # fp32 and bf16, grouped experts (a GPU's path) and the loop
     python -m bench.step_audit --json out.json
     python -m bench.step_audit --casts         # also every dtype cast of the bf16 grouped step, by source
+    python -m bench.step_audit --compile       # also the step under runtime.compile (torch.compile), counted
+                                               # by the profiler (a cold compile takes minutes on 2 cores)
 
 The paper's structure (12 experts, top-4, two tasks with their own gates, dropout 0.1, both directions
 alternating) at narrow widths (the count does not depend on them): forward, backward and the optimizer
@@ -14,6 +16,14 @@ for a GPU. Under bf16 the plain model runs under CPU autocast: the GPU's code pa
 `--casts` lists the dtype casts (`aten._to_copy`) that bf16 autocast adds to the grouped step, by what is
 cast: a parameter (autocast's per-call cast of a float32 weight or bias), the experts' stacked parameters,
 an activation, or in backward a parameter's gradient (its float32 .grad) or an activation's gradient.
+
+`--compile` counts the grouped step with its objective under `torch.compile` (what `runtime.compile =
+"default"` does in the loop) with a second counter, because a dispatch mode makes torch.compile run the
+eager step instead of its graphs: torch.profiler, inductor's kernels each recorded as an event
+(`torch._inductor.config.cpp.enable_kernel_profile`). It counts every call inside a compiled graph (a
+generated kernel, or an aten operation the graph calls: the matmuls, topk, sort) and, outside the graphs,
+the outermost aten operations that are neither views nor bare allocations (the loss seed, the optimizer).
+The same counter runs on the eager step beside it, so the two counters can be compared.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import _common as C
 from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
+from m3jepa.core.compiled import compiled
 from m3jepa.core.device import Runtime
 from m3jepa.core.objective import Objective
 from m3jepa.train.audit import StepAudit
@@ -37,17 +48,21 @@ PAPER_NARROW = dict(dim=64, hidden=64, num_experts=12, top_k=4, dropout=0.1, gat
 DIMS = {"image": 32, "text": 48}
 
 
-def _paper_step(precision: str, product: str, batch: int = 32, device: str = "cpu"):
+def _paper_step(precision: str, product: str, batch: int = 32, device: str = "cpu",
+                compile_mode: str = "off"):
     """(objective, step(i, phase) -> loss) of the paper's structure: `phase(name)` is a context per phase.
     `device` only picks the optimizer build_optimizer makes (a "cuda" runtime: torch's fused AdamW, the
-    GPU's path); the step itself runs on the CPU."""
+    GPU's path); the step itself runs on the CPU. `compile_mode`: the step calls the objective through
+    m3jepa.core.compiled in that mode, as the loop does under runtime.compile."""
     cfg = PipelineConfig()
     cfg.model = ModelConfig(**PAPER_NARROW)
     cfg.runtime.precision = precision
     torch.manual_seed(0)
     obj = Objective(cfg.model, LossConfig(), DIMS)
     obj.predictor.mixer.expert_product = product
-    opt = build_optimizer(obj, cfg, Runtime(torch.device(device), precision), cpu_fast_path=False)
+    runtime = Runtime(torch.device(device), precision, compile=compile_mode)
+    opt = build_optimizer(obj, cfg, runtime, cpu_fast_path=False)
+    model = compiled(obj, runtime)
     g = torch.Generator().manual_seed(1)
     batches = [("image->text", torch.randn(batch, 32, generator=g), torch.randn(batch, 48, generator=g)),
                ("text->image", torch.randn(batch, 48, generator=g), torch.randn(batch, 32, generator=g))]
@@ -56,7 +71,7 @@ def _paper_step(precision: str, product: str, batch: int = 32, device: str = "cp
         direction, x, y = batches[i % 2]
         opt.zero_grad(set_to_none=True)
         with phase("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = obj(direction, x, y).total
+            loss = model(direction, x, y).total
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):
@@ -137,6 +152,51 @@ def cast_sites(product: str = "grouped") -> list[dict]:
     return casts.casts
 
 
+# aten operations that run no kernel: views, aliases and bare allocations (the dispatch audit's "total"
+# minus its "compute", by name, for the profiler's events)
+_NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "alias", "as_strided", "t", "transpose", "permute", "expand", "reshape",
+    "squeeze", "unsqueeze", "select", "slice", "narrow", "split", "split_with_sizes", "unbind", "chunk",
+    "view_as", "_reshape_alias", "detach", "lift_fresh", "resolve_conj", "resolve_neg", "contiguous",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "to", "_to_copy_noop",
+})
+
+
+def profiled_steps(precision: str, product: str = "grouped", compile_mode: str = "off",
+                   batch: int = 32) -> dict:
+    """{phase: calls per step} of the paper's step counted by the profiler (the module docstring says
+    how), eager or through torch.compile in `compile_mode`: the mean of one step per direction after four
+    warm-up steps (the compiles)."""
+    import torch._inductor.config as inductor
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    inductor.cpp.enable_kernel_profile = True  # read when a graph is compiled: before the first step
+    _, step = _paper_step(precision, product, batch, compile_mode=compile_mode)
+    for i in range(4):
+        step(i)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(4, lambda name: record_function(f"phase:{name}"))
+        step(5, lambda name: record_function(f"phase:{name}"))
+    counts: Counter = Counter()
+    for event in prof.events():
+        if event.name.startswith("phase:") and event.cpu_parent is None:
+            counts[event.name[6:]] += _calls(event)
+    out = {name: counts[name] / 2 for name in ("forward", "backward", "optimizer")}
+    out["step"] = sum(out.values())
+    return out
+
+
+def _calls(event) -> int:
+    """Kernel-running calls under `event`: each call inside a compiled graph, and outside the graphs each
+    outermost aten operation that is neither a view nor a bare allocation (what Python or autograd asked
+    for; not the CPU implementation's own inner calls, which a GPU's kernels do not make)."""
+    if event.name.startswith("## Call CompiledFxGraph"):
+        return len(event.cpu_children)
+    if event.name.startswith("aten::"):
+        return int(event.name[6:] not in _NO_KERNEL)
+    return sum(_calls(child) for child in event.cpu_children)
+
+
 def _per_step(counts: dict, steps: int) -> dict:
     out = {k: v / steps for k, v in counts.items() if isinstance(v, int | float)}
     out["sync_ops"] = sorted(set(counts["sync_ops"]))
@@ -146,6 +206,8 @@ def _per_step(counts: dict, steps: int) -> dict:
 def main() -> None:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--casts", action="store_true", help="also list the bf16 grouped step's dtype casts")
+    p.add_argument("--compile", action="store_true",
+                   help="also count the grouped step under torch.compile (runtime.compile) with the profiler")
     args = p.parse_args()
     C.setup(args)
     record = {"benchmark": "step_audit", "torch": torch.__version__, "git": C.git_sha(), "results": []}
@@ -163,7 +225,24 @@ def main() -> None:
     if args.casts:
         record["casts"] = cast_sites()
         _print_casts(record["casts"])
+    if args.compile:
+        record["profiled"] = _print_profiled()
     C.write_json(args.json, record)
+
+
+def _print_profiled() -> list[dict]:
+    """The bf16 grouped step (a GPU's path) eager and compiled, both counted by the profiler. Not fp32:
+    torch 2.13's meta kernel of `_grouped_mm` takes bf16 only, so torch.compile cannot trace an fp32
+    grouped product (in fp32 a CPU and a GPU take the loop, which compiles around its host read)."""
+    rows = []
+    print(f"\ncalls per step counted by the profiler (bf16, grouped experts)\n{'step':<10}"
+          f"{'forward':>8}{'backward':>9}{'optimizer':>10}{'step':>6}")
+    for mode in ("off", "default"):
+        c = profiled_steps("bf16", compile_mode=mode)
+        rows.append({"precision": "bf16", "experts": "grouped", "compile": mode, "per_step": c})
+        print(f"{'eager' if mode == 'off' else 'compiled':<10}{c['forward']:>8.0f}{c['backward']:>9.0f}"
+              f"{c['optimizer']:>10.0f}{c['step']:>6.0f}")
+    return rows
 
 
 def _print_casts(casts: list[dict]) -> None:

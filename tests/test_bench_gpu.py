@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +184,19 @@ def test_account_counts_a_step_on_the_cpu():
         float(x.detach().sum())
 
     assert gpu_step.account(syncing, torch.device("cpu"), steps=2)["syncs_per_step"]["dispatch_audit"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_compiled_contender_is_timed_beside_the_fast_step():
+    # bench.gpu --compile: the fast step's twin through torch.compile (the plain path, as on a GPU), from the
+    # same weights; on a CPU the profiler has no kernels to count, so those stay None, never made up
+    from bench import gpu
+
+    sh = dataclasses.replace(gpu.QUICK, rounds=1, fast_steps=1)
+    device = torch.device("cpu")
+    r = gpu.train_batch(sh, gpu.coco_split(sh, device), 64, {}, device, gpu.Budget(120.0), "default")
+    step = r["compiled_step"]
+    assert step["mode"] == "default" and r["losses_finite"] is True
+    assert step["speedup_over_fast"]["median"] > 0 and step["ops_per_step"] is None
+    assert step["kernels_per_step"] is None and step["mfu_bf16_datasheet"] is None
+    assert set(r["samples_per_s"]) == {"fast", "reference", "compiled"}

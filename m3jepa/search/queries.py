@@ -34,7 +34,8 @@ def read_query_latents(path: str | Path, modality: str, width: int,
         raise
     except (OSError, ValueError, EOFError) as e:  # a truncated body, an unreadable file
         raise SearchError(f"--latents {path} cannot be read ({_first_line(e)}); {fix}") from None
-    rows = array.reshape(-1, width).astype(np.float32)  # (N, width): what the model is given
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
+        rows = array.reshape(-1, width).astype(np.float32)  # (N, width): what the model is given
     bad = ~np.isfinite(rows).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])

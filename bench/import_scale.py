@@ -11,9 +11,12 @@ taken in a fresh helper process per stage, so it is that stage's own high-water 
 - `m3jepa train-predictor` for a fixed number of steps with train.feed = "store" (rows read from the store
   shards per batch, never all in RAM), the tuxpaint pipeline's predictor (d 256, h 512, 12 experts, top-4);
 - `m3jepa index --run --split train --modality image` (every train image row through the predictor, then
-  faiss). `m3jepa search --text` is not run: it refuses, rightly, to embed a raw caption with the installed
-  minilm-l6 for a model trained on imported embeddings (their encoder_revision is "import:...", not the
-  installed encoder's), so raw-query search needs the encoder that made the embeddings.
+  faiss);
+- search (`measure_search`): `m3jepa search --latents` with 1 and 100 of the test split's caption
+  embeddings (queries embedded by the tool that made the store, as a user of imported embeddings does;
+  `--text` rightly refuses to embed a raw caption with the installed minilm-l6 for a model trained on
+  imported embeddings, whose encoder_revision is "import:..."), each process timed with its own peak RSS,
+  then the Searcher in process: 200 single queries (median, p90) and one batch of 1,000.
 The stores live on local disk: the S3 store backend is not on main yet (docs/benchmarks.md §12 says so).
 The work folder of each size is removed after it is measured unless --keep.
 """
@@ -26,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,8 +111,99 @@ def measure_one(stage: str, rows: int, work: Path, steps: int) -> dict:
         return timed(["index", "--run", str(run), "--split", "train", "--modality", "image", "--out",
                       str(work / "train.index")])
     if stage == "search":
-        return timed(["search", "--index", str(work / "train.index"), "--text", "synthetic 42", "--k", "5"])
+        return measure_search(rows, work)
     raise ValueError(stage)
+
+
+# ---------------------------------------------------------------- the search stage
+
+SEARCH_SINGLE = 200  # single queries timed in process
+SEARCH_BATCH = 1_000  # rows of the one batch timed in process
+SEARCH_CLI = (1, 100)  # query rows of each timed `m3jepa search --latents` process
+
+
+def held_out_text_rows(source: Path, rows: int, n: int) -> np.ndarray:
+    """(n, 384) float16: the first n test-split caption embeddings of the synthetic source (the test split
+    is the last rows; see write_source), as a user's own tool would have embedded the queries."""
+    held = min(HELD_OUT, rows // 10)
+    first = rows - held
+    n = min(n, held)
+    shard, offset = divmod(first, SHARD_ROWS)
+    out = []
+    while sum(len(x) for x in out) < n:
+        emb = np.load(source / f"text_emb/text_emb_{shard}.npy", mmap_mode="r")
+        out.append(np.array(emb[offset:offset + n - sum(len(x) for x in out)]))
+        shard, offset = shard + 1, 0
+    return np.concatenate(out)
+
+
+def timed_own(args: list[str]) -> dict:
+    """`m3jepa ARGS` at low priority: wall seconds and that process's own peak RSS (wait4's rusage, so
+    several runs in one process each report their own)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(["nice", sys.executable, "-m", "m3jepa", *args], env=env, stdout=out,
+                                stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"m3jepa {' '.join(args[:2])} failed (exit {proc.returncode}):\n{errors[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024), "stdout": text}
+
+
+def measure_search(rows: int, work: Path, k: int = 10) -> dict:
+    """After `index`: `m3jepa search --latents` as a whole process (1 and 100 query rows), then the
+    Searcher in this process: SEARCH_SINGLE single queries (median, p90) and one batch of SEARCH_BATCH,
+    torch and faiss on one thread (`--threads 1`, the fastest for single queries here), and this
+    process's peak RSS."""
+    import resource
+
+    index = work / "train.index"
+    queries = held_out_text_rows(work / "source", rows, max(SEARCH_BATCH, SEARCH_SINGLE, *SEARCH_CLI))
+    result: dict = {"k": k}
+    for n in SEARCH_CLI:
+        path = work / f"queries{n}.npy"
+        np.save(path, queries[:n])
+        r = timed_own(["search", "--index", str(index), "--latents", str(path), "--source", "text", "--k",
+                       str(k), "--threads", "1", "--device", "cpu"])
+        result[f"cli_{n}"] = {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+        if n == 1:
+            # main prints the top lines: the gallery line, the table's header, the first hit
+            result["stdout"] = "\n".join(line for line in r["stdout"].splitlines()
+                                         if line.strip() and not line.startswith("query "))
+    import faiss
+    import torch
+
+    from m3jepa.search import Searcher
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    t0 = time.perf_counter()
+    searcher = Searcher.open(index, device="cpu")
+    result["open_seconds"] = round(time.perf_counter() - t0, 2)
+    m = searcher.index.manifest
+    result["index"] = {key: m.get(key) for key in ("kind", "factory", "search_params", "rows", "dim")}
+    searcher.query_latents("text", queries[:1], k=k)  # warm: first-call allocations are not a query's
+    single = []
+    for row in queries[:SEARCH_SINGLE]:
+        t0 = time.perf_counter()
+        searcher.query_latents("text", row[None], k=k)  # (1, 384)
+        single.append((time.perf_counter() - t0) * 1e3)
+    result["single_ms"] = {"n": len(single), "median": round(float(np.median(single)), 2),
+                           "p90": round(float(np.percentile(single, 90)), 2)}
+    batch = queries[:SEARCH_BATCH]
+    t0 = time.perf_counter()
+    searcher.query_latents("text", batch, k=k)  # (n, 384)
+    seconds = time.perf_counter() - t0
+    result[f"batch_{len(batch)}"] = {"seconds": round(seconds, 3),
+                                     "ms_per_query": round(seconds * 1e3 / len(batch), 3)}
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
 
 
 def main() -> None:
@@ -117,7 +212,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workdir", default="/tmp/m3jepa-import-scale")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--stages", default="import,train,index", help="Which stages to measure, in order.")
+    ap.add_argument("--stages", default="import,train,index,search",
+                    help="Which stages to measure, in order.")
     ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "
                     "of the first --rows rows at DIR (docs/feature-store.md's example) and stop.")
     ap.add_argument("--one", nargs=3, metavar=("STAGE", "ROWS", "WORK"), help=argparse.SUPPRESS)
@@ -137,7 +233,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_source(work / "source", rows)
         result = {"rows": rows, "source_seconds": round(time.perf_counter() - t0, 1)}
-        stages = args.stages.split(",")  # no `m3jepa search --text`: see the module docstring
+        stages = args.stages.split(",")
         for stage in stages:
             child = subprocess.run([sys.executable, "-m", "bench.import_scale", "--steps", str(args.steps),
                                     "--one", stage, str(rows), str(work)], capture_output=True, text=True)

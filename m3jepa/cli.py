@@ -724,6 +724,12 @@ def search(
     text: Annotated[str | None, typer.Option(help="A caption to search with.")] = None,
     image: Annotated[str | None, typer.Option(help="An image file to search with.")] = None,
     audio: Annotated[str | None, typer.Option(help="An audio file to search with.")] = None,
+    latents: Annotated[str | None, typer.Option(
+        help="A .npy of query latents, (N, D) or (D,), in the --source modality's stage-1 space (the "
+             "embeddings of the tool that made the model's stores, e.g. an import's).")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="The modality of --latents (default: the one the model searches this index from, when it "
+             "is one).")] = None,
     k: Annotated[int, typer.Option("--k", help="How many results.")] = 10,
     json_: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
     device: SearchDevice = "auto",
@@ -732,21 +738,30 @@ def search(
              "time on 2 cores (docs/benchmarks.md, section 7).")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Search an index with a caption, an image or a sound, through the model the index names.
+    """Search an index with a caption, an image, a sound or precomputed latents, through the model the
+    index names.
 
     Example: m3jepa search --index runs/tuxpaint/embedded/test/image.index --text "a red flower"
     """
     _setup_logging(verbose)
     with _errors():
-        given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
+        given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio), ("latents", latents))
+                 if v is not None}
         if len(given) != 1:
-            raise ConfigError("give exactly one of --text, --image, --audio")
+            raise ConfigError("give exactly one of --text, --image, --audio, --latents")
+        if source is not None and latents is None:
+            raise ConfigError("--source names the modality of --latents; --text, --image and --audio name "
+                              "their own")
         _set_threads(threads)
         from m3jepa.search import Searcher
+
+        searcher = Searcher.open(index, device=device)
+        if latents is not None:
+            _search_latents(searcher, index, Path(latents), source, k, json_)
+            return
         from m3jepa.search.searcher import hits_table
 
         (modality, value), = given.items()
-        searcher = Searcher.open(index, device=device)
         hits = searcher.query(modality, value, k=k)
         if json_:
             typer.echo(json.dumps({"index": index, "gallery": searcher.gallery, "gallery_size": searcher.size,
@@ -755,6 +770,31 @@ def search(
         else:
             typer.echo(f"{searcher.gallery} gallery {index}: top {len(hits)} of {searcher.size:,} rows")
             typer.echo(hits_table(hits))
+
+
+def _search_latents(searcher, index: str, path: Path, source: str | None, k: int, json_: bool) -> None:
+    """`search --latents`: every row of the file through `Searcher.query_latents`, one answer per row."""
+    from m3jepa.search.queries import read_query_latents
+    from m3jepa.search.searcher import hits_table
+
+    if source is None:
+        if len(searcher.sources) != 1:
+            raise ConfigError(f"--source is needed: the model searches {searcher.gallery} from "
+                              f"{', '.join(searcher.sources)}")
+        source = searcher.sources[0]
+    rows = read_query_latents(path, source, searcher.source_dim(source))  # (N, D_source)
+    answers = searcher.query_latents(source, rows, k=k)
+    if json_:
+        typer.echo(json.dumps([{"index": index, "gallery": searcher.gallery, "gallery_size": searcher.size,
+                                "query": {"latents": str(path), "source": source, "row": i}, "k": k,
+                                "hits": [h.to_json() for h in hits]} for i, hits in enumerate(answers)],
+                              indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{searcher.gallery} gallery {index}: top {len(answers[0])} of {searcher.size:,} rows for "
+               f"each of {len(answers)} {source} latents in {path}")
+    for i, hits in enumerate(answers):
+        typer.echo(f"\nquery {i} (row {i} of {path.name})")
+        typer.echo(hits_table(hits))
 
 
 def _set_threads(threads: int | None) -> None:

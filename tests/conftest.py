@@ -53,6 +53,24 @@ def docs_work(tmp_path_factory, tuxpaint_root):
     (root / "timings.json").write_text(json.dumps(work.timings(), indent=1))  # what each command cost
 
 
+@pytest.fixture(scope="session")
+def tuxpaint_run(tmp_path_factory, tuxpaint_root) -> Path:
+    """A small Tux Paint run trained by `m3jepa run tuxpaint` (the first of the README's commands), its
+    stores encoded by the offline encoders: shared by the real-server tests (tests/test_serve.py) and the
+    latent queries of `m3jepa search` (tests/test_search_latents.py). Its stores are WORK/stores."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("tuxpaint")
+    small = ["--set", "encode.limit=100", "--set", "train.batch_size=64", "--set", "train.max_steps=40",
+             "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "m3jepa", "run", "tuxpaint", *small], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return work / "runs" / "tuxpaint"
+
+
 # ---------------------------------------------------------------- tiny random transformers models
 
 

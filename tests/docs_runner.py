@@ -83,6 +83,9 @@ FASHION = "m3jepa run pipelines/fashion_mnist.toml"
 VQA = "m3jepa run pipelines/easy_vqa.toml"
 IMAGE_INDEX = "m3jepa index --run runs/tuxpaint --split test --modality image"
 TEXT_INDEX = "m3jepa index --run runs/tuxpaint --split test --modality text"
+# docs/search.md's stand-in for queries embedded by another tool: three stored test captions
+QUERIES = ("python -c \"import numpy as np; from m3jepa.store import open_store; np.save('queries.npy', "
+           "open_store('stores/tuxpaint/test/text/minilm-l6').read_all()[:3])\"")
 
 # Steps the docs leave to the reader (a second run to compare), run first where a command needs them.
 SETUP: dict[str, Run] = {
@@ -230,6 +233,11 @@ RUN: dict[str, Run] = {
     TEXT_INDEX: Run(needs=(T,)),
     "m3jepa search --index runs/tuxpaint/embedded/test/text.index --image PATH":
         Run(fill={"PATH": str(STAMPS / "food" / "fruit" / "apple_red.png")}, needs=(TEXT_INDEX,), expect="rank"),
+    QUERIES: Run(needs=(T,), fresh=("queries.npy",)),
+    "m3jepa search --index runs/tuxpaint/embedded/test/image.index --latents queries.npy [--source text] [--k 10] [--json]":
+        Run(needs=(IMAGE_INDEX, QUERIES), expect='"row": 2'),
+    "m3jepa search --index runs/tuxpaint/embedded/test/image.index --latents queries.npy --source text --k 5":
+        Run(needs=(IMAGE_INDEX, QUERIES), expect="query 2 (row 2 of queries.npy)"),
     # docs/training.md
     "m3jepa train-predictor --pipeline pipelines/tuxpaint.toml --run runs/tp [--set key=value ...]":
         Run(add=STEPS, needs=(T,), fresh=("runs/tp",)),

@@ -784,17 +784,6 @@ def _m3jepa(*args: str, cwd: Path, timeout: float = 900) -> str:
     return res.stdout
 
 
-@pytest.fixture(scope="module")
-def tuxpaint_run(tmp_path_factory, tuxpaint_root) -> Path:
-    """A small Tux Paint run trained by `m3jepa run tuxpaint` (the first of the README's commands), shared
-    by the real-server tests of this module."""
-    work = tmp_path_factory.mktemp("tuxpaint")
-    small = ["--set", "encode.limit=100", "--set", "train.batch_size=64", "--set", "train.max_steps=40",
-             "--set", "train.eval_every=20", "--set", "train.num_threads=1"]
-    _m3jepa("run", "tuxpaint", *small, cwd=work)
-    return work / "runs" / "tuxpaint"
-
-
 @pytest.mark.slow
 def test_the_real_server_answers_the_page_as_the_search_command_does(browser, tmp_path, tuxpaint_run):
     """Index a small Tux Paint run's test images and captions with `m3jepa index`, start `m3jepa serve` on

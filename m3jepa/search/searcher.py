@@ -122,6 +122,11 @@ class Searcher:
     def directions(self) -> list[str]:
         return list(self._model.directions)
 
+    def source_dim(self, modality: str) -> int:
+        """The width of `modality`'s stage-1 latents, what `query_latents` takes (D_modality)."""
+        self._check_source(modality)
+        return int(self._model.objective.predictor.dims[modality])
+
     def describe_model(self) -> dict[str, Any]:
         """The model: its path, kind, directions, device and query encoder precision."""
         m = self._model

@@ -22,7 +22,8 @@ under its own time budget, a failing part recorded and the rest still run:
             from transformers configs (no weights can be downloaded there), prefix stores written by the
             real `m3jepa encode` from a jsonl folder of generated images, then `m3jepa train-predictor`
             with pipelines/tuxpaint_lora.toml's LoRA settings (r = 4 on q and v of the last layer).
-6. bench    `python -m bench.gpu --quick` on --device.
+6. bench    `python -m bench.gpu --quick` on --device; on a GPU with `--compile default` (the step under
+            runtime.compile timed beside the fast one, its kernels counted).
 
 Writes --out/kit.json (every figure, the device's name, the errors) and --out/summary.txt (readable);
 exits 1 when a part failed. `--small` shrinks every size so the whole run takes about a minute on a CPU.
@@ -304,10 +305,13 @@ def lora_part(args, sz: Sizes, budget: float) -> dict:
 
 
 def bench_part(args, sz: Sizes, budget: float) -> dict:
-    res = sh([sys.executable, "-m", "bench.gpu", "--quick", "--device", args.device])
+    # on a GPU also the compiled step (runtime.compile = "default") beside the fast one: its kernels and
+    # speed-up are what the first GPU session should bring back; a CPU smoke test leaves the compile out
+    mode = "off" if args.device == "cpu" else "default"
+    res = sh([sys.executable, "-m", "bench.gpu", "--quick", "--device", args.device, "--compile", mode])
     record = json.loads(res.stdout)
     return {"errors": record["errors"], "device": record["device"], "seconds": record["seconds_total"],
-            "train": [{k: r.get(k) for k in ("batch", "speedup", "mfu_bf16_datasheet")}
+            "train": [{k: r.get(k) for k in ("batch", "speedup", "mfu_bf16_datasheet", "compiled_step")}
                       for r in record["train"].get("results", [])]}
 
 

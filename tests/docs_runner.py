@@ -377,6 +377,8 @@ LISTED |= {
         "exported in that layout, and docs/feature-store.md's synthetic import runs here",
     "m3jepa stores verify s3://…/store": FRAGMENT,
     "python -m bench.step_audit --casts": BENCH + " (tests/test_step_audit.py counts the casts)",
+    "python -m bench.step_audit --compile": BENCH + " (a cold compile takes minutes; tests/test_step_audit.py"
+    "::test_the_compiled_bf16_step_calls_at_most_150_kernels runs its counter on the compiled step)",
     "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --rounds 3 --steps 6 --paired-steps 0 --precision fp32": BENCH,
     "OMP_WAIT_POLICY=PASSIVE python -m bench.store_feed --images 4000 --s3-steps 54 --threads 2 --precision fp32": BENCH,
     "python -m bench.import_scale --rows 10000,100000 --steps 100 --workdir /tmp/m3s": BENCH,
@@ -388,7 +390,9 @@ LISTED |= {
     "python -m bench.gpu_kit --wheels wheels --pip-arg=--user": GPU_KIT,
     "python -m bench.gpu_kit --device cpu --small --no-install --out /tmp/kit":
         "tests/test_gpu_kit.py::test_the_kit_runs_end_to_end_on_a_cpu_without_the_packages_it_does_not_carry runs it",
-    "python -m bench.gpu --quick": GPU,
+    "python -m bench.gpu --compile default": GPU,
+    "python -m bench.gpu --quick --compile default": GPU + " (tests/test_bench_gpu.py::"
+    "test_the_compiled_contender_is_timed_beside_the_fast_step runs the compiled contender on the CPU)",
     'm3jepa run coco_dinov2_llama3_gpu --set encode.root="/data/coco"': GPU + " (and COCO)",
     "m3jepa train-predictor --pipeline coco_dinov2_llama3_gpu --run runs/coco-gpu --set runtime.device=cpu":
         "reads COCO's DINOv2-Large / Llama-3-8B stores, which need a GPU and COCO to make",

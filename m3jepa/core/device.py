@@ -117,7 +117,8 @@ def resolve(
 def _runtime(device: torch.device, kind: DeviceKind, cfg: RuntimeConfig, apply: bool) -> Runtime:
     """The Runtime of `device`, or a ConfigError for a runtime.compile it cannot honour (a mode the device
     lacks, or the CPU fast path, whose own kernels compile is not built for)."""
-    runtime = with_matmul_precision(Runtime(device, cfg.precision, kind.backend, compile=cfg.compile), cfg, apply)
+    runtime = Runtime(device, cfg.precision, kind.backend, compile=cfg.compile)
+    runtime = with_matmul_precision(runtime, cfg, apply)
     mode = runtime.compile
     if mode == "reduce-overhead" and not kind.graphs:
         raise ConfigError(

@@ -264,7 +264,9 @@ def stores_import(
     text_encoder: Annotated[
         str | None, typer.Option(help="The model that made the text embeddings (names its stores).")
     ] = None,
-    store_root: Annotated[str, typer.Option(help="Where the stores are written.")] = "stores",
+    store_root: Annotated[
+        str, typer.Option(help="Where the stores are written: a folder or a URL (s3://bucket/prefix).")
+    ] = "stores",
     image_glob: Annotated[str, typer.Option(help="Image .npy files under SOURCE; 'none': no image.")] = (
         "img_emb/img_emb_*.npy"),
     text_glob: Annotated[str, typer.Option(help="Text .npy files under SOURCE; 'none': no text.")] = (
@@ -301,14 +303,17 @@ def stores_import(
     """
     _setup_logging(verbose)
     with _errors():
+        from m3jepa.encode.import_source import local_source
         from m3jepa.encode.importer import ImportOptions, run_import
+        from m3jepa.location import location
 
+        root = location(store_root)  # a secret in a URL is refused here, before anything is read or written
         _check_options("encode", {"dtype": dtype, "format": format, "content_hash": content_hash,
                                   "shard_size": shard_size})
         globs = {"image": image_glob, "text": text_glob, "metadata": metadata_glob}
         encoders = {m: e for m, e in (("image", image_encoder), ("text", text_encoder)) if e}
         opts = ImportOptions(
-            source=Path(source), dataset=dataset, encoders=encoders, store_root=Path(store_root),
+            source=local_source(source), dataset=dataset, encoders=encoders, store_root=root,
             globs={k: None if v == "none" else v for k, v in globs.items()}, key_column=key_column,
             caption_column=caption_column, split_column=split_column, split=split, seed=seed, dtype=dtype,
             format=format, shard_size=shard_size, skip_bad=skip_bad, force=force, allow_gaps=allow_gaps,
@@ -316,7 +321,7 @@ def stores_import(
         )
         result = run_import(opts)
         typer.echo(result.table())
-        typer.echo(result.next_command(store_root))
+        typer.echo(result.next_command(root))
 
 
 @pipelines_app.command("list")

@@ -30,6 +30,7 @@ KEY_COLUMNS = ("key", "image_path")  # clip-retrieval: `key` with --enable_metad
 FLOATS = ("float16", "float32", "float64")
 BATCH_ROWS = 65536  # rows of a parquet column read at once (bounded memory on any file size)
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 class SourceError(StoreError):
@@ -54,6 +55,18 @@ class SourceShard:
     metadata: Path
     arrays: dict[str, NpyInfo]  # modality -> its .npy
     rows: int
+
+
+def local_source(value: str) -> Path:
+    """SOURCE as a local folder. A URL is refused in one line: the .npy files are memory-mapped and read in
+    place (a bucket would need a download per chunk); the stores, not the source, may be at a URL."""
+    from m3jepa.location import redact
+
+    if _SCHEME.match(value) and not value.lower().startswith("file://"):
+        raise SourceError(f"{redact(value)}: the embeddings to import must be in a local folder (they are "
+                          "memory-mapped); copy them down first (e.g. `aws s3 sync s3://bucket/emb emb`); "
+                          "--store-root may be a URL (s3://bucket/prefix)")
+    return Path(value[len("file://"):] if value.lower().startswith("file://") else value)
 
 
 def npy_info(path: Path) -> NpyInfo:

@@ -2,7 +2,9 @@
 
 The rules (docs/feature-store.md, "Importing embeddings"):
 - one image store and one text store per split, under `<store_root>/<dataset>/<split>/<modality>/<encoder>/`,
-  exactly as `m3jepa encode` lays them out; rows keep the source's order (shard N, then row);
+  exactly as `m3jepa encode` lays them out, in a folder or at an fsspec URL (s3://bucket/prefix: StoreWriter's
+  commit, shards first and the manifest last, and its lease object); rows keep the source's order (shard N,
+  then row); the source itself is a local folder (its .npy files are memory-mapped);
 - sample id and group id of both rows of a sample: its key (`--key-column`, default `key`, else
   `image_path`), so an image and its caption row are one group; text rows carry the caption column;
 - split: `--split-column` (train/val/test), or `--split NAME` for every row, else `hash_split(key, seed)`,
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,18 @@ from m3jepa.data.splits import SPLITS
 from m3jepa.data.wds import hash_split
 from m3jepa.encode import import_source as src
 from m3jepa.encode.import_source import SourceError, SourceShard
+from m3jepa.location import Location, location, remove_tree
 from m3jepa.progress import progress
-from m3jepa.store.manifest import Manifest, RowMeta, StoreError, load_manifest, mismatches, store_path
+from m3jepa.store.manifest import (
+    MANIFEST,
+    WRITING,
+    Manifest,
+    RowMeta,
+    StoreError,
+    load_manifest,
+    mismatches,
+    store_path,
+)
 from m3jepa.store.skiplist import read_skip_lists, write_skip_list
 from m3jepa.store.writer import StoreWriter, is_complete
 
@@ -54,7 +65,7 @@ class ImportOptions:
     source: Path
     dataset: str
     encoders: dict[str, str]  # modality -> the name of the model that made its embeddings
-    store_root: Path = Path("stores")
+    store_root: str | Location = Path("stores")  # a folder or an fsspec URL (s3://bucket/prefix)
     globs: dict[str, str | None] = field(default_factory=lambda: dict(src.CLIP_RETRIEVAL))
     key_column: str | None = None
     caption_column: str | None = None  # None: "caption" when the metadata has it
@@ -86,8 +97,8 @@ class Scan:
 class ImportResult:
     """The stores an import wrote or found, and how many rows each split got."""
 
-    stores: dict[tuple[str, str], Path]
-    cached: list[Path]
+    stores: dict[tuple[str, str], Location]
+    cached: list[Location]
     counts: dict[str, int]
     skipped: int
 
@@ -100,7 +111,7 @@ class ImportResult:
             lines.append(f"{self.skipped} rows with NaN or inf were imported as invalid (--skip-bad)")
         return "\n".join(lines)
 
-    def next_command(self, store_root: str) -> str:
+    def next_command(self, store_root: str | Location) -> str:
         """The train-predictor command that trains on these stores, to print after an import."""
         (_, _), first = next(iter(sorted(self.stores.items())))
         m = load_manifest(first)
@@ -125,8 +136,8 @@ def run_import(opts: ImportOptions) -> ImportResult:
     ).hexdigest()[:16]
     manifests = {(s, m): _manifest(opts, scan, shards, root, revision, s, m)
                  for s in SPLITS if scan.counts[s] for m in modalities}
-    paths = {k: store_path(opts.store_root, opts.dataset, k[0], k[1], opts.encoders[k[1]])
-             for k in manifests}
+    store_root = location(opts.store_root)
+    paths = {k: store_path(store_root, opts.dataset, k[0], k[1], opts.encoders[k[1]]) for k in manifests}
     cached = [paths[k] for k in manifests if _prepare(paths[k], manifests[k], opts.force)]
     todo = {k: m for k, m in manifests.items() if paths[k] not in cached}
     skipped = 0
@@ -235,18 +246,22 @@ def _manifest(opts: ImportOptions, scan: Scan, shards: list[SourceShard], root: 
     )
 
 
-def _prepare(path: Path, manifest: Manifest, force: bool) -> bool:
-    """True when the store is complete already (cached); clears it for --force; refuses another import."""
-    if not (path / "manifest.json").exists():
+def _prepare(path: Location, manifest: Manifest, force: bool) -> bool:
+    """True when the store is complete already (cached); clears it for --force; refuses another import.
+
+    A started store has its manifest (locally, complete or not) or, at a URL, its start record writing.json
+    until the complete manifest is written (the commit)."""
+    started = next((n for n in (MANIFEST, WRITING) if (path / n).is_file()), None)
+    if started is None:
         return False
     if force:
         log.info("--force: removing %s to import it again", path)
-        shutil.rmtree(path)
+        remove_tree(path)
         return False
     if is_complete(path, manifest):
         log.info("%s is complete (cached)", path)
         return True
-    found = load_manifest(path)
+    found = load_manifest(path, started)
     diffs = mismatches(manifest, found)
     if not diffs:
         return False  # an interrupted import of the same source: StoreWriter resumes it
@@ -260,7 +275,7 @@ def _prepare(path: Path, manifest: Manifest, force: bool) -> bool:
                      "refuse the new store), or choose another --dataset or --store-root")
 
 
-def _write(opts: ImportOptions, scan: Scan, todo: dict[tuple[str, str], tuple[Path, Manifest]]) -> int:
+def _write(opts: ImportOptions, scan: Scan, todo: dict[tuple[str, str], tuple[Location, Manifest]]) -> int:
     """Pass 2: copy each source shard's rows chunk by chunk into the stores' shards; then finalize."""
     writers = {k: StoreWriter(p, m) for k, (p, m) in todo.items()}
     opened = []

@@ -78,7 +78,8 @@ def _objects(prefix: str) -> dict[str, bytes]:
     """Every object under s3://BUCKET/prefix by key relative to it, with its bytes."""
     fs = _fs()
     base = f"{BUCKET}/{prefix}/"
-    return {k[len(base):]: fs.cat_file(k) for k in fs.find(base)}
+    keys = fs.find(base)
+    return {k[len(base):]: data for k, data in fs.cat(keys).items()} if keys else {}  # concurrent GETs
 
 
 def _manifest(records: list[Record], fmt: str = "zarr", shard_size: int = 8, dim: int = 16) -> Manifest:
@@ -485,3 +486,121 @@ def test_webdataset_shards_in_the_bucket_edited_stale_untouched_cached(s3, real_
     assert "2 of 6 rows changed since it was written (2 media files; first: 000010000, 000010002)" in image
     assert text is True  # its captions did not change
     assert sorted(m.modality for _, m in list_stores(root)) == ["image", "text"]
+
+
+# ---------------------------------------------------------------- `m3jepa stores import` into the bucket
+
+IMPORT = ["--dataset", "cc-bucket", "--image-encoder", "img-x", "--text-encoder", "txt-y",
+          "--shard-size", "8"]
+
+
+def _import_args(src: Path | str, root: str) -> list[str]:
+    return ["stores", "import", str(src), *IMPORT, "--store-root", root]
+
+
+def _cli(*args: str):
+    """The real CLI in this process (typer's runner: no interpreter start); its result."""
+    from typer.testing import CliRunner
+
+    from m3jepa import cli
+
+    return CliRunner().invoke(cli.app, list(args))
+
+
+@pytest.fixture(scope="module")
+def imported(s3, tmp_path_factory) -> tuple[Path, str, Path, str]:
+    """One clip-retrieval folder (2 shards of 40 rows, hash split) imported by the CLI into the bucket and
+    into a local folder: (source, bucket root, local root, the bucket import's stdout)."""
+    from test_store_import import random_shards, write_clip_retrieval
+
+    tmp = tmp_path_factory.mktemp("import")
+    src = write_clip_retrieval(tmp / "emb", random_shards(2, 40))
+    out = {}
+    for root in (f"s3://{BUCKET}/imported", str(tmp / "local")):
+        res = _cli(*_import_args(src, root))
+        assert res.exit_code == 0, res.output[-3000:]
+        out[root] = res.stdout
+    return src, f"s3://{BUCKET}/imported", tmp / "local", out[f"s3://{BUCKET}/imported"]
+
+
+def _store_paths(root: str | Path) -> dict[tuple[str, str], object]:
+    return {(split, mod): store_path(location(root), "cc-bucket", split, mod, enc)
+            for split in ("train", "val", "test") for mod, enc in (("image", "img-x"), ("text", "txt-y"))}
+
+
+@pytest.mark.slow
+def test_an_import_into_the_bucket_is_the_local_import_verifies_and_trains(imported, tmp_path):
+    src, url, local, stdout = imported
+    assert "(cached)" not in stdout and url in stdout
+    nxt = next(x for x in stdout.splitlines() if x.startswith("next: "))
+    assert f"--store-root {url} " in nxt  # the printed next command names the bucket
+    remote_stores, local_stores = _store_paths(url), _store_paths(local)
+    for key, path in remote_stores.items():
+        objects = _objects(path.relative_to(location(f"s3://{BUCKET}")))
+        files = {p.relative_to(local_stores[key]).as_posix(): p.read_bytes()
+                 for p in local_stores[key].rglob("*") if p.is_file() and not p.name.startswith(".lock")}
+        assert sorted(objects) == sorted(files), key  # no lease, no writing.json left in the bucket
+        for name, data in files.items():
+            if name == "manifest.json":  # the same manifest: nothing in it names where the store is
+                assert json.loads(objects[name]) == json.loads(data), key
+            else:
+                assert objects[name] == data, (key, name)  # shard bytes, sidecars, rows.jsonl
+    verified = _cli("stores", "verify", str(remote_stores[("train", "image")]))  # the listing's MD5s
+    assert verified.exit_code == 0 and ": OK (" in verified.stdout, verified.output
+    again = _cli(*_import_args(src, url))
+    assert again.exit_code == 0 and again.stdout.count("(cached)") == 6, again.output[-3000:]
+    # the printed next command, as printed, trains a few steps with the store feed from the bucket
+    small = {"train.max_steps": 4, "train.batch_size": 16, "train.eval_every": 4,
+             "train.checkpoint_every": 4, "model.dim": 32, "model.hidden": 32, "model.num_experts": 2,
+             "model.top_k": 1, "model.cl_dim": 16, "train.feed": "store", "train.num_threads": 1}
+    run = tmp_path / "run"
+    res = _cli(*nxt.removeprefix("next: m3jepa ").split(), "--run", str(run), "--device", "cpu",
+               *_sets(**small))
+    assert res.exit_code == 0, res.output[-3000:]
+    assert json.loads((run / "stores.json").read_text())["store_root"] == url
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["val"]["image->text"]["R@10"] >= 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_import_to_the_bucket_resumes_to_the_same_objects(imported):
+    src, url, _, _ = imported
+    killed = f"s3://{BUCKET}/import-killed"
+    store = _store_paths(killed)[("train", "image")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", *_import_args(src, killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    fs = _fs()
+    try:
+        deadline = time.monotonic() + 120
+        while not fs.exists((store / "shards/00001.json").key):  # two of its 8 shards committed
+            assert proc.poll() is None, "the import finished or failed before it could be killed"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not fs.exists((store / "manifest.json").key) and fs.exists((store / ".lease.rank0").key)
+    assert store not in [p for p, _ in list_stores(killed)]  # invisible until its manifest commits
+
+    resumed = _cli(*_import_args(src, killed))  # the dead holder's lease (this machine) is taken over
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+    assert f"--store-root {killed} " in resumed.stdout
+    a, b = _objects("import-killed"), _objects("imported")
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)  # byte-identical objects, no lease
+
+
+def test_import_refuses_a_secret_in_the_store_url_and_a_url_source_in_one_line(imported):
+    src, _, _, _ = imported
+    before = _fs().find(BUCKET)
+    for args in (_import_args(src, f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/x"),
+                 _import_args(src, f"s3://{BUCKET}/x?X-Amz-Signature={SECRET}"),
+                 _import_args(f"s3://{BUCKET}/emb", f"s3://{BUCKET}/x")):
+        res = _cli(*args)
+        lines = [x for x in res.output.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+        assert SECRET not in res.output and "Traceback" not in res.output
+    assert "must be in a local folder" in res.output  # the last: a URL as SOURCE
+    assert "AWS_SECRET_ACCESS_KEY" in _cli(*_import_args(src, f"s3://k:{SECRET}@{BUCKET}/x")).output
+    assert _fs().find(BUCKET) == before  # nothing written

@@ -17,13 +17,18 @@ taken in a fresh helper process per stage, so it is that stage's own high-water 
   `--text` rightly refuses to embed a raw caption with the installed minilm-l6 for a model trained on
   imported embeddings, whose encoder_revision is "import:..."), each process timed with its own peak RSS,
   then the Searcher in process: 200 single queries (median, p90) and one batch of 1,000.
-The stores live on local disk: the S3 store backend is not on main yet (docs/benchmarks.md §12 says so).
-The work folder of each size is removed after it is measured unless --keep.
+The stores live on local disk (WORK/rowsN/stores), or with `--store-root s3://BUCKET/PREFIX` in a bucket
+(PREFIX/rowsN per size): import writes them there and train-predictor and index read them from there.
+Without AWS_ENDPOINT_URL in the environment the bench starts moto's S3 server on 127.0.0.1 itself
+(bench/s3server.py), makes the bucket, and reports the server's peak RSS (moto keeps objects under 5 MB
+in memory and spools larger ones to temporary files).
+The work folder (and the stores in the bucket) of each size is removed after it is measured unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -34,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from m3jepa.location import listing, location, remove_tree
 
 DIMS = {"image": 1280, "text": 384}  # EfficientNet-Lite0 pooled, MiniLM-L6 mean-pooled
 ENCODERS = {"image": "efficientnet-lite0", "text": "minilm-l6"}
@@ -89,9 +96,43 @@ def timed(args: list[str]) -> dict:
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "stdout": out[-2000:]}
 
 
-def measure_one(stage: str, rows: int, work: Path, steps: int) -> dict:
+def stores_of(work: Path, rows: int, store_root: str | None) -> str:
+    """Where one size's stores live: WORK/stores, or STORE_ROOT/rowsN (a URL: s3://bucket/prefix)."""
+    return str(work / "stores") if store_root is None else f"{store_root.rstrip('/')}/rows{rows}"
+
+
+def stores_mb(stores: str) -> int:
+    """The stores' bytes, from one listing (a folder's lstat sizes, or the bucket's object sizes)."""
+    return round(sum(e.size for e in listing(location(stores)).values()) / 2**20)
+
+
+def bucket_server(store_root: str | None):  # -> S3Server | None
+    """moto's S3 server on 127.0.0.1 with the bucket of an s3:// STORE_ROOT, its endpoint and test
+    credentials in this process's environment (so in every stage's); None for a local root, or where
+    AWS_ENDPOINT_URL already names a server."""
+    if store_root is None or not store_root.startswith("s3://") or os.environ.get("AWS_ENDPOINT_URL"):
+        return None
+    from bench.s3server import S3Server
+
+    server = S3Server().start()
+    atexit.register(server.stop)  # by its PID, also when a stage fails (SystemExit)
+    os.environ.update(server.env())
+    server.make_bucket(store_root.removeprefix("s3://").split("/", 1)[0])
+    return server
+
+
+def peak_rss_mb(pid: int) -> int | None:
+    """A live process's peak RSS (VmHWM), in MB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(round(int(x.split()[1]) / 1024) for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def measure_one(stage: str, rows: int, work: Path, steps: int, store_root: str | None = None) -> dict:
     """One stage at one size, in this (fresh) process."""
-    src, stores, run = work / "source", work / "stores", work / "run"
+    src, stores, run = work / "source", stores_of(work, rows, store_root), work / "run"
     encoders = ["--image-encoder", ENCODERS["image"], "--text-encoder", ENCODERS["text"]]
     if stage == "import":
         return timed(["stores", "import", str(src), "--dataset", "synthetic-scale", "--store-root",
@@ -212,6 +253,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workdir", default="/tmp/m3jepa-import-scale")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--store-root", metavar="URL", help="The stores' root: s3://BUCKET/PREFIX puts them in a "
+                    "bucket (moto's server on 127.0.0.1, started here, unless AWS_ENDPOINT_URL names one); "
+                    "default: WORK/rowsN/stores on local disk.")
     ap.add_argument("--stages", default="import,train,index,search",
                     help="Which stages to measure, in order.")
     ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "
@@ -220,13 +264,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:  # a child measuring one stage, so RUSAGE_CHILDREN is that stage's alone
         stage, rows, work = args.one
-        print(json.dumps(measure_one(stage, int(rows), Path(work), args.steps)))
+        print(json.dumps(measure_one(stage, int(rows), Path(work), args.steps, args.store_root)))
         return
     sizes = [int(r) for r in args.rows.split(",")]
     if args.write_source:
         write_source(Path(args.write_source), sizes[0])
         return
     print(f"# load before: {os.getloadavg()}", flush=True)
+    server = bucket_server(args.store_root)  # stopped at exit
     for rows in sizes:
         work = Path(args.workdir) / f"rows{rows}"
         shutil.rmtree(work, ignore_errors=True)
@@ -235,20 +280,25 @@ def main() -> None:
         result = {"rows": rows, "source_seconds": round(time.perf_counter() - t0, 1)}
         stages = args.stages.split(",")
         for stage in stages:
+            root = ["--store-root", args.store_root] if args.store_root else []
             child = subprocess.run([sys.executable, "-m", "bench.import_scale", "--steps", str(args.steps),
-                                    "--one", stage, str(rows), str(work)], capture_output=True, text=True)
+                                    *root, "--one", stage, str(rows), str(work)],
+                                   capture_output=True, text=True)
             if child.returncode != 0:
                 raise SystemExit(child.stderr[-3000:])
             r = json.loads(child.stdout.strip().splitlines()[-1])
             result[stage] = {k: v for k, v in r.items() if k != "stdout"}
             if stage == "search":
                 result["search"]["hits"] = r["stdout"].strip().splitlines()[:3]
-        result["store_mb"] = round(sum(f.stat().st_size for f in (work / "stores").rglob("*") if f.is_file())
-                                   / 2**20)
+        stores = stores_of(work, rows, args.store_root)
+        result["store_mb"], result["stores"] = stores_mb(stores), stores
+        if server is not None:
+            result["moto_peak_rss_mb"] = peak_rss_mb(server.proc.pid)
         result["load"] = os.getloadavg()
         print(json.dumps(result), flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+            remove_tree(location(stores))  # a bucket's objects too: moto holds them in memory and /tmp
 
 
 if __name__ == "__main__":

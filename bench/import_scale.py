@@ -21,7 +21,8 @@ The stores live on local disk (WORK/rowsN/stores), or with `--store-root s3://BU
 (PREFIX/rowsN per size): import writes them there and train-predictor and index read them from there.
 Without AWS_ENDPOINT_URL in the environment the bench starts moto's S3 server on 127.0.0.1 itself
 (bench/s3server.py), makes the bucket, and reports the server's peak RSS (moto keeps objects under 5 MB
-in memory and spools larger ones to temporary files).
+in memory and spools larger ones to temporary files). `--store-cache DIR` trains through fsspec's file cache
+in front of the bucket (encode.store_cache) instead of a ranged GET per row.
 The work folder (and the stores in the bucket) of each size is removed after it is measured unless --keep.
 """
 
@@ -260,7 +261,7 @@ def main() -> None:
                     "bucket (moto's server on 127.0.0.1, started here, unless AWS_ENDPOINT_URL names one); "
                     "default: WORK/rowsN/stores on local disk.")
     ap.add_argument("--store-cache", metavar="DIR", help="With a URL --store-root: train through this local "
-                    "read cache (encode.store_cache; emptied before each size). Default: no cache.")
+                    "read cache (encode.store_cache; emptied before each size, then left). Default: none.")
     ap.add_argument("--stages", default="import,train,index,search",
                     help="Which stages to measure, in order.")
     ap.add_argument("--write-source", metavar="DIR", help="Only write a synthetic clip-retrieval folder "

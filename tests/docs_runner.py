@@ -393,6 +393,7 @@ LISTED |= {
     "nice -n 10 python -m bench.import_scale --rows 100000 --steps 100 --workdir /tmp/m3s-url --store-root s3://m3jepa-bench/scale": BENCH,
     "nice -n 10 python -m bench.import_scale --rows 100000 --steps 100 --workdir /tmp/m3s-url --store-root s3://m3jepa-bench/scale --store-cache /tmp/m3s-url/cache --stages import,train": BENCH,
     "nice -n 10 python -m bench.import_scale --rows 100000 --steps 100 --workdir /tmp/m3s-local": BENCH,
+    "nice -n 10 python -m bench.import_scale --rows 1000000 --steps 100 --workdir /tmp/m3s-url1m --store-root s3://m3jepa-bench/scale --store-cache /tmp/m3s-url1m-cache --stages import,train": BENCH,
     "python -m bench.kit_wheels": GPU_KIT,
     "python -m bench.kit_wheels --python-version 3.11 --dry-run": GPU_KIT,
     "python -m bench.kit_wheels --without numpy": GPU_KIT,

@@ -68,6 +68,25 @@ def _fs():
     return fsspec.filesystem("s3", use_listings_cache=False)
 
 
+def _kill_once_committed(args: list[str], env: dict, key: str, timeout: float) -> subprocess.Popen:
+    """Run `m3jepa *args` in its own session, SIGKILL it once the bucket has `key` (a committed shard),
+    and return the killed process."""
+    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    fs = _fs()
+    try:
+        deadline = time.monotonic() + timeout
+        while not fs.exists(key):
+            assert proc.poll() is None, "it finished or failed before it could be killed"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return proc
+
+
 def _m3jepa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "m3jepa", *args], capture_output=True, text=True, env=env,
@@ -392,19 +411,8 @@ def test_kill_9_mid_encode_to_the_bucket_resumes_byte_identical(s3, tuxpaint_roo
     killed = f"s3://{BUCKET}/killed"
     store = store_path(killed, "tuxpaint", "train", "image", "efficientnet-lite0")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", *_encode_args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     fs = _fs()
-    try:
-        deadline = time.monotonic() + 240
-        while not fs.exists((store / "shards/00000.json").key):  # the first shard committed
-            assert proc.poll() is None, "the encode finished or failed before it could be killed"
-            assert time.monotonic() < deadline, "no shard was committed in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    proc = _kill_once_committed(_encode_args(killed), env, (store / "shards/00000.json").key, 240)  # shard 1
     assert not fs.exists((store / "manifest.json").key) and fs.exists((store / ".lease.rank0").key)
     assert list_stores(killed) == []
 
@@ -568,19 +576,9 @@ def test_kill_9_mid_import_to_the_bucket_resumes_to_the_same_objects(imported):
     killed = f"s3://{BUCKET}/import-killed"
     store = _store_paths(killed)[("train", "image")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "m3jepa", *_import_args(src, killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     fs = _fs()
-    try:
-        deadline = time.monotonic() + 120
-        while not fs.exists((store / "shards/00001.json").key):  # two of its 8 shards committed
-            assert proc.poll() is None, "the import finished or failed before it could be killed"
-            assert time.monotonic() < deadline, "no shard was committed in time"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    # two of its 8 shards committed
+    _kill_once_committed(_import_args(src, killed), env, (store / "shards/00001.json").key, 120)
     assert not fs.exists((store / "manifest.json").key) and fs.exists((store / ".lease.rank0").key)
     assert store not in [p for p, _ in list_stores(killed)]  # invisible until its manifest commits
 

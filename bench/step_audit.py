@@ -41,7 +41,7 @@ from m3jepa.config import LossConfig, ModelConfig, PipelineConfig
 from m3jepa.core.compiled import compiled
 from m3jepa.core.device import Runtime
 from m3jepa.core.objective import Objective
-from m3jepa.train.audit import StepAudit
+from m3jepa.train.audit import ALLOCATIONS, StepAudit
 from m3jepa.train.optim import build_optimizer, optimizer_step
 
 PAPER_NARROW = dict(dim=64, hidden=64, num_experts=12, top_k=4, dropout=0.1, gates="multi", cl_dim=32)
@@ -152,14 +152,14 @@ def cast_sites(product: str = "grouped") -> list[dict]:
     return casts.casts
 
 
-# aten operations that run no kernel: views, aliases and bare allocations (the dispatch audit's "total"
-# minus its "compute", by name, for the profiler's events)
+# aten operations that run no kernel: views and aliases by name, for the profiler's events, and the
+# dispatch audit's own bare allocations (its "total" minus its "compute")
 _NO_KERNEL = frozenset({
     "view", "_unsafe_view", "alias", "as_strided", "t", "transpose", "permute", "expand", "reshape",
     "squeeze", "unsqueeze", "select", "slice", "narrow", "split", "split_with_sizes", "unbind", "chunk",
     "view_as", "_reshape_alias", "detach", "lift_fresh", "resolve_conj", "resolve_neg", "contiguous",
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "to", "_to_copy_noop",
-})
+    "to", "_to_copy_noop",
+}) | ALLOCATIONS
 
 
 def profiled_steps(precision: str, product: str = "grouped", compile_mode: str = "off",
@@ -170,10 +170,11 @@ def profiled_steps(precision: str, product: str = "grouped", compile_mode: str =
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    inductor.cpp.enable_kernel_profile = True  # read when a graph is compiled: before the first step
     _, step = _paper_step(precision, product, batch, compile_mode=compile_mode)
-    for i in range(4):
-        step(i)
+    # read when a graph is compiled (the warm-up steps); patched for them only, not for the process
+    with inductor.patch({"cpp.enable_kernel_profile": True}):
+        for i in range(4):
+            step(i)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(4, lambda name: record_function(f"phase:{name}"))
         step(5, lambda name: record_function(f"phase:{name}"))
